@@ -49,10 +49,10 @@ class Schedule:
         """The scalars of each of the N inference steps, in the order they run (t descending)."""
         D, out = self.T // N, []
         for t in self.timesteps(N):
-            a_bar = self.a_bar[t].item()
-            a_prev = self.a_bar[t - D].item() if t - D >= 0 else (1.0 if self.alpha_one else self.a_bar[0].item())
-            sigma = ((1 - a_prev) / (1 - a_bar) * (1 - a_bar / a_prev)) ** 0.5
-            out.append(Step(t, a_bar, a_prev, sigma))
+            a_bar = self.a_bar[t]
+            a_prev = self.a_bar[t - D] if t - D >= 0 else (torch.tensor(1.0) if self.alpha_one else self.a_bar[0])
+            var = (1 - a_prev) / (1 - a_bar) * (1 - a_bar / a_prev)  # in float32, like the reference
+            out.append(Step(t, a_bar.item(), a_prev.item(), var.sqrt().item()))
         return out
 
 

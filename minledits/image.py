@@ -1,0 +1,46 @@
+"""Pictures in and out: PIL image <-> tensor in [-1, 1]."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def open_rgb(image) -> Image.Image:
+    """Any image Pillow reads (path or PIL), upright (EXIF), as 8-bit RGB; transparency composited on white."""
+    im = Image.open(image) if isinstance(image, (str, Path)) else image
+    im.load()  # a truncated or corrupt file fails here, not later
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: keep the top 8 bits of a 16-bit range
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def fit_size(width: int, height: int, size: int, keep_aspect: bool) -> tuple[int, int]:
+    """The (w, h) the image is resized to: size x size, or the longest side = size, sides multiples of 64."""
+    if not keep_aspect:
+        return size, size
+    scale = size / max(width, height)
+    return tuple(max(64, round(side * scale / 64) * 64) for side in (width, height))
+
+
+def to_tensor(image, size: int = 512, keep_aspect: bool = False) -> torch.Tensor:
+    """Centre-crop to a square (unless keep_aspect), resize with PIL, map to [-1, 1]: [1, 3, H, W] float32."""
+    im = open_rgb(image)
+    if not keep_aspect:
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+    im = im.resize(fit_size(*im.size, size, keep_aspect), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None]
+    return x / 127.5 - 1
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in about [-1, 1] -> PIL images."""
+    x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
