@@ -1,0 +1,295 @@
+"""Original (LDM / CompVis) single-file Stable Diffusion checkpoints -> our modules.
+
+A file such as `v1-5-pruned-emaonly.safetensors` or `v2-1_512-ema-pruned.safetensors` holds the three
+networks of the original training code under three prefixes:
+
+    model.diffusion_model.          UNet          LDM `openaimodel.UNetModel` names
+    first_stage_model.              VAE           LDM `AutoencoderKL` names
+    cond_stage_model.transformer.   SD 1.x text   already Hugging Face CLIP names
+    cond_stage_model.model.         SD 2.x text   OpenCLIP names
+
+Anything else (EMA copies `model_ema.*`, the training schedule `betas`, `alphas_cumprod`, ...) is not needed
+and skipped. Our modules carry diffusers / transformers names (DESIGN §2), so converting is renaming, plus:
+  * OpenCLIP fuses q, k, v into `attn.in_proj_weight` [3D, D]: its row thirds become q_proj, k_proj, v_proj;
+  * the VAE mid-block attention uses 1x1 convs [C, C, 1, 1]: squeezed to linear matrices [C, C];
+  * SD 2.x conditions on the *penultimate* OpenCLIP layer: the last resblock, `text_projection` and
+    `logit_scale` are dropped (so the text encoder has 23 of the 24 layers).
+No key table is written out: per network, a few lines generate the *block* names from the network's shape
+(levels, layers per block), and a short table renames what sits *inside* a block.
+The configs are inferred from tensor shapes; `plan()` works on shapes alone, `read_single_file()` adds
+lazy tensor-by-tensor getters over one open file.
+"""
+import logging
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class SingleFileError(ValueError):
+    """A file that cannot be read as an original Stable Diffusion checkpoint (always a one-line message)."""
+
+
+class Take(NamedTuple):
+    """Where one of our parameters comes from: an original key, maybe a row range of it or a squeezed kernel."""
+    key: str
+    rows: tuple[int, int] | None = None  # part of a fused tensor (OpenCLIP in_proj -> q, k, v)
+    squeeze: bool = False                # 1x1 conv kernel [C, C, 1, 1] -> linear matrix [C, C]
+
+    def shape(self, shapes) -> tuple:
+        shape = tuple(shapes[self.key])
+        if self.rows:
+            shape = (self.rows[1] - self.rows[0],) + shape[1:]
+        return shape[:2] if self.squeeze else shape
+
+    def read(self, f):
+        """The tensor from an open `safe_open` file; only the rows needed are read."""
+        x = f.get_slice(self.key)[self.rows[0]:self.rows[1]] if self.rows else f.get_tensor(self.key)
+        return x.reshape(x.shape[:2]) if self.squeeze else x
+
+
+def _rename(key: str, blocks: dict, inner: dict | None = None) -> str:
+    """Replace the longest dotted prefix of `key` found in `blocks`; rename the rest's start by `inner`."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if (head := ".".join(parts[:n])) in blocks:
+            rest = ".".join(parts[n:])
+            rest = _rename(rest, inner) if inner else rest
+            return blocks[head] + ("." + rest if rest else "")
+    return key
+
+
+def _under(shapes, prefix: str) -> dict:
+    """The keys under `prefix`, prefix removed, with their shapes."""
+    return {k[len(prefix):]: tuple(s) for k, s in shapes.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------------- UNet
+# LDM lists the UNet flatly. With L = layers per block and n levels (SD: L = 2, n = 4):
+#   input_blocks.0.0                     conv_in
+#   input_blocks.(1 + i(L+1) + j).0 / .1 down_blocks.i.resnets.j / .attentions.j      j < L
+#   input_blocks.((i+1)(L+1)).0.op       down_blocks.i.downsamplers.0.conv            all but the last level
+#   middle_block.0 / .1 / .2             mid_block.resnets.0 / attentions.0 / resnets.1
+#   output_blocks.(i(L+1) + j).0 / .1    up_blocks.i.resnets.j / .attentions.j        j <= L
+#   output_blocks.(i(L+1) + L).1|2.conv  up_blocks.i.upsamplers.0.conv  (.2 after an attention)
+#   time_embed.0 / .2, out.0 / .2        time_embedding.linear_1 / 2, conv_norm_out / conv_out
+# Attention blocks (SpatialTransformer) already use the diffusers names inside; resnets do not:
+UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def _unet_blocks(levels: int, L: int, attn_down: list, attn_up: list) -> dict:
+    b = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
+         "time_embed.2": "time_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out",
+         "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+         "middle_block.2": "mid_block.resnets.1"}
+    for i in range(levels):
+        for j in range(L):
+            b[f"input_blocks.{1 + i * (L + 1) + j}.0"] = f"down_blocks.{i}.resnets.{j}"
+            b[f"input_blocks.{1 + i * (L + 1) + j}.1"] = f"down_blocks.{i}.attentions.{j}"
+        for j in range(L + 1):
+            b[f"output_blocks.{i * (L + 1) + j}.0"] = f"up_blocks.{i}.resnets.{j}"
+            if attn_up[i]:
+                b[f"output_blocks.{i * (L + 1) + j}.1"] = f"up_blocks.{i}.attentions.{j}"
+        if i < levels - 1:
+            b[f"input_blocks.{(i + 1) * (L + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+            b[f"output_blocks.{i * (L + 1) + L}.{1 + attn_up[i]}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    return b
+
+
+def _unet(shapes, sd2: bool, prediction_type: str):
+    s = _under(shapes, UNET)
+    n_in = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")})
+    levels = 1 + sum(k.startswith("input_blocks.") and k.endswith(".0.op.weight") for k in s)
+    L = (n_in - levels) // levels
+    first = [1 + i * (L + 1) for i in range(levels)]  # the first input block of each level
+    attn_down = [f"input_blocks.{n}.1.proj_in.weight" in s for n in first]
+    attn_up = [f"output_blocks.{i * (L + 1)}.1.proj_in.weight" in s for i in range(levels)]
+    channels = [s[f"input_blocks.{n}.0.out_layers.3.weight"][0] for n in first]
+    v768 = sd2 and prediction_type == "v_prediction"
+    config = {
+        "_class_name": "UNet2DConditionModel", "sample_size": 96 if v768 else 64,
+        "in_channels": s["input_blocks.0.0.weight"][1], "out_channels": s["out.2.weight"][0],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_down],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn_up],
+        "block_out_channels": channels, "layers_per_block": L,
+        "cross_attention_dim": s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
+        # `attention_head_dim` holds the NUMBER of heads (a diffusers naming quirk): SD1 has 8 heads
+        # everywhere; SD2 heads of size 64, i.e. [5, 10, 20, 20] for channels [320, 640, 1280, 1280].
+        "attention_head_dim": [c // 64 for c in channels] if sd2 else 8,
+        "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,  # SD2: Linear, SD1: 1x1 conv
+        # The diffusers SD 2.1 (768, v-prediction) config computes attention scores in fp32; we apply it to
+        # every SD2 v-prediction file (2.0-v included: upcasting only makes fp16 safer).
+        "upcast_attention": v768,
+        "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
+    }
+    blocks = _unet_blocks(levels, L, attn_down, attn_up)
+    return config, {_rename(k, blocks, UNET_RESNET): Take(UNET + k) for k in s}
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+# encoder.down.i.block.j / .downsample   encoder.down_blocks.i.resnets.j / .downsamplers.0
+# decoder.up.i.block.j / .upsample       decoder.up_blocks.(n-1-i).resnets.j / .upsamplers.0
+#                                        (LDM counts decoder levels from the lowest resolution up; diffusers
+#                                         counts them in the order they run, i.e. reversed)
+# mid.block_1 / attn_1 / block_2, norm_out   mid_block.resnets.0 / attentions.0 / resnets.1, conv_norm_out
+# conv_in, conv_out, quant_conv, post_quant_conv: same names. Inside a resnet only nin_shortcut differs;
+# inside attn_1 every name does (and q, k, v, proj_out are 1x1 convs, squeezed to linears):
+VAE_INNER = {"nin_shortcut": "conv_shortcut",
+             "norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _vae(shapes):
+    s = _under(shapes, VAE)
+    levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
+    L = len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")})
+    blocks = {}
+    for part in ("encoder", "decoder"):
+        blocks |= {f"{part}.mid.block_1": f"{part}.mid_block.resnets.0", f"{part}.norm_out": f"{part}.conv_norm_out",
+                   f"{part}.mid.attn_1": f"{part}.mid_block.attentions.0",
+                   f"{part}.mid.block_2": f"{part}.mid_block.resnets.1"}
+    for i in range(levels):
+        blocks[f"encoder.down.{i}.downsample"] = f"encoder.down_blocks.{i}.downsamplers.0"
+        blocks[f"decoder.up.{i}.upsample"] = f"decoder.up_blocks.{levels - 1 - i}.upsamplers.0"
+        blocks |= {f"encoder.down.{i}.block.{j}": f"encoder.down_blocks.{i}.resnets.{j}" for j in range(L)}
+        blocks |= {f"decoder.up.{i}.block.{j}": f"decoder.up_blocks.{levels - 1 - i}.resnets.{j}"
+                   for j in range(L + 1)}
+    config = {
+        "_class_name": "AutoencoderKL", "in_channels": s["encoder.conv_in.weight"][1],
+        "out_channels": s["decoder.conv_out.weight"][0], "latent_channels": s["post_quant_conv.weight"][0],
+        "block_out_channels": [s[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": L, "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+    takes = {_rename(k, blocks, VAE_INNER): Take(VAE + k, squeeze=".attn_1." in k and len(shape) == 4)
+             for k, shape in s.items()}
+    return config, takes
+
+
+# ------------------------------------------------------------------------------------- text encoders
+def _clip_config(width: int, vocab: int, positions: int, layers: int, ff: int, sd2: bool) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": width,
+            "intermediate_size": ff, "num_hidden_layers": layers,
+            "num_attention_heads": width // 64,  # heads of size 64 in both CLIP ViT-L/14 and OpenCLIP ViT-H/14
+            "max_position_embeddings": positions, "vocab_size": vocab, "layer_norm_eps": 1e-5,
+            "hidden_act": "gelu" if sd2 else "quick_gelu", "projection_dim": 512 if sd2 else 768,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
+
+
+def _clip(shapes):
+    """SD 1.x: Hugging Face CLIP names already; older files lack the `text_model.` level, so add it."""
+    s = _under(shapes, CLIP)
+    ours = {k if k.startswith("text_model.") else "text_model." + k: Take(CLIP + k) for k in s}
+    ours.pop("text_model.embeddings.position_ids", None)  # a stored arange(77); ours is built in
+    shape = {k: t.shape(shapes) for k, t in ours.items()}
+    tokens = shape["text_model.embeddings.token_embedding.weight"]
+    layers = len({k.split(".")[3] for k in ours if k.startswith("text_model.encoder.layers.")})
+    ff = shape["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+    positions = shape["text_model.embeddings.position_embedding.weight"][0]
+    return _clip_config(tokens[1], tokens[0], positions, layers, ff, sd2=False), ours
+
+
+# OpenCLIP -> transformers. Blocks: token_embedding, positional_embedding (a bare Parameter), ln_final and
+# transformer.resblocks.N -> text_model.encoder.layers.N; inside a resblock (attn.in_proj_* are split below):
+OPENCLIP_INNER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                  "attn.out_proj": "self_attn.out_proj"}
+
+
+def _openclip(shapes):
+    s = _under(shapes, OPENCLIP)
+    width = s["token_embedding.weight"][1]
+    layers = len({k.split(".")[2] for k in s if k.startswith("transformer.resblocks.")}) - 1  # penultimate
+    blocks = {"token_embedding": "text_model.embeddings.token_embedding", "ln_final": "text_model.final_layer_norm",
+              "positional_embedding": "text_model.embeddings.position_embedding.weight"}
+    blocks |= {f"transformer.resblocks.{n}": f"text_model.encoder.layers.{n}" for n in range(layers)}
+    ours = {}
+    for k in s:
+        if k in ("text_projection", "logit_scale", "attn_mask") or k.startswith(f"transformer.resblocks.{layers}."):
+            continue  # CLIP's image-text head and the last layer: SD2 does not use them
+        name = _rename(k, blocks, OPENCLIP_INNER)
+        if k.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):  # rows [q; k; v], `width` each
+            layer, kind = name[:name.index(".attn.")], k.rsplit("_", 1)[1]
+            ours |= {f"{layer}.self_attn.{x}_proj.{kind}": Take(OPENCLIP + k, rows=(i * width, (i + 1) * width))
+                     for i, x in enumerate("qkv")}
+        else:
+            ours[name] = Take(OPENCLIP + k)
+    config = _clip_config(width, s["token_embedding.weight"][0], s["positional_embedding"][0], layers,
+                          s["transformer.resblocks.0.mlp.c_fc.weight"][0], sd2=True)
+    return config, ours
+
+
+# ------------------------------------------------------------------------------------------ the file
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+             "timestep_spacing": "leading"}  # what SD 1.x and 2.x were trained with (DESIGN §2)
+
+
+def _check(shapes, source: str) -> bool:
+    """Raise unless this is an SD 1.x / 2.x original checkpoint; True for SD 2.x (OpenCLIP text encoder)."""
+    if not any(k.startswith(UNET) for k in shapes):
+        raise SingleFileError(f"{source} is not an original Stable Diffusion checkpoint (no '{UNET}*' keys); "
+                              "a diffusers-layout file is loaded with its model folder")
+    if not any(k.startswith(VAE) for k in shapes):
+        raise SingleFileError(f"{source} has no VAE ('{VAE}*' keys); only complete SD 1.x / 2.x checkpoints load")
+    sd2 = OPENCLIP + "token_embedding.weight" in shapes
+    if not sd2 and not any(k.startswith(CLIP) for k in shapes):
+        raise SingleFileError(f"{source} has no SD 1.x / 2.x text encoder ('{CLIP}*' or '{OPENCLIP}*' keys); "
+                              "other model families (e.g. SDXL) are not supported")
+    return sd2
+
+
+def _prediction(sd2: bool, prediction_type: str | None, source: str) -> str:
+    """SD 1.x predicts eps. SD 2.x comes as eps (2.x-base, 512 px) and v (768 px) with identical tensors."""
+    if prediction_type is None and sd2:
+        raise SingleFileError(f"{source} is an SD 2.x checkpoint, whose prediction type cannot be read from the "
+                              "weights: pass --prediction-type epsilon (2.x-base, 512 px) or v_prediction (768 px)")
+    if prediction_type not in (None,) + PREDICTION_TYPES:
+        raise SingleFileError(f"prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    return prediction_type or "epsilon"
+
+
+def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint") -> dict:
+    """From {original key: shape}: per component (config, {our key: Take}), the scheduler config, pad id."""
+    sd2 = _check(shapes, source)
+    prediction_type = _prediction(sd2, prediction_type, source)
+    try:
+        out = {"unet": _unet(shapes, sd2, prediction_type), "vae": _vae(shapes),
+               "text_encoder": _openclip(shapes) if sd2 else _clip(shapes)}
+    except (KeyError, ZeroDivisionError) as e:  # a tensor the shapes are read from is missing
+        raise SingleFileError(f"{source} does not have the SD 1.x / 2.x layout (missing {e})") from None
+    out |= {"scheduler": SCHEDULER | {"prediction_type": prediction_type}, "prediction_type": prediction_type,
+            "pad_id": 0 if sd2 else 49407,  # SD2 pads prompts with "!" (id 0), SD1 with <|endoftext|>
+            "sd2": sd2}
+    used = {t.key for part in ("unet", "vae", "text_encoder") for t in out[part][1].values()}
+    skipped = Counter(k.split(".")[0] for k in shapes if k not in used)
+    log.debug("%s: skipped %d keys not needed for inference (by first name: %s)",
+              source, sum(skipped.values()), dict(skipped))
+    return out
+
+
+def read_single_file(path, prediction_type: str | None = None) -> dict:
+    """`plan()` for a file, each Take turned into a lazy getter over one open file (low memory)."""
+    path = Path(path)
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise SingleFileError(f"{path} is a pickle checkpoint, which can run code when loaded; "
+                              "use the .safetensors version of the model")
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # a text file, a truncated download, ...
+        raise SingleFileError(f"{path} is not a readable safetensors file ({e})") from None
+    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    out = plan(shapes, prediction_type, str(path))
+    for part in ("unet", "vae", "text_encoder"):
+        config, takes = out[part]
+        out[part] = config, {name: partial(take.read, f) for name, take in takes.items()}
+    return out

@@ -1,0 +1,314 @@
+"""Single-file (original LDM / CompVis) checkpoints: minledits.convert against diffusers' own single-file loader.
+
+The original-format files are written here from random diffusers-layout weights, by a mapping written in this
+file in the *other* direction (diffusers name -> original name, by regular expressions), independent of
+minledits/convert.py. diffusers' single-file loader, run offline on a local config folder, is the oracle.
+"""
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minledits import convert
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+# --------------------------------------------------------------------- diffusers names -> original names
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def ldm_resnet(rest):
+    name, param = rest.rsplit(".", 1)
+    return f"{RESNET[name]}.{param}"
+
+
+def ldm_unet_key(k, L, up_attn):
+    """A diffusers UNet key -> its LDM name (without `model.diffusion_model.`); L = layers per block."""
+    for a, b in UNET_FIXED.items():
+        if k.startswith(a + "."):
+            return b + k[len(a):]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+        n = 1 + int(m[1]) * (L + 1) + int(m[3])
+        return f"input_blocks.{n}.0.{ldm_resnet(m[4])}" if m[2] == "resnets" else f"input_blocks.{n}.1.{m[4]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+        return f"input_blocks.{(int(m[1]) + 1) * (L + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", k):
+        return f"middle_block.{2 * int(m[1])}.{ldm_resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", k):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+        n = int(m[1]) * (L + 1) + int(m[3])
+        return f"output_blocks.{n}.0.{ldm_resnet(m[4])}" if m[2] == "resnets" else f"output_blocks.{n}.1.{m[4]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+        i = int(m[1])
+        return f"output_blocks.{i * (L + 1) + L}.{2 if up_attn[i] else 1}.conv.{m[2]}"
+    raise KeyError(k)
+
+
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_vae_key(k, levels):
+    """A diffusers AutoencoderKL key -> its LDM name (without `first_stage_model.`)."""
+    k = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    k = k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    # the original decoder counts its levels from the lowest resolution: reversed
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+               lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", k)
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k):
+        return f"{m[1]}.mid.attn_1.{VAE_ATTN[m[2]]}.{m[3]}"
+    return k
+
+
+OPENCLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+            "self_attn.out_proj": "attn.out_proj"}
+
+
+def ldm_openclip(sd):
+    """transformers CLIP text weights -> OpenCLIP names (without `cond_stage_model.model.`), q/k/v fused."""
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        k = k.removeprefix("text_model.")
+        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k):
+            out[f"transformer.resblocks.{m[1]}.{OPENCLIP[m[2]]}.{m[3]}"] = v
+        else:
+            out[{"embeddings.token_embedding.weight": "token_embedding.weight",
+                 "embeddings.position_embedding.weight": "positional_embedding",
+                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}[k]] = v
+    for (n, kind), d in qkv.items():
+        out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([d["q"], d["k"], d["v"]])
+    return out
+
+
+def to_original(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, sd2, make):
+    """The original single-file layout (plus what must be ignored) from diffusers-layout weights.
+    `make(shape)` gives a tensor for the extras (works on `meta` too)."""
+    L, up_attn = unet_cfg["layers_per_block"], ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
+    levels = len(vae_cfg["block_out_channels"])
+    out = {"model.diffusion_model." + ldm_unet_key(k, L, up_attn): v for k, v in unet_sd.items()}
+    for k, v in vae_sd.items():  # the VAE mid attention is 1x1 convs in the original
+        out["first_stage_model." + ldm_vae_key(k, levels)] = v[..., None, None] if ".attentions." in k and v.ndim == 2 else v
+    # ignored: EMA copies (flattened names, different values), the training schedule
+    for k in list(out)[:150]:
+        out["model_ema." + k.split(".", 1)[1].replace(".", "")] = make(out[k].shape)
+    out |= {"model_ema.decay": make(()), "model_ema.num_updates": make(()), "alphas_cumprod": make((1000,)),
+            "betas": make((1000,)), "sqrt_one_minus_alphas_cumprod": make((1000,))}
+    if not sd2:  # SD 1.x: transformers' own names (a stored position_ids too)
+        text = {"text_model." + k.removeprefix("text_model."): v for k, v in text_sd.items()}
+        text["text_model.embeddings.position_ids"] = make((1, 77)).long()
+        return out | {"cond_stage_model.transformer." + k: v for k, v in text.items()}
+    text = ldm_openclip(text_sd)
+    width, n = text["token_embedding.weight"].shape[1], 1 + max(int(k.split(".")[2]) for k in text if ".resblocks." in k)
+    for k in [k for k in text if k.startswith("transformer.resblocks.0.")]:  # the unused last layer
+        text[k.replace(".resblocks.0.", f".resblocks.{n}.")] = make(text[k].shape)
+    text |= {"text_projection": make((width, 64)), "logit_scale": make(())}
+    return out | {"cond_stage_model.model." + k: v for k, v in text.items()}
+
+
+# ------------------------------------------------------------------------------------- tiny models
+def tiny_configs(sd2):
+    """Tiny SD-shaped configs. A single file cannot say what tensors do not show, so convert.py infers with
+    SD's conventions: 32 norm groups, SD1 8 heads, SD2 and CLIP heads of size 64. These tiny models follow
+    them (tests/hub.py's tiny kinds do not: 8 groups, smaller heads)."""
+    unet = dict(sample_size=8, block_out_channels=(64, 64, 128), layers_per_block=2, cross_attention_dim=128,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                attention_head_dim=[1, 1, 2] if sd2 else 8, use_linear_projection=sd2, upcast_attention=False)
+    vae = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2 if sd2 else 1, latent_channels=4,
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                max_position_embeddings=77, vocab_size=1000, hidden_act="gelu" if sd2 else "quick_gelu")
+    return unet, vae, text
+
+
+def perturb(model):
+    """Random init leaves norms at 1 / 0 and some layers at zero: give every tensor its own random values."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def original(request, tmp_path_factory):
+    """(path of an original-format file, config folder, reference diffusers/transformers models, is SD2)."""
+    sd2, root = request.param == "sd2", tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    unet_cfg, vae_cfg, text_cfg = tiny_configs(sd2)
+    unet, vae = perturb(UNet2DConditionModel(**unet_cfg)), perturb(AutoencoderKL(**vae_cfg))
+    text = perturb(CLIPTextModel(CLIPTextConfig(**text_cfg)))
+    unet.save_config(root / "unet")
+    vae.save_config(root / "vae")
+    text.config.save_pretrained(root / "text_encoder")
+    sds = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (unet, vae, text)]
+    ckpt = to_original(sds[0], unet.config, sds[1], vae.config, sds[2], sd2, make=torch.randn)
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, root / "model.safetensors")
+    return root / "model.safetensors", root, (unet, vae, text), sd2
+
+
+def oracle(path, folder):
+    """diffusers' own single-file loader, offline, configs from a local folder. The text encoder has no
+    public `from_single_file` (it is a transformers class): diffusers' pipeline loader calls this helper."""
+    kw = dict(config=str(folder), local_files_only=True)
+    unet = UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **kw)
+    vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", **kw)
+    text = create_diffusers_clip_model_from_ldm(CLIPTextModel, load_file(path), subfolder="text_encoder", **kw)
+    return unet.eval(), vae.eval(), text.eval()
+
+
+def ours(path, prediction_type=None):
+    """Our modules, loaded from the single file through convert.read_single_file."""
+    from minledits.clip import TextEncoder
+    from minledits.unet import UNet
+    from minledits.vae import VAE
+    parts, out = convert.read_single_file(path, prediction_type), []
+    for name, cls in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder)):
+        config, getters = parts[name]
+        with torch.device("meta"):
+            m = cls(config)
+        m.load_state_dict({k: get() for k, get in getters.items()}, strict=True, assign=True)
+        out.append(m.eval())
+    return out
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------ parity
+@torch.no_grad()
+def test_matches_diffusers_single_file_loader(original):
+    path, folder, refs, sd2 = original
+    unet_o, vae_o, text_o = oracle(path, folder)
+    # diffusers loads non-strictly (a key it misses would stay random): first check it read every weight,
+    # which also checks the test's own mapping to the original layout
+    for ref, orc in zip(refs, (unet_o, vae_o, text_o)):
+        want, got = ref.state_dict(), orc.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    unet, vae, text = ours(path, "epsilon" if sd2 else None)
+    torch.manual_seed(1)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 128)
+    img, ids = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 1000, (2, 77))
+    lat = vae_o.encode(img).latent_dist.mean
+    diffs = {"unet": max_diff(unet(x, t, ctx), unet_o(x, t, encoder_hidden_states=ctx).sample),
+             "vae.encode": max_diff(vae.encode(img), lat),
+             "vae.decode": max_diff(vae.decode(lat), vae_o.decode(lat).sample),
+             "text_encoder": max_diff(text(ids), text_o(ids).last_hidden_state)}
+    print("max |ours - diffusers single-file|", "sd2" if sd2 else "sd1", diffs)
+    # fp32, same weights, same operation order up to the attention kernel: differences are rounding only
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_inferred_configs_match_the_reference(original):
+    path, _, (unet, vae, text), sd2 = original
+    parts = convert.read_single_file(path, "epsilon" if sd2 else None)
+    for ref, name in ((unet.config, "unet"), (vae.config, "vae"), (text.config.to_dict(), "text_encoder")):
+        got = parts[name][0]
+        for key in set(got) - {"_class_name", "architectures", "model_type", "projection_dim", "sample_size",
+                               "bos_token_id", "eos_token_id", "pad_token_id"}:
+            want = ref[key]
+            assert got[key] == (list(want) if isinstance(want, tuple) else want), (name, key)
+    assert parts["pad_id"] == (0 if sd2 else 49407)
+    assert parts["scheduler"]["prediction_type"] == "epsilon"
+
+
+def test_sd2_v_prediction_upcasts_attention(original):
+    path, _, _, sd2 = original
+    if not sd2:
+        assert convert.read_single_file(path)["unet"][0]["upcast_attention"] is False
+        return
+    parts = convert.read_single_file(path, "v_prediction")
+    assert parts["unet"][0]["upcast_attention"] is True and parts["unet"][0]["sample_size"] == 96
+    assert parts["scheduler"]["prediction_type"] == parts["prediction_type"] == "v_prediction"
+
+
+# ----------------------------------------------------------------------------- full-size key coverage
+@pytest.mark.parametrize("kind", ["sd15", "sd21-base", "sd21"])
+def test_full_size_keys_map_one_to_one(kind):
+    """Every key of the full original layout maps to exactly one of our parameters (OpenCLIP's fused
+    in_proj: three disjoint row ranges), none left over, shapes equal; what is ignored is exactly the extras."""
+    from minledits.clip import TextEncoder
+    from minledits.unet import UNet
+    from minledits.vae import VAE
+    from tests import hub
+    ref, sd2 = hub.build(kind, device="meta"), kind != "sd15"
+    sds = [{k: v for k, v in m.state_dict().items()} for m in (ref.unet, ref.vae, ref.text_encoder)]
+    ckpt = to_original(sds[0], ref.configs["unet"], sds[1], ref.configs["vae"], sds[2], sd2,
+                       make=lambda shape: torch.empty(shape, device="meta"))
+    shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
+    parts = convert.plan(shapes, ref.prediction_type if sd2 else None)
+    used = {}
+    for name, cls in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder)):
+        config, takes = parts[name]
+        with torch.device("meta"):
+            mine = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        assert {k: t.shape(shapes) for k, t in takes.items()} == mine
+        for t in takes.values():
+            used.setdefault(t.key, []).append(t.rows or (0, shapes[t.key][0]))
+    for key, parts_of_key in used.items():  # each original key once, or tiled exactly by row ranges
+        assert sorted(parts_of_key) == [(i * shapes[key][0] // len(parts_of_key), (i + 1) * shapes[key][0] //
+                                         len(parts_of_key)) for i in range(len(parts_of_key))], key
+    ignored = {k for k in shapes if k not in used}
+    extras = {k for k in shapes if not k.startswith(("model.diffusion_model.", "first_stage_model.",
+                                                      "cond_stage_model."))}
+    extras |= ({"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"} |
+               {k for k in shapes if k.startswith("cond_stage_model.model.transformer.resblocks.23.")}) if sd2 else \
+        {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
+    assert ignored == extras
+    want = hub.configs(kind)
+    unet_cfg = parts["unet"][0]
+    for key in ("block_out_channels", "cross_attention_dim", "attention_head_dim", "down_block_types",
+                "up_block_types", "layers_per_block", "in_channels", "sample_size"):
+        assert unet_cfg[key] == want["unet"][key], key
+    assert unet_cfg["use_linear_projection"] == want["unet"].get("use_linear_projection", False)
+    assert unet_cfg["upcast_attention"] == want["unet"].get("upcast_attention", False)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"):
+        assert parts["text_encoder"][0][key] == want["text_encoder"][key], key
+    assert parts["vae"][0]["block_out_channels"] == want["vae"]["block_out_channels"]
+    assert parts["pad_id"] == ref.pad_id and parts["scheduler"]["prediction_type"] == ref.prediction_type
+
+
+# ------------------------------------------------------------------------------------------- errors
+def one_line_error(path, match, prediction_type=None):
+    with pytest.raises(convert.SingleFileError, match=match) as e:
+        convert.read_single_file(path, prediction_type)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_refuses_pickle_checkpoints(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
+    one_line_error(tmp_path / "model.ckpt", "pickle")
+
+
+def test_refuses_files_that_are_not_checkpoints(tmp_path):
+    (tmp_path / "notes.safetensors").write_text("not a tensor file\n" * 3)
+    one_line_error(tmp_path / "notes.safetensors", "not a readable safetensors file")
+    one_line_error(tmp_path / "missing.safetensors", "not a readable safetensors file")
+    save_file({"foo": torch.randn(3)}, tmp_path / "random.safetensors")
+    one_line_error(tmp_path / "random.safetensors", "not an original Stable Diffusion checkpoint")
+    unet = UNet2DConditionModel(**tiny_configs(False)[0])  # a diffusers-layout unet file
+    save_file(unet.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    one_line_error(tmp_path / "diffusion_pytorch_model.safetensors", "model folder")
+
+
+def test_sd2_needs_a_prediction_type(original):
+    path, _, _, sd2 = original
+    one_line_error(path, "prediction type", "sample")
+    if sd2:
+        one_line_error(path, "--prediction-type epsilon .* or v_prediction")
+    else:
+        assert convert.read_single_file(path)["prediction_type"] == "epsilon"
