@@ -1,0 +1,78 @@
+"""Reference LEDITS built only from diffusers / transformers pieces: the oracles for inversion and edit.
+
+Inversion (DESIGN.md section 5): the same noise through DDIMScheduler.add_noise, the reference UNet for eps
+(separate calls for the source-prompt CFG, as the LEDITS demo does), DDIMScheduler.step for mu.
+Edit (section 6): SemanticStableDiffusionPipeline with a DDIMScheduler that starts at step `skip` and
+injects the inversion's noise maps as variance noise.
+"""
+import torch
+from diffusers import DDIMScheduler, SemanticStableDiffusionPipeline
+
+from tests import hub
+
+
+def embed(ref, prompt: str) -> torch.Tensor:
+    ids = hub.reference_tokenizer(ref.folder / "tokenizer")([prompt], padding="max_length", max_length=77,
+                                                            return_tensors="pt").input_ids
+    return ref.text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=3, seed=0):
+    """(xts [N+1], zs [N]) in DESIGN's index order; x is the preprocessed image [1, 3, H, W]."""
+    sched = DDIMScheduler(**hub._clean(ref.scheduler_config))
+    sched.set_timesteps(steps)
+    ts = sched.timesteps
+    w0 = ref.vae.encode(x).latent_dist.mode() * ref.vae.config.scaling_factor
+    g = torch.Generator().manual_seed(seed)
+    noise = {k: torch.randn(w0.shape, generator=g) for k in reversed(range(steps))}
+    xts = [sched.add_noise(w0, noise[k], ts[k:k + 1]) for k in range(steps)] + [w0]
+    uncond, cond = embed(ref, ""), embed(ref, source_prompt)
+    zs = torch.zeros(steps, *w0.shape[1:])
+    for k in range(skip, steps):
+        t = ts[k]
+        out = ref.unet(xts[k], t, encoder_hidden_states=uncond).sample
+        if source_prompt:
+            out = out + source_guidance * (ref.unet(xts[k], t, encoder_hidden_states=cond).sample - out)
+        mu = sched.step(out, t, xts[k], eta=1.0, variance_noise=torch.zeros_like(w0)).prev_sample
+        sigma = sched._get_variance(t, t - sched.config.num_train_timesteps // steps) ** 0.5
+        zs[k] = ((xts[k + 1] - mu) / sigma)[0]
+    zs[-1] = 0
+    return torch.cat(xts), zs
+
+
+class InjectedDDIM(DDIMScheduler):
+    """DDIMScheduler that runs only timesteps[skip:] and uses the given noise maps as variance noise."""
+
+    def prepare(self, skip, zs):
+        self.skip, self.zs, self.i = skip, zs, 0
+        return self
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        super().set_timesteps(num_inference_steps, device)
+        self.timesteps = self.timesteps[self.skip:]
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        z, self.i = self.zs[self.i][None].to(sample), self.i + 1
+        return super().step(model_output, timestep, sample, eta=1.0, variance_noise=z, return_dict=return_dict)
+
+
+@torch.no_grad()
+def edit(ref, xts, zs, steps, skip, target_prompt, target_guidance, concepts, momentum_scale, momentum_beta):
+    """The edited latents and the pipeline (its uncond/text/edit estimates and sem_guidance per step)."""
+    sched = InjectedDDIM(**hub._clean(ref.scheduler_config)).prepare(skip, zs)
+    pipe = SemanticStableDiffusionPipeline(
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=hub.reference_tokenizer(ref.folder / "tokenizer"),
+        unet=ref.unet, scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = xts.shape[-2] * 8, xts.shape[-1] * 8
+    kw = dict(editing_prompt=[c.prompt for c in concepts], reverse_editing_direction=[c.reverse for c in concepts],
+              edit_guidance_scale=[c.scale for c in concepts], edit_warmup_steps=[c.warmup for c in concepts],
+              edit_threshold=[c.threshold for c in concepts],
+              edit_cooldown_steps=[steps if c.cooldown is None else c.cooldown for c in concepts],  # None: never
+              edit_weights=[c.weight for c in concepts], edit_momentum_scale=momentum_scale,
+              edit_mom_beta=momentum_beta) if concepts else {}
+    out = pipe(prompt=target_prompt, latents=xts[skip][None], num_inference_steps=steps, guidance_scale=target_guidance,
+               eta=1.0, output_type="latent", height=h, width=w, **kw)
+    return out.images, pipe

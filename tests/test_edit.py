@@ -1,0 +1,99 @@
+"""The editing loop (Algorithm 1) against SemanticStableDiffusionPipeline with injected noise (tests/oracle.py)."""
+import pytest
+import torch
+
+import minledits
+from minledits import Concept
+from tests import oracle
+from tests.test_inversion import N, SIZE, SKIP, photo
+
+CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.9, warmup=1, cooldown=6, weight=1.5),
+            Concept("beard", scale=3.0, threshold=0.8, warmup=3, reverse=True, weight=0.5)]
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1):
+    return minledits.load(tiny_sd1.folder)
+
+
+@pytest.fixture(scope="module")
+def inv1(sd1):
+    return minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, seed=1)
+
+
+def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5):
+    trace = []
+    ours = minledits.edit(sd, inv, target_prompt, s_tar, concepts, momentum_scale=0.3, momentum_beta=0.6,
+                          callback=trace.append)
+    xts = torch.cat([torch.zeros(SKIP, *inv.xts.shape[1:]), inv.xts])  # the oracle indexes from k = 0
+    zs = torch.cat([torch.zeros(SKIP, *inv.zs.shape[1:]), inv.zs])[SKIP:]
+    theirs, pipe = oracle.edit(ref, xts, zs, N, SKIP, target_prompt, s_tar, concepts, 0.3, 0.6)
+    return ours, theirs, pipe, trace
+
+
+@pytest.mark.parametrize("target_prompt", ["a man with a hat", ""])
+def test_full_edit_matches_pipeline(tiny_sd1, sd1, inv1, target_prompt):
+    ours, theirs, pipe, trace = run_both(tiny_sd1, sd1, inv1, target_prompt, CONCEPTS)
+    # Guidance amplifies the UNets' float32 rounding differences (~1e-6) by up to s_tar + sum s_c ~ 16, over 7 steps.
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    for i, st in enumerate(trace):
+        torch.testing.assert_close(st.guidance.E, pipe.sem_guidance[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(st.eps_u, pipe.uncond_estimates[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st.eps_c[:, 0], pipe.edit_estimates[i], atol=1e-5, rtol=1e-5)
+    partial = [st.i for st in trace if 1 <= st.i < 3]
+    assert partial and all(not torch.equal(trace[i].guidance.E, trace[i].guidance.G) for i in partial)
+
+
+def test_pure_ddpm_edit_matches_pipeline(tiny_sd1, sd1, inv1):
+    ours, theirs, _, _ = run_both(tiny_sd1, sd1, inv1, "a man with a hat", [])
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_reconstruction(sd1):
+    exact = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, keep_last_noise=True)
+    w0 = minledits.edit(sd1, exact, concepts=[])
+    # Each step recomputes x_{t-1} = mu + sigma z = xts[k+1] up to float32 rounding, so w0 comes back (~1e-6).
+    torch.testing.assert_close(w0, exact.w0, atol=1e-5, rtol=1e-5)
+    default = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE)  # the reference zeroes z_{N-1}
+    w0_default = minledits.edit(sd1, default, concepts=[])
+    sigma_last = sd1.schedule.steps(N)[-1].sigma
+    torch.testing.assert_close(w0_default, exact.w0 - sigma_last * exact.zs[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_scale_zero_is_the_pure_ddpm_edit(sd1, inv1):
+    pure = minledits.edit(sd1, inv1, "a man with a hat", 7.5)
+    zero = minledits.edit(sd1, inv1, "a man with a hat", 7.5, [Concept("glasses", scale=0.0, warmup=0)])
+    torch.testing.assert_close(zero, pure, atol=1e-6, rtol=1e-6)  # batch of 3 vs 2: rounding only
+
+
+def test_same_seed_is_bit_identical(sd1):
+    runs = [minledits.edit(sd1, minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, seed=5), "", 7.5, CONCEPTS)
+            for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_empty_target_drops_a_branch(sd1, inv1, monkeypatch):
+    sizes = []
+    unet = sd1.unet
+    monkeypatch.setattr(sd1, "unet", lambda x, t, c: sizes.append(len(x)) or unet(x, t, c))
+    minledits.edit(sd1, inv1, "", 7.5, CONCEPTS)
+    assert sizes == [1 + len(CONCEPTS)] * (N - SKIP)  # one batched call per step: "", concepts
+
+
+def test_ablation_swaps_the_guidance_function(sd1, inv1):
+    """Replace SEGA by plain (unthresholded) concept guidance in a few lines."""
+    def plain(i, eps_u, eps_c, m, p):
+        g = p.scale.view(-1, 1, 1, 1, 1) * (eps_c - eps_u)
+        return minledits.Guidance(E=g.sum(0), m=m, g=g, mask=torch.ones_like(g, dtype=torch.bool), q=None, G=g.sum(0))
+    a = minledits.edit(sd1, inv1, "", 7.5, CONCEPTS[:1], guidance=plain)
+    b = minledits.edit(sd1, inv1, "", 7.5, CONCEPTS[:1])
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("bad", [dict(target_guidance=float("inf")), dict(concepts=[{"prompt": "x", "bogus": 1}]),
+                                 dict(concepts=["x:threshold=1.5"]), dict(concepts=["x"], target_guidance=1.0),
+                                 dict(momentum_beta=2.0)])
+def test_bad_parameters_fail_before_any_unet_work(sd1, inv1, monkeypatch, bad):
+    monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
+    with pytest.raises(ValueError):
+        minledits.edit(sd1, inv1, **{**dict(concepts=CONCEPTS), **bad})

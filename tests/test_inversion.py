@@ -1,0 +1,71 @@
+"""Edit-friendly DDPM inversion against an oracle built from diffusers primitives (tests/oracle.py)."""
+import pytest
+import torch
+from PIL import Image
+
+import minledits
+from minledits.image import to_tensor
+from tests import oracle
+
+N, SKIP, SIZE = 10, 3, 64
+
+
+def photo(seed=0, size=(80, 64)):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1):
+    return minledits.load(tiny_sd1.folder)
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
+@pytest.mark.parametrize("source_prompt", ["", "a photo of a cat"])
+def test_inversion_matches_oracle(request, kind, source_prompt):
+    ref = request.getfixturevalue(kind)
+    sd = minledits.load(ref.folder)
+    inv = minledits.invert(sd, photo(), source_prompt=source_prompt, source_guidance=3.5, steps=N, skip=SKIP, seed=7,
+                           size=SIZE, batch_size=4)
+    xts, zs = oracle.invert(ref, to_tensor(photo(), SIZE), source_prompt, 3.5, N, SKIP, seed=7)
+    assert inv.timesteps == [91 - 10 * k for k in range(SKIP, N)]
+    assert inv.xts.shape == (N - SKIP + 1, 4, SIZE // 8, SIZE // 8) and inv.zs.shape == (N - SKIP, 4, SIZE // 8, SIZE // 8)
+    # Latents: VAE encode differs from the reference by float32 rounding only (~1e-6 on values ~1).
+    torch.testing.assert_close(inv.xts, xts[SKIP:], atol=1e-5, rtol=1e-5)
+    # Noise maps divide the UNet's rounding differences (~1e-6) by sigma_t, which is ~0.03 at t = 1: ~1e-4 worst case.
+    torch.testing.assert_close(inv.zs, zs[SKIP:], atol=2e-4, rtol=1e-4)
+    assert torch.equal(inv.zs[-1], torch.zeros_like(inv.zs[-1]))
+
+
+def test_seed_draw_order_and_determinism(sd1):
+    """The noise of step k is the (N - k)-th draw of one generator: inverting with more skip keeps the same xts."""
+    a = minledits.invert(sd1, photo(), steps=N, skip=SKIP, seed=3, size=SIZE)
+    b = minledits.invert(sd1, photo(), steps=N, skip=SKIP + 2, seed=3, size=SIZE)
+    assert torch.equal(a.xts[2:], b.xts) and torch.equal(a.zs[2:], b.zs)
+    again = minledits.invert(sd1, photo(), steps=N, skip=SKIP, seed=3, size=SIZE)
+    assert torch.equal(a.xts, again.xts) and torch.equal(a.zs, again.zs)  # bit-identical on CPU
+    other = minledits.invert(sd1, photo(), steps=N, skip=SKIP, seed=4, size=SIZE)
+    assert not torch.equal(a.xts[0], other.xts[0])
+
+
+def test_batching_does_not_change_the_result(sd1):
+    one = minledits.invert(sd1, photo(), source_prompt="a cat", steps=N, skip=SKIP, size=SIZE, batch_size=1)
+    many = minledits.invert(sd1, photo(), source_prompt="a cat", steps=N, skip=SKIP, size=SIZE, batch_size=5)
+    torch.testing.assert_close(one.zs, many.zs, atol=1e-4, rtol=1e-4)  # batched matmuls round differently
+
+
+def test_unet_runs_only_for_steps_the_edit_uses(sd1, monkeypatch):
+    calls = []
+    unet = sd1.unet
+    monkeypatch.setattr(sd1, "unet", lambda x, t, c: calls.append(len(x)) or unet(x, t, c))
+    minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE)
+    assert sum(calls) == N - SKIP
+
+
+@pytest.mark.parametrize("bad", [dict(skip=10), dict(skip=-1), dict(steps=0), dict(source_guidance=float("nan")),
+                                 dict(size=100)])
+def test_bad_parameters_fail_before_any_unet_work(sd1, monkeypatch, bad):
+    monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
+    monkeypatch.setattr(sd1, "vae", None)  # nor the VAE
+    with pytest.raises(ValueError):
+        minledits.invert(sd1, photo(), **{**dict(steps=N, skip=SKIP, size=SIZE), **bad})
