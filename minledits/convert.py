@@ -45,9 +45,7 @@ class Take(NamedTuple):
     squeeze: bool = False                # 1x1 conv kernel [C, C, 1, 1] -> linear matrix [C, C]
 
     def shape(self, shapes) -> tuple:
-        shape = tuple(shapes[self.key])
-        if self.rows:
-            shape = (self.rows[1] - self.rows[0],) + shape[1:]
+        shape = (self.rows[1] - self.rows[0], *shapes[self.key][1:]) if self.rows else tuple(shapes[self.key])
         return shape[:2] if self.squeeze else shape
 
     def read(self, f):
@@ -61,8 +59,7 @@ def _rename(key: str, blocks: dict, inner: dict | None = None) -> str:
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         if (head := ".".join(parts[:n])) in blocks:
-            rest = ".".join(parts[n:])
-            rest = _rename(rest, inner) if inner else rest
+            rest = _rename(".".join(parts[n:]), inner) if inner else ".".join(parts[n:])
             return blocks[head] + ("." + rest if rest else "")
     return key
 
@@ -152,11 +149,9 @@ def _vae(shapes):
     s = _under(shapes, VAE)
     levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
     L = len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")})
-    blocks = {}
-    for part in ("encoder", "decoder"):
-        blocks |= {f"{part}.mid.block_1": f"{part}.mid_block.resnets.0", f"{part}.norm_out": f"{part}.conv_norm_out",
-                   f"{part}.mid.attn_1": f"{part}.mid_block.attentions.0",
-                   f"{part}.mid.block_2": f"{part}.mid_block.resnets.1"}
+    blocks = {f"{part}.{a}": f"{part}.{b}" for part in ("encoder", "decoder") for a, b in (
+        ("mid.block_1", "mid_block.resnets.0"), ("mid.attn_1", "mid_block.attentions.0"),
+        ("mid.block_2", "mid_block.resnets.1"), ("norm_out", "conv_norm_out"))}
     for i in range(levels):
         blocks[f"encoder.down.{i}.downsample"] = f"encoder.down_blocks.{i}.downsamplers.0"
         blocks[f"decoder.up.{i}.upsample"] = f"decoder.up_blocks.{levels - 1 - i}.upsamplers.0"
@@ -178,6 +173,7 @@ def _vae(shapes):
 
 # ------------------------------------------------------------------------------------- text encoders
 def _clip_config(width: int, vocab: int, positions: int, layers: int, ff: int, sd2: bool) -> dict:
+    """text_encoder/config.json (transformers' CLIPTextConfig) for these shapes."""
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": width,
             "intermediate_size": ff, "num_hidden_layers": layers,
             "num_attention_heads": width // 64,  # heads of size 64 in both CLIP ViT-L/14 and OpenCLIP ViT-H/14
@@ -191,12 +187,11 @@ def _clip(shapes):
     s = _under(shapes, CLIP)
     ours = {k if k.startswith("text_model.") else "text_model." + k: Take(CLIP + k) for k in s}
     ours.pop("text_model.embeddings.position_ids", None)  # a stored arange(77); ours is built in
-    shape = {k: t.shape(shapes) for k, t in ours.items()}
-    tokens = shape["text_model.embeddings.token_embedding.weight"]
-    layers = len({k.split(".")[3] for k in ours if k.startswith("text_model.encoder.layers.")})
-    ff = shape["text_model.encoder.layers.0.mlp.fc1.weight"][0]
-    positions = shape["text_model.embeddings.position_embedding.weight"][0]
-    return _clip_config(tokens[1], tokens[0], positions, layers, ff, sd2=False), ours
+    shape = {k.removeprefix("text_model."): t.shape(shapes) for k, t in ours.items()}
+    layers = len({k.split(".")[2] for k in shape if k.startswith("encoder.layers.")})
+    vocab, width = shape["embeddings.token_embedding.weight"]
+    return _clip_config(width, vocab, shape["embeddings.position_embedding.weight"][0], layers,
+                        shape["encoder.layers.0.mlp.fc1.weight"][0], sd2=False), ours
 
 
 # OpenCLIP -> transformers. Blocks: token_embedding, positional_embedding (a bare Parameter), ln_final and

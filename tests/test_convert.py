@@ -281,6 +281,21 @@ def test_full_size_keys_map_one_to_one(kind):
     assert parts["pad_id"] == ref.pad_id and parts["scheduler"]["prediction_type"] == ref.prediction_type
 
 
+def test_sd1_clip_keys_without_the_text_model_level():
+    """Older SD 1.x files store `cond_stage_model.transformer.encoder...` (no `text_model.`): same result."""
+    from tests import hub
+    ref = hub.build("sd15", device="meta")
+    sds = [m.state_dict() for m in (ref.unet, ref.vae, ref.text_encoder)]
+    ckpt = to_original(sds[0], ref.configs["unet"], sds[1], ref.configs["vae"], sds[2], False,
+                       make=lambda shape: torch.empty(shape, device="meta"))
+    shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
+    old = {k.replace(".transformer.text_model.", ".transformer."): v for k, v in shapes.items()}
+    new_plan, old_plan = convert.plan(shapes)["text_encoder"], convert.plan(old)["text_encoder"]
+    assert old_plan[0] == new_plan[0] and old_plan[1].keys() == new_plan[1].keys()
+    assert all(t.key.startswith("cond_stage_model.transformer.encoder.") for k, t in old_plan[1].items()
+               if ".layers." in k)
+
+
 # ------------------------------------------------------------------------------------------- errors
 def one_line_error(path, match, prediction_type=None):
     with pytest.raises(convert.SingleFileError, match=match) as e:
