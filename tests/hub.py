@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,8 @@ def save_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], path, dtype: t
     """Write a .safetensors file tensor by tensor (only one converted tensor in memory at a time).
 
     ``tensors`` may be a generator; it is consumed twice through a list of (name, tensor) *references*
-    (no copies). Floating tensors are cast to ``dtype`` when given.
+    (no copies). Floating tensors are cast to ``dtype`` when given. The file is replaced atomically
+    (write + rename), so rewriting a file whose tensors are in use (safetensors memory-maps them) is safe.
     """
     items = list(tensors)
     cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
@@ -220,10 +222,12 @@ def save_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], path, dtype: t
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for _, t in items:
             f.write(cast(t.detach()).contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)  # a new file: tensors still memory-mapped from the old one stay valid
     return path
 
 
@@ -315,7 +319,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def write(ref: Reference, folder, *, prefix: bool = True, fp32: bool = True, fp16: bool = False,
           position_ids: bool = False, legacy_vae: str | None = None, tokenizer: bool = True) -> Path:
-    """Write ``ref`` in the official Hub layout under ``folder``; returns the folder (also ``ref.folder``).
+    """Write ``ref`` in the official Hub layout under ``folder``; returns the folder (``ref`` is not changed,
+    so a fixture's Reference can be written again with other options).
 
     fp32 / fp16: write ``<name>.safetensors`` / ``<name>.fp16.safetensors`` (the Hub "fp16" variant).
     prefix, position_ids, legacy_vae: see ``state_items``.  tokenizer=False leaves out tokenizer/.
@@ -340,14 +345,13 @@ def write(ref: Reference, folder, *, prefix: bool = True, fp32: bool = True, fp1
         "scheduler": ["diffusers", c["scheduler"]["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
-    ref.folder = folder
     return folder
 
 
 def make(kind: str, folder, seed: int = 0, **write_options) -> Reference:
     """build(kind, seed) then write(ref, folder, **write_options); returns the Reference (``.folder`` set)."""
     ref = build(kind, seed)
-    write(ref, folder, **write_options)
+    ref.folder = write(ref, folder, **write_options)
     return ref
 
 
