@@ -1,0 +1,94 @@
+"""The CLIP text encoder (transformers' CLIPTextModel), built from text_encoder/config.json.
+
+ids [B, L] (L <= max_position_embeddings, 77 in SD) -> last hidden state after final_layer_norm [B, L, D].
+Pre-norm transformer with a causal mask. SD1: 12 layers, 768 wide, quick_gelu. SD2: 23 layers, 1024 wide, gelu.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(layers.attention(q, k, v, self.heads, causal=True))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.act = ACTIVATIONS[act]
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-5)
+        self.self_attn = CLIPAttention(dim, cfg["num_attention_heads"])
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, cfg["intermediate_size"], cfg.get("hidden_act", "quick_gelu"))
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.position_embedding = nn.Embedding(cfg["max_position_embeddings"], cfg["hidden_size"])
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]  # position ids = arange(L)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg["hidden_size"], eps=cfg.get("layer_norm_eps", 1e-5))
+
+    def forward(self, ids):
+        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+
+
+class TextEncoder(nn.Module):
+    """text_encoder(ids [B, L]) -> [B, L, D]. Keys start with `text_model.` like the Hub files."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        if self.config.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
+            raise ValueError(f"CLIP hidden_act {self.config['hidden_act']!r} is not supported ({list(ACTIVATIONS)})")
+        self.text_model = CLIPTextTransformer(self.config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model(ids)

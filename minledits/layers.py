@@ -1,0 +1,170 @@
+"""Building blocks shared by the UNet, the VAE and the CLIP text encoder.
+
+Every attribute is named like the official diffusers key, so weights load with no renaming.
+All attention of the package goes through `attention()`: replace `layers.attention` to swap it.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
+    """softmax(q k^T / sqrt(d)) v per head.  q [B, N, C], k and v [B, M, C] -> [B, N, C], C = heads * d."""
+    B, N, C = q.shape
+    dtype = q.dtype
+    if upcast:  # SD 2.1 (768) computes attention in fp32, then casts back
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, heads, N, d]
+    return out.transpose(1, 2).reshape(B, N, C).to(dtype)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding [B] -> [B, dim] as [cos, sin] (flip_sin_to_cos=True, freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, dtype=torch.float32, device=t.device))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, optionally fused with SiLU (saves one pass over the activations)."""
+
+    def forward(self, x, silu: bool = False):
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(x, inplace=True) if silu else x
+
+
+class ResnetBlock2D(nn.Module):
+    """h = conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb))))); out = shortcut(x) + h."""
+
+    def __init__(self, in_ch, out_ch, temb_ch=None, groups=32, eps=1e-5):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
+        self.norm2 = GroupNorm(groups, out_ch, eps)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x, temb=None):
+        h = self.conv1(self.norm1(x, silu=True))
+        if self.time_emb_proj is not None:
+            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]  # in place on fresh conv outputs: no new buffer
+        h = self.conv2(self.norm2(h, silu=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate to_q / to_k / to_v and to_out.0 (to_out.1 is a dropout placeholder)."""
+
+    def __init__(self, dim, heads, head_dim, context_dim=None, bias=False, upcast=False):
+        super().__init__()
+        inner, context_dim = heads * head_dim, context_dim or dim
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))
+
+
+class GEGLU(nn.Module):
+    """GEGLU(x) = a * gelu(b) with [a, b] = proj(x)  (ff.net.0)."""
+
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        a, b = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(b)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text context, and GEGLU feed-forward, each residual."""
+
+    def __init__(self, dim, heads, head_dim, context_dim, upcast=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, proj_in (1x1 conv in SD1, Linear in SD2), transformer blocks on [B, H*W, C] tokens, proj_out."""
+
+    def __init__(self, channels, heads, context_dim, groups=32, layers=1, linear=False, upcast=False):
+        super().__init__()
+        inner, self.linear = channels, linear  # SD: heads * head_dim == channels
+        Proj = nn.Linear if linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = Proj(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, inner // heads, context_dim, upcast) for _ in range(layers))
+        self.proj_out = Proj(inner, channels)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. padding=0 (the VAE) first pads right and bottom by one: F.pad (0, 1, 0, 1)."""
+
+    def __init__(self, channels, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling (x2, or to `size` for odd skip shapes), then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)

@@ -1,0 +1,142 @@
+"""The Stable Diffusion UNet (diffusers' UNet2DConditionModel) for SD 1.x and SD 2.x, built from unet/config.json.
+
+Level i has block_out_channels[i] channels; every down level but the last halves the resolution.
+A level is "CrossAttn...Block2D" (each resnet followed by a Transformer2DModel) or plain ("DownBlock2D", "UpBlock2D").
+Up level i mirrors down level L-1-i with one more resnet; each up resnet eats one skip of the down path (a stack).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Downsample2D, GroupNorm, ResnetBlock2D, Transformer2DModel, Upsample2D, timestep_embedding
+
+# Options of the diffusers config this UNet implements only at their SD value (anything else is refused).
+SD_ONLY = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "only_cross_attention": False,
+           "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+           "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "encoder_hid_dim": None,
+           "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "center_input_sample": False,
+           "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_type": "default", "num_class_embeds": None}
+BLOCK_TYPES = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim, temb_dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, temb_dim)
+        self.linear_2 = nn.Linear(temb_dim, temb_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def _resnet(cfg, in_ch, out_ch):
+    temb_ch = 4 * cfg["block_out_channels"][0]
+    return ResnetBlock2D(in_ch, out_ch, temb_ch, cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5))
+
+
+def _transformer(cfg, ch, heads):
+    return Transformer2DModel(ch, heads, cfg["cross_attention_dim"], cfg.get("norm_num_groups", 32),
+                              cfg.get("transformer_layers_per_block", 1), cfg.get("use_linear_projection", False),
+                              cfg.get("upcast_attention", False))
+
+
+class Level(nn.Module):
+    """resnets[j] (in_chs[j] -> out_ch), attentions[j] when cross_attn, then downsamplers.0 or upsamplers.0."""
+
+    def __init__(self, cfg, in_chs, out_ch, heads, cross_attn, resample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(_resnet(cfg, c, out_ch) for c in in_chs)
+        self.attentions = nn.ModuleList(_transformer(cfg, out_ch, heads) for _ in in_chs) if cross_attn else None
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, cfg.get("downsample_padding", 1))])
+        if resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
+
+    def layer(self, j, h, temb, context):
+        h = self.resnets[j](h, temb)
+        return h if self.attentions is None else self.attentions[j](h, context)
+
+
+class DownLevel(Level):
+    def forward(self, h, temb, context, skips: list):
+        for j in range(len(self.resnets)):
+            h = self.layer(j, h, temb, context)
+            skips.append(h)
+        if hasattr(self, "downsamplers"):
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h
+
+
+class UpLevel(Level):
+    def forward(self, h, temb, context, skips: list):
+        for j in range(len(self.resnets)):
+            h = self.layer(j, torch.cat([h, skips.pop()], dim=1), temb, context)
+        if hasattr(self, "upsamplers"):
+            h = self.upsamplers[0](h, size=skips[-1].shape[-2:])  # the next skip's size (odd sizes work too)
+        return h
+
+
+class MidBlock(nn.Module):
+    """resnets.0, attentions.0, resnets.1 at the lowest resolution."""
+
+    def __init__(self, cfg, ch, heads):
+        super().__init__()
+        self.resnets = nn.ModuleList([_resnet(cfg, ch, ch), _resnet(cfg, ch, ch)])
+        self.attentions = nn.ModuleList([_transformer(cfg, ch, heads)])
+
+    def forward(self, h, temb, context):
+        h = self.attentions[0](self.resnets[0](h, temb), context)
+        return self.resnets[1](h, temb)
+
+
+class UNet(nn.Module):
+    """eps (or v) prediction: unet(x [B, C, h, w], t (int, 0-d or [B]), context [B, 77, D]) -> [B, C_out, h, w]."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = cfg = dict(config)
+        for key, value in SD_ONLY.items():
+            if cfg.get(key, value) not in (value, [value] * len(cfg["down_block_types"])):
+                raise ValueError(f"UNet config {key}={cfg[key]!r} is not supported (only {value!r})")
+        if not set(cfg["down_block_types"] + cfg["up_block_types"]) <= BLOCK_TYPES:
+            raise ValueError(f"unsupported UNet block types in {cfg['down_block_types'] + cfg['up_block_types']}")
+        chs, n = cfg["block_out_channels"], cfg.get("layers_per_block", 2)
+        L = len(chs)
+        # diffusers naming quirk: SD configs store the NUMBER OF HEADS per level in `attention_head_dim`
+        # (SD1: 8 everywhere, heads of 40..160 channels; SD2: [5, 10, 20, 20], heads of 64 channels).
+        # A `num_attention_heads` entry, when present, takes precedence. This is the only place heads are read.
+        heads = cfg.get("num_attention_heads") or cfg["attention_head_dim"]
+        heads = [heads] * L if isinstance(heads, int) else list(heads)
+
+        self.conv_in = nn.Conv2d(cfg.get("in_channels", 4), chs[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chs[0], 4 * chs[0])
+        self.down_blocks = nn.ModuleList(
+            DownLevel(cfg, [chs[max(i - 1, 0)]] + [chs[i]] * (n - 1), chs[i], heads[i],
+                      kind.startswith("CrossAttn"), "down" if i < L - 1 else None)
+            for i, kind in enumerate(cfg["down_block_types"]))
+        self.mid_block = MidBlock(cfg, chs[-1], heads[-1])
+        self.up_blocks = nn.ModuleList(self._up_level(cfg, i, kind, n, heads) for i, kind in enumerate(cfg["up_block_types"]))
+        self.conv_norm_out = GroupNorm(cfg.get("norm_num_groups", 32), chs[0], cfg.get("norm_eps", 1e-5))
+        self.conv_out = nn.Conv2d(chs[0], cfg.get("out_channels", 4), 3, padding=1)
+
+    @staticmethod
+    def _up_level(cfg, i, kind, n, heads):
+        """Up level i works at channels rev[i]; resnet j takes h (prev level's channels, then rev[i]) + one skip."""
+        rev, L = cfg["block_out_channels"][::-1], len(cfg["block_out_channels"])
+        h_chs = [rev[max(i - 1, 0)]] + [rev[i]] * n
+        skip_chs = [rev[i]] * n + [rev[min(i + 1, L - 1)]]  # the last skip comes from the level above
+        return UpLevel(cfg, [a + b for a, b in zip(h_chs, skip_chs)], rev[i], heads[::-1][i],
+                       kind.startswith("CrossAttn"), "up" if i < L - 1 else None)
+
+    def forward(self, x, t, context):
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, temb, context, skips)
+        h = self.mid_block(h, temb, context)
+        for block in self.up_blocks:
+            h = block(h, temb, context, skips)
+        return self.conv_out(self.conv_norm_out(h, silu=True))
