@@ -14,6 +14,9 @@ OpenCLIP-like (gelu, or 1024 wide), else as SD1.
 Each network is built on the `meta` device (no memory, no random init) from its config.json and then
 filled tensor by tensor from safetensors (`fill`), cast to `dtype` on the way, so loading needs about one
 copy of the weights. Pickle checkpoints (.bin, .ckpt) are refused: unpickling can run arbitrary code.
+Tensors needing no cast or move stay backed by safetensors' copy-on-write memory map of the file: loading
+is quick and pages are read on first use; so replace weight files atomically (write, then rename), never
+overwrite one in place while a model loaded from it is in use.
 
 `StableDiffusion.fingerprint` identifies the weights, for files that must be used with the same model:
   * Hub: the commit sha of the snapshot;
@@ -86,20 +89,19 @@ def fill(module: torch.nn.Module, getters: Mapping[str, Callable[[], torch.Tenso
     state-dict `key`; floating tensors are cast to `dtype` (None: the dtype the module was built with) and
     moved to `device`. Missing, unexpected or wrong-shape keys raise one LoadError naming `source`."""
     expected = module.state_dict()          # on meta: names, shapes and dtypes only
+    missing, unexpected = sorted(expected.keys() - getters.keys()), sorted(getters.keys() - expected.keys())
     state, wrong = {}, []
-    for key in expected.keys() & getters.keys():
+    for key in sorted(expected.keys() & getters.keys()):
         tensor, want = getters[key](), expected[key]
         if tensor.shape != want.shape:
             wrong.append(f"{key} {list(tensor.shape)} in file, {list(want.shape)} in model")
-            continue
-        cast = (dtype or want.dtype) if tensor.is_floating_point() else tensor.dtype
-        state[key] = tensor.to(device=device, dtype=cast)
-    missing, unexpected = sorted(expected.keys() - getters.keys()), sorted(getters.keys() - expected.keys())
+        elif not (missing or unexpected or wrong):    # after a problem, only the shapes are still checked
+            cast = (dtype or want.dtype) if tensor.is_floating_point() else tensor.dtype
+            state[key] = tensor.to(device=device, dtype=cast)
     if missing or unexpected or wrong:
-        del state
         raise LoadError(f"{source} does not fit {type(module).__name__}: " + "; ".join(
             f"{len(keys)} {what} ({_few(keys)})" for what, keys in
-            [("missing", missing), ("unexpected", unexpected), ("wrong shape", sorted(wrong))] if keys))
+            [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)] if keys))
     module.load_state_dict(state, strict=True, assign=True)
     if left := [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]:
         raise LoadError(f"{source}: {type(module).__name__} has tensors no file fills ({_few(left)})")

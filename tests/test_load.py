@@ -286,6 +286,15 @@ def test_bad_config(tiny_sd1, tmp_path):
     assert_one_line(err, str(folder / "unet" / "config.json"), "JSON")
 
 
+def test_config_our_modules_cannot_build(tiny_sd1, tmp_path):
+    folder = copy(tiny_sd1, tmp_path)
+    path = folder / "text_encoder" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"hidden_act": "relu6"}))
+    with pytest.raises(LoadError) as err:
+        load(folder)
+    assert_one_line(err, str(path), "cannot build TextEncoder", "relu6")
+
+
 @pytest.mark.parametrize("model", ["./no/such/folder", "/definitely/not/here", "some/where/deep", "x.safetensors"])
 def test_nonexistent_path(model, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", pytest.fail)
@@ -397,3 +406,30 @@ def test_really_offline_with_an_empty_cache(tmp_path):
     assert out.stdout.startswith("LoadError: owner/not-cached is not in the Hugging Face cache and HF_HUB_OFFLINE "
                                  "is set"), out.stdout + out.stderr
     assert "minledits download --model owner/not-cached" in out.stdout and out.stdout.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------- single files
+def test_single_file_goes_through_convert(tmp_path):
+    """load("x.safetensors") reads an original-format checkpoint (tests/test_convert.py builds one)."""
+    tc = pytest.importorskip("tests.test_convert")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    unet_cfg, vae_cfg, text_cfg = tc.tiny_configs(sd2=False)
+    unet, vae = tc.perturb(UNet2DConditionModel(**unet_cfg)), tc.perturb(AutoencoderKL(**vae_cfg))
+    text = tc.perturb(CLIPTextModel(CLIPTextConfig(**text_cfg)))
+    ckpt = tc.to_original(unet.state_dict(), unet.config, vae.state_dict(), vae.config, text.state_dict(), False,
+                          make=torch.randn)
+    path = hub.save_safetensors(ckpt.items(), tmp_path / "v1-tiny.safetensors")
+    sd = load(path, dtype="bf16")
+    assert sd.model_id == str(path) and sd.prediction_type == "epsilon" and sd.tokenizer.pad_id == 49407
+    assert sd.fingerprint.startswith("sha256-") and sd.fingerprint != load(path, prediction_type="v_prediction").fingerprint
+    assert sd.unet.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(sd.unet.conv_in.weight, unet.conv_in.weight.bfloat16())
+    assert same_weights(load(path).vae, vae)
+
+
+def test_single_file_that_is_not_a_checkpoint(tiny_sd1):
+    with pytest.raises(ValueError) as err:  # convert.SingleFileError
+        load(tiny_sd1.folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert "\n" not in str(err.value) and "not an original Stable Diffusion checkpoint" in str(err.value)
