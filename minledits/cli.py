@@ -1,0 +1,380 @@
+"""The `minledits` command line (argparse): one small handler per command, options in three tables.
+
+Errors print one line and exit 1 (usage errors exit 2); --verbose adds the traceback. Every input is
+checked before the work starts; outputs are written to a temporary file then renamed, never overwritten
+without --force.
+"""
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, tqdm
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import store, tiny
+from .errors import MinleditsError
+from .image import open_rgb, to_pil
+from .inversion import check_inversion_args, invert
+from .ledits import decode, edit
+from .load import DEFAULT_MODEL, download, load
+from .sega import Concept, SegaParams
+from .trace import Trace, side_by_side
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
+
+# (flags, default, help, argparse options). argparse keeps None as the default, so that "not given" can be
+# told apart (an inversion file brings its own settings); resolve() then fills in the defaults shown here.
+COMMON = [
+    (("--model",), DEFAULT_MODEL, "Hub repo id, diffusers folder, single .safetensors file, or random-tiny "
+     "(random weights: an offline smoke test that draws noise); an inversion file's own model by default", {}),
+    (("--revision",), None, "Hub branch, tag or commit", {}),
+    (("--variant",), None, "weight files to prefer, e.g. fp16 (implied by --dtype fp16)", {}),
+    (("--prediction-type",), None, "epsilon or v_prediction (SD 2.x single files need it)", {}),
+    (("--device",), "auto", "auto: cuda, else mps, else cpu", dict(choices=["auto", "cpu", "cuda", "mps"])),
+    (("--dtype",), "auto", "auto: fp16 on CUDA, else fp32", dict(choices=["auto", *DTYPES])),
+    (("--force",), False, "overwrite outputs that exist", BOOL),
+    (("-q", "--quiet"), False, "no progress bars or notes", BOOL),
+    (("-v", "--verbose"), False, "show the traceback of an error", BOOL)]
+INVERT = [
+    (("--source-prompt",), "", "text describing the input image (optional)", dict(metavar="TEXT")),
+    (("--source-guidance",), 3.5, "guidance scale of the source prompt", FLOAT),
+    (("--steps",), 100, "diffusion steps N", INT),
+    (("--skip",), 36, "steps skipped at the noisy end: more keeps more of the input", INT),
+    (("--seed",), 0, "seed of the inversion noise", INT),
+    (("--size",), 512, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
+    (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
+    (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
+    (("--batch-size",), 1, "inversion timesteps per UNet call (faster on a GPU)", INT)]
+EDIT = [
+    (("--target-prompt",), "", "text describing the edited image (optional)", dict(metavar="TEXT")),
+    (("--target-guidance",), 15.0, "guidance scale of the target prompt; concepts need > 1", FLOAT),
+    (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
+     dict(action="append", dest="concepts", metavar="SPEC")),
+    (("--momentum-scale",), 0.3, "SEGA momentum scale", FLOAT),
+    (("--momentum-beta",), 0.6, "SEGA momentum beta", FLOAT),
+    (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
+    (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
+     "each concept's mask)", dict(metavar="T")),
+    (("--compare",), False, "also write OUT-compare.png: input | reconstruction | edit", BOOL)]
+COMMANDS = {
+    "download": "fetch a model from the Hub (into the Hugging Face cache, or --local-dir)",
+    "invert": "IMAGE -> inversion file (latents, noise maps, timesteps, settings)",
+    "edit": "IMAGE or inversion file -> edited PNG (an image is inverted first)",
+    "reconstruct": "IMAGE or inversion file -> PNG regenerated without guidance",
+    "batch": "the edits listed in a JSON file; outputs that exist are skipped, so a rerun resumes"}
+EXAMPLES = """examples:
+  minledits edit photo.jpg -o glasses.png -e glasses
+  minledits invert photo.jpg -o photo.safetensors            # invert once ...
+  minledits edit photo.safetensors -o old.png --target-prompt "an old man" -e -beard   # ... edit often
+  minledits edit photo.jpg -o smoke.png --model random-tiny --size 128   # offline smoke test (noise)
+errors print one line and exit 1 (usage errors: 2); outputs are never overwritten without --force"""
+_C = Concept("")
+CONCEPT_HELP = f"""concepts (-e SPEC, repeatable):
+  -e glasses    add "glasses"        -e -beard    remove "beard"
+  -e "smile:scale=6,threshold=0.9,warmup=2,cooldown=40,weight=1"   with options; their defaults:
+    scale={_C.scale:<9g} strength of the concept's guidance
+    threshold={_C.threshold:<5g} act only where its guidance is in the top (1 - threshold) of each channel
+    warmup={_C.warmup:<8} edit steps before it acts;   cooldown=none  edit step from which it stops
+    weight={_C.weight:<8g} its weight among the concepts
+An input ending in .safetensors is an inversion file: its settings (and, by default, model) are used."""
+
+
+class UsageError(Exception):
+    """An argparse error, raised (not exited) so that batch can report a bad job and go on."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.format_usage()}{self.prog}: error: {message}")
+
+
+def dest(flags, options) -> str:
+    return options.get("dest") or flags[-1].lstrip("-").replace("-", "_")
+
+
+def parser() -> Parser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion.", epilog=EXAMPLES,
+               formatter_class=raw)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    inversion = ("inversion", INVERT)
+    for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
+                         ("reconstruct", [inversion]), ("batch", [])]:
+        s = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=raw,
+                           epilog=CONCEPT_HELP if name == "edit" else None)
+        s.set_defaults(func={"download": cmd_download, "invert": cmd_invert, "batch": cmd_batch}.get(name, cmd_edit))
+        if name == "download":
+            s.add_argument("--local-dir", help="write the files here instead of the Hugging Face cache")
+        elif name == "batch":
+            s.add_argument("jobs", metavar="JOBS.json", help='[{"input": "a.jpg", "output": "a.png", "concepts": '
+                           '["glasses"], ...}, ...] or {"defaults": {...}, "jobs": [...]}; keys are edit options')
+            s.add_argument("--outdir", required=True, help="folder of the outputs (created if missing)")
+        else:
+            s.add_argument("input", metavar="IMAGE" if name == "invert" else "IMAGE|INV")
+            s.add_argument("-o", "--output", required=True, metavar="INV" if name == "invert" else "OUT.png")
+        for title, table in tables + [("model and run", COMMON)]:
+            group = s.add_argument_group(title)
+            for flags, default, text, options in table:
+                shown = "" if default is None or default is False or default == "" else f" (default: {default})"
+                metavar = {} if options.get("action") else dict(metavar={int: "N", float: "X"}.get(options.get("type")))
+                group.add_argument(*flags, default=None, help=text + shown, **{**metavar, **options})
+    return p
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def resolve(args, table):
+    for flags, default, _, options in table:
+        if getattr(args, dest(flags, options), None) is None:
+            setattr(args, dest(flags, options), default)
+
+
+def bar(args, desc, total):
+    return tqdm(total=total, desc=desc, unit="step", disable=args.quiet, leave=False, file=sys.stderr)
+
+
+def model_of(args):
+    """The model of args, on --device in --dtype (cached per run: a batch loads it once)."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
+        raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
+    dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
+    key = (args.model, args.revision, args.variant, args.prediction_type, device, dtype)
+    if key not in args.cache and args.model == tiny.NAME:
+        if not args.quiet:
+            print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
+        args.cache[key] = tiny.random_tiny(device, dtype)
+    elif key not in args.cache:
+        args.cache[key] = load(args.model, device, dtype, args.variant, args.revision, args.prediction_type)
+    return args.cache[key]
+
+
+def check_outputs(paths, force):
+    """Before any work: refuse to overwrite, and make sure each folder takes a new file."""
+    for p in map(Path, paths):
+        if p.exists() and not force:
+            raise MinleditsError(f"{p} exists: add --force to overwrite it")
+        try:
+            tempfile.TemporaryFile(dir=p.parent).close()
+        except OSError as e:
+            raise MinleditsError(f"cannot write {p}: {p.parent} is not a writable folder ({e.strerror})") from e
+
+
+def inversion_of(args):
+    """(model, Inversion) for args.input: an inversion file is read and checked, an image is inverted."""
+    given = {k: getattr(args, k) for k in store.SETTINGS if getattr(args, k) is not None}
+    if Path(args.input).suffix == ".safetensors":
+        inv = store.load(args.input)
+        store.check(inv, source=args.input, **given)
+        args.model = args.model or inv.settings["model_id"]
+        resolve(args, COMMON)
+        sd = model_of(args)
+        store.check(inv, sd, source=args.input)
+        vars(args).update({k: inv.settings[k] for k in store.SETTINGS})
+        return sd, inv
+    try:
+        image = open_rgb(args.input)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
+    resolve(args, INVERT + COMMON)
+    check_inversion_args(args.steps, args.skip, args.source_guidance, args.size)
+    if args.batch_size < 1:
+        raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sd = model_of(args)
+    key = (id(sd), str(args.input), *(getattr(args, k) for k in store.SETTINGS))
+    if key not in args.cache:  # a batch inverts an image once for all its edits
+        with bar(args, "invert", args.steps - args.skip) as b:
+            args.cache[key] = invert(sd, image, args.source_prompt, args.source_guidance, args.steps, args.skip,
+                                     args.seed, args.size, args.keep_last_noise, args.keep_aspect, args.batch_size,
+                                     callback=lambda done, total: b.update(done - b.n))
+    return sd, args.cache[key]
+
+
+def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit"):
+    """The edited image (PIL), with progress bars for the edit and the decoding."""
+    with bar(args, desc, len(inv.zs)) as b:
+        w0 = edit(sd, inv, target_prompt, args.target_guidance, concepts, args.momentum_scale, args.momentum_beta,
+                  callback=lambda step: (b.update(), trace and trace(step)))
+    with bar(args, "decode", 1) as b:
+        im = decode(sd, w0)
+        b.update()
+    return im
+
+
+def spec(c: Concept) -> str:
+    """A concept in the -e syntax, every option spelt out."""
+    opts = [f"{k}={getattr(c, k)}" for k in ("scale", "threshold", "warmup", "cooldown", "weight")]
+    return ("-" if c.reverse else "") + c.prompt + ":" + ",".join(o for o in opts if not o.endswith("=None"))
+
+
+def to_argv(options: dict) -> list[str]:
+    """{"steps": 50, "keep_aspect": True, "concepts": ["a", "-b"]} -> ["--steps=50", "--keep-aspect", ...]."""
+    argv = []
+    for k, v in options.items():
+        name = "--" + ("concept" if k == "concepts" else k).replace("_", "-")
+        for item in v if isinstance(v, list) else [v]:
+            argv += [name] if item is True else [] if item is False or item is None else [f"{name}={item}"]
+    return argv
+
+
+def save_png(im, path, args, sd, inv, concepts):
+    """PNG with every parameter that decides its pixels (not where it was written), as JSON ("minledits")
+    and as a command line ("parameters")."""
+    p = dict(model=sd.model_id, device=sd.device.type, dtype={v: k for k, v in DTYPES.items()}[sd.dtype],
+             **{k: inv.settings[k] for k in store.SETTINGS})
+    if concepts is not None:
+        p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
+                 concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta)
+    info = PngInfo()
+    info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint, **p)))
+    info.add_text("parameters", "minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)]))
+    with store.atomic(path) as tmp:
+        im.save(tmp, format="PNG", pnginfo=info)
+
+
+def finish(args, start, text):
+    print(f"{text} in {time.time() - start:.1f} s" + (" (random-tiny: noise)" if args.model == tiny.NAME else ""))
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_download(args):
+    start = time.time()
+    resolve(args, COMMON)
+    if args.model == tiny.NAME or Path(args.model).exists():
+        return print(f"{args.model} is {'built on the fly' if args.model == tiny.NAME else 'local'}: nothing to download")
+    bars_were_on = not are_progress_bars_disabled()
+    if args.quiet:
+        disable_progress_bars()
+    try:
+        folder = download(args.model, args.variant, args.revision, args.local_dir)
+    finally:
+        if args.quiet and bars_were_on:
+            enable_progress_bars()
+    finish(args, start, f"downloaded {args.model} -> {folder}")
+
+
+def cmd_invert(args):
+    start = time.time()
+    check_outputs([args.output], args.force)
+    sd, inv = inversion_of(args)
+    store.save(inv, args.output, sd)
+    finish(args, start, f"inverted {args.input} -> {args.output} ({args.steps - args.skip} steps)")
+
+
+def cmd_edit(args):
+    """edit and reconstruct: everything is checked before the work starts; the main output is written last."""
+    start = time.time()
+    resolve(args, EDIT)
+    concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
+    if not math.isfinite(args.target_guidance) or concepts and args.target_guidance <= 1:
+        raise MinleditsError(f"--target-guidance must be finite, and > 1 with concepts; got {args.target_guidance}")
+    SegaParams.of(concepts or [], args.momentum_scale, args.momentum_beta)  # checks the momentum settings
+    out = Path(args.output)
+    compare = out.with_name(out.stem + "-compare.png") if args.compare else None
+    trace_files = Trace.files(args.trace) if args.trace else []
+    check_outputs([out, *trace_files] + [p for p in (compare, args.save_inversion) if p], args.force)
+    sd, inv = inversion_of(args)
+    if args.save_inversion:
+        store.save(inv, args.save_inversion, sd)
+    trace = Trace(sd, inv) if args.trace else None
+    im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd)
+    if compare:
+        recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
+        save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts)
+    if trace:
+        trace.save(*trace_files, concepts=[spec(c) for c in concepts])
+    save_png(im, out, args, sd, inv, concepts)
+    finish(args, start, f"{args.cmd}: {args.input} -> {out}")
+
+
+def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
+    """Job i as parsed `edit` arguments; its input is relative to the jobs file, its outputs to --outdir."""
+    if not isinstance(job, dict) or "input" not in job:
+        raise MinleditsError('a job is an object with at least an "input" (an image or inversion file)')
+    job = {**defaults, **job}
+    inp = jobs_dir / job.pop("input")
+    out = outdir / job.pop("output", f"{i:03d}-{inp.stem}.png")
+    job.update({k: str(outdir / job[k]) for k in ("save_inversion", "trace") if job.get(k)})
+    args = parser().parse_args(["edit", str(inp), "-o", str(out), *to_argv(job)])
+    for flags, _, _, options in COMMON:  # what the job leaves open comes from the batch's own flags
+        if getattr(args, dest(flags, options)) is None:
+            setattr(args, dest(flags, options), getattr(base, dest(flags, options)))
+    args.cache, args.force = base.cache, True  # its output does not exist: other files are leftovers
+    return args
+
+
+def cmd_batch(args):
+    start, counts = time.time(), dict(done=0, skipped=0, failed=0)
+    try:
+        jobs = json.loads(Path(args.jobs).read_text(encoding="utf-8"))
+        Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise MinleditsError(f"cannot run {args.jobs} into {args.outdir}: {one_line(e)}") from e
+    jobs = {"jobs": jobs} if isinstance(jobs, list) else jobs
+    if not (isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list) and isinstance(jobs.get("defaults", {}), dict)):
+        raise MinleditsError(f'{args.jobs}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
+    defaults, jobs = jobs.get("defaults", {}), jobs["jobs"]
+    for i, job in enumerate(jobs):
+        try:
+            job_ns = job_args(i, job, defaults, args, Path(args.jobs).parent, Path(args.outdir))
+            if Path(job_ns.output).exists() and not args.force:
+                counts["skipped"] += 1
+                continue
+            Path(job_ns.output).parent.mkdir(parents=True, exist_ok=True)
+            job_ns.func(job_ns)
+            counts["done"] += 1
+        except Exception as e:
+            counts["failed"] += 1
+            print(traceback.format_exc() if args.verbose else "", end="", file=sys.stderr)
+            print(f"minledits: job {i} failed: {one_line(e)}", file=sys.stderr)
+    finish(args, start, "batch: {done} done, {skipped} skipped (output exists), {failed} failed".format(**counts)
+           + f" -> {args.outdir}")
+    return 1 if counts["failed"] else 0
+
+
+# --------------------------------------------------------------------------------------------- main
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, (MinleditsError, ValueError, UsageError)):
+        text = str(e).splitlines()[-1] if isinstance(e, UsageError) else str(e)
+    else:
+        text = f"{type(e).__name__}: {e} (unexpected: --verbose shows where)"
+    return " ".join(text.split())
+
+
+def main(argv=None) -> int:
+    argv, it = [], iter(sys.argv[1:] if argv is None else argv)
+    for a in map(str, it):  # `-e -beard`: argparse would take "-beard" for an option
+        argv.append(f"--concept={next(it, '')}" if a in ("-e", "--concept") else a)
+    try:
+        args = parser().parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code or 0
+    args.cache = {}
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("minledits: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(traceback.format_exc() if args.verbose else "", end="", file=sys.stderr)
+        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

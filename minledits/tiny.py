@@ -1,0 +1,39 @@
+"""`--model random-tiny`: a tiny Stable Diffusion with random weights, built from our own modules.
+
+Nothing is downloaded and it runs in seconds, so every command can be tried offline. Its pictures are noise.
+Same architecture families as SD 1.x (2-level UNet, 4-level VAE so latents are image / 8, 2-layer CLIP);
+PyTorch's default init under a fixed seed, so two builds are identical and share one fingerprint.
+"""
+import torch
+
+from .clip import TextEncoder
+from .schedule import Schedule
+from .tokenizer import SD1_PAD_ID, Tokenizer
+from .unet import UNet
+from .vae import VAE
+
+NAME, FINGERPRINT = "random-tiny", "random-tiny-v1"
+UNET = dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
+            cross_attention_dim=32, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], in_channels=4, out_channels=4)
+VAE_ = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8, latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            in_channels=3, out_channels=3, scaling_factor=0.18215)
+CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon")
+
+
+def random_tiny(device=None, dtype=None):
+    """A StableDiffusion (see load.py) with seeded random weights."""
+    from .load import StableDiffusion
+
+    device, dtype = torch.device(device or "cpu"), dtype or torch.float32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        nets = [m(c).eval().requires_grad_(False).to(device, dtype) for m, c in
+                [(TextEncoder, CLIP), (UNet, UNET), (VAE, VAE_)]]
+    return StableDiffusion(tokenizer=Tokenizer.builtin(SD1_PAD_ID), text_encoder=nets[0], unet=nets[1], vae=nets[2],
+                           schedule=Schedule(SCHEDULER), scheduler_config=dict(SCHEDULER), prediction_type="epsilon",
+                           model_id=NAME, fingerprint=FINGERPRINT, device=device, dtype=dtype)

@@ -1,0 +1,95 @@
+"""Seeing an edit: every per-step tensor of an edit, and pictures of them.
+
+    trace = Trace(sd, inv); edit(sd, inv, ..., callback=trace)
+    trace.tensors()   {"x0_hat": [S, 1, 4, h, w], "eps_u", "eps_c": [S, C, 1, 4, h, w], "mask", "g", "q", "E", "m", ...}
+    trace.picture()   per step (columns, 16 per band): the x0 prediction, then each concept's mask (white where
+                      the concept acts, averaged over the 4 latent channels), one row per concept
+The x0 predictions are shown through a linear latent -> RGB map fitted on the input image and its latent,
+not by the VAE (one decode per step would cost more than the edit).
+"""
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from .image import to_pil
+from .inversion import as_eps
+from .schedule import x0_hat
+from .store import atomic
+
+GUIDANCE = ("g", "mask", "q", "G", "m", "E")
+
+
+class Trace:
+    """An edit callback that keeps a CPU copy of every tensor of every step, plus xhat_0 (the x0 prediction)."""
+
+    def __init__(self, sd, inv):
+        self.sd, self.inv, self.x = sd, inv, inv.xts[:1].to(sd.device, sd.dtype)
+        self.steps = defaultdict(list)
+
+    def __call__(self, st):
+        eps = as_eps(self.sd, st.eps, self.x, st.step)
+        row = dict(x0_hat=x0_hat(self.x, eps, st.step), eps_u=st.eps_u, eps_tar=st.eps_tar, eps_c=st.eps_c,
+                   eps=st.eps, mu=st.mu, z=st.z, x=st.x)
+        row.update({k: getattr(st.guidance, k) for k in GUIDANCE} if st.guidance else {})
+        for k, v in row.items():
+            if v is not None:
+                self.steps[k].append(v.detach().to("cpu", copy=True))
+        self.steps["t"].append(torch.tensor(st.step.t))
+        self.x = st.x
+
+    def tensors(self) -> dict:
+        return {k: torch.stack(v) for k, v in self.steps.items()}
+
+    @staticmethod
+    def files(name) -> list[Path]:
+        """--trace T: T.safetensors and T.png (a .safetensors or .png suffix given in T is dropped)."""
+        base = Path(name).with_suffix("") if Path(name).suffix in (".safetensors", ".png") else Path(name)
+        return [base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".png")]
+
+    def save(self, tensors_path, picture_path, concepts: list[str]):
+        """The tensors (metadata: the concepts, in the order of the C axis) and the picture, each written atomically."""
+        with atomic(tensors_path) as tmp:
+            save_file(self.tensors(), str(tmp), {"concepts": json.dumps(concepts)})
+        with atomic(picture_path) as tmp:
+            self.picture().save(tmp, format="PNG")
+
+    def picture(self):
+        x0 = latent_rgb(self.inv)(torch.cat(self.steps["x0_hat"]))           # [S, 3, h, w] in [0, 1]
+        rows = [x0]
+        if "mask" in self.steps:
+            mask = torch.stack(self.steps["mask"])[:, :, 0].float().mean(2)  # [S, C, h, w]
+            rows += [mask[:, c, None].expand_as(x0) for c in range(mask.shape[1])]
+        return grid(torch.stack(rows, 1))
+
+
+def latent_rgb(inv):
+    """A least-squares linear map latent [4] (+ bias) -> RGB, fitted on w0 and the input image at latent size."""
+    w0 = inv.w0.float().cpu()
+    rgb = F.interpolate(inv.image.float().cpu(), size=w0.shape[-2:], mode="area")
+    X = torch.cat([w0[0].flatten(1), torch.ones(1, w0[0, 0].numel())]).T            # [hw, 5]
+    A = torch.linalg.lstsq(X, rgb[0].flatten(1).T).solution.T                       # [3, 5]
+    return lambda lat: ((torch.einsum("rc,schw->srhw", A[:, :4], lat.float()) + A[:, 4, None, None]) / 2 + 0.5).clamp(0, 1)
+
+
+def grid(tiles: torch.Tensor, cols: int = 16):
+    """[S, R, 3, h, w] in [0, 1] -> PIL: item s in column s % cols of band s // cols, its R tiles stacked.
+    Tiles are enlarged (nearest) to at least 64 pixels and framed in white."""
+    zoom = max(1, -(-64 // tiles.shape[-1]))
+    tiles = F.pad(tiles.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2), (1, 1, 1, 1), value=1.0)
+    S, R, _, h, w = tiles.shape
+    cols = min(cols, S)
+    bands = -(-S // cols)
+    tiles = torch.cat([tiles, tiles.new_ones(bands * cols - S, R, 3, h, w)])
+    img = tiles.view(bands, cols, R, 3, h, w).permute(3, 0, 2, 4, 1, 5).reshape(3, bands * R * h, cols * w)
+    return to_pil(img[None] * 2 - 1)[0]
+
+
+def side_by_side(images):
+    """PIL images of one size, left to right."""
+    return Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
