@@ -39,7 +39,7 @@ def test_full_edit_matches_pipeline(tiny_sd1, sd1, inv1, target_prompt):
     for i, st in enumerate(trace):
         torch.testing.assert_close(st.guidance.E, pipe.sem_guidance[i], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(st.eps_u, pipe.uncond_estimates[i], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(st.eps_c[:, 0], pipe.edit_estimates[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st.eps_c, pipe.edit_estimates[i], atol=1e-5, rtol=1e-5)
     partial = [st.i for st in trace if 1 <= st.i < 3]
     assert partial and all(not torch.equal(trace[i].guidance.E, trace[i].guidance.G) for i in partial)
 
@@ -97,3 +97,15 @@ def test_bad_parameters_fail_before_any_unet_work(sd1, inv1, monkeypatch, bad):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
     with pytest.raises(ValueError):
         minledits.edit(sd1, inv1, **{**dict(concepts=CONCEPTS), **bad})
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd2", "tiny_sd2v"])
+def test_sd2_and_v_prediction_edit_matches_pipeline(request, kind):
+    """SD2-style model (linear projections, gelu CLIP, pad id 0); the v-prediction one also upcasts attention."""
+    ref = request.getfixturevalue(kind)
+    sd = minledits.load(ref.folder)
+    inv = minledits.invert(sd, photo(), source_prompt="a photo", steps=N, skip=SKIP, size=SIZE, seed=2)
+    ours, theirs, pipe, trace = run_both(ref, sd, inv, "a man with a hat", CONCEPTS)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    for i, st in enumerate(trace):  # guidance combines the raw (v) outputs in both
+        torch.testing.assert_close(st.guidance.E, pipe.sem_guidance[i], atol=1e-4, rtol=1e-4)

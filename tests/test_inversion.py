@@ -28,7 +28,7 @@ def test_inversion_matches_oracle(request, kind, source_prompt):
     inv = minledits.invert(sd, photo(), source_prompt=source_prompt, source_guidance=3.5, steps=N, skip=SKIP, seed=7,
                            size=SIZE, batch_size=4)
     xts, zs = oracle.invert(ref, to_tensor(photo(), SIZE), source_prompt, 3.5, N, SKIP, seed=7)
-    assert inv.timesteps == [91 - 10 * k for k in range(SKIP, N)]
+    assert inv.timesteps == [100 * (N - 1 - k) + 1 for k in range(SKIP, N)]  # D = 1000 // N
     assert inv.xts.shape == (N - SKIP + 1, 4, SIZE // 8, SIZE // 8) and inv.zs.shape == (N - SKIP, 4, SIZE // 8, SIZE // 8)
     # Latents: VAE encode differs from the reference by float32 rounding only (~1e-6 on values ~1).
     torch.testing.assert_close(inv.xts, xts[SKIP:], atol=1e-5, rtol=1e-5)
