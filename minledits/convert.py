@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 from safetensors import safe_open
 
+from .load import LoadError
+
 log = logging.getLogger(__name__)
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -34,8 +36,8 @@ CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class SingleFileError(ValueError):
-    """A file that cannot be read as an original Stable Diffusion checkpoint (always a one-line message)."""
+class SingleFileError(LoadError):
+    """A file that cannot be read as an original Stable Diffusion checkpoint (a one-line message)."""
 
 
 class Take(NamedTuple):
@@ -247,7 +249,8 @@ def _prediction(sd2: bool, prediction_type: str | None, source: str) -> str:
     """SD 1.x predicts eps. SD 2.x comes as eps (2.x-base, 512 px) and v (768 px) with identical tensors."""
     if prediction_type is None and sd2:
         raise SingleFileError(f"{source} is an SD 2.x checkpoint, whose prediction type cannot be read from the "
-                              "weights: pass --prediction-type epsilon (2.x-base, 512 px) or v_prediction (768 px)")
+                              "weights: pass --prediction-type (Python: prediction_type=) epsilon for 2.x-base "
+                              "(512 px) or v_prediction for the 768 px models")
     if prediction_type not in (None,) + PREDICTION_TYPES:
         raise SingleFileError(f"prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     return prediction_type or "epsilon"
@@ -266,9 +269,9 @@ def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint")
             "pad_id": 0 if sd2 else 49407,  # SD2 pads prompts with "!" (id 0), SD1 with <|endoftext|>
             "sd2": sd2}
     used = {t.key for part in ("unet", "vae", "text_encoder") for t in out[part][1].values()}
-    skipped = Counter(k.split(".")[0] for k in shapes if k not in used)
-    log.debug("%s: skipped %d keys not needed for inference (by first name: %s)",
-              source, sum(skipped.values()), dict(skipped))
+    inside = [k for k in shapes if k not in used and k.startswith((UNET, VAE, "cond_stage_model."))]
+    outside = Counter(k.split(".")[0] for k in shapes if k not in used and k not in inside)
+    log.debug("%s: skipped, not needed for inference: %s; keys by first name: %s", source, inside, dict(outside))
     return out
 
 

@@ -4,13 +4,16 @@ The original-format files are written here from random diffusers-layout weights,
 file in the *other* direction (diffusers name -> original name, by regular expressions), independent of
 minledits/convert.py. diffusers' single-file loader, run offline on a local config folder, is the oracle.
 """
+import logging
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import minledits
 from minledits import convert
+from minledits.load import LoadError
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -170,18 +173,9 @@ def oracle(path, folder):
 
 
 def ours(path, prediction_type=None):
-    """Our modules, loaded from the single file through convert.read_single_file."""
-    from minledits.clip import TextEncoder
-    from minledits.unet import UNet
-    from minledits.vae import VAE
-    parts, out = convert.read_single_file(path, prediction_type), []
-    for name, cls in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder)):
-        config, getters = parts[name]
-        with torch.device("meta"):
-            m = cls(config)
-        m.load_state_dict({k: get() for k, get in getters.items()}, strict=True, assign=True)
-        out.append(m.eval())
-    return out
+    """Our modules, loaded from the single file by the package's loader (which calls convert.py)."""
+    sd = minledits.load(path, prediction_type=prediction_type)
+    return sd.unet, sd.vae, sd.text_encoder
 
 
 def max_diff(a, b):
@@ -230,9 +224,12 @@ def test_sd2_v_prediction_upcasts_attention(original):
     if not sd2:
         assert convert.read_single_file(path)["unet"][0]["upcast_attention"] is False
         return
-    parts = convert.read_single_file(path, "v_prediction")
-    assert parts["unet"][0]["upcast_attention"] is True and parts["unet"][0]["sample_size"] == 96
-    assert parts["scheduler"]["prediction_type"] == parts["prediction_type"] == "v_prediction"
+    sd = minledits.load(path, dtype=torch.bfloat16, prediction_type="v_prediction")
+    assert sd.unet.config["upcast_attention"] is True and sd.unet.config["sample_size"] == 96
+    assert sd.scheduler_config["prediction_type"] == sd.prediction_type == "v_prediction"
+    assert sd.tokenizer("a")[0, -1].item() == 0  # SD2 pads with "!"
+    nets = (sd.unet, sd.vae, sd.text_encoder)
+    assert {p.dtype for m in nets for p in m.parameters()} == {torch.bfloat16}  # cast tensor by tensor
 
 
 # ----------------------------------------------------------------------------- full-size key coverage
@@ -296,12 +293,21 @@ def test_sd1_clip_keys_without_the_text_model_level():
                if ".layers." in k)
 
 
+def test_skipped_keys_are_reported_at_debug_level_only(original, caplog):
+    path, _, _, sd2 = original
+    with caplog.at_level(logging.DEBUG, logger="minledits.convert"):
+        convert.read_single_file(path, "epsilon" if sd2 else None)
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert "model_ema" in caplog.text and "alphas_cumprod" in caplog.text and "cond_stage_model" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- errors
 def one_line_error(path, match, prediction_type=None):
-    with pytest.raises(convert.SingleFileError, match=match) as e:
-        convert.read_single_file(path, prediction_type)
+    """minledits.load (the user's entry point) refuses `path` with one line matching `match`."""
+    with pytest.raises(LoadError, match=match) as e:
+        minledits.load(path, prediction_type=prediction_type)
     assert "\n" not in str(e.value)
-    return str(e.value)
+    return e.value
 
 
 def test_refuses_pickle_checkpoints(tmp_path):
@@ -312,9 +318,10 @@ def test_refuses_pickle_checkpoints(tmp_path):
 def test_refuses_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "notes.safetensors").write_text("not a tensor file\n" * 3)
     one_line_error(tmp_path / "notes.safetensors", "not a readable safetensors file")
-    one_line_error(tmp_path / "missing.safetensors", "not a readable safetensors file")
+    one_line_error(tmp_path / "missing.safetensors", "does not exist")
     save_file({"foo": torch.randn(3)}, tmp_path / "random.safetensors")
-    one_line_error(tmp_path / "random.safetensors", "not an original Stable Diffusion checkpoint")
+    e = one_line_error(tmp_path / "random.safetensors", "not an original Stable Diffusion checkpoint")
+    assert isinstance(e, convert.SingleFileError)
     unet = UNet2DConditionModel(**tiny_configs(False)[0])  # a diffusers-layout unet file
     save_file(unet.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
     one_line_error(tmp_path / "diffusion_pytorch_model.safetensors", "model folder")
@@ -324,6 +331,6 @@ def test_sd2_needs_a_prediction_type(original):
     path, _, _, sd2 = original
     one_line_error(path, "prediction type", "sample")
     if sd2:
-        one_line_error(path, "--prediction-type epsilon .* or v_prediction")
+        one_line_error(path, r"--prediction-type .* epsilon .* or v_prediction")
     else:
-        assert convert.read_single_file(path)["prediction_type"] == "epsilon"
+        assert minledits.load(path).prediction_type == "epsilon"
