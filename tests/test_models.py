@@ -4,19 +4,23 @@
   (built on the meta device: instant, no memory);
 - tiny parity: small configs of every flavour (conv vs linear projection, one vs per-level head counts, upcast,
   odd latent sizes, quick_gelu vs gelu), fp32 outputs allclose;
-- full size (slow): the SD 1.5 architecture, one forward of each model.
+- the real path: the same references written in the official Hub layout (tests/hub.py), read by minledits.load;
+- full size (slow, through the Hub layout): the SD 1.5 architecture, one forward of each model.
 """
 import gc
+import shutil
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import minledits
 import minledits.layers
 from minledits.clip import TextEncoder
 from minledits.unet import UNet
 from minledits.vae import VAE
+from tests import hub
 
 # ---- official architectures (DESIGN.md §2) ------------------------------------------------------------------
 UNET_COMMON = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
@@ -103,6 +107,18 @@ def assert_close(ours, ref, rel):
 
 
 TINY_REL = {"unet": 2e-6, "vae": 1e-5, "clip": 2e-6}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models gain nothing from threads, and on a busy shared CPU OpenMP waits make them up to 10x slower."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- key tree -----------------------------------------------------------------------------------------------
@@ -204,49 +220,68 @@ def test_all_attention_goes_through_one_function(monkeypatch):
     torch.testing.assert_close(out, original(q.float(), k.float(), v.float(), heads=2).bfloat16(), rtol=0, atol=0)
 
 
-# ---- full size: the SD 1.5 architecture ---------------------------------------------------------------------
-@pytest.mark.slow
-def test_unet_sd15_parity():
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(**UNETS["sd15"]).eval()
-    with torch.device("meta"):
-        ours = UNet(dict(ref.config))
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # shares the tensors: no second copy
-    x, context = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768)
+# ---- the real path: references written in the official Hub layout (tests/hub.py), then minledits.load ----------
+def reference_outputs(ref, t, x, context, images, ids):
+    """The reference modules' outputs, as tensors keyed like ours."""
+    mean = ref.vae.encode(images).latent_dist.mean
+    return {"unet": ref.unet(x, t, context).sample, "encode": mean, "decode": ref.vae.decode(mean).sample,
+            "clip": ref.text_encoder(ids).last_hidden_state}
+
+
+def our_outputs(sd, t, x, context, images, ids):
+    return {"unet": sd.unet(x, t, context), "encode": sd.vae.encode(images), "decode": None, "clip": sd.text_encoder(ids)}
+
+
+def inputs(unet_config, batch, latent, image):
+    torch.manual_seed(2)
+    return (torch.tensor([981, 1][:batch]), torch.randn(batch, 4, *latent),
+            torch.randn(batch, 77, unet_config["cross_attention_dim"]), torch.rand(1, 3, *image) * 2 - 1,
+            torch.randint(0, 49408, (batch, 77)))
+
+
+def test_tiny_parity_through_load(tiny):
+    """tiny-sd1 / tiny-sd2 / tiny-sd2v folders (CLIP keys text_model.-prefixed) -> minledits.load -> same outputs."""
+    sd = minledits.load(tiny.folder)
+    args = inputs(tiny.configs["unet"], 2, (8, 6), (64, 48))  # the tiny VAEs have 4 levels: latents = image / 8
     with torch.no_grad():
-        expected = ref(x, torch.tensor([981, 1]), context).sample
-        del ref
-        gc.collect()
-        assert_close(ours.eval()(x, torch.tensor([981, 1]), context), expected, rel=1e-5)
+        expected = reference_outputs(tiny, *args)
+        ours = our_outputs(sd, *args)
+        ours["decode"] = sd.vae.decode(expected["encode"])
+    for name, rel in [("unet", TINY_REL["unet"]), ("encode", TINY_REL["vae"]), ("decode", TINY_REL["vae"]),
+                      ("clip", TINY_REL["clip"])]:
+        assert_close(ours[name], expected[name], rel)
+    assert sd.vae.scaling_factor == tiny.configs["vae"].get("scaling_factor", 0.18215)
+
+
+# ---- full size: the SD 1.5 architecture, through the Hub layout and minledits.load ----------------------------
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    """Random SD 1.5 written in the Hub layout; the reference's outputs; the reference freed; then minledits.load.
+
+    Peak memory is about one copy of the weights (4.3 GB): the reference is deleted before our copy is loaded.
+    The 4.3 GB folder is removed at the end of the module.
+    """
+    folder = tmp_path_factory.mktemp("sd15")
+    ref = hub.build("sd15")
+    hub.write(ref, folder)
+    args = inputs(ref.configs["unet"], 2, (32, 32), (128, 128))
+    with torch.no_grad():
+        expected = reference_outputs(ref, *args)
+    del ref
+    gc.collect()
+    sd = minledits.load(folder)
+    with torch.no_grad():
+        ours = our_outputs(sd, *args)
+        ours["decode"] = sd.vae.decode(expected["encode"])
+    del sd
+    gc.collect()
+    yield ours, expected
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_vae_sd_parity():
-    torch.manual_seed(0)
-    ref = AutoencoderKL(**VAE_SD).eval()
-    with torch.device("meta"):
-        ours = VAE(dict(ref.config))
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    images = torch.rand(1, 3, 128, 128) * 2 - 1
-    with torch.no_grad():
-        mean = ref.encode(images).latent_dist.mean
-        decoded = ref.decode(mean).sample
-        del ref
-        gc.collect()
-        assert_close(ours.eval().encode(images), mean, rel=1e-5)
-        assert_close(ours.decode(mean), decoded, rel=1e-5)
-
-
-@pytest.mark.slow
-def test_clip_sd1_parity():
-    torch.manual_seed(0)
-    ref = CLIPTextModel(CLIPTextConfig(**CLIP_SD1)).eval()
-    with torch.device("meta"):
-        ours = TextEncoder(ref.config.to_dict())
-    ours.load_state_dict(clip_state(ref), strict=True, assign=True)
-    ids = torch.randint(0, 49408, (2, 77))
-    with torch.no_grad():
-        expected = ref(ids).last_hidden_state
-        del ref
-        gc.collect()
-        assert_close(ours.eval()(ids), expected, rel=1e-5)
+@pytest.mark.parametrize("name", ["unet", "encode", "decode", "clip"])
+def test_sd15_parity(sd15, name):
+    """UNet at 32x32 latents (batch 2), VAE encode + decode at 128 px, CLIP on 77 tokens."""
+    ours, expected = sd15
+    assert_close(ours[name], expected[name], rel=1e-5)
