@@ -5,14 +5,11 @@
     w0 = minledits.edit(sd, inv, concepts=[minledits.Concept("glasses")])
     minledits.decode(sd, w0).save("edited.png")
 """
+from .errors import MinleditsError
 from .inversion import Inversion, invert
 from .ledits import EditStep, decode, edit
+from .load import LoadError, StableDiffusion, load
 from .sega import Concept, Guidance, SegaParams, sega
 
-try:  # the loader and the models land in their own modules
-    from .load import StableDiffusion, load
-except ImportError:  # pragma: no cover
-    pass
-
 __all__ = ["load", "StableDiffusion", "invert", "Inversion", "edit", "decode", "EditStep", "Concept", "sega",
-           "SegaParams", "Guidance"]
+           "SegaParams", "Guidance", "MinleditsError", "LoadError"]

@@ -150,11 +150,9 @@ def model_of(args):
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
     key = (args.model, args.revision, args.variant, args.prediction_type, device, dtype)
-    if key not in args.cache and args.model == tiny.NAME:
-        if not args.quiet:
-            print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
-        args.cache[key] = tiny.random_tiny(device, dtype)
-    elif key not in args.cache:
+    if key not in args.cache and args.model == tiny.NAME and not args.quiet:
+        print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
+    if key not in args.cache:
         args.cache[key] = load(args.model, device, dtype, args.variant, args.revision, args.prediction_type)
     return args.cache[key]
 

@@ -2,7 +2,7 @@
 
     sd = load("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda", dtype=torch.float16)
 
-Where `model` is looked for, in order:
+Where `model` is looked for, in order ("random-tiny" builds a tiny random model instead, see tiny.py):
   1. an existing path: a diffusers-layout folder, or a single `.safetensors` file (see convert.py);
   2. `weights/<model>`, then `weights/<last part of model>` (e.g. weights/stable-diffusion-v1-5), where
      weights/ is relative to the working directory, or $MINLEDITS_WEIGHTS when set;
@@ -311,6 +311,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None, vari
     dtype = dtype or torch.float32
     if isinstance(dtype, str) and (dtype := DTYPES.get(dtype.lower(), dtype)) not in DTYPES.values():
         raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if os.fspath(model) == "random-tiny":  # an offline smoke-test model with random weights (tiny.py)
+        from .tiny import random_tiny
+        return random_tiny(device, dtype)
     variant = variant or ("fp16" if dtype == torch.float16 else None)
     path, sha = locate(os.fspath(model), variant, revision)
     if path.is_file():
