@@ -133,7 +133,7 @@ def tiny_configs(sd2):
     vae = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2 if sd2 else 1, latent_channels=4,
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
-                max_position_embeddings=77, vocab_size=1000, hidden_act="gelu" if sd2 else "quick_gelu")
+                max_position_embeddings=77, vocab_size=49408, hidden_act="gelu" if sd2 else "quick_gelu")
     return unet, vae, text
 
 
@@ -334,3 +334,24 @@ def test_sd2_needs_a_prediction_type(original):
         one_line_error(path, r"--prediction-type .* epsilon .* or v_prediction")
     else:
         assert minledits.load(path).prediction_type == "epsilon"
+
+
+def test_cli_edits_a_single_file_end_to_end(original, tmp_path):
+    """invert + edit from the command line on an original-format file (SD2: v-prediction, pad id 0), equal to the
+    Python API; an SD2 file without --prediction-type stops with one line before any work."""
+    import numpy as np
+    from PIL import Image
+
+    from minledits import cli
+    path, _, _, sd2 = original
+    photo, inv, out = tmp_path / "photo.png", tmp_path / "inv.safetensors", tmp_path / "edit.png"
+    Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)).save(photo)
+    pred = ["--prediction-type", "v_prediction"] if sd2 else []
+    common = ["--model", str(path), "--steps", "6", "--skip", "2", "--size", "64", "-q"]
+    if sd2:
+        assert cli.main(["invert", str(photo), "-o", str(inv), *common]) == 1 and not inv.exists()
+    assert cli.main(["invert", str(photo), "-o", str(inv), *common, *pred, "--source-prompt", "a photo"]) == 0
+    assert cli.main(["edit", str(inv), "-o", str(out), "-e", "glasses", "-e", "-beard", *pred, "-q"]) == 0
+    sd = minledits.load(path, prediction_type="v_prediction" if sd2 else None)
+    w0 = minledits.edit(sd, minledits.invert(sd, photo, "a photo", steps=6, skip=2, size=64), concepts=["glasses", "-beard"])
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(minledits.decode(sd, w0)))
