@@ -16,21 +16,21 @@ def attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     dtype = q.dtype
     if upcast:  # SD 2.1 (768) computes attention in fp32, then casts back
         q, k, v = q.float(), k.float(), v.float()
-    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, heads, N, d]
+    q, k, v = (x.unflatten(-1, (heads, C // heads)).transpose(1, 2) for x in (q, k, v))  # [B, heads, N|M, d]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(B, N, C).to(dtype)
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     """Sinusoidal embedding [B] -> [B, dim] as [cos, sin] (flip_sin_to_cos=True, freq_shift=0)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, dtype=torch.float32, device=t.device))
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, optionally fused with SiLU (saves one pass over the activations)."""
+    """nn.GroupNorm, optionally followed by an in-place SiLU (no second activation-sized buffer)."""
 
     def forward(self, x, silu: bool = False):
         x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -46,7 +46,6 @@ class ResnetBlock2D(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
         self.norm2 = GroupNorm(groups, out_ch, eps)
-        self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
