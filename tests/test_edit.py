@@ -4,7 +4,7 @@ import torch
 
 import minledits
 from minledits import Concept
-from tests import oracle
+from tests import hub, oracle
 from tests.test_inversion import N, SIZE, SKIP, photo
 
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.9, warmup=1, cooldown=6, weight=1.5),
@@ -25,9 +25,9 @@ def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5):
     trace = []
     ours = minledits.edit(sd, inv, target_prompt, s_tar, concepts, momentum_scale=0.3, momentum_beta=0.6,
                           callback=trace.append)
-    xts = torch.cat([torch.zeros(SKIP, *inv.xts.shape[1:]), inv.xts])  # the oracle indexes from k = 0
-    zs = torch.cat([torch.zeros(SKIP, *inv.zs.shape[1:]), inv.zs])[SKIP:]
-    theirs, pipe = oracle.edit(ref, xts, zs, N, SKIP, target_prompt, s_tar, concepts, 0.3, 0.6)
+    steps, skip = inv.settings["steps"], inv.settings["skip"]
+    xts = torch.cat([torch.zeros(skip, *inv.xts.shape[1:]), inv.xts])  # the oracle indexes from k = 0
+    theirs, pipe = oracle.edit(ref, xts, inv.zs, steps, skip, target_prompt, s_tar, concepts, 0.3, 0.6)
     return ours, theirs, pipe, trace
 
 
@@ -109,3 +109,14 @@ def test_sd2_and_v_prediction_edit_matches_pipeline(request, kind):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     for i, st in enumerate(trace):  # guidance combines the raw (v) outputs in both
         torch.testing.assert_close(st.guidance.E, pipe.sem_guidance[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("kind", ["sd21-base", "sd21"])
+def test_full_size_sd2_edit_matches_pipeline(kind, tmp_path):
+    """SD 2.1-base (eps) and SD 2.1 (768: v-prediction, upcast attention) at full size, random weights, 128 px."""
+    ref = hub.make(kind, tmp_path / kind)
+    sd = minledits.load(ref.folder)
+    inv = minledits.invert(sd, photo(size=(128, 128)), "a photo", steps=10, skip=4, size=128, seed=0, batch_size=3)
+    ours, theirs, _, _ = run_both(ref, sd, inv, "a man with a hat", CONCEPTS)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
