@@ -5,31 +5,41 @@ Inversion (DESIGN.md section 5): the same noise through DDIMScheduler.add_noise,
 Edit (section 6): SemanticStableDiffusionPipeline with a DDIMScheduler that starts at step `skip` and
 injects the inversion's noise maps as variance noise.
 """
+from functools import lru_cache
+
 import torch
 from diffusers import DDIMScheduler, SemanticStableDiffusionPipeline
 
 from tests import hub
 
 
+@lru_cache(maxsize=None)
+def tokenizer(folder):
+    """The reference CLIPTokenizer of a model folder, read once (read-only afterwards)."""
+    return hub.reference_tokenizer(folder / "tokenizer")
+
+
 def embed(ref, prompt: str) -> torch.Tensor:
-    ids = hub.reference_tokenizer(ref.folder / "tokenizer")([prompt], padding="max_length", max_length=77,
-                                                            return_tensors="pt").input_ids
-    return ref.text_encoder(ids)[0]
+    ids = tokenizer(ref.folder)([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return ref.text_encoder(ids.to(ref.text_encoder.device))[0]
 
 
 @torch.no_grad()
-def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=3, seed=0):
-    """(xts [N+1], zs [N]) in DESIGN's index order; x is the preprocessed image [1, 3, H, W]."""
+def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=3, seed=0, all_steps=False):
+    """(xts [N+1], zs [N]) in DESIGN's index order; x is the preprocessed image [1, 3, H, W].
+
+    all_steps=True runs the UNet for every k, as the LEDITS demo does (the maps for k < skip are computed but
+    never used); the default runs it only for k >= skip. x's device and dtype are used throughout."""
     sched = DDIMScheduler(**hub._clean(ref.scheduler_config))
     sched.set_timesteps(steps)
     ts = sched.timesteps
     w0 = ref.vae.encode(x).latent_dist.mode() * ref.vae.config.scaling_factor
     g = torch.Generator().manual_seed(seed)
-    noise = {k: torch.randn(w0.shape, generator=g) for k in reversed(range(steps))}
+    noise = {k: torch.randn(w0.shape, generator=g).to(w0) for k in reversed(range(steps))}
     xts = [sched.add_noise(w0, noise[k], ts[k:k + 1]) for k in range(steps)] + [w0]
     uncond, cond = embed(ref, ""), embed(ref, source_prompt)
     zs = torch.zeros(steps, *w0.shape[1:])
-    for k in range(skip, steps):
+    for k in range(0 if all_steps else skip, steps):
         t = ts[k]
         out = ref.unet(xts[k], t, encoder_hidden_states=uncond).sample
         if source_prompt:
@@ -63,7 +73,7 @@ def edit(ref, xts, zs, steps, skip, target_prompt, target_guidance, concepts, mo
     """The edited latents and the pipeline (its uncond/text/edit estimates and sem_guidance per step)."""
     sched = InjectedDDIM(**hub._clean(ref.scheduler_config)).prepare(skip, zs)
     pipe = SemanticStableDiffusionPipeline(
-        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=hub.reference_tokenizer(ref.folder / "tokenizer"),
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=tokenizer(ref.folder),
         unet=ref.unet, scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     h, w = xts.shape[-2] * 8, xts.shape[-1] * 8

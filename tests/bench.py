@@ -1,0 +1,355 @@
+"""Benchmark: the same LEDITS edit through minledits and through the diffusers-based reference path.
+
+    python -m tests.bench                      # SD 1.5 architecture, random weights, 256 px, 50 steps, skip 18
+    python -m tests.bench --size 512 --steps 100 --skip 36 --dtype bfloat16 --paths ours
+
+The model (SD 1.5 configs, random weights, official Hub layout) is built once into
+$TMPDIR/minledits-bench/sd15 (about 4.3 GB, ~1 min). Each path runs in its own subprocess, one after the
+other, so that peak RSS (peak CUDA memory on CUDA) is its own:
+
+  ours       minledits.load -> invert (UNet only for k >= skip, `--batch-size` timesteps per call) -> edit
+             (one batched call per step, empty target branch dropped) -> decode
+  reference  diffusers UNet/VAE + transformers CLIP (from_pretrained); inversion as the LEDITS demo does it
+             (all N steps, one UNet call per step and per CFG branch: tests/oracle.invert(all_steps=True)),
+             edit with SemanticStableDiffusionPipeline and injected noise (tests/oracle.edit) -> VAE decode
+
+Same image, seed and noise: the final latents must agree to 1e-4 in float32. The last run of each path per
+workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder, so `--paths ours` (e.g. with
+`--batch-size`, `--channels-last`, `--compile`) compares against the last reference run, marked "from the cache";
+a non-float32 run also prints its difference from the float32 run of the same workload.
+Not a pytest test (pytest collects test_*.py only).
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "minledits-bench"
+PHASES = ("load", "encode", "inversion", "edit", "decode")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--kind", default="sd15", help="tests/hub.py model kind (sd15, sd21-base, tiny-sd1 for a smoke test)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--skip", type=int, default=18)
+    p.add_argument("--concepts", nargs="*", default=["glasses", "smile"], help="concept specs (minledits.Concept.parse)")
+    p.add_argument("--target", default="", help="target prompt")
+    p.add_argument("--source", default="", help="source prompt of the inversion")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="ours: inversion timesteps per UNet call")
+    p.add_argument("--channels-last", action="store_true", help="ours: UNet in channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
+    p.add_argument("--paths", default="ours,reference", help="which paths to run now (others: from the cache)")
+    p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- set-up
+def model_folder(kind="sd15") -> Path:
+    """The architecture with random weights in the official layout, built once (in a subprocess)."""
+    folder = CACHE / kind
+    if not (folder / "model_index.json").is_file():
+        print(f"building {kind} with random weights in {folder} (once; sd15: ~1 min, 4.3 GB) ...", flush=True)
+        partial = folder.with_name(kind + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # what an interrupted build left
+        subprocess.run([sys.executable, "-c", f"from tests import hub; hub.make({kind!r}, {str(partial)!r})"], check=True)
+        partial.rename(folder)
+    return folder
+
+
+def photo(size=(512, 384), seed=0):
+    """A deterministic test picture: smooth colour gradients plus noise (non-square, so it is centre-cropped)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, size[1]), torch.linspace(0, 1, size[0]), indexing="ij")
+    rgb = torch.stack([x, y, (x * y * 6).sin() * 0.5 + 0.5]) * 200 + 25 * torch.rand(3, size[1], size[0], generator=g)
+    return Image.fromarray(rgb.clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+# --------------------------------------------------------------------------------------------- measuring
+class Meter:
+    """Wall time per phase, plus UNet time and image-evaluations (batch rows) per phase, via module hooks."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.phase, self.wall, self.cpu, self.unet_s, self.rows, self.calls = None, {}, {}, {}, {}, {}
+        self.memory_after = {}  # the peak so far (GiB) at the end of each phase
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def watch_unet(self, unet):
+        def pre(module, args):
+            self.sync()
+            self._start = time.perf_counter()
+            self.rows[self.phase] = self.rows.get(self.phase, 0) + args[0].shape[0]
+            self.calls[self.phase] = self.calls.get(self.phase, 0) + 1
+
+        def post(module, args, out):
+            self.sync()
+            self.unet_s[self.phase] = self.unet_s.get(self.phase, 0.0) + time.perf_counter() - self._start
+        unet.register_forward_pre_hook(pre)
+        unet.register_forward_hook(post)
+
+    def timed(self, phase, fn):
+        """fn wrapped so that its calls count as `phase` (and are subtracted from the phase they run in)."""
+        def wrapper(*a, **kw):
+            outer, self.phase = self.phase, phase
+            self.sync()
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.sync()
+                for clock, now in [(self.wall, time.perf_counter() - t), (self.cpu, time.process_time() - c)]:
+                    clock[phase] = clock.get(phase, 0.0) + now
+                    if outer:
+                        clock[outer] = clock.get(outer, 0.0) - now
+                self.memory_after[phase] = self.peak_memory()[1]
+                self.phase = outer
+        return wrapper
+
+    def peak_memory(self) -> tuple[str, float]:
+        if self.cuda:
+            return "peak CUDA memory", torch.cuda.max_memory_allocated() / 2**30
+        return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def unet_head_to_head(meter, call, x, context, batches=(1, 4), repeats=2) -> dict:
+    """Seconds per image-evaluation of `call(x, t, context)` at fixed batch sizes (best of `repeats` after a warm-up)."""
+    out = {}
+    for b in batches:
+        xb, cb = x.expand(b, -1, -1, -1).contiguous(), context[:1].expand(b, -1, -1).contiguous()
+        times = []
+        for _ in range(repeats + 1):
+            meter.sync()
+            t = time.perf_counter()
+            call(xb, torch.full((b,), 501, device=x.device), cb)
+            meter.sync()
+            times.append((time.perf_counter() - t) / b)
+        out[b] = min(times[1:])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the two paths
+def run_ours(args, folder, meter):
+    import minledits
+    dtype = DTYPES[args.dtype]
+    sd = meter.timed("load", minledits.load)(folder, args.device, dtype)
+    if args.channels_last:
+        sd.unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        sd.unet = torch.compile(sd.unet)
+    meter.watch_unet(sd.unet)
+    sd.vae.encode = meter.timed("encode", sd.vae.encode)
+    kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    inv = meter.timed("inversion", minledits.invert)(sd, photo(), args.source, 3.5, args.steps, args.skip, args.seed,
+                                                      args.size, **kw)
+    w0 = meter.timed("edit", minledits.edit)(sd, inv, args.target, 15.0, args.concepts, 0.3, 0.6)
+    meter.timed("decode", minledits.decode)(sd, w0)
+    memory = meter.peak_memory()
+    ctx = minledits.inversion.text_embeddings(sd, [""])
+    meter.phase = "head_to_head"
+    with torch.inference_mode():
+        h2h = unet_head_to_head(meter, sd.unet, inv.xts[:1], ctx)
+    return w0, memory, h2h
+
+
+def run_reference(args, folder, meter):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from minledits import Concept
+    from minledits.image import to_pil, to_tensor
+    from tests import hub, oracle
+
+    dtype = DTYPES[args.dtype]
+
+    def load():
+        kw = dict(torch_dtype=dtype)
+        nets = [cls.from_pretrained(folder, subfolder=sub, **kw).to(args.device).eval()
+                for cls, sub in [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")]]
+        oracle.tokenizer(folder)
+        configs = {"scheduler": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
+        return hub.Reference(args.kind, *nets, configs, folder)
+    ref = meter.timed("load", load)()
+    meter.watch_unet(ref.unet)
+    ref.vae.encode = meter.timed("encode", ref.vae.encode)
+    x = to_tensor(photo(), args.size).to(args.device, dtype)
+    xts, zs = meter.timed("inversion", oracle.invert)(ref, x, args.source, 3.5, args.steps, args.skip, args.seed,
+                                                      all_steps=True)
+    concepts = [Concept.parse(c) for c in args.concepts]
+    w0, _ = meter.timed("edit", oracle.edit)(ref, xts, zs[args.skip:], args.steps, args.skip, args.target, 15.0,
+                                             concepts, 0.3, 0.6)
+    with torch.no_grad():
+        meter.timed("decode", lambda: to_pil(ref.vae.decode(w0 / ref.vae.config.scaling_factor).sample))()
+    memory = meter.peak_memory()
+    ctx = oracle.embed(ref, "")
+    meter.phase = "head_to_head"
+    with torch.no_grad():
+        h2h = unet_head_to_head(meter, lambda x, t, c: ref.unet(x, t, encoder_hidden_states=c).sample, xts[args.skip:args.skip + 1], ctx)
+    return w0, memory, h2h
+
+
+def child(args):
+    torch.manual_seed(0)
+    meter = Meter(args.device)
+    run = run_ours if args.child == "ours" else run_reference
+    w0, (mem_name, mem), h2h = run(args, model_folder(args.kind), meter)
+    torch.save(w0.detach().float().cpu(), args.out + ".pt")
+    result = dict(path=args.child, wall=meter.wall, cpu=meter.cpu, unet_s=meter.unet_s, rows=meter.rows, calls=meter.calls,
+                  memory_name=mem_name, memory_gib=mem, memory_after=meter.memory_after, head_to_head=h2h, when=time.strftime("%Y-%m-%d %H:%M"),
+                  load_average=os.getloadavg()[0])
+    Path(args.out + ".json").write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------- the report
+def workload_key(args) -> str:
+    w = [args.kind, args.size, args.steps, args.skip, args.concepts, args.target, args.source, args.dtype, args.device, args.seed]
+    return hashlib.sha256(json.dumps(w).encode()).hexdigest()[:12]
+
+
+def machine_figures(args) -> dict:
+    """UNet FLOPs per evaluation (FlopCounterMode on the meta device) and a large fp32 matmul's GFLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minledits.unet import UNet
+    config = json.loads((model_folder(args.kind) / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet, h = UNet(config), args.size // 8
+        with FlopCounterMode(display=False) as fc:
+            unet(torch.empty(1, 4, h, h), torch.tensor([501]), torch.empty(1, 77, config["cross_attention_dim"]))
+    n = 4096
+    a, b = torch.randn(n, n, device=args.device), torch.randn(n, n, device=args.device)
+    best = float("inf")
+    for _ in range(4):
+        t = time.perf_counter()
+        a @ b
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return dict(unet_flops=fc.get_total_flops(), matmul_gflops=2 * n**3 / best / 1e9, matmul_n=n)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def row(name, a, b, fmt="{:.1f}"):
+    fa, fb = (fmt.format(v) if v is not None else "-" for v in (a, b))
+    r = f"{a / b:.2f}" if a is not None and b else ""
+    return f"| {name:<36} | {fa:>10} | {fb:>10} | {r:>6} |"
+
+
+EMPTY = dict(wall={}, cpu={}, unet_s={}, rows={}, head_to_head={}, memory_name="peak memory", memory_gib=None,
+             load_average=float("nan"), when="never")
+
+
+def report(args, o, r, machine, diff, cached):
+    """The table (markdown), then the FLOP figures and the targets of issue 5."""
+    import diffusers
+    print(f"\n{args.kind} architecture, random weights | {args.size} px, {args.steps} steps, skip {args.skip}, "
+          f"concepts {args.concepts}, target {args.target!r}, source {args.source!r} | {args.dtype} on {args.device}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
+          f"{torch.__version__}, diffusers {diffusers.__version__}; 1-min load average after each path: "
+          f"minledits {o['load_average']:.1f}, reference {r['load_average']:.1f}"
+          + (f" (reference from the cache: run {r['when']})" if cached else ""))
+    print(f"\n| {'':<36} | {'minledits':>10} | {'reference':>10} | {'ratio':>6} |\n|{'-' * 38}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
+    for ph in PHASES:
+        print(row(f"{ph} (s)", o["wall"].get(ph), r["wall"].get(ph)))
+    work = [ph for ph in PHASES if ph != "load"]
+    total = lambda x, clock="wall", phs=work: sum(x[clock].get(ph, 0) for ph in phs) if x.get(clock) else None
+    print(row("**edit, encode to decode (s)**", total(o), total(r)))
+    print(row("total with load (s)", total(o, phs=PHASES), total(r, phs=PHASES)))
+    print(row("CPU time, encode to decode (s)", total(o, "cpu"), total(r, "cpu")))
+    for ph in ("inversion", "edit"):
+        print(row(f"UNet image-evaluations, {ph}", o["rows"].get(ph), r["rows"].get(ph), "{:d}"))
+    per = lambda x: sum(x["unet_s"].get(ph, 0) for ph in work) / sum(x["rows"].get(ph, 0) for ph in work) if x["rows"] else None
+    print(row("UNet s / evaluation, in the run", per(o), per(r), "{:.3f}"))
+    for b in sorted(set(o["head_to_head"]) | set(r["head_to_head"])):
+        print(row(f"UNet s / evaluation, batch {b}", o["head_to_head"].get(b), r["head_to_head"].get(b), "{:.3f}"))
+    print(row(f"{o['memory_name']} (GiB)", o["memory_gib"], r["memory_gib"], "{:.2f}"))
+    flops, mm = machine["unet_flops"], machine["matmul_gflops"]
+    gflops = lambda x: flops / per(x) / 1e9 if per(x) else None
+    print(row("UNet GFLOP/s, in the run", gflops(o), gflops(r), "{:.0f}"))
+    print(f"\nUNet FLOPs per image-evaluation at {args.size} px: {flops / 1e9:.1f} GFLOP (FlopCounterMode). A "
+          f"{machine['matmul_n']}x{machine['matmul_n']} fp32 matmul runs at {mm:.0f} GFLOP/s here; the UNet reaches "
+          + " and ".join(f"{g / mm:.0%} of it ({n})" for n, g in [("minledits", gflops(o)), ("reference", gflops(r))] if g))
+    for name, x in [("minledits", o), ("reference", r)]:
+        if x.get("memory_after"):
+            print(f"{x['memory_name']} (GiB) by the end of " + ", ".join(f"{ph} {x['memory_after'][ph]:.2f}"
+                                                                   for ph in PHASES if ph in x["memory_after"]) + f" ({name})")
+    if diff is not None:
+        print(f"max |final latents, minledits - reference| = {diff:.2e}"
+              + (" (<= 1e-4: the same edit)" if diff <= 1e-4 else " (> 1e-4)"))
+    if r["wall"] and o["wall"]:
+        checks = [("edit time <= 0.75x", total(o) <= 0.75 * total(r)), ("UNet s/evaluation <= 1.0x", per(o) <= per(r)),
+                  ("peak memory <= 1.0x", o["memory_gib"] <= r["memory_gib"])]
+        if args.dtype == "float32":
+            checks.append(("latents within 1e-4", diff <= 1e-4))
+        print("targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
+
+
+def load_results(folder: Path, path: str):
+    if not (folder / f"{path}.json").is_file():
+        return EMPTY, None
+    res = json.loads((folder / f"{path}.json").read_text())
+    res["head_to_head"] = {int(k): v for k, v in res["head_to_head"].items()}
+    return res, torch.load(folder / f"{path}.pt")
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+    folder = model_folder(args.kind)
+    results = CACHE / "results" / workload_key(args)
+    results.mkdir(parents=True, exist_ok=True)
+    print(f"uptime: {os.popen('uptime').read().strip()}\nmodel: {folder}", flush=True)
+    run_now = args.paths.split(",")
+    for path in ("ours", "reference"):
+        if path in run_now:
+            print(f"running {path} ...", flush=True)
+            subprocess.run([sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv),
+                            "--child", path, "--out", str(results / path)], check=True)
+    (o, wo), (r, wr) = load_results(results, "ours"), load_results(results, "reference")
+    diff = (wo - wr).abs().max().item() if wo is not None and wr is not None else None
+    report(args, o, r, machine_figures(args), diff, "reference" not in run_now)
+    if args.dtype != "float32":  # the precision: against the float32 run of the same workload, if there is one
+        fp32 = CACHE / "results" / workload_key(argparse.Namespace(**{**vars(args), "dtype": "float32"}))
+        for path, w in [("minledits", wo), ("reference", wr)]:
+            _, w32 = load_results(fp32, "ours" if path == "minledits" else "reference")
+            if w is not None and w32 is not None:
+                d = (w - w32).abs()
+                print(f"{path}: {args.dtype} vs float32 final latents: max |diff| {d.max():.3g}, mean |diff| "
+                      f"{d.mean():.3g} (the latents' std: {w32.std():.3g})")
+
+
+if __name__ == "__main__":
+    main()
