@@ -55,6 +55,7 @@ def parse(argv=None):
     p.add_argument("--channels-last", action="store_true", help="ours: UNet in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
+    p.add_argument("--repeat", type=int, default=1, help="run each path this many times (alternating), keep the fastest")
     p.add_argument("--paths", default="ours,reference", help="which paths to run now (others: from the cache)")
     p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -333,11 +334,20 @@ def main(argv=None):
     results.mkdir(parents=True, exist_ok=True)
     print(f"uptime: {os.popen('uptime').read().strip()}\nmodel: {folder}", flush=True)
     run_now = args.paths.split(",")
-    for path in ("ours", "reference"):
-        if path in run_now:
-            print(f"running {path} ...", flush=True)
+    for rep in range(args.repeat):  # alternating; the fastest run of each path is kept (the least disturbed)
+        for path in [p for p in ("ours", "reference") if p in run_now]:
+            print(f"running {path} ({rep + 1}/{args.repeat}) ...", flush=True)
+            new, best = f"{results / path}-new", f"{results / path}"
             subprocess.run([sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv),
-                            "--child", path, "--out", str(results / path)], check=True)
+                            "--child", path, "--out", new], check=True)
+            edit_s = lambda stem: sum(v for k, v in json.loads(Path(stem + ".json").read_text())["wall"].items()
+                                      if k != "load")
+            print(f"  encode to decode: {edit_s(new):.1f} s", flush=True)
+            keep = rep == 0 or edit_s(new) < edit_s(best)
+            for ext in (".json", ".pt"):
+                if keep:
+                    os.replace(new + ext, best + ext)
+                Path(new + ext).unlink(missing_ok=True)
     (o, wo), (r, wr) = load_results(results, "ours"), load_results(results, "reference")
     diff = (wo - wr).abs().max().item() if wo is not None and wr is not None else None
     report(args, o, r, machine_figures(args), diff, "reference" not in run_now)
