@@ -53,7 +53,7 @@ INVERT = [
     (("--size",), 512, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
-    (("--batch-size",), 8, "inversion timesteps per UNet call (8: 1.5-3x faster than 1 on CPU)", INT)]
+    (("--batch-size",), 4, "inversion timesteps per UNet call (4: faster than 1 on CPU, see README Performance)", INT)]
 EDIT = [
     (("--target-prompt",), "", "text describing the edited image (optional)", dict(metavar="TEXT")),
     (("--target-guidance",), 15.0, "guidance scale of the target prompt; concepts need > 1", FLOAT),

@@ -84,7 +84,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         a, b = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(b)
+        return F.gelu(b).mul_(a)  # the product written into gelu's fresh buffer
 
 
 class FeedForward(nn.Module):

@@ -37,9 +37,12 @@ def test_full_edit_matches_pipeline(tiny_sd1, sd1, inv1, target_prompt):
     # Guidance amplifies the UNets' float32 rounding differences (~1e-6) by up to s_tar + sum s_c ~ 16, over 7 steps.
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     for i, st in enumerate(trace):
+        # Step 0 sees the same x_T in both: only the UNets' rounding (~1e-6). Later steps see x_t that carry the
+        # earlier steps' guided differences, bounded like the final latents.
+        tol = 1e-5 if i == 0 else 1e-4
         torch.testing.assert_close(st.guidance.E, pipe.sem_guidance[i], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(st.eps_u, pipe.uncond_estimates[i], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(st.eps_c, pipe.edit_estimates[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st.eps_u, pipe.uncond_estimates[i], atol=tol, rtol=tol)
+        torch.testing.assert_close(st.eps_c, pipe.edit_estimates[i], atol=tol, rtol=tol)
     partial = [st.i for st in trace if 1 <= st.i < 3]
     assert partial and all(not torch.equal(trace[i].guidance.E, trace[i].guidance.G) for i in partial)
 
