@@ -12,6 +12,8 @@ other, so that peak RSS (peak CUDA memory on CUDA) is its own:
   reference  diffusers UNet/VAE + transformers CLIP (from_pretrained); inversion as the LEDITS demo does it
              (all N steps, one UNet call per step and per CFG branch: tests/oracle.invert(all_steps=True)),
              edit with SemanticStableDiffusionPipeline and injected noise (tests/oracle.edit) -> VAE decode
+  unets      both UNets in one process, calls alternating (batch 1 and 4, median of 5): seconds per
+             evaluation on the same machine state, which separate runs cannot give on a shared machine
 
 Same image, seed and noise: the final latents must agree to 1e-4 in float32. The last run of each path per
 workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder, so `--paths ours` (e.g. with
@@ -56,8 +58,9 @@ def parse(argv=None):
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
     p.add_argument("--repeat", type=int, default=1, help="run each path this many times (alternating), keep the fastest")
-    p.add_argument("--paths", default="ours,reference", help="which paths to run now (others: from the cache)")
-    p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--paths", default="ours,reference,unets",
+                   help="what to run now (others: from the cache): the two paths, and unets (both UNets, calls interleaved)")
+    p.add_argument("--child", choices=["ours", "reference", "unets"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -134,19 +137,32 @@ class Meter:
         return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def unet_head_to_head(meter, call, x, context, batches=(1, 4), repeats=2) -> dict:
-    """Seconds per image-evaluation of `call(x, t, context)` at fixed batch sizes (best of `repeats` after a warm-up)."""
-    out = {}
-    for b in batches:
-        xb, cb = x.expand(b, -1, -1, -1).contiguous(), context[:1].expand(b, -1, -1).contiguous()
-        times = []
-        for _ in range(repeats + 1):
-            meter.sync()
-            t = time.perf_counter()
-            call(xb, torch.full((b,), 501, device=x.device), cb)
-            meter.sync()
-            times.append((time.perf_counter() - t) / b)
-        out[b] = min(times[1:])
+def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
+    """Seconds per image-evaluation of both UNets (same weights, one process), calls alternating so that both see
+    the same machine: the median of `repeats` after a warm-up, per batch size. {"ours": {b: s}, "reference": {...}}"""
+    import minledits
+    from diffusers import UNet2DConditionModel
+    dtype, meter = DTYPES[args.dtype], Meter(args.device)
+    ours = minledits.load(folder, args.device, dtype).unet
+    ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
+    calls = {"ours": lambda x, t, c: ours(x, t, c), "reference": lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample}
+    g, h = torch.Generator().manual_seed(0), args.size // 8
+    out = {name: {} for name in calls}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, 4, h, h, generator=g).to(args.device, dtype)
+            c = torch.randn(b, 77, ours.config["cross_attention_dim"], generator=g).to(args.device, dtype)
+            t, times = torch.full((b,), 501, device=args.device), {name: [] for name in calls}
+            for k in range(repeats + 1):
+                for name, call in calls.items():
+                    meter.sync()
+                    start = time.perf_counter()
+                    call(x, t, c)
+                    meter.sync()
+                    if k:  # the first round warms up
+                        times[name].append((time.perf_counter() - start) / b)
+            for name in calls:
+                out[name][b] = sorted(times[name])[repeats // 2]
     return out
 
 
@@ -166,12 +182,7 @@ def run_ours(args, folder, meter):
                                                       args.size, **kw)
     w0 = meter.timed("edit", minledits.edit)(sd, inv, args.target, 15.0, args.concepts, 0.3, 0.6)
     meter.timed("decode", minledits.decode)(sd, w0)
-    memory = meter.peak_memory()
-    ctx = minledits.inversion.text_embeddings(sd, [""])
-    meter.phase = "head_to_head"
-    with torch.inference_mode():
-        h2h = unet_head_to_head(meter, sd.unet, inv.xts[:1], ctx)
-    return w0, memory, h2h
+    return w0, meter.peak_memory()
 
 
 def run_reference(args, folder, meter):
@@ -202,22 +213,20 @@ def run_reference(args, folder, meter):
                                              concepts, 0.3, 0.6)
     with torch.no_grad():
         meter.timed("decode", lambda: to_pil(ref.vae.decode(w0 / ref.vae.config.scaling_factor).sample))()
-    memory = meter.peak_memory()
-    ctx = oracle.embed(ref, "")
-    meter.phase = "head_to_head"
-    with torch.no_grad():
-        h2h = unet_head_to_head(meter, lambda x, t, c: ref.unet(x, t, encoder_hidden_states=c).sample, xts[args.skip:args.skip + 1], ctx)
-    return w0, memory, h2h
+    return w0, meter.peak_memory()
 
 
 def child(args):
     torch.manual_seed(0)
+    if args.child == "unets":
+        result = dict(unets_interleaved(args, model_folder(args.kind)), when=time.strftime("%Y-%m-%d %H:%M"))
+        return Path(args.out + ".json").write_text(json.dumps(result))
     meter = Meter(args.device)
     run = run_ours if args.child == "ours" else run_reference
-    w0, (mem_name, mem), h2h = run(args, model_folder(args.kind), meter)
+    w0, (mem_name, mem) = run(args, model_folder(args.kind), meter)
     torch.save(w0.detach().float().cpu(), args.out + ".pt")
     result = dict(path=args.child, wall=meter.wall, cpu=meter.cpu, unet_s=meter.unet_s, rows=meter.rows, calls=meter.calls,
-                  memory_name=mem_name, memory_gib=mem, memory_after=meter.memory_after, head_to_head=h2h, when=time.strftime("%Y-%m-%d %H:%M"),
+                  memory_name=mem_name, memory_gib=mem, memory_after=meter.memory_after, when=time.strftime("%Y-%m-%d %H:%M"),
                   load_average=os.getloadavg()[0])
     Path(args.out + ".json").write_text(json.dumps(result))
 
@@ -266,11 +275,11 @@ def row(name, a, b, fmt="{:.1f}"):
     return f"| {name:<36} | {fa:>10} | {fb:>10} | {r:>6} |"
 
 
-EMPTY = dict(wall={}, cpu={}, unet_s={}, rows={}, head_to_head={}, memory_name="peak memory", memory_gib=None,
+EMPTY = dict(wall={}, cpu={}, unet_s={}, rows={}, memory_name="peak memory", memory_gib=None,
              load_average=float("nan"), when="never")
 
 
-def report(args, o, r, machine, diff, cached):
+def report(args, o, r, u, machine, diff, cached):
     """The table (markdown), then the FLOP figures and the targets of issue 5."""
     import diffusers
     print(f"\n{args.kind} architecture, random weights | {args.size} px, {args.steps} steps, skip {args.skip}, "
@@ -278,7 +287,7 @@ def report(args, o, r, machine, diff, cached):
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
           f"{torch.__version__}, diffusers {diffusers.__version__}; 1-min load average after each path: "
           f"minledits {o['load_average']:.1f}, reference {r['load_average']:.1f}"
-          + (f" (reference from the cache: run {r['when']})" if cached else ""))
+          + (f" (from the cache: minledits run {o['when']}, reference run {r['when']})" if cached else ""))
     print(f"\n| {'':<36} | {'minledits':>10} | {'reference':>10} | {'ratio':>6} |\n|{'-' * 38}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
     for ph in PHASES:
         print(row(f"{ph} (s)", o["wall"].get(ph), r["wall"].get(ph)))
@@ -291,8 +300,8 @@ def report(args, o, r, machine, diff, cached):
         print(row(f"UNet image-evaluations, {ph}", o["rows"].get(ph), r["rows"].get(ph), "{:d}"))
     per = lambda x: sum(x["unet_s"].get(ph, 0) for ph in work) / sum(x["rows"].get(ph, 0) for ph in work) if x["rows"] else None
     print(row("UNet s / evaluation, in the run", per(o), per(r), "{:.3f}"))
-    for b in sorted(set(o["head_to_head"]) | set(r["head_to_head"])):
-        print(row(f"UNet s / evaluation, batch {b}", o["head_to_head"].get(b), r["head_to_head"].get(b), "{:.3f}"))
+    for b in sorted(int(b) for b in u["ours"]) if u else ():
+        print(row(f"UNet s / eval., batch {b}, interleaved", u["ours"][str(b)], u["reference"][str(b)], "{:.3f}"))
     print(row(f"{o['memory_name']} (GiB)", o["memory_gib"], r["memory_gib"], "{:.2f}"))
     flops, mm = machine["unet_flops"], machine["matmul_gflops"]
     gflops = lambda x: flops / per(x) / 1e9 if per(x) else None
@@ -308,7 +317,8 @@ def report(args, o, r, machine, diff, cached):
         print(f"max |final latents, minledits - reference| = {diff:.2e}"
               + (" (<= 1e-4: the same edit)" if diff <= 1e-4 else " (> 1e-4)"))
     if r["wall"] and o["wall"]:
-        checks = [("edit time <= 0.75x", total(o) <= 0.75 * total(r)), ("UNet s/evaluation <= 1.0x", per(o) <= per(r)),
+        unet = (u["ours"]["4"], u["reference"]["4"]) if u else (per(o), per(r))  # interleaved at batch 4 if measured
+        checks = [("edit time <= 0.75x", total(o) <= 0.75 * total(r)), ("UNet s/evaluation <= 1.0x", unet[0] <= unet[1]),
                   ("peak memory <= 1.0x", o["memory_gib"] <= r["memory_gib"])]
         if args.dtype == "float32":
             checks.append(("latents within 1e-4", diff <= 1e-4))
@@ -319,7 +329,6 @@ def load_results(folder: Path, path: str):
     if not (folder / f"{path}.json").is_file():
         return EMPTY, None
     res = json.loads((folder / f"{path}.json").read_text())
-    res["head_to_head"] = {int(k): v for k, v in res["head_to_head"].items()}
     return res, torch.load(folder / f"{path}.pt")
 
 
@@ -348,9 +357,14 @@ def main(argv=None):
                 if keep:
                     os.replace(new + ext, best + ext)
                 Path(new + ext).unlink(missing_ok=True)
+    if "unets" in run_now:
+        print("running both UNets, calls interleaved ...", flush=True)
+        subprocess.run([sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv),
+                        "--child", "unets", "--out", str(results / "unets")], check=True)
     (o, wo), (r, wr) = load_results(results, "ours"), load_results(results, "reference")
+    u = json.loads((results / "unets.json").read_text()) if (results / "unets.json").is_file() else None
     diff = (wo - wr).abs().max().item() if wo is not None and wr is not None else None
-    report(args, o, r, machine_figures(args), diff, "reference" not in run_now)
+    report(args, o, r, u, machine_figures(args), diff, not {"ours", "reference"} <= set(run_now))
     if args.dtype != "float32":  # the precision: against the float32 run of the same workload, if there is one
         fp32 = CACHE / "results" / workload_key(argparse.Namespace(**{**vars(args), "dtype": "float32"}))
         for path, w in [("minledits", wo), ("reference", wr)]:
