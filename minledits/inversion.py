@@ -95,8 +95,8 @@ def invert(sd, image, source_prompt="", source_guidance=3.5, steps=100, skip=36,
 
     keep_last_noise=False zeroes z_{N-1}, as the reference does; True keeps it, so that an edit with no
     guidance reproduces w0 exactly. batch_size: timesteps per UNet call (the x_t are independent: batching
-    only changes float rounding; on a 2-core CPU 4 makes the inversion 1.5x faster than 1 (8 gains a few
-    percent more for twice the activation memory; tests/bench.py).
+    only changes float rounding; on a 2-core CPU 4 made the inversion 1.4x faster than 1, and 8 another ~10%
+    for twice the activation memory; tests/bench.py).
     callback(done, total) reports progress of the UNet work.
     """
     check_inversion_args(steps, skip, source_guidance, size)
