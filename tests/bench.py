@@ -332,6 +332,12 @@ def load_results(folder: Path, path: str):
     return res, torch.load(folder / f"{path}.pt")
 
 
+def spawn(argv, child, out):
+    """This benchmark with the same flags, as the child process `child` writing `out`.json (and .pt)."""
+    subprocess.run([sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv),
+                    "--child", child, "--out", out], check=True)
+
+
 def main(argv=None):
     args = parse(argv)
     if args.threads:
@@ -347,8 +353,7 @@ def main(argv=None):
         for path in [p for p in ("ours", "reference") if p in run_now]:
             print(f"running {path} ({rep + 1}/{args.repeat}) ...", flush=True)
             new, best = f"{results / path}-new", f"{results / path}"
-            subprocess.run([sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv),
-                            "--child", path, "--out", new], check=True)
+            spawn(argv, path, new)
             edit_s = lambda stem: sum(v for k, v in json.loads(Path(stem + ".json").read_text())["wall"].items()
                                       if k != "load")
             print(f"  encode to decode: {edit_s(new):.1f} s", flush=True)
@@ -359,8 +364,7 @@ def main(argv=None):
                 Path(new + ext).unlink(missing_ok=True)
     if "unets" in run_now:
         print("running both UNets, calls interleaved ...", flush=True)
-        subprocess.run([sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv),
-                        "--child", "unets", "--out", str(results / "unets")], check=True)
+        spawn(argv, "unets", str(results / "unets"))
     (o, wo), (r, wr) = load_results(results, "ours"), load_results(results, "reference")
     u = json.loads((results / "unets.json").read_text()) if (results / "unets.json").is_file() else None
     diff = (wo - wr).abs().max().item() if wo is not None and wr is not None else None

@@ -26,7 +26,7 @@ def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5):
     ours = minledits.edit(sd, inv, target_prompt, s_tar, concepts, momentum_scale=0.3, momentum_beta=0.6,
                           callback=trace.append)
     steps, skip = inv.settings["steps"], inv.settings["skip"]
-    xts = torch.cat([torch.zeros(skip, *inv.xts.shape[1:]), inv.xts])  # the oracle indexes from k = 0
+    xts = torch.cat([torch.zeros(skip, *inv.xts.shape[1:], dtype=inv.xts.dtype), inv.xts])  # the oracle indexes from k = 0
     theirs, pipe = oracle.edit(ref, xts, inv.zs, steps, skip, target_prompt, s_tar, concepts, 0.3, 0.6)
     return ours, theirs, pipe, trace
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import minledits
-from tests import oracle
-from tests.test_edit import CONCEPTS
+from tests.test_edit import CONCEPTS, run_both
 from tests.test_inversion import N, SIZE, SKIP, photo
 
 
@@ -17,9 +16,7 @@ def edits(ref32, inv32, dtype):
     inv = dataclasses.replace(inv32, xts=inv32.xts.to(dtype), zs=inv32.zs.to(dtype))
     ref = copy.copy(ref32)
     ref.unet, ref.vae, ref.text_encoder = (copy.deepcopy(m).to(dtype) for m in (ref32.unet, ref32.vae, ref32.text_encoder))
-    ours = minledits.edit(sd, inv, "a man with a hat", 7.5, CONCEPTS, momentum_scale=0.3, momentum_beta=0.6)
-    xts = torch.cat([torch.zeros(SKIP, *inv.xts.shape[1:], dtype=dtype), inv.xts])  # the oracle indexes from k = 0
-    theirs, _ = oracle.edit(ref, xts, inv.zs, N, SKIP, "a man with a hat", 7.5, CONCEPTS, 0.3, 0.6)
+    ours, theirs, _, _ = run_both(ref, sd, inv, "a man with a hat", CONCEPTS)
     return ours, theirs
 
 
