@@ -5,11 +5,13 @@
     w0 = minledits.edit(sd, inv, concepts=[minledits.Concept("glasses")])
     minledits.decode(sd, w0).save("edited.png")
 """
-from .errors import MinleditsError
-from .inversion import Inversion, invert
-from .ledits import EditStep, decode, edit
-from .load import LoadError, StableDiffusion, load
+from .errors import InversionError, InversionFileError, LoadError, MinleditsError, SingleFileError
+from .inversion import Inversion, InversionSettings, invert
+from .ledits import EditStep, edit
+from .load import load
+from .model import StableDiffusion, decode
 from .sega import Concept, Guidance, SegaParams, sega
 
-__all__ = ["load", "StableDiffusion", "invert", "Inversion", "edit", "decode", "EditStep", "Concept", "sega",
-           "SegaParams", "Guidance", "MinleditsError", "LoadError"]
+__all__ = ["load", "StableDiffusion", "invert", "Inversion", "InversionSettings", "edit", "decode", "EditStep",
+           "Concept", "sega", "SegaParams", "Guidance", "MinleditsError", "LoadError", "SingleFileError",
+           "InversionError", "InversionFileError"]

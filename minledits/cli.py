@@ -5,8 +5,8 @@ checked before the work starts; outputs are written to a temporary file then ren
 without --force.
 """
 import argparse
+import inspect
 import json
-import math
 import shlex
 import sys
 import tempfile
@@ -19,17 +19,19 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import store, tiny
+from . import ledits, store, tiny
 from .errors import MinleditsError
+from .files import atomic
 from .image import open_rgb, to_pil
-from .inversion import check_inversion_args, invert
-from .ledits import decode, edit
+from .inversion import BATCH_SIZE, InversionSettings, invert
 from .load import DEFAULT_MODEL, download, load
-from .sega import Concept, SegaParams
+from .model import DTYPES, decode, dtype_name
+from .sega import Concept
 from .trace import Trace, side_by_side
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
+INV = InversionSettings()  # the defaults of the inversion options
+EDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(ledits.edit).parameters.items()}
 
 # (flags, default, help, argparse options). argparse keeps None as the default, so that "not given" can be
 # told apart (an inversion file brings its own settings); resolve() then fills in the defaults shown here.
@@ -46,21 +48,21 @@ COMMON = [
     (("-v", "--verbose"), False, "show the traceback of an error", BOOL)]
 INVERT = [
     (("--source-prompt",), "", "text describing the input image (optional)", dict(metavar="TEXT")),
-    (("--source-guidance",), 3.5, "guidance scale of the source prompt", FLOAT),
-    (("--steps",), 100, "diffusion steps N", INT),
-    (("--skip",), 36, "steps skipped at the noisy end: more keeps more of the input", INT),
-    (("--seed",), 0, "seed of the inversion noise", INT),
-    (("--size",), 512, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
+    (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
+    (("--steps",), INV.steps, "diffusion steps N", INT),
+    (("--skip",), INV.skip, "steps skipped at the noisy end: more keeps more of the input", INT),
+    (("--seed",), INV.seed, "seed of the inversion noise", INT),
+    (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
-    (("--batch-size",), 4, "inversion timesteps per UNet call (4: faster than 1 on CPU, see README Performance)", INT)]
+    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (4: faster than 1 on CPU, see README Performance)", INT)]
 EDIT = [
     (("--target-prompt",), "", "text describing the edited image (optional)", dict(metavar="TEXT")),
-    (("--target-guidance",), 15.0, "guidance scale of the target prompt; concepts need > 1", FLOAT),
+    (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1", FLOAT),
     (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
      dict(action="append", dest="concepts", metavar="SPEC")),
-    (("--momentum-scale",), 0.3, "SEGA momentum scale", FLOAT),
-    (("--momentum-beta",), 0.6, "SEGA momentum beta", FLOAT),
+    (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
+    (("--momentum-beta",), EDIT_DEFAULTS["momentum_beta"], "SEGA momentum beta", FLOAT),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask)", dict(metavar="T")),
@@ -153,7 +155,8 @@ def model_of(args):
     if key not in args.cache and args.model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
     if key not in args.cache:
-        args.cache[key] = load(args.model, device, dtype, args.variant, args.revision, args.prediction_type)
+        args.cache[key] = load(args.model, device, dtype=dtype, variant=args.variant, revision=args.revision,
+                               prediction_type=args.prediction_type)
     return args.cache[key]
 
 
@@ -174,35 +177,35 @@ def inversion_of(args):
     if Path(args.input).suffix == ".safetensors":
         inv = store.load(args.input)
         store.check(inv, source=args.input, **given)
-        args.model = args.model or inv.settings["model_id"]
+        args.model = args.model or inv.model_id
         resolve(args, COMMON)
         sd = model_of(args)
         store.check(inv, sd, source=args.input)
-        vars(args).update({k: inv.settings[k] for k in store.SETTINGS})
+        vars(args).update(inv.settings.dict())
         return sd, inv
     try:
         image = open_rgb(args.input)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
     resolve(args, INVERT + COMMON)
-    check_inversion_args(args.steps, args.skip, args.source_guidance, args.size)
+    settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
     if args.batch_size < 1:
         raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
     sd = model_of(args)
-    key = (id(sd), str(args.input), *(getattr(args, k) for k in store.SETTINGS))
+    key = (id(sd), str(args.input), settings)
     if key not in args.cache:  # a batch inverts an image once for all its edits
         with bar(args, "invert", args.steps - args.skip) as b:
-            args.cache[key] = invert(sd, image, args.source_prompt, args.source_guidance, args.steps, args.skip,
-                                     args.seed, args.size, args.keep_last_noise, args.keep_aspect, args.batch_size,
-                                     callback=lambda done, total: b.update(done - b.n))
+            args.cache[key] = invert(sd, image, batch_size=args.batch_size,
+                                     callback=lambda done, total: b.update(done - b.n), **settings.dict())
     return sd, args.cache[key]
 
 
 def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit"):
     """The edited image (PIL), with progress bars for the edit and the decoding."""
     with bar(args, desc, len(inv.zs)) as b:
-        w0 = edit(sd, inv, target_prompt, args.target_guidance, concepts, args.momentum_scale, args.momentum_beta,
-                  callback=lambda step: (b.update(), trace and trace(step)))
+        w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
+                         concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
+                         callback=lambda step: (b.update(), trace and trace(step)))
     with bar(args, "decode", 1) as b:
         im = decode(sd, w0)
         b.update()
@@ -228,15 +231,14 @@ def to_argv(options: dict) -> list[str]:
 def save_png(im, path, args, sd, inv, concepts):
     """PNG with every parameter that decides its pixels (not where it was written), as JSON ("minledits")
     and as a command line ("parameters")."""
-    p = dict(model=sd.model_id, device=sd.device.type, dtype={v: k for k, v in DTYPES.items()}[sd.dtype],
-             **{k: inv.settings[k] for k in store.SETTINGS})
+    p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
     if concepts is not None:
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
                  concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta)
     info = PngInfo()
     info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint, **p)))
     info.add_text("parameters", "minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)]))
-    with store.atomic(path) as tmp:
+    with atomic(path) as tmp:
         im.save(tmp, format="PNG", pnginfo=info)
 
 
@@ -265,7 +267,7 @@ def cmd_invert(args):
     start = time.time()
     check_outputs([args.output], args.force)
     sd, inv = inversion_of(args)
-    store.save(inv, args.output, sd)
+    store.save(inv, args.output)
     finish(args, start, f"inverted {args.input} -> {args.output} ({args.steps - args.skip} steps)")
 
 
@@ -274,16 +276,14 @@ def cmd_edit(args):
     start = time.time()
     resolve(args, EDIT)
     concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
-    if not math.isfinite(args.target_guidance) or concepts and args.target_guidance <= 1:
-        raise MinleditsError(f"--target-guidance must be finite, and > 1 with concepts; got {args.target_guidance}")
-    SegaParams.of(concepts or [], args.momentum_scale, args.momentum_beta)  # checks the momentum settings
+    ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
     out = Path(args.output)
     compare = out.with_name(out.stem + "-compare.png") if args.compare else None
     trace_files = Trace.files(args.trace) if args.trace else []
     check_outputs([out, *trace_files] + [p for p in (compare, args.save_inversion) if p], args.force)
     sd, inv = inversion_of(args)
     if args.save_inversion:
-        store.save(inv, args.save_inversion, sd)
+        store.save(inv, args.save_inversion)
     trace = Trace(sd, inv) if args.trace else None
     im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd)
     if compare:

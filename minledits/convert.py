@@ -9,7 +9,7 @@ networks of the original training code under three prefixes:
     cond_stage_model.model.         SD 2.x text   OpenCLIP names
 
 Anything else (EMA copies `model_ema.*`, the training schedule `betas`, `alphas_cumprod`, ...) is not needed
-and skipped. Our modules carry diffusers / transformers names (DESIGN §2), so converting is renaming, plus:
+and skipped. Our modules carry diffusers / transformers names (docs/design.md, "Weights"), so converting is renaming, plus:
   * OpenCLIP fuses q, k, v into `attn.in_proj_weight` [3D, D]: its row thirds become q_proj, k_proj, v_proj;
   * the VAE mid-block attention uses 1x1 convs [C, C, 1, 1]: squeezed to linear matrices [C, C];
   * SD 2.x conditions on the *penultimate* OpenCLIP layer: the last resblock, `text_projection` and
@@ -27,17 +27,16 @@ from typing import NamedTuple
 
 from safetensors import safe_open
 
-from .load import LoadError
+from .errors import SingleFileError
+from .files import refuse_pickle
+from .schedule import DEFAULTS
+from .tokenizer import SD1_PAD_ID, SD2_PAD_ID
 
 log = logging.getLogger(__name__)
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-class SingleFileError(LoadError):
-    """A file that cannot be read as an original Stable Diffusion checkpoint (a one-line message)."""
 
 
 class Take(NamedTuple):
@@ -226,11 +225,6 @@ def _openclip(shapes):
 
 
 # ------------------------------------------------------------------------------------------ the file
-SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-             "timestep_spacing": "leading"}  # what SD 1.x and 2.x were trained with (DESIGN §2)
-
-
 def _check(shapes, source: str) -> bool:
     """Raise unless this is an SD 1.x / 2.x original checkpoint; True for SD 2.x (OpenCLIP text encoder)."""
     if not any(k.startswith(UNET) for k in shapes):
@@ -265,8 +259,8 @@ def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint")
                "text_encoder": _openclip(shapes) if sd2 else _clip(shapes)}
     except (KeyError, ZeroDivisionError) as e:  # a tensor the shapes are read from is missing
         raise SingleFileError(f"{source} does not have the SD 1.x / 2.x layout (missing {e})") from None
-    out |= {"scheduler": SCHEDULER | {"prediction_type": prediction_type}, "prediction_type": prediction_type,
-            "pad_id": 0 if sd2 else 49407,  # SD2 pads prompts with "!" (id 0), SD1 with <|endoftext|>
+    out |= {"scheduler": DEFAULTS | {"prediction_type": prediction_type}, "prediction_type": prediction_type,
+            "pad_id": SD2_PAD_ID if sd2 else SD1_PAD_ID,  # SD2 pads prompts with "!", SD1 with <|endoftext|>
             "sd2": sd2}
     used = {t.key for part in ("unet", "vae", "text_encoder") for t in out[part][1].values()}
     inside = [k for k in shapes if k not in used and k.startswith((UNET, VAE, "cond_stage_model."))]
@@ -278,9 +272,7 @@ def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint")
 def read_single_file(path, prediction_type: str | None = None) -> dict:
     """`plan()` for a file, each Take turned into a lazy getter over one open file (low memory)."""
     path = Path(path)
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise SingleFileError(f"{path} is a pickle checkpoint, which can run code when loaded; "
-                              "use the .safetensors version of the model")
+    refuse_pickle(path)
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # a text file, a truncated download, ...

@@ -1,92 +1,103 @@
-"""LEDITS (Tsaban & Passos), Algorithm 1: regenerate the inverted image with its own noise maps,
+"""LEDITS (Tsaban & Passos 2023), Algorithm 1: regenerate the inverted image with its own noise maps,
 steering each DDPM step with a target prompt (classifier-free guidance) and SEGA concepts.
 
-Notation (code name -> symbol); schedule symbols in schedule.py, SEGA symbols in sega.py
-    x          x_t                the current latent, starting at xts[skip] of the inversion
+Notation (code name -> symbol); sampler symbols in sampler.py, SEGA symbols in sega.py
+    x          x_t                the current latent, starting at x_{tau_skip} of the inversion
+    k, i       k = skip + i       the inference step, and the edit step (i = 0 the first after the skip)
     z          z_k                the inversion's noise map for this step
     eps_u      eps(x_t)           unconditional estimate
     eps_tar    eps(x_t, p_tar)    target-prompt estimate (= eps_u when the target prompt is empty)
     eps_c      eps(x_t, c)        concept estimates [C, 1, 4, h, w]
     s_tar      s_tar              target guidance scale
-    eps        eps_u + s_tar (eps_tar - eps_u) + E_i       the guided estimate (guidance only when s_tar > 1)
-    x          x_{t-1} = mu_t(x_t, eps) + sigma_t z_k      the DDPM step, with the inverted noise
+    E          E_i                SEGA's semantic guidance (sega.py); 0 without concepts
+    eps        eps_u + s_tar (eps_tar - eps_u) + E_i     the guided estimate (guidance only when s_tar > 1)
+    x_prev     x_{t-1} = mu_t(x_t, eps) + sigma_t z_k    the DDPM step, with the inverted noise
 For a v-prediction model the estimates are v: the guidance combines them as they are (as the reference
-does) and only the guided result is converted to eps for the step.
+does) and the sampler converts the guided result to eps for the step.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .image import to_pil
-from .inversion import Inversion, as_eps, text_embeddings
-from .schedule import Step, mu
+from .errors import InversionError
+from .inversion import Inversion
+from .model import StableDiffusion
+from .sampler import DDPM
 from .sega import Concept, Guidance, SegaParams, sega
 
 
 @dataclass
 class EditStep:
     """Everything one edit step computed; handed to the callback (references, no copies)."""
-    i: int
-    step: Step            # t, a_bar, a_prev, sigma
+    i: int                # edit step
+    k: int                # inference step: k = skip + i
+    t: int                # timestep tau_k
+    x_t: torch.Tensor     # the latent the step starts from
     eps_u: torch.Tensor | None  # None when guidance is off (s_tar <= 1)
     eps_tar: torch.Tensor
-    eps_c: torch.Tensor
+    eps_c: torch.Tensor   # [C, 1, 4, h, w]
     guidance: Guidance | None  # g, mask, q, G, m, E of SEGA (None without concepts)
-    eps: torch.Tensor
-    mu: torch.Tensor
+    eps: torch.Tensor     # the guided estimate
     z: torch.Tensor
-    x: torch.Tensor       # x_{t-1}
+    x_prev: torch.Tensor  # x_{t-1}
 
 
-def branches(target_prompt, concepts, s_tar) -> list[str]:
-    """Prompts of the batched UNet call: "", the target (only if non-empty), then the concepts (only if s_tar > 1)."""
-    if s_tar <= 1:
-        return [target_prompt]  # no guidance: only the target-prompt estimate is used
-    return [""] + ([target_prompt] if target_prompt else []) + [c.prompt for c in concepts]
+@dataclass(frozen=True)
+class Branches:
+    """The rows of the one batched UNet call per step: the prompts, and which rows hold which estimate."""
+    prompts: list[str]
+    u: slice | None       # eps_u (None: guidance off)
+    tar: slice            # eps_tar: the target prompt's row, or the empty prompt's when the target is empty
+    c: slice              # eps_c: one row per concept
+
+    @classmethod
+    def of(cls, target_prompt: str, concepts: list[Concept], guided: bool) -> "Branches":
+        if not guided:  # s_tar <= 1: one row, the target prompt's, used as it is
+            return cls([target_prompt], None, slice(0, 1), slice(1, 1))
+        tar = [target_prompt] if target_prompt else []  # an empty target is the unconditional row itself
+        return cls(["", *tar, *(c.prompt for c in concepts)], slice(0, 1), slice(len(tar), len(tar) + 1),
+                   slice(1 + len(tar), None))
 
 
-def guided_eps(i, eps_all, has_target, s_tar, m, p, guidance):
-    """Split the batch into eps_u, eps_tar, eps_c and combine them: eps = eps_u + s_tar (eps_tar - eps_u) + E_i."""
-    if s_tar <= 1:  # a single branch: the target prompt's
-        return None, eps_all, eps_all[:0], None, eps_all
-    eps_u, eps_tar = eps_all[:1], eps_all[1:2] if has_target else eps_all[:1]
-    eps_c = eps_all[1 + has_target:, None]  # [C, 1, 4, h, w]
-    out = guidance(i, eps_u, eps_c, m, p) if len(eps_c) else None
-    E = out.E if out else 0
-    return eps_u, eps_tar, eps_c, out, eps_u + s_tar * (eps_tar - eps_u) + E
+def check(target_guidance, concepts, momentum_scale, momentum_beta) -> list[Concept]:
+    """The concepts as Concept objects, after checking every edit option (ValueError, one line)."""
+    if isinstance(concepts, (str, dict, Concept)):  # one concept, not a sequence of them
+        concepts = [concepts]
+    concepts = [Concept.of(c) for c in concepts]
+    if not (isinstance(target_guidance, (int, float)) and math.isfinite(target_guidance)):
+        raise ValueError(f"target guidance (--target-guidance, target_guidance=) must be finite, got {target_guidance!r}")
+    if concepts and target_guidance <= 1:
+        raise ValueError(f"concepts need target guidance (--target-guidance, target_guidance=) > 1, got "
+                         f"{target_guidance!r}: guidance is off at <= 1")
+    SegaParams.of(concepts, momentum_scale, momentum_beta)
+    return concepts
 
 
 @torch.inference_mode()
-def edit(sd, inv: Inversion, target_prompt="", target_guidance=15.0, concepts=(), momentum_scale=0.3,
-         momentum_beta=0.6, guidance=sega, callback=None) -> torch.Tensor:
+def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidance=15.0, concepts=(),
+         momentum_scale=0.3, momentum_beta=0.6, guidance=sega, callback=None) -> torch.Tensor:
     """The edited w0 [1, 4, h, w]. guidance(i, eps_u, eps_c, m, params) -> Guidance can be swapped;
     callback(EditStep) receives every intermediate tensor of every step."""
-    concepts = [Concept.of(c) for c in concepts]
-    if not math.isfinite(target_guidance):
-        raise ValueError(f"target guidance must be finite, got {target_guidance}")
-    if concepts and target_guidance <= 1:
-        raise ValueError("concepts need target guidance > 1 (guidance is off at <= 1)")
+    concepts = check(target_guidance, concepts, momentum_scale, momentum_beta)
+    inv.check_model(sd)
+    s_tar, guided = target_guidance, target_guidance > 1
     p = SegaParams.of(concepts, momentum_scale, momentum_beta, sd.device)
-    steps = sd.schedule.steps(inv.settings["steps"])[inv.settings["skip"]:]
-    if [s.t for s in steps] != list(inv.timesteps):
-        raise ValueError("the inversion's timesteps do not match this model's schedule")
-    prompts = branches(target_prompt, concepts, target_guidance)
-    context = text_embeddings(sd, prompts)
-    x = inv.xts[:1].to(sd.device, sd.dtype)
-    m = torch.zeros_like(x)
-    for i, (s, z) in enumerate(zip(steps, inv.zs.to(sd.device, sd.dtype))):
-        eps_all = sd.unet(x.expand(len(prompts), -1, -1, -1), s.t, context)
-        eps_u, eps_tar, eps_c, out, eps = guided_eps(i, eps_all, bool(target_prompt), target_guidance, m, p, guidance)
-        m = out.m if out else m
-        mu_t = mu(x, as_eps(sd, eps, x, s), s)
-        x = mu_t + s.sigma * z
+    sampler, skip = DDPM(sd.schedule, inv.settings.steps), inv.settings.skip
+    if sampler.timesteps[skip:] != list(inv.timesteps):
+        raise InversionError("the inversion's timesteps do not match this model's schedule")
+    b = Branches.of(target_prompt, concepts, guided)
+    context = sd.text_embeddings(b.prompts)  # once for the whole edit
+    x = inv.xts[:1].to(sd.device, sd.dtype)  # x_T: the noisiest latent the edit starts from (line 1)
+    m = torch.zeros_like(x)                  # SEGA momentum
+    for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):  # for t = T..1
+        out = sd.unet(x.expand(len(b.prompts), -1, -1, -1), sampler.timesteps[k], context)  # all estimates
+        eps_u, eps_tar, eps_c = out[b.u] if guided else None, out[b.tar], out[b.c, None]
+        g = guidance(i, eps_u, eps_c, m, p) if guided and concepts else None  # SEGA: E_i and momentum
+        m = g.m if g else m
+        eps = eps_u + s_tar * (eps_tar - eps_u) + (g.E if g else 0) if guided else eps_tar
+        x_prev = sampler.step(k, x, eps, z)  # x_{t-1} = mu_t(x_t, eps) + sigma_t z_t
         if callback:
-            callback(EditStep(i, s, eps_u, eps_tar, eps_c, out, eps, mu_t, z, x))
+            callback(EditStep(i, k, sampler.timesteps[k], x, eps_u, eps_tar, eps_c, g, eps, z, x_prev))
+        x = x_prev
     return x
-
-
-@torch.inference_mode()
-def decode(sd, latents: torch.Tensor):
-    """w0 latents [1, 4, h, w] -> PIL image."""
-    return to_pil(sd.vae.decode(latents.to(sd.device, sd.dtype) / sd.vae.scaling_factor))[0]

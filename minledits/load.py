@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
@@ -38,19 +37,24 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from .errors import MinleditsError
+from .clip import TextEncoder
+from .convert import read_single_file
+from .errors import LoadError
+from .files import PICKLES, refuse_pickle
+from .model import StableDiffusion, dtype_of
+from .schedule import Schedule
+from .tiny import random_tiny
 from .tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
+from .unet import UNet
+from .vae import VAE
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 NETWORKS = ("unet", "vae", "text_encoder")
 WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", *(f"{n}/config.json" for n in NETWORKS)]
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
-PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-# The only alternative key names accepted in a folder (DESIGN §2). component: [(stored key regex, ours)].
+# The only alternative key names accepted in a folder (docs/design.md, "Weights"). component: [(stored key regex, ours)].
 # Applied in order; None drops the key.
 RENAMES = {
     "vae": [  # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn (and some
@@ -60,26 +64,6 @@ RENAMES = {
         (r"^(?!text_model\.)", "text_model."),           # transformers 5.x writes CLIP keys without the prefix
         (r"^text_model\.embeddings\.position_ids$", None)],  # a stored arange(77); ours is implicit
 }
-
-
-class LoadError(MinleditsError, ValueError):
-    """A model that cannot be found, fetched or read; the message is one line saying what to do."""
-
-
-@dataclass
-class StableDiffusion:
-    """The networks and settings of one Stable Diffusion model (see DESIGN §7)."""
-    tokenizer: Tokenizer
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    schedule: object                # minledits.schedule.Schedule
-    scheduler_config: dict
-    prediction_type: str            # "epsilon" or "v_prediction"
-    model_id: str                   # as given (repo id, folder or file)
-    fingerprint: str                # Hub commit sha, or "sha256-..." content hash (module docstring)
-    device: torch.device
-    dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------------------------- filling
@@ -139,9 +123,6 @@ def _read(f, key: str, squeeze: bool = False) -> torch.Tensor:
 
 def build(component: str, config: dict, source: str) -> torch.nn.Module:
     """Our network for `component`, built from its config on the meta device (instant, no memory)."""
-    from .clip import TextEncoder
-    from .unet import UNet
-    from .vae import VAE
     cls = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder}[component]
     try:
         with torch.device("meta"):
@@ -181,9 +162,8 @@ def weight_file(folder: Path, component: str, variant: str | None = None) -> Pat
     for path in [d / n for n in names] + sorted(d.glob(f"{stem}.*.safetensors")):
         if path.is_file():
             return path
-    if pickles := sorted(p for p in d.glob("*") if p.suffix in PICKLES):
-        raise LoadError(f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                        "minledits reads only .safetensors: get the model's safetensors files instead")
+    for pickle in sorted(p for p in d.glob("*") if p.suffix in PICKLES):
+        refuse_pickle(pickle)
     raise LoadError(f"{d} has no {names[-1]} (found: {', '.join(p.name for p in d.glob('*')) or 'nothing'})")
 
 
@@ -213,15 +193,14 @@ def folder_tokenizer(folder: Path, text_config: dict) -> Tokenizer:
     return Tokenizer.builtin(SD2_PAD_ID if sd2 else SD1_PAD_ID)
 
 
-def make_schedule(config: dict, source: str, prediction_type: str | None = None):
-    """(Schedule, scheduler config, prediction type); `prediction_type` overrides the config's."""
-    from .schedule import Schedule
+def make_schedule(config: dict, source: str, prediction_type: str | None = None) -> Schedule:
+    """The Schedule of a scheduler config; `prediction_type` overrides the config's."""
     config = dict(config, prediction_type=prediction_type or config.get("prediction_type", "epsilon"))
     if config["prediction_type"] not in ("epsilon", "v_prediction"):
         raise LoadError(f"{source}: prediction_type {config['prediction_type']!r} is not supported "
                         "(epsilon or v_prediction)")
     try:
-        return Schedule(config), config, config["prediction_type"]
+        return Schedule(config)
     except ValueError as e:
         raise LoadError(f"{source}: {e}") from None
 
@@ -299,7 +278,7 @@ def _hub(fn, repo_id: str, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------- load
-def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None, variant: str | None = None,
+def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, variant: str | None = None,
          revision: str | None = None, prediction_type: str | None = None) -> StableDiffusion:
     """Stable Diffusion from a folder, a Hub repo id or a single .safetensors file (module docstring).
 
@@ -307,12 +286,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None, vari
     variant: weight files `<name>.<variant>.safetensors` to prefer; "fp16" is implied by dtype float16.
     revision: Hub branch, tag or commit.  prediction_type: override (required for SD 2.x single files).
     """
-    device = torch.device(device or "cpu")
-    dtype = dtype or torch.float32
-    if isinstance(dtype, str) and (dtype := DTYPES.get(dtype.lower(), dtype)) not in DTYPES.values():
-        raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    device, dtype = torch.device(device or "cpu"), dtype_of(dtype)
     if os.fspath(model) == "random-tiny":  # an offline smoke-test model with random weights (tiny.py)
-        from .tiny import random_tiny
         return random_tiny(device, dtype)
     variant = variant or ("fp16" if dtype == torch.float16 else None)
     path, sha = locate(os.fspath(model), variant, revision)
@@ -320,24 +295,21 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None, vari
         return _single_file(path, os.fspath(model), device, dtype, prediction_type)
     nets, files = load_networks(path, variant, dtype, device)
     text_config = read_json(path / "text_encoder" / "config.json")
-    schedule, config, prediction = make_schedule(read_json(path / "scheduler" / "scheduler_config.json"),
-                                                 str(path / "scheduler"), prediction_type)
+    schedule = make_schedule(read_json(path / "scheduler" / "scheduler_config.json"), str(path / "scheduler"),
+                             prediction_type)
     tokenizer = folder_tokenizer(path, text_config)
     files += [path / "scheduler" / "scheduler_config.json"] + \
         [p for n in TOKENIZER_FILES if (p := path / "tokenizer" / n).is_file()]
-    return StableDiffusion(tokenizer, nets["text_encoder"], nets["unet"], nets["vae"], schedule, config, prediction,
-                           os.fspath(model), sha or content_hash(files), device, dtype)
+    return StableDiffusion(tokenizer, nets["text_encoder"], nets["unet"], nets["vae"], schedule, os.fspath(model),
+                           sha or content_hash(files), device, dtype)
 
 
 def _single_file(path: Path, model_id: str, device, dtype, prediction_type) -> StableDiffusion:
     """An original-format checkpoint: convert.read_single_file gives configs and getters (key renaming)."""
-    from .convert import read_single_file
-    if path.suffix in PICKLES:
-        raise LoadError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                        "use the model's .safetensors file instead")
+    refuse_pickle(path)
     parts = read_single_file(path, prediction_type)
     nets = {c: fill(build(c, parts[c][0], f"{path} [{c}]"), parts[c][1], f"{path} [{c}]", dtype, device)
             for c in NETWORKS}
-    schedule, config, prediction = make_schedule(parts["scheduler"], str(path))
+    schedule = make_schedule(parts["scheduler"], str(path))
     return StableDiffusion(Tokenizer.builtin(parts["pad_id"]), nets["text_encoder"], nets["unet"], nets["vae"],
-                           schedule, config, prediction, model_id, content_hash([path], prediction), device, dtype)
+                           schedule, model_id, content_hash([path], schedule.prediction_type), device, dtype)

@@ -1,76 +1,145 @@
-"""The noise schedule of Stable Diffusion and the DDPM posterior step (DDIM with eta = 1).
+"""The training noise schedule of Stable Diffusion, and which N of its T timesteps an inference run visits.
 
-Notation (code name -> symbol)
-    T        T                 number of training timesteps (1000)
-    beta     beta_t            variance of the noise added at training step t
+Every option means what it means in diffusers' DDIMScheduler (so a_bar and the timesteps match it exactly);
+an option minledits does not implement is refused with a one-line ValueError naming the key, never ignored.
+
+Notation (code name -> symbol), t = 0..T-1, k = 0..N-1; round() rounds half to even, as numpy does
+    T        T                 number of training timesteps (num_train_timesteps, 1000)
+    beta     beta_t            variance of the noise added at training step t; by beta_schedule, b0 = beta_start,
+                               b1 = beta_end, and g(s) = cos(pi/2 (s + 0.008) / 1.008)^2:
+                               linear:            b0 + (b1 - b0) t / (T - 1)
+                               scaled_linear:     (sqrt(b0) + (sqrt(b1) - sqrt(b0)) t / (T - 1))^2
+                               squaredcos_cap_v2: min(1 - g((t + 1) / T) / g(t / T), 0.999)
+                               trained_betas:     the config's T values (beta_start, beta_end, beta_schedule unused)
     a_bar    abar_t            prod_{s <= t} (1 - beta_s): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
-    tau      tau_k             the N inference timesteps, descending: tau_k = D (N - 1 - k) + offset, D = T // N
-    a_prev   abar_{t - D}      abar at the previous inference step; abar_0 past the end (set_alpha_to_one false)
-    sigma    sigma_t           posterior std: sigma_t^2 = (1 - a_prev) / (1 - abar_t) * (1 - abar_t / a_prev)
-    x0_hat   xhat_0            the clean latent predicted from x_t and eps
-    mu       mu_t              posterior mean, so that x_{t-1} = mu_t + sigma_t z,  z ~ N(0, I)
+    zero SNR                   rescale_betas_zero_snr (Lin et al. 2023, Algorithm 1), r = sqrt(abar) before it:
+                               sqrt(abar'_t) = (r_t - r_{T-1}) r_0 / (r_0 - r_{T-1})       so abar'_{T-1} = 0
+                               beta'_t = 1 - abar'_t / abar'_{t-1}, beta'_0 = 1 - abar'_0;  abar = prod (1 - beta')
+    tau      tau_k             the N inference timesteps, descending, k = 0 the noisiest; by timestep_spacing:
+                               leading:  D (N - 1 - k) + offset,  D = T // N,  offset = steps_offset
+                               trailing: round(T - k T / N) - 1                        (steps_offset unused)
+                               linspace: round((N - 1 - k) (T - 1) / (N - 1)), or 0 if N = 1  (steps_offset unused)
+beta and abar are float32 tensors (squaredcos_cap_v2 is computed in float64 first), as in diffusers.
+The samplers (sampler.py) build their step scalars from these.
 """
-from typing import NamedTuple
+import math
 
 import torch
 
+# The scheduler config of Stable Diffusion 1.x / 2.x (scheduler/scheduler_config.json): what a missing key means.
+DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "steps_offset": 1, "set_alpha_to_one": False, "prediction_type": "epsilon", "timestep_spacing": "leading",
+            "trained_betas": None, "rescale_betas_zero_snr": False, "clip_sample": False, "thresholding": False}
+SPACINGS = ("leading", "trailing", "linspace")
 
-class Step(NamedTuple):
-    """The scalars of one inference step at timestep t."""
-    t: int
-    a_bar: float
-    a_prev: float
-    sigma: float
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        got = f"{len(value)} values" if isinstance(value, (list, tuple)) else repr(value)[:60]
+        raise ValueError(f"{key} must be {expected}, got {got}")
+
+
+def validate(cfg: dict) -> None:
+    """One-line ValueErrors naming the key, for the values minledits cannot use as diffusers' DDIMScheduler would."""
+    T = cfg["num_train_timesteps"]
+    check(is_int(T) and T >= 1, "num_train_timesteps", "an integer >= 1", T)
+    betas = cfg["trained_betas"]
+    if betas is None:
+        for key in ("beta_start", "beta_end"):
+            check(is_number(cfg[key]) and 0 < cfg[key] < 1, key, "a number in (0, 1)", cfg[key])
+        check(cfg["beta_schedule"] in ("linear", "scaled_linear", "squaredcos_cap_v2"), "beta_schedule",
+              "'linear', 'scaled_linear' or 'squaredcos_cap_v2'", cfg["beta_schedule"])
+    else:
+        check(isinstance(betas, (list, tuple)) and len(betas) == T, "trained_betas",
+              f"null or a list of num_train_timesteps ({T}) numbers", betas)
+        bad = [b for b in betas if not (is_number(b) and 0 < b <= 1)]
+        check(not bad, "trained_betas", "numbers in (0, 1]", bad[0] if bad else None)
+    check(is_int(cfg["steps_offset"]) and cfg["steps_offset"] >= 0, "steps_offset", "an integer >= 0",
+          cfg["steps_offset"])
+    for key in ("set_alpha_to_one", "rescale_betas_zero_snr"):
+        check(isinstance(cfg[key], bool), key, "true or false", cfg[key])
+    check(cfg["prediction_type"] in ("epsilon", "v_prediction"), "prediction_type",
+          "'epsilon' or 'v_prediction' (minledits does not support 'sample')", cfg["prediction_type"])
+    check(cfg["timestep_spacing"] in SPACINGS, "timestep_spacing", "'leading', 'trailing' or 'linspace'",
+          cfg["timestep_spacing"])
+    for key, what in (("clip_sample", "clip"), ("thresholding", "threshold")):
+        check(cfg[key] is False, key, f"false (minledits' DDPM step does not {what} xhat_0)", cfg[key])
+    check(not cfg["rescale_betas_zero_snr"] or T >= 2, "num_train_timesteps", "at least 2 with rescale_betas_zero_snr",
+          T)
+
+
+def cosine_betas(T: int) -> torch.Tensor:
+    """squaredcos_cap_v2: beta_t = min(1 - g((t + 1) / T) / g(t / T), 0.999), in float64, then float32."""
+    g = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return torch.tensor([min(1 - g((t + 1) / T) / g(t / T), 0.999) for t in range(T)], dtype=torch.float32)
+
+
+def betas(cfg: dict) -> torch.Tensor:
+    """beta_t for t = 0..T-1 (float32), before any zero-SNR rescale."""
+    T, b0, b1, kind = cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"]
+    if cfg["trained_betas"] is not None:
+        return torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+    if kind == "scaled_linear":
+        return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
+    if kind == "linear":
+        return torch.linspace(b0, b1, T, dtype=torch.float32)
+    return cosine_betas(T)
+
+
+def zero_snr(beta: torch.Tensor) -> torch.Tensor:
+    """rescale_betas_zero_snr: the betas whose sqrt(abar) is shifted to end at 0 and scaled to start where it did."""
+    s = torch.cumprod(1 - beta, dim=0).sqrt()
+    s = (s - s[-1]) * (s[0] / (s[0] - s[-1]))
+    a_bar = s**2
+    return 1 - torch.cat([a_bar[:1], a_bar[1:] / a_bar[:-1]])
 
 
 class Schedule:
-    """abar_t for the 1000 training steps, and the N-step inference steps built from it."""
+    """abar_t for the T training steps, and the N-step inference timesteps built from it.
+
+    `config` is the model's scheduler config (missing keys take DEFAULTS); it is kept as `self.config`.
+    Keys of other schedulers (skip_prk_steps, solver_order, ...) do not change abar_t or the DDIM timesteps
+    and are not read."""
 
     def __init__(self, config: dict):
-        self.T = config.get("num_train_timesteps", 1000)
-        self.offset = config.get("steps_offset", 1)
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        self.alpha_one = config.get("set_alpha_to_one", False)
-        b0, b1, kind = config.get("beta_start", 0.00085), config.get("beta_end", 0.012), config.get("beta_schedule", "scaled_linear")
-        if kind == "scaled_linear":
-            beta = torch.linspace(b0**0.5, b1**0.5, self.T, dtype=torch.float32) ** 2
-        elif kind == "linear":
-            beta = torch.linspace(b0, b1, self.T, dtype=torch.float32)
-        else:
-            raise ValueError(f"unsupported beta_schedule {kind!r} (expected scaled_linear or linear)")
+        self.config = cfg = {**DEFAULTS, **config}
+        validate(cfg)
+        self.T, self.offset, self.spacing = cfg["num_train_timesteps"], cfg["steps_offset"], cfg["timestep_spacing"]
+        self.prediction_type, self.alpha_one = cfg["prediction_type"], cfg["set_alpha_to_one"]
+        beta = betas(cfg)
+        if cfg["rescale_betas_zero_snr"]:
+            beta = zero_snr(beta)
+            if not torch.isfinite(beta).all():  # 0 / 0: abar_0 == abar_{T-1}, or abar reaches 0 before T - 1
+                raise ValueError("rescale_betas_zero_snr cannot rescale these betas: it needs abar_0 > abar_{T-1} "
+                                 "and abar_t > 0 for t < T - 1")
         self.a_bar = torch.cumprod(1.0 - beta, dim=0)  # float32, as Stable Diffusion was trained
 
     def timesteps(self, N: int) -> list[int]:
-        """tau_k = D (N - 1 - k) + offset for k = 0..N-1 ("leading" spacing), descending."""
-        D = self.T // N
-        return [D * (N - 1 - k) + self.offset for k in range(N)]
-
-    def steps(self, N: int) -> list[Step]:
-        """The scalars of each of the N inference steps, in the order they run (t descending)."""
-        D, out = self.T // N, []
-        for t in self.timesteps(N):
-            a_bar = self.a_bar[t]
-            a_prev = self.a_bar[t - D] if t - D >= 0 else (torch.tensor(1.0) if self.alpha_one else self.a_bar[0])
-            var = (1 - a_prev) / (1 - a_bar) * (1 - a_bar / a_prev)  # in float32, like the reference
-            out.append(Step(t, a_bar.item(), a_prev.item(), var.sqrt().item()))
-        return out
-
-
-def add_noise(x0, eps, s: Step):
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (the forward process, in one jump)."""
-    return s.a_bar**0.5 * x0 + (1 - s.a_bar) ** 0.5 * eps
-
-
-def x0_hat(x, eps, s: Step):
-    """xhat_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    return (x - (1 - s.a_bar) ** 0.5 * eps) / s.a_bar**0.5
-
-
-def mu(x, eps, s: Step):
-    """mu_t = sqrt(a_prev) xhat_0 + sqrt(1 - a_prev - sigma_t^2) eps  (DDIM, eta = 1)."""
-    return s.a_prev**0.5 * x0_hat(x, eps, s) + (1 - s.a_prev - s.sigma**2) ** 0.5 * eps
-
-
-def eps_from_v(v, x, s: Step):
-    """v-prediction -> noise: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
-    return s.a_bar**0.5 * v + (1 - s.a_bar) ** 0.5 * x
+        """tau_k for k = 0..N-1 (descending), by the config's timestep_spacing; 1 <= N <= T."""
+        T = self.T
+        if not (is_int(N) and 1 <= N <= T):
+            raise ValueError(f"the number of steps must be an integer from 1 to num_train_timesteps ({T}), got {N!r}")
+        if self.spacing == "leading":
+            D = T // N
+            if D * (N - 1) + self.offset >= T:
+                raise ValueError(f"{N} 'leading' steps with steps_offset {self.offset} reach t = "
+                                 f"{D * (N - 1) + self.offset}, past the last training step {T - 1}")
+            return [D * (N - 1 - k) + self.offset for k in range(N)]
+        if self.spacing == "trailing":
+            if math.ceil(T / (T / N)) != N:  # diffusers' np.arange(T, 0, -T / N) then has N + 1 entries, the last -1
+                raise ValueError(f"{N} 'trailing' steps of {T} are not exact in diffusers (T / (T / N) rounds above N, "
+                                 "giving an extra timestep -1); choose another number of steps")
+            d = (T - T / N) - T  # the stride as np.arange applies it (rounded through T - T / N)
+            return [round(T + k * d) - 1 for k in range(N)]
+        if N == 1:  # linspace
+            return [0]
+        d = (T - 1) / (N - 1)  # the stride as np.linspace applies it, its last entry set to T - 1 exactly
+        return [T - 1] + [round(k * d) for k in reversed(range(N - 1))]

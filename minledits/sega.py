@@ -117,15 +117,22 @@ def quantile(a: torch.Tensor, lam: list[float]) -> torch.Tensor:
     return torch.stack([torch.quantile(a_c.flatten(-2).float(), l, dim=-1) for a_c, l in zip(a, lam)]).to(a.dtype)
 
 
+def mask(g: torch.Tensor, p: SegaParams, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each concept acts at step i: |g_c| >= q_c, and only before its cooldown. (mask [C, B, 4, h, w], q).
+
+    The ablation people try first: replace `minledits.sega.mask` (sega() looks it up at every call)."""
+    per_c = (-1,) + (1,) * (g.dim() - 1)  # view a [C] tensor as [C, 1, 1, 1, 1]
+    q = quantile(g.abs(), p.threshold)
+    return (g.abs() >= q[..., None, None]) & (i < p.cooldown).view(per_c), q
+
+
 def sega(i: int, eps_u: torch.Tensor, eps_c: torch.Tensor, m: torch.Tensor, p: SegaParams) -> Guidance:
     """E_i, the semantic guidance of edit step i, and the updated momentum (see the notation above)."""
-    per_c = (-1,) + (1,) * (eps_c.dim() - 1)  # view a [C] tensor as [C, 1, 1, 1, 1]
+    per_c = (-1,) + (1,) * (eps_c.dim() - 1)
     g = p.scale.view(per_c).to(eps_c.dtype) * (eps_c - eps_u)
-    q = quantile(g.abs(), p.threshold)
-    active = i < p.cooldown  # [C] bool: not yet cooled down
-    mask = (g.abs() >= q[..., None, None]) & active.view(per_c)
-    g_hat = torch.where(mask, g, 0)
-    w = (p.weight * active).to(g.dtype)
+    on, q = mask(g, p, i)
+    g_hat = torch.where(on, g, 0)
+    w = (p.weight * (i < p.cooldown)).to(g.dtype)  # w_c, 0 from the cooldown on
     G = torch.einsum("c,c...->...", w, g_hat) + p.momentum_scale * m
     m = p.momentum_beta * m + (1 - p.momentum_beta) * G
     warm = (i >= p.warmup).to(w.dtype)
@@ -134,4 +141,4 @@ def sega(i: int, eps_u: torch.Tensor, eps_c: torch.Tensor, m: torch.Tensor, p: S
     else:  # normalised over the warm concepts, no momentum (0 when none is warm)
         w_warm = w * warm
         E = torch.einsum("c,c...->...", w_warm / w_warm.sum().clamp(min=torch.finfo(w.dtype).tiny), g_hat)
-    return Guidance(E, m, g, mask, q, G)
+    return Guidance(E, m, g, on, q, G)

@@ -1,4 +1,4 @@
-"""Inversion files, and atomic writes for everything the CLI saves.
+"""Inversion files.
 
 An inversion file is one safetensors file:
     tensors   xts [N-skip+1, 4, h, w]   xts[skip], ..., xts[N-1], w0
@@ -6,49 +6,30 @@ An inversion file is one safetensors file:
               timesteps [N-skip] int64  the edit's timesteps, descending
               image [1, 3, H, W]        the preprocessed input in [-1, 1] (for --compare and --trace)
     metadata  format, version, model_id, fingerprint, dtype, resolution ("WxH" pixels) and the inversion
-              settings (steps, skip, seed, size, source_prompt, source_guidance, keep_last_noise, keep_aspect),
-              each value JSON-encoded (safetensors metadata holds strings only).
+              settings (the fields of inversion.InversionSettings), each value JSON-encoded (safetensors
+              metadata holds strings only).
 """
 import json
-import os
-from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import fields
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .inversion import Inversion
+from .errors import InversionFileError
+from .files import atomic
+from .inversion import Inversion, InversionSettings
+from .model import StableDiffusion
 
 FORMAT, VERSION = "minledits.inversion", 1
-UMASK = os.umask(0o22)  # read the process umask (the only way is to set it) ...
-os.umask(UMASK)         # ... and put it back
-SETTINGS = ("steps", "skip", "seed", "size", "source_prompt", "source_guidance", "keep_last_noise", "keep_aspect")
+SETTINGS = [f.name for f in fields(InversionSettings)]
 
 
-class InversionFileError(ValueError):
-    """An inversion file that cannot be used (one-line message)."""
-
-
-@contextmanager
-def atomic(path):
-    """Yield a temporary name beside `path`; rename it to `path` on success, delete it on any failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~UMASK)  # like a plain open(): some writers create files private (0600)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save(inv: Inversion, path, sd) -> None:
-    """Write `inv` (made with the model `sd`) to `path`, atomically."""
+def save(inv: Inversion, path) -> None:
+    """Write `inv` to `path`, atomically."""
     H, W = inv.image.shape[-2:]
-    meta = dict(format=FORMAT, version=VERSION, model_id=str(sd.model_id), fingerprint=str(sd.fingerprint),
-                dtype=str(inv.xts.dtype).removeprefix("torch."), resolution=f"{W}x{H}",
-                **{k: inv.settings[k] for k in SETTINGS})
+    meta = dict(format=FORMAT, version=VERSION, model_id=inv.model_id, fingerprint=inv.fingerprint,
+                dtype=str(inv.xts.dtype).removeprefix("torch."), resolution=f"{W}x{H}", **inv.settings.dict())
     tensors = {"xts": inv.xts, "zs": inv.zs, "timesteps": torch.tensor(inv.timesteps, dtype=torch.int64),
                "image": inv.image.float()}
     with atomic(path) as tmp:
@@ -57,7 +38,7 @@ def save(inv: Inversion, path, sd) -> None:
 
 
 def load(path) -> Inversion:
-    """Read an inversion file; its settings also carry model_id, fingerprint, dtype and resolution."""
+    """Read an inversion file."""
     try:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
@@ -73,25 +54,26 @@ def load(path) -> Inversion:
     if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
         raise InversionFileError(f"{path} has inversion format version {meta.get('version')!r}; this minledits reads <= {VERSION}")
     try:
-        inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"], meta)
-        n = meta["steps"] - meta["skip"]
-    except (KeyError, TypeError) as e:
+        settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
+        inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
+                        settings, str(meta["model_id"]), str(meta["fingerprint"]))
+        n = settings.steps - settings.skip
+    except KeyError as e:
         raise InversionFileError(f"{path} is a damaged minledits inversion file (missing {e})") from e
+    except (TypeError, ValueError) as e:
+        raise InversionFileError(f"{path} is a damaged minledits inversion file ({e})") from e
     if not (len(inv.timesteps) == len(inv.zs) == len(inv.xts) - 1 == n and inv.xts.shape[1:] == inv.zs.shape[1:]
             and meta.get("resolution") == "{1}x{0}".format(*inv.image.shape[-2:])):
         raise InversionFileError(f"{path} is a damaged minledits inversion file (tensor shapes disagree with its settings)")
     return inv
 
 
-def check(inv: Inversion, sd=None, source="the inversion", **settings) -> None:
+def check(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
     """Refuse an inversion made with other settings than those given (e.g. size=512), or with a model other than `sd`."""
-    s = inv.settings
+    H, W = inv.image.shape[-2:]
     for k, v in settings.items():
-        if v != s.get(k):
-            raise InversionFileError(f"{source} was made with {k}={s.get(k)!r} ({s.get('resolution')} px), not {v!r}: "
-                                     "leave the option out, or invert again")
-    if sd is not None and s.get("fingerprint") != str(sd.fingerprint):
-        same = " (same name, other weights: another variant or dtype, or the files changed)" \
-            if s.get("model_id") == str(sd.model_id) else ""
-        raise InversionFileError(f"{source} was made with model {s.get('model_id')} (fingerprint {s.get('fingerprint')}), "
-                                 f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: invert again with this model")
+        if v != getattr(inv.settings, k):
+            raise InversionFileError(f"{source} was made with {k}={getattr(inv.settings, k)!r} ({W}x{H} px), "
+                                     f"not {v!r}: leave the option out, or invert again")
+    if sd is not None:
+        inv.check_model(sd, source)

@@ -7,7 +7,8 @@ PyTorch's default init under a fixed seed, so two builds are identical and share
 import torch
 
 from .clip import TextEncoder
-from .schedule import Schedule
+from .model import StableDiffusion
+from .schedule import DEFAULTS, Schedule
 from .tokenizer import SD1_PAD_ID, Tokenizer
 from .unet import UNet
 from .vae import VAE
@@ -21,19 +22,14 @@ VAE_ = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_gr
             in_channels=3, out_channels=3, scaling_factor=0.18215)
 CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
             max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon")
 
 
 def random_tiny(device=None, dtype=None):
-    """A StableDiffusion (see load.py) with seeded random weights."""
-    from .load import StableDiffusion
-
+    """A StableDiffusion (model.py) with seeded random weights and the SD 1.x schedule."""
     device, dtype = torch.device(device or "cpu"), dtype or torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         nets = [m(c).eval().requires_grad_(False).to(device, dtype) for m, c in
                 [(TextEncoder, CLIP), (UNet, UNET), (VAE, VAE_)]]
     return StableDiffusion(tokenizer=Tokenizer.builtin(SD1_PAD_ID), text_encoder=nets[0], unet=nets[1], vae=nets[2],
-                           schedule=Schedule(SCHEDULER), scheduler_config=dict(SCHEDULER), prediction_type="epsilon",
-                           model_id=NAME, fingerprint=FINGERPRINT, device=device, dtype=dtype)
+                           schedule=Schedule(DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device, dtype=dtype)

@@ -17,31 +17,28 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from .files import atomic
 from .image import to_pil
-from .inversion import as_eps
-from .schedule import x0_hat
-from .store import atomic
+from .sampler import DDPM
 
 GUIDANCE = ("g", "mask", "q", "G", "m", "E")
 
 
 class Trace:
-    """An edit callback that keeps a CPU copy of every tensor of every step, plus xhat_0 (the x0 prediction)."""
+    """An edit callback that keeps a CPU copy of every tensor of every step, plus xhat_0 and mu_t (sampler.py)."""
 
     def __init__(self, sd, inv):
-        self.sd, self.inv, self.x = sd, inv, inv.xts[:1].to(sd.device, sd.dtype)
+        self.inv, self.sampler = inv, DDPM(sd.schedule, inv.settings.steps)
         self.steps = defaultdict(list)
 
     def __call__(self, st):
-        eps = as_eps(self.sd, st.eps, self.x, st.step)
-        row = dict(x0_hat=x0_hat(self.x, eps, st.step), eps_u=st.eps_u, eps_tar=st.eps_tar, eps_c=st.eps_c,
-                   eps=st.eps, mu=st.mu, z=st.z, x=st.x)
+        row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), mu=self.sampler.mu(st.k, st.x_t, st.eps),
+                   eps_u=st.eps_u, eps_tar=st.eps_tar, eps_c=st.eps_c, eps=st.eps, z=st.z, x=st.x_prev)
         row.update({k: getattr(st.guidance, k) for k in GUIDANCE} if st.guidance else {})
         for k, v in row.items():
             if v is not None:
                 self.steps[k].append(v.detach().to("cpu", copy=True))
-        self.steps["t"].append(torch.tensor(st.step.t))
-        self.x = st.x
+        self.steps["t"].append(torch.tensor(st.t))
 
     def tensors(self) -> dict:
         return {k: torch.stack(v) for k, v in self.steps.items()}

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
+from minledits.model import ALIASES, dtype_of
+
 CACHE = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "minledits-bench"
 PHASES = ("load", "encode", "inversion", "edit", "decode")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse(argv=None):
@@ -50,7 +51,7 @@ def parse(argv=None):
     p.add_argument("--concepts", nargs="*", default=["glasses", "smile"], help="concept specs (minledits.Concept.parse)")
     p.add_argument("--target", default="", help="target prompt")
     p.add_argument("--source", default="", help="source prompt of the inversion")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=list(ALIASES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="ours: inversion timesteps per UNet call")
@@ -142,8 +143,8 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
     the same machine: the median of `repeats` after a warm-up, per batch size. {"ours": {b: s}, "reference": {...}}"""
     import minledits
     from diffusers import UNet2DConditionModel
-    dtype, meter = DTYPES[args.dtype], Meter(args.device)
-    ours = minledits.load(folder, args.device, dtype).unet
+    dtype, meter = dtype_of(args.dtype), Meter(args.device)
+    ours = minledits.load(folder, args.device, dtype=dtype).unet
     ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
     calls = {"ours": lambda x, t, c: ours(x, t, c), "reference": lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample}
     g, h = torch.Generator().manual_seed(0), args.size // 8
@@ -169,8 +170,8 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
 # --------------------------------------------------------------------------------------------- the two paths
 def run_ours(args, folder, meter):
     import minledits
-    dtype = DTYPES[args.dtype]
-    sd = meter.timed("load", minledits.load)(folder, args.device, dtype)
+    dtype = dtype_of(args.dtype)
+    sd = meter.timed("load", minledits.load)(folder, args.device, dtype=dtype)
     if args.channels_last:
         sd.unet.to(memory_format=torch.channels_last)
     if args.compile:
@@ -178,9 +179,11 @@ def run_ours(args, folder, meter):
     meter.watch_unet(sd.unet)
     sd.vae.encode = meter.timed("encode", sd.vae.encode)
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    inv = meter.timed("inversion", minledits.invert)(sd, photo(), args.source, 3.5, args.steps, args.skip, args.seed,
-                                                      args.size, **kw)
-    w0 = meter.timed("edit", minledits.edit)(sd, inv, args.target, 15.0, args.concepts, 0.3, 0.6)
+    inv = meter.timed("inversion", minledits.invert)(sd, photo(), source_prompt=args.source, source_guidance=3.5,
+                                                      steps=args.steps, skip=args.skip, seed=args.seed, size=args.size,
+                                                      **kw)
+    w0 = meter.timed("edit", minledits.edit)(sd, inv, target_prompt=args.target, target_guidance=15.0,
+                                             concepts=args.concepts, momentum_scale=0.3, momentum_beta=0.6)
     meter.timed("decode", minledits.decode)(sd, w0)
     return w0, meter.peak_memory()
 
@@ -193,7 +196,7 @@ def run_reference(args, folder, meter):
     from minledits.image import to_pil, to_tensor
     from tests import hub, oracle
 
-    dtype = DTYPES[args.dtype]
+    dtype = dtype_of(args.dtype)
 
     def load():
         kw = dict(torch_dtype=dtype)

@@ -52,10 +52,13 @@ def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=3, seed
 
 
 class InjectedDDIM(DDIMScheduler):
-    """DDIMScheduler that runs only timesteps[skip:] and uses the given noise maps as variance noise."""
+    """DDIMScheduler that runs only timesteps[skip:] and uses the given noise maps as variance noise.
 
-    def prepare(self, skip, zs):
-        self.skip, self.zs, self.i = skip, zs, 0
+    With `force` (a latent per step), step i returns force[i] instead of its own result, which it keeps in
+    `own`: every step then starts from the same x_t as ours, and each step's result can be compared alone."""
+
+    def prepare(self, skip, zs, force=None):
+        self.skip, self.zs, self.i, self.force, self.own = skip, zs, 0, force, []
         return self
 
     def set_timesteps(self, num_inference_steps, device=None):
@@ -64,14 +67,20 @@ class InjectedDDIM(DDIMScheduler):
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
-        z, self.i = self.zs[self.i][None].to(sample), self.i + 1
-        return super().step(model_output, timestep, sample, eta=1.0, variance_noise=z, return_dict=return_dict)
+        i, self.i = self.i, self.i + 1
+        out = super().step(model_output, timestep, sample, eta=1.0, variance_noise=self.zs[i][None].to(sample))
+        self.own.append(out.prev_sample)
+        if self.force is not None:
+            out.prev_sample = self.force[i].to(sample)
+        return out if return_dict else (out.prev_sample,)
 
 
 @torch.no_grad()
-def edit(ref, xts, zs, steps, skip, target_prompt, target_guidance, concepts, momentum_scale, momentum_beta):
-    """The edited latents and the pipeline (its uncond/text/edit estimates and sem_guidance per step)."""
-    sched = InjectedDDIM(**hub._clean(ref.scheduler_config)).prepare(skip, zs)
+def edit(ref, xts, zs, steps, skip, target_prompt, target_guidance, concepts, momentum_scale, momentum_beta,
+         force=None):
+    """The edited latents and the pipeline (its uncond/text/edit estimates and sem_guidance per step; its
+    scheduler's `own` results per step). force: see InjectedDDIM."""
+    sched = InjectedDDIM(**hub._clean(ref.scheduler_config)).prepare(skip, zs, force)
     pipe = SemanticStableDiffusionPipeline(
         vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=tokenizer(ref.folder),
         unet=ref.unet, scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from minledits import cli, store
 from minledits.image import to_pil
@@ -71,8 +72,11 @@ def flow(tiny_sd1, photo, tmp_path_factory):
 def test_inversion_file(flow, tiny_sd1):
     inv = store.load(flow.dir / "inv.safetensors")
     s = inv.settings
-    assert (s["steps"], s["skip"], s["seed"], s["size"], s["resolution"], s["dtype"]) == (6, 2, 3, 64, "64x64", "float32")
-    assert s["model_id"] == str(tiny_sd1.folder) and s["fingerprint"].startswith("sha256-") and s["version"] == 1
+    with safe_open(str(flow.dir / "inv.safetensors"), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert (s.steps, s.skip, s.seed, s.size, meta["resolution"], meta["dtype"]) == (6, 2, 3, 64, "64x64", "float32")
+    assert inv.model_id == meta["model_id"] == str(tiny_sd1.folder) and inv.fingerprint.startswith("sha256-")
+    assert meta["version"] == 1 and meta["steps"] == 6
     assert inv.xts.shape == (5, 4, 8, 8) and inv.zs.shape == (4, 4, 8, 8) and len(inv.timesteps) == 4
     assert inv.image.shape == (1, 3, 64, 64) and torch.all(inv.zs[-1] == 0)  # the reference zeroes the last map
 

@@ -226,7 +226,7 @@ def test_sd2_v_prediction_upcasts_attention(original):
         return
     sd = minledits.load(path, dtype=torch.bfloat16, prediction_type="v_prediction")
     assert sd.unet.config["upcast_attention"] is True and sd.unet.config["sample_size"] == 96
-    assert sd.scheduler_config["prediction_type"] == sd.prediction_type == "v_prediction"
+    assert sd.schedule.config["prediction_type"] == sd.prediction_type == "v_prediction"
     assert sd.tokenizer("a")[0, -1].item() == 0  # SD2 pads with "!"
     nets = (sd.unet, sd.vae, sd.text_encoder)
     assert {p.dtype for m in nets for p in m.parameters()} == {torch.bfloat16}  # cast tensor by tensor
@@ -353,5 +353,5 @@ def test_cli_edits_a_single_file_end_to_end(original, tmp_path):
     assert cli.main(["invert", str(photo), "-o", str(inv), *common, *pred, "--source-prompt", "a photo"]) == 0
     assert cli.main(["edit", str(inv), "-o", str(out), "-e", "glasses", "-e", "-beard", *pred, "-q"]) == 0
     sd = minledits.load(path, prediction_type="v_prediction" if sd2 else None)
-    w0 = minledits.edit(sd, minledits.invert(sd, photo, "a photo", steps=6, skip=2, size=64), concepts=["glasses", "-beard"])
+    w0 = minledits.edit(sd, minledits.invert(sd, photo, source_prompt="a photo", steps=6, skip=2, size=64), concepts=["glasses", "-beard"])
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(minledits.decode(sd, w0)))

@@ -1,18 +1,11 @@
 """Edit-friendly DDPM inversion against an oracle built from diffusers primitives (tests/oracle.py)."""
 import pytest
 import torch
-from PIL import Image
 
 import minledits
 from minledits.image import to_tensor
 from tests import oracle
-
-N, SKIP, SIZE = 10, 3, 64
-
-
-def photo(seed=0, size=(80, 64)):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+from tests.helpers import N, SIZE, SKIP, photo
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import torch
 from safetensors import safe_open
 
 from minledits.errors import MinleditsError
-from minledits.load import DTYPES, NETWORKS, WEIGHT_STEM, LoadError, StableDiffusion, fill, load, weight_file
+from minledits.errors import LoadError
+from minledits.load import NETWORKS, WEIGHT_STEM, fill, load, weight_file
+from minledits.model import StableDiffusion, dtype_of
 from minledits.tokenizer import Tokenizer
 from tests import hub
 
@@ -52,8 +54,8 @@ def outputs(sd, ref):
 def test_load_tiny(tiny):
     sd = load(tiny.folder)
     assert isinstance(sd, StableDiffusion)
-    assert sd.prediction_type == tiny.prediction_type and sd.scheduler_config["prediction_type"] == tiny.prediction_type
-    assert sd.scheduler_config["beta_schedule"] == "scaled_linear" and sd.schedule.a_bar.shape == (1000,)
+    assert sd.prediction_type == tiny.prediction_type and sd.schedule.config["prediction_type"] == tiny.prediction_type
+    assert sd.schedule.config["beta_schedule"] == "scaled_linear" and sd.schedule.a_bar.shape == (1000,)
     assert sd.tokenizer.pad_id == tiny.pad_id and sd.model_id == str(tiny.folder)
     assert sd.device == torch.device("cpu") and sd.dtype == torch.float32
     assert sd.fingerprint.startswith("sha256-") and len(sd.fingerprint) == 23
@@ -123,7 +125,7 @@ def test_variant_falls_back_both_ways(tiny_sd2, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bf16", "fp16", torch.float32])
 def test_dtype_casting(tiny_sd2v, dtype):
     sd = load(tiny_sd2v.folder, dtype=dtype)
-    want = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    want = dtype_of(dtype)
     assert sd.dtype == want
     assert {p.dtype for net in (sd.unet, sd.vae, sd.text_encoder) for p in net.parameters()} == {want}
 

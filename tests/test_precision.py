@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import minledits
-from tests.test_edit import CONCEPTS, run_both
-from tests.test_inversion import N, SIZE, SKIP, photo
+from tests.helpers import CONCEPTS, N, SIZE, SKIP, photo, run_both
 
 
 def edits(ref32, inv32, dtype):

@@ -1,0 +1,76 @@
+"""The model object every method shares: Stable Diffusion's networks and noise schedule, and the three things
+every method does with them - embed prompts, encode an image to latents, decode latents to an image.
+
+    sd.text_embeddings(["", "a cat"])   -> c [B, 77, D]      CLIP's last hidden states
+    sd.encode(x)                        -> w0 [B, 4, h, w]   f E(x): the scaled VAE posterior mean (f: scaling factor)
+    sd.decode(w0)                       -> x [B, 3, H, W]    D(w0 / f), in about [-1, 1]
+    sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
+Build one with minledits.load (load.py), or minledits.load("random-tiny") for an offline smoke test.
+"""
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .clip import TextEncoder
+from .errors import LoadError
+from .image import to_pil
+from .schedule import Schedule
+from .tokenizer import Tokenizer
+from .unet import UNet
+from .vae import VAE
+
+# The dtypes a model runs in, by the names the CLI and load() take (load also accepts float32/float16/bfloat16).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def dtype_of(dtype) -> torch.dtype:
+    """A torch dtype from a torch dtype, None (float32) or one of the names of DTYPES / ALIASES."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype or torch.float32
+    if isinstance(dtype, str) and (name := ALIASES.get(dtype.lower(), dtype.lower())) in DTYPES:
+        return DTYPES[name]
+    raise LoadError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *ALIASES])}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32 / fp16 / bf16."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+@dataclass
+class StableDiffusion:
+    """The networks and noise schedule of one Stable Diffusion model, on one device in one dtype."""
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+    schedule: Schedule              # from scheduler_config.json: abar_t, timesteps, prediction_type
+    model_id: str                   # as given (repo id, folder or file)
+    fingerprint: str                # identifies the weights: Hub commit sha, or "sha256-..." (load.content_hash)
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" or "v_prediction": what the UNet predicts (the schedule's, from the scheduler config)."""
+        return self.schedule.prediction_type
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP last hidden states [B, 77, D] of the prompts."""
+        return self.text_encoder(self.tokenizer(prompts).to(self.device))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """w0 = f E(x) for images x [B, 3, H, W] in [-1, 1]."""
+        return self.vae.scaling_factor * self.vae.encode(x.to(self.device, self.dtype))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """D(w0 / f): images [B, 3, H, W] in about [-1, 1]."""
+        return self.vae.decode(latents.to(self.device, self.dtype) / self.vae.scaling_factor)
+
+
+@torch.inference_mode()
+def decode(sd: StableDiffusion, latents: torch.Tensor) -> Image.Image:
+    """w0 latents [1, 4, h, w] -> a PIL image."""
+    return to_pil(sd.decode(latents))[0]

@@ -1,0 +1,93 @@
+"""Samplers: each reverse step of the diffusion beside its inverse, the noise map that makes the step land
+on a given latent. Every editing method regenerates a latent x_{tau_k} -> x_{tau_{k+1}} by
+
+    x_prev = step(k, x, out, z)           the sampler's update with the injected noise z
+    z      = noise_map(k, x, x_prev, out) its inverse: the z for which step(k, x, out, z) == x_prev
+
+where `out` is the (guided) model output - eps, or v for a v-prediction model, converted inside - and k is
+the inference step (0 = the noisiest). A sampler is an object because a multistep solver keeps a history of
+model outputs between steps; DDPM keeps none, so its `step` and `noise_map` may also take a slice of
+steps (batched over k, their scalars as [n, 1, 1, 1] columns).
+
+DDPM (the posterior step: DDIM's formulas with eta = 1); schedule symbols as in schedule.py
+    a_prev   abar_{t - D}      abar at the previous inference step, with D = T // N for every timestep_spacing as in
+                               DDIMScheduler.step: t - D = tau_{k+1} for 'leading', and for 'trailing' when N divides T,
+                               not always otherwise; abar_0 past the end (set_alpha_to_one false), else 1
+    sigma    sigma_t           posterior std: sigma_t^2 = (1 - a_prev) / (1 - abar_t) * (1 - abar_t / a_prev)
+    eps      eps               noise estimate; from v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t
+    x0_hat   xhat_0            (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the clean latent predicted
+    mu       mu_t              sqrt(a_prev) xhat_0 + sqrt(1 - a_prev - sigma_t^2) eps: the posterior mean
+    step     x_{t-1}           mu_t + sigma_t z
+    noise_map  z               (x_{t-1} - mu_t) / sigma_t
+"""
+from typing import NamedTuple
+
+import torch
+
+from .schedule import Schedule
+
+
+class Step(NamedTuple):
+    """The scalars of one inference step at timestep t (floats), or of several ([n] / [n, 1, 1, 1] tensors)."""
+    t: int
+    a_bar: float
+    a_prev: float
+    sigma: float
+
+
+class DDPM:
+    """The DDPM posterior step over N inference steps of `schedule`, and its inverse."""
+    name = "ddpm"
+
+    def __init__(self, schedule: Schedule, N: int):
+        """ValueError (one line) for N outside 1..T, and for a step the posterior is undefined at."""
+        self.N, self.v_prediction = N, schedule.prediction_type == "v_prediction"
+        timesteps, a_bar = schedule.timesteps(N), schedule.a_bar
+        D, self.steps = schedule.T // N, []  # t - D for every spacing, as DDIMScheduler.step
+        for k, t in enumerate(timesteps):
+            a_prev = a_bar[t - D] if t - D >= 0 else (torch.tensor(1.0) if schedule.alpha_one else a_bar[0])
+            var = (1 - a_prev) / (1 - a_bar[t]) * (1 - a_bar[t] / a_prev)  # in float32, like the reference
+            where = f"DDPM step {k} of {N} at t = {t} (timestep_spacing {schedule.spacing!r})"
+            if a_bar[t] == 0:
+                raise ValueError(f"{where} has abar_t = 0 (rescale_betas_zero_snr) and xhat_0 divides by sqrt(abar_t); "
+                                 f"use 'leading' spacing with a number of steps that skips t = {t}")
+            if not var > 0:
+                raise ValueError(f"{where} has sigma_t = 0, so its noise map (x_prev - mu_t) / sigma_t is undefined; "
+                                 "use 'leading' spacing with steps_offset >= 1, or 'trailing'")
+            self.steps.append(Step(t, a_bar[t].item(), a_prev.item(), var.sqrt().item()))
+        self.timesteps = [s.t for s in self.steps]
+
+    def at(self, k, like: torch.Tensor | None = None) -> Step:
+        """The scalars of step k (an int), or of steps k (a slice) as float32 columns on like's device."""
+        if isinstance(k, int):
+            return self.steps[k]
+        steps = self.steps[k]
+        col = lambda v: torch.tensor(v, dtype=torch.float32, device=like.device).view(-1, 1, 1, 1)
+        return Step(torch.tensor([s.t for s in steps], device=like.device), *(col([s[j] for s in steps]) for j in (1, 2, 3)))
+
+    def add_noise(self, k, x0, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise  (the forward process, in one jump)."""
+        s = self.at(k, x0)
+        return s.a_bar**0.5 * x0 + (1 - s.a_bar) ** 0.5 * noise
+
+    def eps(self, k, x, out):
+        """The model output as a noise estimate: a v-prediction model's v is converted."""
+        s = self.at(k, x)
+        return s.a_bar**0.5 * out + (1 - s.a_bar) ** 0.5 * x if self.v_prediction else out
+
+    def x0_hat(self, k, x, out):
+        s, eps = self.at(k, x), self.eps(k, x, out)
+        return (x - (1 - s.a_bar) ** 0.5 * eps) / s.a_bar**0.5
+
+    def mu(self, k, x, out):
+        s, eps = self.at(k, x), self.eps(k, x, out)
+        return s.a_prev**0.5 * self.x0_hat(k, x, out) + (1 - s.a_prev - s.sigma**2) ** 0.5 * eps
+
+    def step(self, k, x, out, z):
+        return self.mu(k, x, out) + self.at(k, x).sigma * z
+
+    def noise_map(self, k, x, x_prev, out):
+        return (x_prev - self.mu(k, x, out)) / self.at(k, x).sigma
+
+
+SAMPLERS = {DDPM.name: DDPM}

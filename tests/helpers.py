@@ -1,0 +1,36 @@
+"""Shared test helpers (the tests never import each other): the small inversion setting, a test photo, and
+our edit beside the reference pipeline's on the same inversion."""
+import torch
+from PIL import Image
+
+import minledits
+from minledits import Concept
+from tests import oracle
+
+N, SKIP, SIZE = 10, 3, 64  # 10 steps, 7 of them edited, 64 px (8x8 latents): tiny models run in milliseconds
+CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.9, warmup=1, cooldown=6, weight=1.5),
+            Concept("beard", scale=3.0, threshold=0.8, warmup=3, reverse=True, weight=0.5)]
+
+
+def photo(seed=0, size=(80, 64)):
+    """A random RGB picture (W x H = size), the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5, forced=False):
+    """(ours, theirs, pipe, trace): our edit and SemanticStableDiffusionPipeline's on the same inversion.
+
+    forced=True starts every step of the pipeline from our x_t (teacher forcing, see oracle.InjectedDDIM);
+    then theirs [S, 1, 4, h, w] holds the pipeline's own result of each step, to compare with ours step by
+    step. SEGA needs this for a strict comparison: its quantile mask is discontinuous, and float32 rounding
+    of a different operation order (~1e-7) can swap two |g| values that straddle a quantile; the two free
+    runs then drift apart by ~0.05 (seen on 3 of 24 small edits), though every step computes the same."""
+    trace = []
+    ours = minledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=s_tar, concepts=concepts,
+                          momentum_scale=0.3, momentum_beta=0.6, callback=trace.append)
+    steps, skip = inv.settings.steps, inv.settings.skip
+    xts = torch.cat([torch.zeros(skip, *inv.xts.shape[1:], dtype=inv.xts.dtype), inv.xts])  # the oracle indexes from k = 0
+    force = [st.x_prev for st in trace] if forced else None
+    theirs, pipe = oracle.edit(ref, xts, inv.zs, steps, skip, target_prompt, s_tar, concepts, 0.3, 0.6, force)
+    return ours, torch.stack(pipe.scheduler.own) if forced else theirs, pipe, trace

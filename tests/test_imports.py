@@ -1,0 +1,70 @@
+"""The package's import graph reads top-down: every module imports its package neighbours at the top (no
+function-level imports hiding a cycle), the graph has no cycle, and each module imports on its own."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import minledits
+
+PACKAGE = Path(minledits.__file__).parent
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
+    """(module, node) for every import of a minledits module anywhere in `tree`."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("minledits")):
+            base = (node.module or "").removeprefix("minledits").lstrip(".")
+            out += [(base, node)] if base else [(a.name, node) for a in node.names if a.name in MODULES]
+        elif isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], node) for a in node.names if a.name.startswith("minledits.")]
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    return {m: {name for name, _ in package_imports(ast.parse((PACKAGE / f"{m}.py").read_text()))} for m in MODULES}
+
+
+def test_package_imports_are_at_module_level():
+    for m in MODULES:
+        tree = ast.parse((PACKAGE / f"{m}.py").read_text())
+        top = {id(node) for node in tree.body}
+        hidden = [f"{m}.py:{node.lineno} imports {name}" for name, node in package_imports(tree) if id(node) not in top]
+        assert not hidden, hidden
+
+
+def cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of g (depth-first search), or None."""
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            return path[path.index(m):] + [m]
+        if state.get(m) is None:
+            state[m] = "open"
+            for n in sorted(g.get(m, ())):
+                if found := visit(n, path + [m]):
+                    return found
+            state[m] = "done"
+        return None
+
+    return next(filter(None, (visit(m, []) for m in sorted(g))), None)
+
+
+def test_import_graph_has_no_cycle():
+    assert cycle({"load": {"convert"}, "convert": {"errors", "load"}, "errors": set()}) == ["convert", "load", "convert"]
+    g = graph()
+    assert cycle(g) is None, " -> ".join(cycle(g))
+    assert g["errors"] == set() and "cli" not in set().union(*g.values())  # the bottom and the top of the graph
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first, in a fresh set of minledits modules (torch stays loaded: fast)."""
+    code = ("import importlib, sys, torch\n"
+            f"for m in {MODULES!r}:\n"
+            "    for name in [n for n in sys.modules if n == 'minledits' or n.startswith('minledits.')]:\n"
+            "        del sys.modules[name]\n"
+            "    importlib.import_module('minledits.' + m)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
