@@ -55,10 +55,11 @@ INVERT = [
     (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
-    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (4: faster than 1 on CPU, see README Performance)", INT)]
+    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]
 EDIT = [
     (("--target-prompt",), "", "text describing the edited image (optional)", dict(metavar="TEXT")),
-    (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1", FLOAT),
+    (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
+     FLOAT),
     (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
      dict(action="append", dest="concepts", metavar="SPEC")),
     (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
@@ -234,9 +235,11 @@ def save_png(im, path, args, sd, inv, concepts):
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
     if concepts is not None:
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
-                 concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta)
+                 concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale,
+                 momentum_beta=args.momentum_beta)
     info = PngInfo()
-    info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint, **p)))
+    info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint,
+                                               **p)))
     info.add_text("parameters", "minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)]))
     with atomic(path) as tmp:
         im.save(tmp, format="PNG", pnginfo=info)
@@ -251,7 +254,8 @@ def cmd_download(args):
     start = time.time()
     resolve(args, COMMON)
     if args.model == tiny.NAME or Path(args.model).exists():
-        return print(f"{args.model} is {'built on the fly' if args.model == tiny.NAME else 'local'}: nothing to download")
+        where = "built on the fly" if args.model == tiny.NAME else "local"
+        return print(f"{args.model} is {where}: nothing to download")
     bars_were_on = not are_progress_bars_disabled()
     if args.quiet:
         disable_progress_bars()
@@ -319,7 +323,8 @@ def cmd_batch(args):
     except (OSError, ValueError) as e:
         raise MinleditsError(f"cannot run {args.jobs} into {args.outdir}: {one_line(e)}") from e
     jobs = {"jobs": jobs} if isinstance(jobs, list) else jobs
-    if not (isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list) and isinstance(jobs.get("defaults", {}), dict)):
+    if not (isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list)
+            and isinstance(jobs.get("defaults", {}), dict)):
         raise MinleditsError(f'{args.jobs}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
     defaults, jobs = jobs.get("defaults", {}), jobs["jobs"]
     for i, job in enumerate(jobs):

@@ -9,7 +9,7 @@ networks of the original training code under three prefixes:
     cond_stage_model.model.         SD 2.x text   OpenCLIP names
 
 Anything else (EMA copies `model_ema.*`, the training schedule `betas`, `alphas_cumprod`, ...) is not needed
-and skipped. Our modules carry diffusers / transformers names (docs/design.md, "Weights"), so converting is renaming, plus:
+and skipped. Our modules carry diffusers / transformers names (docs/design.md §6), so converting is renaming, plus:
   * OpenCLIP fuses q, k, v into `attn.in_proj_weight` [3D, D]: its row thirds become q_proj, k_proj, v_proj;
   * the VAE mid-block attention uses 1x1 convs [C, C, 1, 1]: squeezed to linear matrices [C, C];
   * SD 2.x conditions on the *penultimate* OpenCLIP layer: the last resblock, `text_projection` and

@@ -55,7 +55,8 @@ class InversionSettings:
 
 @dataclass
 class Inversion:
-    """What the edit needs. timesteps [N - skip] descending; xts [N - skip + 1, 4, h, w] (last: w0); zs [N - skip, 4, h, w]."""
+    """What the edit needs: timesteps [N - skip] descending, xts [N - skip + 1, 4, h, w] (the last is w0),
+    zs [N - skip, 4, h, w]."""
     timesteps: list[int]
     xts: torch.Tensor
     zs: torch.Tensor
@@ -74,11 +75,12 @@ class Inversion:
             same = " (same name, other weights: another variant or dtype, or the files changed)" \
                 if self.model_id == str(sd.model_id) else ""
             raise InversionError(f"{source} was made with model {self.model_id} (fingerprint {self.fingerprint}), "
-                                 f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: invert again with this model")
+                                 f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: "
+                                 "invert again with this model")
 
 
 def noisy_latents(sampler, w0: torch.Tensor, seed: int) -> torch.Tensor:
-    """xts[k] = sqrt(abar_{tau_k}) w0 + sqrt(1 - abar_{tau_k}) eps_k for every k, eps_k drawn in ascending t; w0 last."""
+    """xts[k] = sqrt(abar_{tau_k}) w0 + sqrt(1 - abar_{tau_k}) eps_k for every k (eps_k drawn in ascending t); w0."""
     g, N = torch.Generator().manual_seed(seed), sampler.N
     eps = {k: torch.randn(w0.shape, generator=g, dtype=torch.float32) for k in reversed(range(N))}
     return torch.cat([sampler.add_noise(k, w0, eps[k].to(w0)) for k in range(N)] + [w0])

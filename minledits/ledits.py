@@ -66,7 +66,8 @@ def check(target_guidance, concepts, momentum_scale, momentum_beta) -> list[Conc
         concepts = [concepts]
     concepts = [Concept.of(c) for c in concepts]
     if not (isinstance(target_guidance, (int, float)) and math.isfinite(target_guidance)):
-        raise ValueError(f"target guidance (--target-guidance, target_guidance=) must be finite, got {target_guidance!r}")
+        raise ValueError(f"target guidance (--target-guidance, target_guidance=) must be finite, "
+                         f"got {target_guidance!r}")
     if concepts and target_guidance <= 1:
         raise ValueError(f"concepts need target guidance (--target-guidance, target_guidance=) > 1, got "
                          f"{target_guidance!r}: guidance is off at <= 1")

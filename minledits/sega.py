@@ -67,7 +67,8 @@ class Concept:
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, eq, value = item.partition("=")
             if key.strip() not in kinds or not eq:
-                raise ValueError(f"bad concept option {item!r} in {spec!r}: use key=value with key one of {', '.join(kinds)}")
+                raise ValueError(f"bad concept option {item!r} in {spec!r}: use key=value with key one of "
+                                 f"{', '.join(kinds)}")
             try:
                 kw[key.strip()] = kinds[key.strip()](value)
             except ValueError:
@@ -91,7 +92,8 @@ class SegaParams:
     @classmethod
     def of(cls, concepts: list[Concept], momentum_scale=0.3, momentum_beta=0.6, device=None) -> "SegaParams":
         if not (math.isfinite(momentum_scale) and 0 <= momentum_beta <= 1):
-            raise ValueError(f"momentum scale must be finite and momentum beta in [0, 1], got {momentum_scale}, {momentum_beta}")
+            raise ValueError(f"momentum scale must be finite and momentum beta in [0, 1], "
+                             f"got {momentum_scale}, {momentum_beta}")
         t = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=device)
         return cls(scale=t([c.scale * (-1 if c.reverse else 1) for c in concepts]),
                    threshold=[c.threshold for c in concepts],
@@ -114,7 +116,8 @@ class Guidance:
 
 def quantile(a: torch.Tensor, lam: list[float]) -> torch.Tensor:
     """q_c = the lambda_c-quantile of a_c over H*W (linear interpolation, in fp32): [C, B, 4, h, w] -> [C, B, 4]."""
-    return torch.stack([torch.quantile(a_c.flatten(-2).float(), l, dim=-1) for a_c, l in zip(a, lam)]).to(a.dtype)
+    q = [torch.quantile(a_c.flatten(-2).float(), lam_c, dim=-1) for a_c, lam_c in zip(a, lam)]
+    return torch.stack(q).to(a.dtype)
 
 
 def mask(g: torch.Tensor, p: SegaParams, i: int) -> tuple[torch.Tensor, torch.Tensor]:

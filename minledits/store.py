@@ -52,7 +52,8 @@ def load(path) -> Inversion:
     if meta.get("format") != FORMAT:
         raise InversionFileError(f"{path} is a safetensors file but not a minledits inversion (no '{FORMAT}' metadata)")
     if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-        raise InversionFileError(f"{path} has inversion format version {meta.get('version')!r}; this minledits reads <= {VERSION}")
+        raise InversionFileError(f"{path} has inversion format version {meta.get('version')!r}; "
+                                 f"this minledits reads <= {VERSION}")
     try:
         settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
         inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
@@ -64,12 +65,13 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} is a damaged minledits inversion file ({e})") from e
     if not (len(inv.timesteps) == len(inv.zs) == len(inv.xts) - 1 == n and inv.xts.shape[1:] == inv.zs.shape[1:]
             and meta.get("resolution") == "{1}x{0}".format(*inv.image.shape[-2:])):
-        raise InversionFileError(f"{path} is a damaged minledits inversion file (tensor shapes disagree with its settings)")
+        raise InversionFileError(f"{path} is a damaged minledits inversion file "
+                                 "(tensor shapes disagree with its settings)")
     return inv
 
 
 def check(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
-    """Refuse an inversion made with other settings than those given (e.g. size=512), or with a model other than `sd`."""
+    """Refuse an inversion made with other settings than those given (e.g. size=512), or with another model than sd."""
     H, W = inv.image.shape[-2:]
     for k, v in settings.items():
         if v != getattr(inv.settings, k):

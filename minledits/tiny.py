@@ -32,4 +32,5 @@ def random_tiny(device=None, dtype=None):
         nets = [m(c).eval().requires_grad_(False).to(device, dtype) for m, c in
                 [(TextEncoder, CLIP), (UNet, UNET), (VAE, VAE_)]]
     return StableDiffusion(tokenizer=Tokenizer.builtin(SD1_PAD_ID), text_encoder=nets[0], unet=nets[1], vae=nets[2],
-                           schedule=Schedule(DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device, dtype=dtype)
+                           schedule=Schedule(DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device,
+                           dtype=dtype)

@@ -71,7 +71,8 @@ def latent_rgb(inv):
     rgb = F.interpolate(inv.image.float().cpu(), size=w0.shape[-2:], mode="area")
     X = torch.cat([w0[0].flatten(1), torch.ones(1, w0[0, 0].numel())]).T            # [hw, 5]
     A = torch.linalg.lstsq(X, rgb[0].flatten(1).T).solution.T                       # [3, 5]
-    return lambda lat: ((torch.einsum("rc,schw->srhw", A[:, :4], lat.float()) + A[:, 4, None, None]) / 2 + 0.5).clamp(0, 1)
+    rgb = lambda lat: torch.einsum("rc,schw->srhw", A[:, :4], lat.float()) + A[:, 4, None, None]  # in [-1, 1]
+    return lambda lat: (rgb(lat) / 2 + 0.5).clamp(0, 1)
 
 
 def grid(tiles: torch.Tensor, cols: int = 16):

@@ -30,7 +30,8 @@ def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5, forced=False):
     ours = minledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=s_tar, concepts=concepts,
                           momentum_scale=0.3, momentum_beta=0.6, callback=trace.append)
     steps, skip = inv.settings.steps, inv.settings.skip
-    xts = torch.cat([torch.zeros(skip, *inv.xts.shape[1:], dtype=inv.xts.dtype), inv.xts])  # the oracle indexes from k = 0
+    # the oracle indexes from k = 0: pad the skipped steps
+    xts = torch.cat([torch.zeros(skip, *inv.xts.shape[1:], dtype=inv.xts.dtype), inv.xts])
     force = [st.x_prev for st in trace] if forced else None
     theirs, pipe = oracle.edit(ref, xts, inv.zs, steps, skip, target_prompt, s_tar, concepts, 0.3, 0.6, force)
     return ours, torch.stack(pipe.scheduler.own) if forced else theirs, pipe, trace

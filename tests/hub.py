@@ -15,7 +15,7 @@ Kinds (see ``KINDS``):
     tiny-sd1    SD1-style: conv proj_in/out, one head count for all blocks, quick_gelu CLIP, pads with 49407
     tiny-sd2    SD2-style: linear proj, per-block head list, gelu CLIP, pads with id 0 (pad_token "!")
     tiny-sd2v   tiny-sd2 + upcast_attention + v_prediction
-    sd15, sd21-base, sd21   the official full-size configs (DESIGN.md section 2)
+    sd15, sd21-base, sd21   the official full-size configs (as on the Hub)
 
 Usage::
 

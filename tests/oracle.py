@@ -1,9 +1,9 @@
 """Reference LEDITS built only from diffusers / transformers pieces: the oracles for inversion and edit.
 
-Inversion (DESIGN.md section 5): the same noise through DDIMScheduler.add_noise, the reference UNet for eps
-(separate calls for the source-prompt CFG, as the LEDITS demo does), DDIMScheduler.step for mu.
-Edit (section 6): SemanticStableDiffusionPipeline with a DDIMScheduler that starts at step `skip` and
-injects the inversion's noise maps as variance noise.
+Inversion (semantics: minledits/inversion.py): the same noise through DDIMScheduler.add_noise, the reference
+UNet for eps (separate calls for the source-prompt CFG, as the LEDITS demo does), DDIMScheduler.step for mu.
+Edit (minledits/ledits.py): SemanticStableDiffusionPipeline with a DDIMScheduler that starts at step `skip` and
+injects the inversion's noise maps as variance noise (docs/design.md §7 says why the tests force its x_t).
 """
 from functools import lru_cache
 
@@ -26,7 +26,7 @@ def embed(ref, prompt: str) -> torch.Tensor:
 
 @torch.no_grad()
 def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=3, seed=0, all_steps=False):
-    """(xts [N+1], zs [N]) in DESIGN's index order; x is the preprocessed image [1, 3, H, W].
+    """(xts [N+1], zs [N]) indexed by k from 0 (docs/design.md §3); x is the preprocessed image [1, 3, H, W].
 
     all_steps=True runs the UNet for every k, as the LEDITS demo does (the maps for k < skip are computed but
     never used); the default runs it only for k >= skip. x's device and dtype are used throughout."""

@@ -161,7 +161,8 @@ def test_batch_resumes(tiny_sd1, photo, tmp_path, capsys, monkeypatch):
     assert rc == 0 and "1 done, 2 skipped (output exists), 0 failed" in out and not err
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
     assert Image.open(tmp_path / "out" / "sub" / "b.png").size == (64, 64)  # keep_aspect: 80x96 -> 64x64 at size 64
-    assert json.loads(Image.open(tmp_path / "out" / "001-a.png").text["minledits"])["concepts"][1].startswith("hat:scale=3.0")
+    text = json.loads(Image.open(tmp_path / "out" / "001-a.png").text["minledits"])
+    assert text["concepts"][1].startswith("hat:scale=3.0")
 
 
 def test_batch_bad_job_is_reported_and_others_run(tmp_path, photo, capsys):
@@ -188,7 +189,8 @@ def test_random_tiny_every_command(photo, tmp_path, capsys):
                  ["reconstruct", photo, "-o", tmp_path / "r2.png", *TINY]]:
         assert run(capsys, *argv)[0] == 0, argv
     (tmp_path / "jobs.json").write_text(json.dumps([{"input": "inv.safetensors", "concepts": ["sky"]}]))
-    assert run(capsys, "batch", tmp_path / "jobs.json", "--outdir", tmp_path / "b", "--model", "random-tiny", "-q")[0] == 0
+    rc = run(capsys, "batch", tmp_path / "jobs.json", "--outdir", tmp_path / "b", "--model", "random-tiny", "-q")[0]
+    assert rc == 0
     assert {p.name for p in tmp_path.glob("**/*.png")} == {"e.png", "f.png", "f-compare.png", "t.png", "r.png",
                                                            "r2.png", "000-inv.png"}
     assert np.isfinite(pixels(tmp_path / "e.png")).all()
@@ -297,7 +299,7 @@ def _console_script():
     return str(found) if found.exists() else shutil.which("minledits")
 
 
-@pytest.mark.skipif(_console_script() is None, reason="the minledits console script is not installed (pip install -e .)")
+@pytest.mark.skipif(_console_script() is None, reason="the minledits console script is not installed (pip install .)")
 def test_console_script(photo, tmp_path):
     """The installed `minledits` command, as a user runs it: one edit, then one offline failure."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MINLEDITS_WEIGHTS=str(tmp_path))

@@ -6,7 +6,7 @@ import minledits
 from minledits import Concept
 from minledits.sampler import DDPM
 from tests import hub
-from tests.helpers import CONCEPTS, N, SIZE, SKIP, photo, run_both
+from tests.helpers import CONCEPTS, SIZE, SKIP, N, photo, run_both
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,7 @@ def test_full_size_sd2_edit_matches_pipeline(kind, tmp_path):
     """SD 2.1-base (eps) and SD 2.1 (768: v-prediction, upcast attention) at full size, random weights, 128 px."""
     ref = hub.make(kind, tmp_path / kind)
     sd = minledits.load(ref.folder)
-    inv = minledits.invert(sd, photo(size=(128, 128)), source_prompt="a photo", steps=10, skip=4, size=128, seed=0, batch_size=3)
+    inv = minledits.invert(sd, photo(size=(128, 128)), source_prompt="a photo", steps=10, skip=4, size=128, seed=0,
+                           batch_size=3)
     ours, theirs, _, trace = run_both(ref, sd, inv, "a man with a hat", CONCEPTS, forced=True)
     torch.testing.assert_close(torch.stack([st.x_prev for st in trace]), theirs, atol=1e-4, rtol=1e-4)

@@ -5,7 +5,7 @@ import torch
 import minledits
 from minledits.image import to_tensor
 from tests import oracle
-from tests.helpers import N, SIZE, SKIP, photo
+from tests.helpers import SIZE, SKIP, N, photo
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def test_inversion_matches_oracle(request, kind, source_prompt):
                            size=SIZE, batch_size=4)
     xts, zs = oracle.invert(ref, to_tensor(photo(), SIZE), source_prompt, 3.5, N, SKIP, seed=7)
     assert inv.timesteps == [100 * (N - 1 - k) + 1 for k in range(SKIP, N)]  # D = 1000 // N
-    assert inv.xts.shape == (N - SKIP + 1, 4, SIZE // 8, SIZE // 8) and inv.zs.shape == (N - SKIP, 4, SIZE // 8, SIZE // 8)
+    h = SIZE // 8
+    assert inv.xts.shape == (N - SKIP + 1, 4, h, h) and inv.zs.shape == (N - SKIP, 4, h, h)
     # Latents: VAE encode differs from the reference by float32 rounding only (~1e-6 on values ~1).
     torch.testing.assert_close(inv.xts, xts[SKIP:], atol=1e-5, rtol=1e-5)
     # Noise maps divide the UNet's rounding differences (~1e-6) by sigma_t, which is ~0.03 at t = 1: ~1e-4 worst case.
