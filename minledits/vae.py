@@ -30,7 +30,8 @@ class SpatialAttention(Attention):
 class MidBlock(nn.Module):
     def __init__(self, ch, groups):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, EPS), ResnetBlock2D(ch, ch, None, groups, EPS)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, EPS),
+                                      ResnetBlock2D(ch, ch, None, groups, EPS)])
         self.attentions = nn.ModuleList([SpatialAttention(ch, groups)])
 
     def forward(self, h):
@@ -42,7 +43,8 @@ class Level(nn.Module):
 
     def __init__(self, in_ch, out_ch, n, groups, resample=None):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups, EPS) for j in range(n))
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups, EPS)
+                                     for j in range(n))
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)])
         if resample == "up":
@@ -63,7 +65,8 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        chs, n, groups, L = cfg["block_out_channels"], cfg.get("layers_per_block", 2), cfg.get("norm_num_groups", 32), len(cfg["block_out_channels"])
+        chs, n, groups, L = (cfg["block_out_channels"], cfg.get("layers_per_block", 2), cfg.get("norm_num_groups", 32),
+                             len(cfg["block_out_channels"]))
         self.conv_in = nn.Conv2d(cfg.get("in_channels", 3), chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             Level(chs[max(i - 1, 0)], chs[i], n, groups, "down" if i < L - 1 else None) for i in range(L))
@@ -83,7 +86,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        chs, n, groups, L = cfg["block_out_channels"], cfg.get("layers_per_block", 2), cfg.get("norm_num_groups", 32), len(cfg["block_out_channels"])
+        chs, n, groups, L = (cfg["block_out_channels"], cfg.get("layers_per_block", 2), cfg.get("norm_num_groups", 32),
+                             len(cfg["block_out_channels"]))
         rev = chs[::-1]
         self.conv_in = nn.Conv2d(cfg.get("latent_channels", 4), chs[-1], 3, padding=1)
         self.mid_block = MidBlock(chs[-1], groups)

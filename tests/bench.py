@@ -44,11 +44,13 @@ PHASES = ("load", "encode", "inversion", "edit", "decode")
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--kind", default="sd15", help="tests/hub.py model kind (sd15, sd21-base, tiny-sd1 for a smoke test)")
+    p.add_argument("--kind", default="sd15",
+                   help="tests/hub.py model kind (sd15, sd21-base, tiny-sd1 for a smoke test)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--skip", type=int, default=18)
-    p.add_argument("--concepts", nargs="*", default=["glasses", "smile"], help="concept specs (minledits.Concept.parse)")
+    p.add_argument("--concepts", nargs="*", default=["glasses", "smile"],
+                   help="concept specs (minledits.Concept.parse)")
     p.add_argument("--target", default="", help="target prompt")
     p.add_argument("--source", default="", help="source prompt of the inversion")
     p.add_argument("--dtype", default="float32", choices=list(ALIASES))
@@ -58,9 +60,11 @@ def parse(argv=None):
     p.add_argument("--channels-last", action="store_true", help="ours: UNet in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
-    p.add_argument("--repeat", type=int, default=1, help="run each path this many times (alternating), keep the fastest")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each path this many times (alternating), keep the fastest")
     p.add_argument("--paths", default="ours,reference,unets",
-                   help="what to run now (others: from the cache): the two paths, and unets (both UNets, calls interleaved)")
+                   help="what to run now (others: from the cache): the two paths, "
+                        "and unets (both UNets, calls interleaved)")
     p.add_argument("--child", choices=["ours", "reference", "unets"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -74,7 +78,8 @@ def model_folder(kind="sd15") -> Path:
         print(f"building {kind} with random weights in {folder} (once; sd15: ~1 min, 4.3 GB) ...", flush=True)
         partial = folder.with_name(kind + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # what an interrupted build left
-        subprocess.run([sys.executable, "-c", f"from tests import hub; hub.make({kind!r}, {str(partial)!r})"], check=True)
+        subprocess.run([sys.executable, "-c", f"from tests import hub; hub.make({kind!r}, {str(partial)!r})"],
+                       check=True)
         partial.rename(folder)
     return folder
 
@@ -141,12 +146,14 @@ class Meter:
 def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
     """Seconds per image-evaluation of both UNets (same weights, one process), calls alternating so that both see
     the same machine: the median of `repeats` after a warm-up, per batch size. {"ours": {b: s}, "reference": {...}}"""
-    import minledits
     from diffusers import UNet2DConditionModel
+
+    import minledits
     dtype, meter = dtype_of(args.dtype), Meter(args.device)
     ours = minledits.load(folder, args.device, dtype=dtype).unet
     ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
-    calls = {"ours": lambda x, t, c: ours(x, t, c), "reference": lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample}
+    calls = {"ours": lambda x, t, c: ours(x, t, c),
+             "reference": lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample}
     g, h = torch.Generator().manual_seed(0), args.size // 8
     out = {name: {} for name in calls}
     with torch.inference_mode():
@@ -201,7 +208,8 @@ def run_reference(args, folder, meter):
     def load():
         kw = dict(torch_dtype=dtype)
         nets = [cls.from_pretrained(folder, subfolder=sub, **kw).to(args.device).eval()
-                for cls, sub in [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")]]
+                for cls, sub in [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"),
+                                 (CLIPTextModel, "text_encoder")]]
         oracle.tokenizer(folder)
         configs = {"scheduler": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
         return hub.Reference(args.kind, *nets, configs, folder)
@@ -228,15 +236,16 @@ def child(args):
     run = run_ours if args.child == "ours" else run_reference
     w0, (mem_name, mem) = run(args, model_folder(args.kind), meter)
     torch.save(w0.detach().float().cpu(), args.out + ".pt")
-    result = dict(path=args.child, wall=meter.wall, cpu=meter.cpu, unet_s=meter.unet_s, rows=meter.rows, calls=meter.calls,
-                  memory_name=mem_name, memory_gib=mem, memory_after=meter.memory_after, when=time.strftime("%Y-%m-%d %H:%M"),
-                  load_average=os.getloadavg()[0])
+    result = dict(path=args.child, wall=meter.wall, cpu=meter.cpu, unet_s=meter.unet_s, rows=meter.rows,
+                  calls=meter.calls, memory_name=mem_name, memory_gib=mem, memory_after=meter.memory_after,
+                  when=time.strftime("%Y-%m-%d %H:%M"), load_average=os.getloadavg()[0])
     Path(args.out + ".json").write_text(json.dumps(result))
 
 
 # --------------------------------------------------------------------------------------------- the report
 def workload_key(args) -> str:
-    w = [args.kind, args.size, args.steps, args.skip, args.concepts, args.target, args.source, args.dtype, args.device, args.seed]
+    w = [args.kind, args.size, args.steps, args.skip, args.concepts, args.target, args.source,
+         args.dtype, args.device, args.seed]
     return hashlib.sha256(json.dumps(w).encode()).hexdigest()[:12]
 
 
@@ -291,7 +300,8 @@ def report(args, o, r, u, machine, diff, cached):
           f"{torch.__version__}, diffusers {diffusers.__version__}; 1-min load average after each path: "
           f"minledits {o['load_average']:.1f}, reference {r['load_average']:.1f}"
           + (f" (from the cache: minledits run {o['when']}, reference run {r['when']})" if cached else ""))
-    print(f"\n| {'':<36} | {'minledits':>10} | {'reference':>10} | {'ratio':>6} |\n|{'-' * 38}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
+    print(f"\n| {'':<36} | {'minledits':>10} | {'reference':>10} | {'ratio':>6} |\n"
+          f"|{'-' * 38}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
     for ph in PHASES:
         print(row(f"{ph} (s)", o["wall"].get(ph), r["wall"].get(ph)))
     work = [ph for ph in PHASES if ph != "load"]
@@ -301,7 +311,8 @@ def report(args, o, r, u, machine, diff, cached):
     print(row("CPU time, encode to decode (s)", total(o, "cpu"), total(r, "cpu")))
     for ph in ("inversion", "edit"):
         print(row(f"UNet image-evaluations, {ph}", o["rows"].get(ph), r["rows"].get(ph), "{:d}"))
-    per = lambda x: sum(x["unet_s"].get(ph, 0) for ph in work) / sum(x["rows"].get(ph, 0) for ph in work) if x["rows"] else None
+    per = lambda x: (sum(x["unet_s"].get(ph, 0) for ph in work) / sum(x["rows"].get(ph, 0) for ph in work)
+                     if x["rows"] else None)
     print(row("UNet s / evaluation, in the run", per(o), per(r), "{:.3f}"))
     for b in sorted(int(b) for b in u["ours"]) if u else ():
         print(row(f"UNet s / eval., batch {b}, interleaved", u["ours"][str(b)], u["reference"][str(b)], "{:.3f}"))
@@ -311,17 +322,20 @@ def report(args, o, r, u, machine, diff, cached):
     print(row("UNet GFLOP/s, in the run", gflops(o), gflops(r), "{:.0f}"))
     print(f"\nUNet FLOPs per image-evaluation at {args.size} px: {flops / 1e9:.1f} GFLOP (FlopCounterMode). A "
           f"{machine['matmul_n']}x{machine['matmul_n']} fp32 matmul runs at {mm:.0f} GFLOP/s here; the UNet reaches "
-          + " and ".join(f"{g / mm:.0%} of it ({n})" for n, g in [("minledits", gflops(o)), ("reference", gflops(r))] if g))
+          + " and ".join(f"{g / mm:.0%} of it ({n})"
+                         for n, g in [("minledits", gflops(o)), ("reference", gflops(r))] if g))
     for name, x in [("minledits", o), ("reference", r)]:
         if x.get("memory_after"):
-            print(f"{x['memory_name']} (GiB) by the end of " + ", ".join(f"{ph} {x['memory_after'][ph]:.2f}"
-                                                                   for ph in PHASES if ph in x["memory_after"]) + f" ({name})")
+            print(f"{x['memory_name']} (GiB) by the end of "
+                  + ", ".join(f"{ph} {x['memory_after'][ph]:.2f}" for ph in PHASES if ph in x["memory_after"])
+                  + f" ({name})")
     if diff is not None:
         print(f"max |final latents, minledits - reference| = {diff:.2e}"
               + (" (<= 1e-4: the same edit)" if diff <= 1e-4 else " (> 1e-4)"))
     if r["wall"] and o["wall"]:
         unet = (u["ours"]["4"], u["reference"]["4"]) if u else (per(o), per(r))  # interleaved at batch 4 if measured
-        checks = [("edit time <= 0.75x", total(o) <= 0.75 * total(r)), ("UNet s/evaluation <= 1.0x", unet[0] <= unet[1]),
+        checks = [("edit time <= 0.75x", total(o) <= 0.75 * total(r)),
+                  ("UNet s/evaluation <= 1.0x", unet[0] <= unet[1]),
                   ("peak memory <= 1.0x", o["memory_gib"] <= r["memory_gib"])]
         if args.dtype == "float32":
             checks.append(("latents within 1e-4", diff <= 1e-4))

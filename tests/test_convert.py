@@ -103,7 +103,8 @@ def to_original(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, sd2, make):
     levels = len(vae_cfg["block_out_channels"])
     out = {"model.diffusion_model." + ldm_unet_key(k, L, up_attn): v for k, v in unet_sd.items()}
     for k, v in vae_sd.items():  # the VAE mid attention is 1x1 convs in the original
-        out["first_stage_model." + ldm_vae_key(k, levels)] = v[..., None, None] if ".attentions." in k and v.ndim == 2 else v
+        out["first_stage_model." + ldm_vae_key(k, levels)] = (
+            v[..., None, None] if ".attentions." in k and v.ndim == 2 else v)
     # ignored: EMA copies (flattened names, different values), the training schedule
     for k in list(out)[:150]:
         out["model_ema." + k.split(".", 1)[1].replace(".", "")] = make(out[k].shape)
@@ -114,7 +115,8 @@ def to_original(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, sd2, make):
         text["text_model.embeddings.position_ids"] = make((1, 77)).long()
         return out | {"cond_stage_model.transformer." + k: v for k, v in text.items()}
     text = ldm_openclip(text_sd)
-    width, n = text["token_embedding.weight"].shape[1], 1 + max(int(k.split(".")[2]) for k in text if ".resblocks." in k)
+    width, n = (text["token_embedding.weight"].shape[1],
+                1 + max(int(k.split(".")[2]) for k in text if ".resblocks." in k))
     for k in [k for k in text if k.startswith("transformer.resblocks.0.")]:  # the unused last layer
         text[k.replace(".resblocks.0.", f".resblocks.{n}.")] = make(text[k].shape)
     text |= {"text_projection": make((width, 64)), "logit_scale": make(())}
@@ -353,5 +355,6 @@ def test_cli_edits_a_single_file_end_to_end(original, tmp_path):
     assert cli.main(["invert", str(photo), "-o", str(inv), *common, *pred, "--source-prompt", "a photo"]) == 0
     assert cli.main(["edit", str(inv), "-o", str(out), "-e", "glasses", "-e", "-beard", *pred, "-q"]) == 0
     sd = minledits.load(path, prediction_type="v_prediction" if sd2 else None)
-    w0 = minledits.edit(sd, minledits.invert(sd, photo, source_prompt="a photo", steps=6, skip=2, size=64), concepts=["glasses", "-beard"])
+    w0 = minledits.edit(sd, minledits.invert(sd, photo, source_prompt="a photo", steps=6, skip=2, size=64),
+                        concepts=["glasses", "-beard"])
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(minledits.decode(sd, w0)))

@@ -22,13 +22,14 @@ from minledits.unet import UNet
 from minledits.vae import VAE
 from tests import hub
 
-# ---- official architectures (DESIGN.md §2) ------------------------------------------------------------------
+# ---- official architectures (docs/design.md §6) ---------------------------------------------------------
 UNET_COMMON = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32, sample_size=64)
 UNETS = {
     "sd15": dict(UNET_COMMON, cross_attention_dim=768, attention_head_dim=8),
-    "sd21-base": dict(UNET_COMMON, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+    "sd21-base": dict(UNET_COMMON, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                      use_linear_projection=True),
     "sd21": dict(UNET_COMMON, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
                  upcast_attention=True, sample_size=96),
 }
@@ -53,8 +54,9 @@ TINY_UNETS = {
                          attention_head_dim=[2, 4, 8], use_linear_projection=True),
     "sd2v-upcast-2layers": dict(block_out_channels=[16, 32, 48, 48], layers_per_block=1, norm_num_groups=8,
                                 cross_attention_dim=20, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=[1, 2, 3, 3],
-                                use_linear_projection=True, upcast_attention=True, transformer_layers_per_block=2),
+                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                                attention_head_dim=[1, 2, 3, 3], use_linear_projection=True, upcast_attention=True,
+                                transformer_layers_per_block=2),
 }
 TINY_VAES = {
     "2levels": dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, latent_channels=4),
@@ -189,7 +191,8 @@ def test_unet_gradients_match():
     assert_close(x.grad, expected, TINY_REL["unet"])
     reference = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
-        assert torch.allclose(p.grad, reference[name].grad, rtol=1e-5, atol=1e-6 * reference[name].grad.abs().max()), name
+        assert torch.allclose(p.grad, reference[name].grad, rtol=1e-5,
+                              atol=1e-6 * reference[name].grad.abs().max()), name
 
 
 @pytest.mark.parametrize("name", TINY_VAES)
@@ -214,7 +217,8 @@ def test_clip_tiny_parity(act):
     ids = torch.randint(0, TINY_CLIP["vocab_size"], (2, 77))
     with torch.no_grad():
         assert_close(ours(ids), ref(ids).last_hidden_state, TINY_REL["clip"])
-        assert_close(ours(ids[:, :9]), ref(ids[:, :9]).last_hidden_state, TINY_REL["clip"])  # causal: a prefix is unchanged
+        # causal: a prefix is unchanged
+        assert_close(ours(ids[:, :9]), ref(ids[:, :9]).last_hidden_state, TINY_REL["clip"])
 
 
 def test_all_attention_goes_through_one_function(monkeypatch):
@@ -222,7 +226,8 @@ def test_all_attention_goes_through_one_function(monkeypatch):
     calls = []
     original = minledits.layers.attention
     monkeypatch.setattr(minledits.layers, "attention", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
-    unet, vae, clip = UNet(TINY_UNETS["sd2v-upcast-2layers"]), VAE(vae_config(**TINY_VAES["2levels"])), TextEncoder(TINY_CLIP)
+    unet, vae, clip = (UNet(TINY_UNETS["sd2v-upcast-2layers"]), VAE(vae_config(**TINY_VAES["2levels"])),
+                       TextEncoder(TINY_CLIP))
     with torch.no_grad():
         unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 20))
         vae.decode(vae.encode(torch.randn(1, 3, 16, 16)))
@@ -245,7 +250,8 @@ def reference_outputs(ref, t, x, context, images, ids):
 
 
 def our_outputs(sd, t, x, context, images, ids):
-    return {"unet": sd.unet(x, t, context), "encode": sd.vae.encode(images), "decode": None, "clip": sd.text_encoder(ids)}
+    return {"unet": sd.unet(x, t, context), "encode": sd.vae.encode(images), "decode": None,
+            "clip": sd.text_encoder(ids)}
 
 
 def inputs(unet_config, batch, latent, image):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minledits
-from tests.helpers import CONCEPTS, N, SIZE, SKIP, photo, run_both
+from tests.helpers import CONCEPTS, SIZE, SKIP, N, photo, run_both
 
 
 def edits(ref32, inv32, dtype):
@@ -14,7 +14,8 @@ def edits(ref32, inv32, dtype):
     sd = minledits.load(ref32.folder, dtype=dtype)
     inv = dataclasses.replace(inv32, xts=inv32.xts.to(dtype), zs=inv32.zs.to(dtype))
     ref = copy.copy(ref32)
-    ref.unet, ref.vae, ref.text_encoder = (copy.deepcopy(m).to(dtype) for m in (ref32.unet, ref32.vae, ref32.text_encoder))
+    ref.unet, ref.vae, ref.text_encoder = (copy.deepcopy(m).to(dtype)
+                                           for m in (ref32.unet, ref32.vae, ref32.text_encoder))
     ours, theirs, _, _ = run_both(ref, sd, inv, "a man with a hat", CONCEPTS)
     return ours, theirs
 
@@ -32,4 +33,5 @@ def test_bf16_drifts_like_the_reference(kind, request):
     # the two bf16 runs round differently (other operation order), so only the size of the drift is comparable.
     # Measured ratios: 1.20 (SD1), 1.15 (SD2-v). 1.5 leaves room for rounding luck; rounding mu_t to fp8 fails it.
     assert drift_ours <= 1.5 * drift_theirs, (drift_ours.item(), drift_theirs.item())
-    print(f"\n{kind}: mean |bf16 - fp32| ours {drift_ours:.4f}, reference {drift_theirs:.4f}, latents std {ours32.std():.3f}")
+    print(f"\n{kind}: mean |bf16 - fp32| ours {drift_ours:.4f}, reference {drift_theirs:.4f}, "
+          f"latents std {ours32.std():.3f}")
