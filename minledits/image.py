@@ -1,14 +1,26 @@
 """Pictures in and out: PIL image <-> tensor in [-1, 1]."""
-from pathlib import Path
+import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+ACCEPTED = "a path, a binary file object, a PIL image, or an H x W x 3 (or H x W, H x W x 4) uint8 numpy array"
+
 
 def open_rgb(image) -> Image.Image:
-    """Any image Pillow reads (path or PIL), upright (EXIF), as 8-bit RGB; transparency composited on white."""
-    im = Image.open(image) if isinstance(image, (str, Path)) else image
+    """An image (ACCEPTED), upright (EXIF), as 8-bit RGB; transparency composited on white."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (3, 4)):
+            raise TypeError(f"an image array must be H x W x 3 (or H x W, H x W x 4) uint8, got "
+                            f"{' x '.join(map(str, image.shape))} {image.dtype}")
+        im = Image.fromarray(image)
+    elif isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+        im = Image.open(image)
+    elif isinstance(image, Image.Image):
+        im = image
+    else:
+        raise TypeError(f"an image is {ACCEPTED}; got {type(image).__name__}")
     im.load()  # a truncated or corrupt file fails here, not later
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: keep the top 8 bits of a 16-bit range

@@ -15,11 +15,12 @@ so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and 
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
 so a larger skip gives the same tensors, sliced.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import InversionError
+from .errors import InversionError, MinleditsError
 from .image import to_tensor
 from .model import StableDiffusion
 from .sampler import DDPM
@@ -40,11 +41,14 @@ class InversionSettings:
     keep_aspect: bool = False     # keep the aspect ratio (sides multiples of 64) instead of centre-cropping
 
     def __post_init__(self):
+        for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
+            if not isinstance(getattr(self, name), kind) or kind is int and isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be {kind.__name__}, got {getattr(self, name)!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not (isinstance(self.skip, int) and 0 <= self.skip < self.steps):
             raise ValueError(f"skip must be an integer with 0 <= skip < steps ({self.steps}), got {self.skip!r}")
-        if not (isinstance(self.source_guidance, (int, float)) and abs(self.source_guidance) < float("inf")):
+        if not (isinstance(self.source_guidance, (int, float)) and math.isfinite(self.source_guidance)):
             raise ValueError(f"source guidance must be finite, got {self.source_guidance!r}")
         if not (isinstance(self.size, int) and self.size >= 64 and self.size % 64 == 0):
             raise ValueError(f"size must be a multiple of 64 (at least 64), got {self.size!r}")
@@ -69,8 +73,24 @@ class Inversion:
     def w0(self) -> torch.Tensor:
         return self.xts[-1:]
 
+    def check(self, source: str = "the inversion") -> None:
+        """Refuse tensors that disagree with each other or the settings, or hold inf / NaN (a damaged file)."""
+        n, (H, W) = self.settings.steps - self.settings.skip, self.image.shape[-2:]
+        if not (len(self.timesteps) == len(self.zs) == len(self.xts) - 1 == n and self.xts.ndim == 4
+                and self.xts.shape[1:] == self.zs.shape[1:] and (H, W) == tuple(8 * d for d in self.xts.shape[-2:])
+                and max(H, W) == self.settings.size):
+            raise InversionError(f"{source} is damaged: its tensors (xts {list(self.xts.shape)}, zs "
+                                 f"{list(self.zs.shape)}, image {list(self.image.shape)}) disagree with each other "
+                                 f"or with its settings (steps {self.settings.steps}, skip {self.settings.skip})")
+        for name in ("xts", "zs", "image"):
+            if not getattr(self, name).isfinite().all():
+                raise InversionError(f"{source} is damaged: its {name} hold inf or NaN values; invert again")
+
     def check_model(self, sd: StableDiffusion, source: str = "the inversion") -> None:
         """Refuse a model other than the one the inversion was made with (its noise maps belong to that one)."""
+        if self.xts.shape[1] != sd.vae.config["latent_channels"]:
+            raise InversionError(f"{source} holds {self.xts.shape[1]}-channel latents; this model's take "
+                                 f"{sd.vae.config['latent_channels']}: invert again with this model")
         if self.fingerprint != str(sd.fingerprint):
             same = " (same name, other weights: another variant or dtype, or the files changed)" \
                 if self.model_id == str(sd.model_id) else ""
@@ -110,12 +130,16 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     only changes float rounding and speed). callback(done, total) reports progress of the UNet work.
     """
     s = InversionSettings(**settings)
-    sampler = DDPM(sd.schedule, s.steps)
+    sampler = DDPM(sd.schedule, s.steps)  # refuses more steps than the model was trained with
+    sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
     w0 = sd.encode(x)
     xts = noisy_latents(sampler, w0, s.seed)[s.skip:]
     context = sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else []))
     zs = noise_maps(sd, sampler, xts, s.skip, context, s.source_guidance, batch_size, callback)
+    if not zs.isfinite().all():
+        raise MinleditsError("the inversion's noise maps hold inf or NaN: the model's output is not finite "
+                             "(damaged weights, or fp16 overflow: try --dtype fp32 / dtype=torch.float32)")
     if not s.keep_last_noise:
         zs[-1] = 0
     return Inversion(sampler.timesteps[s.skip:], xts, zs, x, s, str(sd.model_id), str(sd.fingerprint))

@@ -16,11 +16,14 @@ For a v-prediction model the estimates are v: the guidance combines them as they
 does) and the sampler converts the guided result to eps for the step.
 """
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .errors import InversionError
+from . import store
+from .errors import InversionError, MinleditsError
 from .inversion import Inversion
 from .model import StableDiffusion
 from .sampler import DDPM
@@ -60,8 +63,9 @@ class Branches:
                    slice(1 + len(tar), None))
 
 
-def check(target_guidance, concepts, momentum_scale, momentum_beta) -> list[Concept]:
-    """The concepts as Concept objects, after checking every edit option (ValueError, one line)."""
+def check(target_guidance, concepts, momentum_scale, momentum_beta, dtype=torch.float32) -> list[Concept]:
+    """The concepts as Concept objects, after checking every edit option (ValueError, one line); numbers must
+    also be finite in `dtype`, the dtype they are used in."""
     if isinstance(concepts, (str, dict, Concept)):  # one concept, not a sequence of them
         concepts = [concepts]
     concepts = [Concept.of(c) for c in concepts]
@@ -72,7 +76,47 @@ def check(target_guidance, concepts, momentum_scale, momentum_beta) -> list[Conc
         raise ValueError(f"concepts need target guidance (--target-guidance, target_guidance=) > 1, got "
                          f"{target_guidance!r}: guidance is off at <= 1")
     SegaParams.of(concepts, momentum_scale, momentum_beta)
+    numbers = [("target guidance", target_guidance), ("momentum scale", momentum_scale)] + \
+        [(f"concept {c.prompt!r}: {k}", getattr(c, k)) for c in concepts for k in ("scale", "weight")]
+    big = torch.finfo(dtype).max
+    for name, v in numbers:
+        if abs(v) > big:
+            raise ValueError(f"{name} {v:g} overflows {str(dtype).removeprefix('torch.')} (at most {big:g})")
     return concepts
+
+
+def idle(concepts: list[Concept], n: int) -> dict[str, str]:
+    """{concept prompt: why it never acts} over n edit steps: concept c acts at steps warmup_c <= i < cooldown_c."""
+    why = {}
+    for c in concepts:
+        end = n if c.cooldown is None else min(c.cooldown, n)
+        if c.scale == 0 or c.weight == 0:
+            why[c.prompt] = f"its {'scale' if c.scale == 0 else 'weight'} is 0"
+        elif c.warmup >= end:
+            why[c.prompt] = (f"warmup {c.warmup} >= the {n} edit steps" if end == n else
+                             f"cooldown {c.cooldown} <= warmup {c.warmup}")
+    return why
+
+
+def as_inversion(inv) -> Inversion:
+    """An Inversion, or the path of an inversion file (read with store.load)."""
+    if isinstance(inv, (str, os.PathLike)):
+        return store.load(inv)
+    if not isinstance(inv, Inversion):
+        raise TypeError(f"edit takes an Inversion (from minledits.invert) or an inversion file's path, "
+                        f"got {type(inv).__name__}")
+    return inv
+
+
+def check_finite(i: int, t: int, out: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor) -> None:
+    """After step i: refuse inf / NaN latents, naming the cause: the guidance (the UNet's output was finite, or
+    its input had already grown far beyond any latent's range), else the UNet itself."""
+    if not x_prev.isfinite().all():
+        if out.isfinite().all() or x_t.abs().max() > 1e4:
+            cause = f"the guidance overflowed (|x_t| reached {x_t.abs().max():.1e}): lower the scales"
+        else:
+            cause = "the UNet's output is not finite (damaged weights, or fp16 overflow: try fp32)"
+        raise MinleditsError(f"the edit's latents became inf or NaN at step {i} (t = {t}): {cause}")
 
 
 @torch.inference_mode()
@@ -80,8 +124,12 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
          momentum_scale=0.3, momentum_beta=0.6, guidance=sega, callback=None) -> torch.Tensor:
     """The edited w0 [1, 4, h, w]. guidance(i, eps_u, eps_c, m, params) -> Guidance can be swapped;
     callback(EditStep) receives every intermediate tensor of every step."""
-    concepts = check(target_guidance, concepts, momentum_scale, momentum_beta)
+    concepts = check(target_guidance, concepts, momentum_scale, momentum_beta, sd.dtype)
+    inv = as_inversion(inv)
+    inv.check()
     inv.check_model(sd)
+    for prompt, why in idle(concepts, len(inv.zs)).items():
+        warnings.warn(f"concept {prompt!r} never acts ({why}): the edit ignores it", stacklevel=3)
     s_tar, guided = target_guidance, target_guidance > 1
     p = SegaParams.of(concepts, momentum_scale, momentum_beta, sd.device)
     sampler, skip = DDPM(sd.schedule, inv.settings.steps), inv.settings.skip
@@ -98,6 +146,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
         m = g.m if g else m
         eps = eps_u + s_tar * (eps_tar - eps_u) + (g.E if g else 0) if guided else eps_tar
         x_prev = sampler.step(k, x, eps, z)  # x_{t-1} = mu_t(x_t, eps) + sigma_t z_t
+        check_finite(i, sampler.timesteps[k], out, x, x_prev)
         if callback:
             callback(EditStep(i, k, sampler.timesteps[k], x, eps_u, eps_tar, eps_c, g, eps, z, x_prev))
         x = x_prev

@@ -7,13 +7,14 @@ every method does with them - embed prompts, encode an image to latents, decode 
     sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
 Build one with minledits.load (load.py), or minledits.load("random-tiny") for an offline smoke test.
 """
+import os
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from .clip import TextEncoder
-from .errors import LoadError
+from .errors import LoadError, MinleditsError
 from .image import to_pil
 from .schedule import Schedule
 from .tokenizer import Tokenizer
@@ -57,6 +58,16 @@ class StableDiffusion:
         """"epsilon" or "v_prediction": what the UNet predicts (the schedule's, from the scheduler config)."""
         return self.schedule.prediction_type
 
+    def check_fits(self, height: int, width: int) -> None:
+        """Refuse a picture that certainly cannot fit: the VAE holds at least two full-resolution activations
+        of its widest channel count at once (a convolution's input and output), in this dtype and device."""
+        need = 2 * self.vae.config["block_out_channels"][0] * height * width * self.dtype.itemsize
+        have = device_memory(self.device)
+        if have and need > have:
+            raise MinleditsError(f"{width}x{height} px needs at least {need / 2**30:.1f} GiB for the VAE's "
+                                 f"activations alone, more than the {have / 2**30:.1f} GiB of {self.device}: "
+                                 "use a smaller size")
+
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """CLIP last hidden states [B, 77, D] of the prompts."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
@@ -68,6 +79,15 @@ class StableDiffusion:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """D(w0 / f): images [B, 3, H, W] in about [-1, 1]."""
         return self.vae.decode(latents.to(self.device, self.dtype) / self.vae.scaling_factor)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (CPU: physical RAM); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 @torch.inference_mode()

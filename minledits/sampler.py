@@ -62,8 +62,8 @@ class DDPM:
         if isinstance(k, int):
             return self.steps[k]
         steps = self.steps[k]
-        col = lambda v: torch.tensor(v, dtype=torch.float32, device=like.device).view(-1, 1, 1, 1)
-        return Step(torch.tensor([s.t for s in steps], device=like.device), *(col([s[j] for s in steps]) for j in (1, 2, 3)))
+        col = lambda j: torch.tensor([s[j] for s in steps], dtype=torch.float32, device=like.device).view(-1, 1, 1, 1)
+        return Step(torch.tensor([s.t for s in steps], device=like.device), col(1), col(2), col(3))
 
     def add_noise(self, k, x0, noise):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise  (the forward process, in one jump)."""

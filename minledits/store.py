@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import InversionFileError
+from .errors import InversionError, InversionFileError
 from .files import atomic
 from .inversion import Inversion, InversionSettings
 from .model import StableDiffusion
@@ -58,15 +58,17 @@ def load(path) -> Inversion:
         settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
         inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
-        n = settings.steps - settings.skip
     except KeyError as e:
         raise InversionFileError(f"{path} is a damaged minledits inversion file (missing {e})") from e
     except (TypeError, ValueError) as e:
         raise InversionFileError(f"{path} is a damaged minledits inversion file ({e})") from e
-    if not (len(inv.timesteps) == len(inv.zs) == len(inv.xts) - 1 == n and inv.xts.shape[1:] == inv.zs.shape[1:]
-            and meta.get("resolution") == "{1}x{0}".format(*inv.image.shape[-2:])):
-        raise InversionFileError(f"{path} is a damaged minledits inversion file "
-                                 "(tensor shapes disagree with its settings)")
+    if meta.get("resolution") != "{1}x{0}".format(*inv.image.shape[-2:]):
+        raise InversionFileError(f"{path} is a damaged minledits inversion file (its resolution "
+                                 f"{meta.get('resolution')!r} disagrees with its image)")
+    try:
+        inv.check(str(path))
+    except InversionError as e:
+        raise InversionFileError(str(e)) from None
     return inv
 
 
