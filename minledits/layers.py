@@ -2,8 +2,18 @@
 
 Every attribute is named like the official diffusers key, so weights load with no renaming.
 All attention of the package goes through `attention()`: replace `layers.attention` to swap it.
+
+An attention controller reads and may replace the attention probabilities of UNet layers (Prompt-to-Prompt,
+LEDITS++ masks); it is set with `UNet.attention_controller(ctrl)`. It is any callable
+
+    ctrl(layer: AttentionLayer, size: (h, w), probs [B, heads, N, M]) -> probs [B, heads, N, M] | None (keep)
+
+with N = h * w image tokens and M keys (the 77 text tokens for cross-attention, N for self-attention), and an
+optional `ctrl.wants(layer, size) -> bool` (absent: every layer). Only the layers it wants compute explicit
+probabilities; the others, and every layer when no controller is set, keep the fused `attention()`.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +29,47 @@ def attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     q, k, v = (x.unflatten(-1, (heads, C // heads)).transpose(1, 2) for x in (q, k, v))  # [B, heads, N|M, d]
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(B, N, C).to(dtype)
+
+
+def attention_probs(q, k, heads: int, upcast: bool = False):
+    """softmax(q k^T / sqrt(d)) per head.  q [B, N, C], k [B, M, C] -> probs [B, heads, N, M] in q's dtype.
+
+    As diffusers' Attention.get_attention_scores in the SD UNets (upcast_attention from the config,
+    upcast_softmax never set): with upcast, scores and softmax in fp32 (SD 2.1 768), then cast back.
+    """
+    B, N, C = q.shape
+    dtype = q.dtype
+    if upcast:
+        q, k = q.float(), k.float()
+    q, k = (x.unflatten(-1, (heads, -1)).transpose(1, 2).flatten(0, 1) for x in (q, k))  # [B * heads, N|M, d]
+    empty = q.new_empty(B * heads, N, k.shape[1])  # beta=0: ignored; alpha scales inside the matmul (one rounding)
+    scores = torch.baddbmm(empty, q, k.transpose(1, 2), beta=0, alpha=(C // heads) ** -0.5)
+    return scores.softmax(dim=-1).to(dtype).unflatten(0, (B, heads))
+
+
+def attend(probs, v):
+    """probs [B, heads, N, M] @ v [B, M, C] per head -> [B, N, C], in v's dtype.
+
+    As diffusers' AttnProcessor: in fp16 the probabilities are fp16 here (the fused kernel keeps them in fp32), so an
+    SD 1.5 UNet with every layer controlled moved by 1.4e-3 of its output scale (H200); in fp32 by ~1e-6 (rounding).
+    """
+    v = v.unflatten(-1, (probs.shape[1], -1)).transpose(1, 2)  # [B, heads, M, d]
+    return (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """Which UNet attention a controller sees: name = official key prefix
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn2"), place "down" | "mid" | "up", block = level index
+    (0 for mid), cross = attn2 (to the text) rather than attn1 (self-attention)."""
+    name: str
+    place: str
+    block: int
+    cross: bool
+
+
+def _every(layer, size):  # the default `wants` of a controller
+    return True
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -58,7 +109,12 @@ class ResnetBlock2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate to_q / to_k / to_v and to_out.0 (to_out.1 is a dropout placeholder)."""
+    """Multi-head attention with separate to_q / to_k / to_v and to_out.0 (to_out.1 is a dropout placeholder).
+
+    In the UNet, `layer` says which one it is and `controller` (see the module docstring) may edit its probabilities.
+    """
+    layer: AttentionLayer | None = None  # set by the UNet; None in the VAE
+    controller = None  # set by UNet.attention_controller
 
     def __init__(self, dim, heads, head_dim, context_dim=None, bias=False, upcast=False):
         super().__init__()
@@ -69,10 +125,16 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, size=None):
+        """x [B, N, dim], context [B, M, context_dim] (None: self-attention), size (h, w) of the N = h * w tokens."""
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))
+        ctrl = self.controller
+        if ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size):
+            return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))  # fused, no probs kept
+        probs = attention_probs(q, k, self.heads, self.upcast)
+        edited = ctrl(self.layer, size, probs)
+        return self.to_out[0](attend(probs if edited is None else edited, v))
 
 
 class GEGLU(nn.Module):
@@ -108,9 +170,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, context):  # x = x + f(x) three times, added in place into the fresh f(x)
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
+    def forward(self, x, context, size=None):  # x = x + f(x) three times, added in place into the fresh f(x)
+        x = self.attn1(self.norm1(x), size=size).add_(x)
+        x = self.attn2(self.norm2(x), context, size).add_(x)
         return self.ff(self.norm3(x)).add_(x)
 
 
@@ -128,7 +190,7 @@ class Transformer2DModel(nn.Module):
         self.proj_out = Proj(inner, channels)
 
     def forward(self, x, context):
-        B, C, H, W = x.shape
+        B, _, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
@@ -136,7 +198,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, (H, W))
         if self.linear:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)

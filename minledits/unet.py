@@ -3,11 +3,15 @@
 Level i has block_out_channels[i] channels; every down level but the last halves the resolution.
 A level is "CrossAttn...Block2D" (each resnet followed by a Transformer2DModel) or plain ("DownBlock2D", "UpBlock2D").
 Up level i mirrors down level L-1-i with one more resnet; each up resnet eats one skip of the down path (a stack).
+Every attention knows its `layer` (layers.AttentionLayer); `unet.attention_controller(ctrl)` lets ctrl edit them.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import layers
 from .layers import Downsample2D, GroupNorm, ResnetBlock2D, Transformer2DModel, Upsample2D, timestep_embedding
 
 # Options of the diffusers config this UNet implements only at their SD value (anything else is refused).
@@ -90,6 +94,13 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, temb)
 
 
+def attention_layer(name: str) -> layers.AttentionLayer:
+    """"up_blocks.1.attentions.2.transformer_blocks.0.attn1" -> AttentionLayer(name, "up", 1, cross=False)."""
+    parts = name.split(".")
+    place = parts[0].split("_")[0]  # down_blocks / mid_block / up_blocks
+    return layers.AttentionLayer(name, place, 0 if place == "mid" else int(parts[1]), cross=parts[-1] == "attn2")
+
+
 class UNet(nn.Module):
     """eps (or v) prediction: unet(x [B, C, h, w], t (int, 0-d or [B]), context [B, 77, D]) -> [B, C_out, h, w]."""
 
@@ -116,9 +127,13 @@ class UNet(nn.Module):
                       kind.startswith("CrossAttn"), "down" if i < L - 1 else None)
             for i, kind in enumerate(cfg["down_block_types"]))
         self.mid_block = MidBlock(cfg, chs[-1], heads[-1])
-        self.up_blocks = nn.ModuleList(self._up_level(cfg, i, kind, n, heads) for i, kind in enumerate(cfg["up_block_types"]))
+        self.up_blocks = nn.ModuleList(self._up_level(cfg, i, kind, n, heads)
+                                       for i, kind in enumerate(cfg["up_block_types"]))
         self.conv_norm_out = GroupNorm(cfg.get("norm_num_groups", 32), chs[0], cfg.get("norm_eps", 1e-5))
         self.conv_out = nn.Conv2d(chs[0], cfg.get("out_channels", 4), 3, padding=1)
+        for name, module in self.named_modules():
+            if isinstance(module, layers.Attention):
+                module.layer = attention_layer(name)
 
     @staticmethod
     def _up_level(cfg, i, kind, n, heads):
@@ -128,6 +143,20 @@ class UNet(nn.Module):
         skip_chs = [rev[i]] * n + [rev[min(i + 1, L - 1)]]  # the last skip comes from the level above
         return UpLevel(cfg, [a + b for a, b in zip(h_chs, skip_chs)], rev[i], heads[::-1][i],
                        kind.startswith("CrossAttn"), "up" if i < L - 1 else None)
+
+    @contextlib.contextmanager
+    def attention_controller(self, ctrl):
+        """`with unet.attention_controller(ctrl):` every attention of the UNet calls ctrl (layers module docstring);
+        the previous controllers come back on exit, exception or not, so these nest. ctrl=None: no controller."""
+        modules = [m for m in self.modules() if isinstance(m, layers.Attention)]
+        previous = [m.controller for m in modules]
+        for m in modules:
+            object.__setattr__(m, "controller", ctrl)  # a plain attribute even if ctrl is an nn.Module (no submodule)
+        try:
+            yield ctrl
+        finally:
+            for m, p in zip(modules, previous):
+                object.__setattr__(m, "controller", p)
 
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
