@@ -123,14 +123,15 @@ def quantile(a: torch.Tensor, lam: list[float]) -> torch.Tensor:
 def mask(g: torch.Tensor, p: SegaParams, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each concept acts at step i: |g_c| >= q_c, and only before its cooldown. (mask [C, B, 4, h, w], q).
 
-    The ablation people try first: replace `minledits.sega.mask` (sega() looks it up at every call)."""
+    The ablation people try first: edit(..., guidance=functools.partial(sega, mask=my_mask)) swaps it."""
     per_c = (-1,) + (1,) * (g.dim() - 1)  # view a [C] tensor as [C, 1, 1, 1, 1]
     q = quantile(g.abs(), p.threshold)
     return (g.abs() >= q[..., None, None]) & (i < p.cooldown).view(per_c), q
 
 
-def sega(i: int, eps_u: torch.Tensor, eps_c: torch.Tensor, m: torch.Tensor, p: SegaParams) -> Guidance:
-    """E_i, the semantic guidance of edit step i, and the updated momentum (see the notation above)."""
+def sega(i: int, eps_u: torch.Tensor, eps_c: torch.Tensor, m: torch.Tensor, p: SegaParams, mask=mask) -> Guidance:
+    """E_i, the semantic guidance of edit step i, and the updated momentum (see the notation above).
+    mask(g, p, i) -> (where each concept acts, q): SEGA's by default (`mask` above)."""
     per_c = (-1,) + (1,) * (eps_c.dim() - 1)
     g = p.scale.view(per_c).to(eps_c.dtype) * (eps_c - eps_u)
     on, q = mask(g, p, i)

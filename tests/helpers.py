@@ -1,5 +1,8 @@
-"""Shared test helpers (the tests never import each other): the small inversion setting, a test photo, and
-our edit beside the reference pipeline's on the same inversion."""
+"""Shared test helpers (the tests never import each other): the small inversion setting, a test photo, our
+edit beside the reference pipeline's on the same inversion, and the package's import graph."""
+import ast
+from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -35,3 +38,25 @@ def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5, forced=False):
     force = [st.x_prev for st in trace] if forced else None
     theirs, pipe = oracle.edit(ref, xts, inv.zs, steps, skip, target_prompt, s_tar, concepts, 0.3, 0.6, force)
     return ours, torch.stack(pipe.scheduler.own) if forced else theirs, pipe, trace
+
+
+# --------------------------------------------------------------------------------------------- import graph
+PACKAGE = Path(minledits.__file__).parent
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
+    """(module, node) for every import of a minledits module anywhere in `tree`."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("minledits")):
+            base = (node.module or "").removeprefix("minledits").lstrip(".")
+            out += [(base, node)] if base else [(a.name, node) for a in node.names if a.name in MODULES]
+        elif isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], node) for a in node.names if a.name.startswith("minledits.")]
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    """{module: the package modules it imports}."""
+    return {m: {name for name, _ in package_imports(ast.parse((PACKAGE / f"{m}.py").read_text()))} for m in MODULES}

@@ -3,29 +3,8 @@ function-level imports hiding a cycle), the graph has no cycle, and each module 
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
-import minledits
-
-PACKAGE = Path(minledits.__file__).parent
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-
-
-def package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
-    """(module, node) for every import of a minledits module anywhere in `tree`."""
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("minledits")):
-            base = (node.module or "").removeprefix("minledits").lstrip(".")
-            out += [(base, node)] if base else [(a.name, node) for a in node.names if a.name in MODULES]
-        elif isinstance(node, ast.Import):
-            out += [(a.name.split(".")[1], node) for a in node.names if a.name.startswith("minledits.")]
-    return out
-
-
-def graph() -> dict[str, set[str]]:
-    return {m: {name for name, _ in package_imports(ast.parse((PACKAGE / f"{m}.py").read_text()))} for m in MODULES}
-
+from tests.helpers import MODULES, PACKAGE, graph, package_imports
 
 def test_package_imports_are_at_module_level():
     for m in MODULES:
