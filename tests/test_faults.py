@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import minledits
 from minledits import Concept, InversionError, InversionFileError, MinleditsError, store
 from minledits.image import to_tensor
-from tests.helpers import N, SIZE, SKIP, photo
+from tests.helpers import SIZE, SKIP, N, photo
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import sys
 
 from tests.helpers import MODULES, PACKAGE, graph, package_imports
 
+
 def test_package_imports_are_at_module_level():
     for m in MODULES:
         tree = ast.parse((PACKAGE / f"{m}.py").read_text())
