@@ -5,8 +5,10 @@ checked before the work starts; outputs are written to a temporary file then ren
 without --force.
 """
 import argparse
+import errno
 import inspect
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import ledits, store, tiny
 from .errors import MinleditsError
-from .files import atomic
+from .files import atomic, safetensors_metadata
 from .image import open_rgb, to_pil
 from .inversion import BATCH_SIZE, InversionSettings, invert
 from .load import DEFAULT_MODEL, download, load
@@ -32,6 +34,8 @@ from .trace import Trace, side_by_side
 BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
 INV = InversionSettings()  # the defaults of the inversion options
 EDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(ledits.edit).parameters.items()}
+FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
 # (flags, default, help, argparse options). argparse keeps None as the default, so that "not given" can be
 # told apart (an inversion file brings its own settings); resolve() then fills in the defaults shown here.
@@ -73,7 +77,8 @@ COMMANDS = {
     "invert": "IMAGE -> inversion file (latents, noise maps, timesteps, settings)",
     "edit": "IMAGE or inversion file -> edited PNG (an image is inverted first)",
     "reconstruct": "IMAGE or inversion file -> PNG regenerated without guidance",
-    "batch": "the edits listed in a JSON file; outputs that exist are skipped, so a rerun resumes"}
+    "batch": "the edits listed in a JSON file, every job checked before the first runs; a job whose output "
+             "exists is skipped, so a rerun resumes"}
 EXAMPLES = """examples:
   minledits edit photo.jpg -o glasses.png -e glasses
   minledits invert photo.jpg -o photo.safetensors            # invert once ...
@@ -88,7 +93,8 @@ CONCEPT_HELP = f"""concepts (-e SPEC, repeatable):
     threshold={_C.threshold:<5g} act only where its guidance is in the top (1 - threshold) of each channel
     warmup={_C.warmup:<8} edit steps before it acts;   cooldown=none  edit step from which it stops
     weight={_C.weight:<8g} its weight among the concepts
-An input ending in .safetensors is an inversion file: its settings (and, by default, model) are used."""
+An inversion file (from invert or --save-inversion) is known by its content, whatever its name: its settings
+(and, by default, model) are used."""
 
 
 class UsageError(Exception):
@@ -121,6 +127,8 @@ def parser() -> Parser:
             s.add_argument("jobs", metavar="JOBS.json", help='[{"input": "a.jpg", "output": "a.png", "concepts": '
                            '["glasses"], ...}, ...] or {"defaults": {...}, "jobs": [...]}; keys are edit options')
             s.add_argument("--outdir", required=True, help="folder of the outputs (created if missing)")
+            s.add_argument("--allow-outside-outdir", action="store_true",
+                           help="let jobs write outside --outdir (absolute paths, .., symbolic links)")
         else:
             s.add_argument("input", metavar="IMAGE" if name == "invert" else "IMAGE|INV")
             s.add_argument("-o", "--output", required=True, metavar="INV" if name == "invert" else "OUT.png")
@@ -161,21 +169,82 @@ def model_of(args):
     return args.cache[key]
 
 
-def check_outputs(paths, force):
-    """Before any work: refuse to overwrite, and make sure each folder takes a new file."""
-    for p in map(Path, paths):
-        if p.exists() and not force:
-            raise MinleditsError(f"{p} exists: add --force to overwrite it")
+def is_inversion(path) -> bool:
+    """Whether path is a minledits inversion file, by its content (a look at the safetensors header)."""
+    try:
+        return json.loads((safetensors_metadata(path) or {}).get("format", "null")) == store.FORMAT
+    except (TypeError, ValueError):
+        return False
+
+
+def label(args, key) -> str:
+    """An output in the user's words: its option, or its key in a batch job."""
+    return f'"{key}"' if getattr(args, "job", None) is not None else OUTPUTS[key]
+
+
+def file_name(args, key) -> Path:
+    """The output `key` of args as a path. "", "dir/" and "." are refused here: Path would drop the slash."""
+    name = getattr(args, key)
+    if not name:
+        raise MinleditsError(f"{label(args, key)} is empty: give a file name")
+    if name.replace(os.sep, "/").rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise MinleditsError(f"{label(args, key)} {name} names a folder, not a file: add a file name, "
+                             f"e.g. {os.path.join(name, 'out.png')}")
+    return Path(name)
+
+
+def outputs(args) -> list[tuple[str, Path]]:
+    """(key, path) of every file the command writes, the main output first; refused before any work: names that
+    are no file names, folders, an inversion not named *.safetensors, two outputs that are one file (one would be
+    lost)."""
+    named = [("output", file_name(args, "output"))]
+    if getattr(args, "compare", None):
+        named.append(("compare", named[0][1].with_name(named[0][1].stem + "-compare.png")))
+    if getattr(args, "trace", None) is not None:
+        named += [("trace", p) for p in Trace.files(file_name(args, "trace"))]
+    if getattr(args, "save_inversion", None) is not None:
+        named.append(("save_inversion", file_name(args, "save_inversion")))
+    seen = {}
+    for key, p in named:
+        if p.is_dir():
+            raise MinleditsError(f"{label(args, key)} {p} is a folder: give a file name, e.g. {p / 'out.png'}")
+        other = seen.setdefault(p.resolve(), key)  # resolve(): "a/../b", symbolic links
+        if other != key:
+            raise MinleditsError(f"{label(args, other)} and {label(args, key)} both name {p}: "
+                                 "give them different names")
+        if (key == "save_inversion" or args.cmd == "invert") and p.suffix != ".safetensors":
+            raise MinleditsError(f"{label(args, key)} {p}: an inversion file is named *.safetensors "
+                                 f"(e.g. {p.with_suffix('.safetensors')})")
+    return named
+
+
+def refuse_existing(args, named) -> None:
+    """No output is overwritten without --force. An inversion saved by an interrupted run is offered as the input."""
+    for key, p in named:
+        if args.force or not p.exists():
+            continue
+        if key == "save_inversion" and is_inversion(p):
+            raise MinleditsError(f"{p} exists (an inversion saved earlier): use it as the input "
+                                 f"(minledits edit {p} ...), or add --force to overwrite it")
+        raise MinleditsError(f"{p} exists: add --force to overwrite it")
+
+
+def check_outputs(args) -> list[tuple[str, Path]]:
+    """Before any work: outputs() and refuse_existing(), and each folder takes a new file. Returns outputs()."""
+    named = outputs(args)
+    refuse_existing(args, named)
+    for _, p in named:
         try:
             tempfile.TemporaryFile(dir=p.parent).close()
         except OSError as e:
             raise MinleditsError(f"cannot write {p}: {p.parent} is not a writable folder ({e.strerror})") from e
+    return named
 
 
 def inversion_of(args):
     """(model, Inversion) for args.input: an inversion file is read and checked, an image is inverted."""
     given = {k: getattr(args, k) for k in store.SETTINGS if getattr(args, k) is not None}
-    if Path(args.input).suffix == ".safetensors":
+    if Path(args.input).suffix == ".safetensors" or is_inversion(args.input):  # the suffix: store.load says why not
         inv = store.load(args.input)
         store.check(inv, source=args.input, **given)
         args.model = args.model or inv.model_id
@@ -229,9 +298,18 @@ def to_argv(options: dict) -> list[str]:
     return argv
 
 
+def shown(text: str) -> str:
+    """text with the bytes of a non-UTF-8 file name (surrogates, from os.fsdecode) as \\xNN: printable, storable."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def save_png(im, path, args, sd, inv, concepts):
     """PNG with every parameter that decides its pixels (not where it was written), as JSON ("minledits")
-    and as a command line ("parameters")."""
+    and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
+    "input"); the command line shows its odd bytes as \\xNN."""
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
     if concepts is not None:
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
@@ -240,13 +318,14 @@ def save_png(im, path, args, sd, inv, concepts):
     info = PngInfo()
     info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint,
                                                **p)))
-    info.add_text("parameters", "minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)]))
+    info.add_text("parameters", shown("minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)])))
     with atomic(path) as tmp:
         im.save(tmp, format="PNG", pnginfo=info)
 
 
 def finish(args, start, text):
-    print(f"{text} in {time.time() - start:.1f} s" + (" (random-tiny: noise)" if args.model == tiny.NAME else ""))
+    noise = " (random-tiny: noise)" if args.model == tiny.NAME else ""
+    print(shown(f"{text} in {time.time() - start:.1f} s{noise}"))
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -267,28 +346,45 @@ def cmd_download(args):
     finish(args, start, f"downloaded {args.model} -> {folder}")
 
 
+def check_text(args):
+    """Prompts are text: a byte that is not UTF-8 (from the shell) would fail in the tokenizer, after the loading."""
+    texts = [("--source-prompt", args.source_prompt), ("--target-prompt", getattr(args, "target_prompt", None))]
+    for flag, text in texts + [("-e", c) for c in getattr(args, "concepts", None) or []]:
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise MinleditsError(f"{flag} {shown(text)} is not UTF-8 text: write it in UTF-8") from None
+
+
 def cmd_invert(args):
     start = time.time()
-    check_outputs([args.output], args.force)
+    check_text(args)
+    check_outputs(args)
     sd, inv = inversion_of(args)
     store.save(inv, args.output)
     finish(args, start, f"inverted {args.input} -> {args.output} ({args.steps - args.skip} steps)")
 
 
+def concepts_of(args):
+    """The concepts of an edit (None for reconstruct), the edit options checked."""
+    resolve(args, EDIT)
+    check_text(args)
+    concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
+    ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
+    return concepts
+
+
 def cmd_edit(args):
     """edit and reconstruct: everything is checked before the work starts; the main output is written last."""
     start = time.time()
-    resolve(args, EDIT)
-    concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
-    ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
-    out = Path(args.output)
-    compare = out.with_name(out.stem + "-compare.png") if args.compare else None
-    trace_files = Trace.files(args.trace) if args.trace else []
-    check_outputs([out, *trace_files] + [p for p in (compare, args.save_inversion) if p], args.force)
+    concepts = concepts_of(args)
+    named = check_outputs(args)
+    out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
+    trace_files = [p for key, p in named if key == "trace"]
     sd, inv = inversion_of(args)
-    if args.save_inversion:
+    if args.save_inversion is not None:
         store.save(inv, args.save_inversion)
-    trace = Trace(sd, inv) if args.trace else None
+    trace = Trace(sd, inv) if trace_files else None
     im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd)
     if compare:
         recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
@@ -304,19 +400,77 @@ def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
     if not isinstance(job, dict) or "input" not in job:
         raise MinleditsError('a job is an object with at least an "input" (an image or inversion file)')
     job = {**defaults, **job}
+    for key in ("input", "output", "save_inversion", "trace"):
+        if not isinstance(job.get(key, ""), str) and (key == "input" or job[key] is not None):
+            raise MinleditsError(f'"{key}" must be a file name (a string), not {json.dumps(job[key])}')
     inp = jobs_dir / job.pop("input")
-    out = outdir / job.pop("output", f"{i:03d}-{inp.stem}.png")
-    job.update({k: str(outdir / job[k]) for k in ("save_inversion", "trace") if job.get(k)})
-    args = parser().parse_args(["edit", str(inp), "-o", str(out), *to_argv(job)])
+    # os.path.join keeps what Path would drop: "" and "sub/" must be refused as outputs, not read as the folder
+    out = job.pop("output", None)
+    out = os.path.join(outdir, f"{i:03d}-{inp.stem}.png" if out is None else out)
+    job.update({k: os.path.join(outdir, job[k]) for k in ("save_inversion", "trace") if job.get(k) is not None})
+    try:
+        args = parser().parse_args(["edit", str(inp), "-o", out, *to_argv(job)])
+    except SystemExit as e:  # "help": true printed the help; a batch goes on
+        raise MinleditsError('"help" is not an option of a job') from e
     for flags, _, _, options in COMMON:  # what the job leaves open comes from the batch's own flags
         if getattr(args, dest(flags, options)) is None:
             setattr(args, dest(flags, options), getattr(base, dest(flags, options)))
-    args.cache, args.force = base.cache, True  # its output does not exist: other files are leftovers
+    args.cache, args.force, args.job = base.cache, base.force, i  # outputs that exist: as in edit, only --force
     return args
 
 
+def check_job(args, outdir: Path, allow_outside: bool):
+    """(outputs, skip) of a parsed job, checked before the batch starts: skip if its main output exists (a rerun
+    resumes); else its input, options and the rest of its outputs must be fine."""
+    named = outputs(args)
+    for key, p in named:  # resolve(): after "..", symbolic links
+        if not (allow_outside or p.resolve().is_relative_to(outdir.resolve())):
+            raise MinleditsError(f"{label(args, key)} {p} is outside --outdir {outdir}: write inside it, "
+                                 "or add --allow-outside-outdir")
+    if named[0][1].exists() and not args.force:
+        return named, True
+    try:
+        open(args.input, "rb").close()
+    except OSError as e:
+        raise MinleditsError(f"cannot read input {args.input}: {e.strerror}") from e
+    concepts_of(args)
+    refuse_existing(args, named)
+    return named, False
+
+
+def job_name(i, job) -> str:
+    inp = job.get("input") if isinstance(job, dict) else None
+    return f"job {i}" + (f" ({inp})" if isinstance(inp, str) else "")
+
+
+def report(args, i, job, e):
+    print("".join(traceback.format_exception(e)) if args.verbose else "", end="", file=sys.stderr)
+    print(f"minledits: {job_name(i, job)} failed: {one_line(e)}", file=sys.stderr)
+
+
+def plan(args, jobs, defaults):
+    """Every job checked before the first one runs: ([(i, args, skip)], {i: why it cannot run})."""
+    ready, failed, owners = [], {}, {}
+    for i, job in enumerate(jobs):
+        try:
+            job_ns = job_args(i, job, defaults, args, Path(args.jobs).parent, Path(args.outdir))
+            named, skip = check_job(job_ns, Path(args.outdir), args.allow_outside_outdir)
+        except Exception as e:
+            failed[i] = e
+            continue
+        ready.append((i, job_ns, skip))
+        for key, p in named:
+            owners.setdefault(p.resolve(), []).append((i, key, p))
+    for same in (o for o in owners.values() if len(o) > 1):  # one file for two jobs: one would be lost
+        for i, key, p in same:
+            j, other = next((j, k) for j, k, _ in same if j != i)
+            failed.setdefault(i, MinleditsError(f'"{key}" {p} is also the "{other}" of job {j}: '
+                                                "give each job its own outputs"))
+    return [r for r in ready if r[0] not in failed], failed
+
+
 def cmd_batch(args):
-    start, counts = time.time(), dict(done=0, skipped=0, failed=0)
+    start = time.time()
     try:
         jobs = json.loads(Path(args.jobs).read_text(encoding="utf-8"))
         Path(args.outdir).mkdir(parents=True, exist_ok=True)
@@ -327,30 +481,36 @@ def cmd_batch(args):
             and isinstance(jobs.get("defaults", {}), dict)):
         raise MinleditsError(f'{args.jobs}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
     defaults, jobs = jobs.get("defaults", {}), jobs["jobs"]
-    for i, job in enumerate(jobs):
+    ready, failed = plan(args, jobs, defaults)
+    for i in sorted(failed):
+        report(args, i, jobs[i], failed[i])
+    done = skipped = 0
+    for i, job_ns, skip in ready:
+        if skip:
+            skipped += 1
+            continue
         try:
-            job_ns = job_args(i, job, defaults, args, Path(args.jobs).parent, Path(args.outdir))
-            if Path(job_ns.output).exists() and not args.force:
-                counts["skipped"] += 1
-                continue
-            Path(job_ns.output).parent.mkdir(parents=True, exist_ok=True)
+            for _, p in outputs(job_ns):
+                p.parent.mkdir(parents=True, exist_ok=True)
             job_ns.func(job_ns)
-            counts["done"] += 1
+            done += 1
         except Exception as e:
-            counts["failed"] += 1
-            print(traceback.format_exc() if args.verbose else "", end="", file=sys.stderr)
-            print(f"minledits: job {i} failed: {one_line(e)}", file=sys.stderr)
-    finish(args, start, "batch: {done} done, {skipped} skipped (output exists), {failed} failed".format(**counts)
-           + f" -> {args.outdir}")
-    return 1 if counts["failed"] else 0
+            failed[i] = e
+            report(args, i, jobs[i], e)
+    which = f" ({', '.join(f'job {i}' for i in sorted(failed))})" if failed else ""
+    finish(args, start, f"batch: {done} done, {skipped} skipped (output exists), {len(failed)} failed{which}"
+           f" -> {args.outdir}")
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------------------------- main
 def one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.filename:
+    if isinstance(e, OSError) and e.errno in FULL:
+        text = f"cannot write {e.filename or 'a file'}: {FULL[e.errno]} ({e.strerror}): free some space and run again"
+    elif isinstance(e, OSError) and e.filename:
         text = f"{e.filename}: {e.strerror}"
     elif isinstance(e, (MinleditsError, ValueError, UsageError)):
-        text = str(e).splitlines()[-1] if isinstance(e, UsageError) else str(e)
+        text = str(e).splitlines()[-1].split(": error: ")[-1] if isinstance(e, UsageError) else str(e)
     else:
         text = f"{type(e).__name__}: {e} (unexpected: --verbose shows where)"
     return " ".join(text.split())

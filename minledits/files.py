@@ -1,12 +1,17 @@
-"""Files in and out, safely: atomic writes (nothing half-written is ever left under the final name) and the
-refusal of pickle checkpoints (unpickling can run arbitrary code)."""
+"""Files in and out, safely: atomic writes (nothing half-written is ever left under the final name, and the
+temporaries of killed writers are cleaned up), a cheap look at a safetensors header, and the refusal of pickle
+checkpoints (unpickling can run arbitrary code)."""
+import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LoadError
 
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.tmp")  # atomic()'s temporaries: .NAME.PID.tmp
+OS_ERROR = re.compile(r"\(os error (\d+)\)")    # how Rust writers (safetensors) spell an OS error in their message
 
 
 def refuse_pickle(path) -> None:
@@ -16,6 +21,21 @@ def refuse_pickle(path) -> None:
                         "minledits reads only .safetensors: get the model's safetensors files instead")
 
 
+def safetensors_metadata(path) -> dict | None:
+    """The `__metadata__` of a safetensors file ({} if it has none), or None if path is not one. Reads only the
+    header: 8 bytes of little-endian header length, then that many bytes of JSON."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 1 << 24:  # an image's first bytes read as a length are far larger
+                return None
+            header = json.loads(f.read(n))
+        meta = header.get("__metadata__", {})
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def umask() -> int:
     """The process umask (reading it means setting it: it is put back at once)."""
     mask = os.umask(0o22)
@@ -23,14 +43,54 @@ def umask() -> int:
     return mask
 
 
+def alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # someone else's process, or no pid at all: not ours to judge
+        return True
+    return True
+
+
+def clean_temporaries(folder: Path) -> None:
+    """Delete the temporaries that killed writers left in `folder`: `.NAME.PID.tmp` whose PID no longer runs.
+    (A writer on another machine sharing the folder cannot be seen; its PID looks dead.)"""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = TEMPORARY.fullmatch(name)
+        if m and not alive(int(m[2])):
+            try:
+                os.unlink(folder / name)
+            except OSError:  # gone already, or not ours to delete
+                pass
+
+
 @contextmanager
 def atomic(path):
-    """Yield a temporary name beside `path`; rename it to `path` on success, delete it on any failure."""
+    """Yield a temporary name beside `path`; rename it to `path` on success, delete it on any failure.
+    An OS error while writing (a full disk) names `path`, not the temporary or nothing."""
     path = Path(path)
+    clean_temporaries(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask())  # like a plain open(): some writers create files private (0600)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, tmp, str(tmp)):
+            e.filename = str(path)
+        raise
+    except Exception as e:
+        m = OS_ERROR.search(str(e))
+        if m is None:
+            raise
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)

@@ -152,8 +152,8 @@ def test_batch_resumes(tiny_sd1, photo, tmp_path, capsys, monkeypatch):
                      {"input": "b.jpg", "output": "sub/b.png", "keep_aspect": True}]}
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     rc, out, err = run(capsys, "batch", tmp_path / "jobs.json", "--outdir", tmp_path / "out", "-q")
-    assert rc == 1 and "2 done, 0 skipped (output exists), 1 failed" in out
-    assert "job 2 failed: cannot read image" in err and "b.jpg" in err
+    assert rc == 1 and "2 done, 0 skipped (output exists), 1 failed (job 2)" in out
+    assert err.startswith("minledits: job 2 (b.jpg) failed: cannot read input") and "No such file" in err
     assert len(inverted) == 1  # two edits of one inversion: inverted once
     done = {p: p.stat().st_mtime_ns for p in [tmp_path / "out" / "glasses.png", tmp_path / "out" / "001-a.png"]}
     shutil.copy(photo, tmp_path / "b.jpg")
@@ -172,7 +172,8 @@ def test_batch_bad_job_is_reported_and_others_run(tmp_path, photo, capsys):
                                                                  "size": 64}, "jobs": jobs}))
     rc, out, err = run(capsys, "batch", tmp_path / "jobs.json", "--outdir", tmp_path, "-q")
     assert rc == 1 and "1 done, 0 skipped (output exists), 2 failed" in out
-    assert "job 1 failed:" in err and "--stepz" in err and "job 2 failed:" in err and "input" in err
+    assert f"job 1 ({photo}) failed: unrecognized arguments: --stepz" in err
+    assert 'job 2 failed: a job is an object with at least an "input"' in err
     assert (tmp_path / "ok.png").exists() and not (tmp_path / "bad.png").exists()
 
 
@@ -253,7 +254,7 @@ ERRORS = {  # name: (argv builder (d, photo, inv, model) -> argv, words the mess
 def test_errors_are_one_line(case, flow, photo, tmp_path, capsys):
     make, words = ERRORS[case]
     argv = [str(a) for a in make(tmp_path, photo, flow.dir / "inv.safetensors", flow.model)]
-    out = tmp_path / "out.png"
+    out = tmp_path / ("out.safetensors" if argv[0] == "invert" else "out.png")
     if "-o" not in argv:
         argv += ["-o", str(out)]
     before = set(tmp_path.iterdir()) | set(photo.parent.iterdir())
