@@ -195,6 +195,12 @@ def test_batch_checks_every_job_before_the_first_runs(photo, tmp_path, capsys):
     assert lines[5].startswith(f"minledits: job 0 ({photo}) failed:") and "size" in lines[5]
 
 
+def test_batch_job_asking_for_help_does_not_end_the_batch(photo, tmp_path, capsys):
+    rc, out, err = batch(capsys, tmp_path, [{"input": str(photo), "help": True}, {"input": str(photo)}])
+    assert rc == 1 and "1 done, 0 skipped (output exists), 1 failed (job 0)" in out
+    assert err.strip() == f'minledits: job 0 ({photo}) failed: "help" is not an option of a job'
+
+
 def test_batch_rerun_skips_only_existing_outputs(photo, tmp_path, capsys):
     jobs = [{"input": str(photo), "output": "a.png"}, {"input": str(photo), "output": ""}]
     assert "1 done, 0 skipped (output exists), 1 failed (job 1)" in batch(capsys, tmp_path, jobs)[1]
