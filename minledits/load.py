@@ -54,7 +54,7 @@ WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mode
 CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", *(f"{n}/config.json" for n in NETWORKS)]
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
 
-# The only alternative key names accepted in a folder (docs/design.md, "Weights"). component: [(stored key regex, ours)].
+# The only alternative key names accepted in a folder (docs/design.md §6). component: [(stored key regex, ours)].
 # Applied in order; None drops the key.
 RENAMES = {
     "vae": [  # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn (and some
@@ -107,62 +107,35 @@ def rename(component: str, stored: str) -> str | None:
     return key
 
 
-def safetensors_getters(f, component: str, path: Path | None = None) -> dict[str, Callable[[], torch.Tensor]]:
-    """{our key: reader} for an open safe_open file of `component`.
-
-    With the file's `path`, a reader makes its tensor a view of one copy-on-write memory map of the file (as
-    get_tensor does) without touching it: get_tensor reads the first pages of every tensor, 1.8 s for a 3.3 GB UNet
-    not in the page cache, here pages are read on first use. safe_open has checked the header (offsets inside the
-    file, no gaps or overlaps, sizes that fit shapes and dtypes); a tensor this cannot map (a dtype not in the
-    table below, a big-endian machine, an entry that does not add up) is read by get_tensor."""
-    import sys
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-    header, storage, start = {}, None, 0
-    if path is not None and sys.byteorder == "little":
-        with open(path, "rb") as raw:
-            n = int.from_bytes(raw.read(8), "little")
-            header, start = json.loads(raw.read(n)), 8 + n
-        size = os.path.getsize(path)
-        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE, nothing read
-
-    def mapped(entry) -> Callable[[], torch.Tensor] | None:
-        try:
-            dtype, shape, (a, b) = dtypes[entry["dtype"]], [int(d) for d in entry["shape"]], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not (all(d >= 0 for d in shape) and isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= size - start
-                and b - a == dtype.itemsize * torch.Size(shape).numel()):
-            return None
-        return lambda: torch.empty(0, dtype=dtype).set_(storage[start + a:start + b], 0, shape)
-
+def safetensors_getters(f, component: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """{our key: reader} for an open safe_open file of `component`."""
     getters = {}
     for stored in f.keys():
         if (key := rename(component, stored)) is not None:
-            get = (mapped(header[stored]) if stored in header else None) or partial(f.get_tensor, stored)
-            getters[key] = partial(_read, get, squeeze=component == "vae" and key != stored)
+            getters[key] = partial(_read, f, stored, squeeze=component == "vae" and key != stored)
     return getters
 
 
-def _read(get: Callable[[], torch.Tensor], squeeze: bool = False) -> torch.Tensor:
-    tensor = get()
+def _read(f, key: str, squeeze: bool = False) -> torch.Tensor:
+    tensor = f.get_tensor(key)
     return tensor.flatten(1) if squeeze and tensor.ndim == 4 else tensor   # legacy 1x1 conv -> linear
+
+
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip torch.nn.init on meta tensors: they hold no values to initialise, and the first meta normal_
+    (nn.Embedding's) imports torch._dynamo, 1.5-4 s of a first load. fill() fills every tensor and checks it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tensor = args[0] if args else (kwargs or {}).get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **(kwargs or {}))
 
 
 def build(component: str, config: dict, source: str) -> torch.nn.Module:
     """Our network for `component`, built from its config on the meta device (instant, no memory)."""
     cls = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder}[component]
     try:
-        # torch.nn.init has nothing to fill in meta tensors; skipped, it saves 0.2 s, and the first meta normal_
-        # (nn.Embedding) would import torch._dynamo (1.5-4 s). fill() fills every tensor and checks none is left.
-        class SkipInit(torch.overrides.TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                tensor = args[0] if args else (kwargs or {}).get("tensor")
-                if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) \
-                        and tensor.is_meta:
-                    return tensor
-                return func(*args, **(kwargs or {}))
         with torch.device("meta"), SkipInit():
             return cls(config)
     except (KeyError, ValueError, TypeError) as e:
@@ -173,7 +146,7 @@ def load_file(module: torch.nn.Module, path: Path, component: str, dtype=None, d
     """fill() `module` from one safetensors file of `component`."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return fill(module, safetensors_getters(f, component, path), str(path), dtype, device)
+            return fill(module, safetensors_getters(f, component), str(path), dtype, device)
     except LoadError:
         raise
     except Exception as e:  # SafetensorError, OSError: a truncated download, a file that is not safetensors
@@ -291,8 +264,14 @@ def download(repo_id: str, variant: str | None = None, revision: str | None = No
 def _hub(fn, repo_id: str, **kwargs):
     """Call a huggingface_hub function; its errors become one-line LoadErrors that say what to do."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     name = repo_id.rstrip("/").rsplit("/", 1)[-1]
     try:
         return fn(repo_id, **kwargs)

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minledits.errors import MinleditsError
-from minledits.errors import LoadError
+from minledits.errors import LoadError, MinleditsError
 from minledits.load import NETWORKS, WEIGHT_STEM, fill, load, weight_file
 from minledits.model import StableDiffusion, dtype_of
 from minledits.tokenizer import Tokenizer
@@ -47,7 +46,8 @@ def outputs(sd, ref):
     x, img = torch.randn(2, 4, 8, 8, generator=g), torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     return [(sd.text_encoder(ids), ctx),
             (sd.unet(x, 501, ctx.expand(2, -1, -1)), ref.unet(x, 501, ctx.expand(2, -1, -1)).sample),
-            (sd.vae.encode(img), ref.vae.encode(img).latent_dist.mean), (sd.vae.decode(x[:1]), ref.vae.decode(x[:1]).sample)]
+            (sd.vae.encode(img), ref.vae.encode(img).latent_dist.mean),
+            (sd.vae.decode(x[:1]), ref.vae.decode(x[:1]).sample)]
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -105,7 +105,8 @@ def test_fp16_prefers_the_fp16_variant(two_variants):
     assert torch.equal(sd.unet.conv_in.weight, b.unet.conv_in.weight.half())
     assert torch.equal(load(folder).unet.conv_in.weight, a.unet.conv_in.weight)              # fp32 file
     upcast = load(folder, variant="fp16")                                                    # asked explicitly
-    assert upcast.dtype == torch.float32 and torch.equal(upcast.unet.conv_in.weight, b.unet.conv_in.weight.half().float())
+    assert upcast.dtype == torch.float32
+    assert torch.equal(upcast.unet.conv_in.weight, b.unet.conv_in.weight.half().float())
     assert weight_file(folder, "text_encoder", "fp16").name == "model.fp16.safetensors"
 
 
@@ -425,7 +426,8 @@ def test_single_file_goes_through_convert(tmp_path):
     path = hub.save_safetensors(ckpt.items(), tmp_path / "v1-tiny.safetensors")
     sd = load(path, dtype="bf16")
     assert sd.model_id == str(path) and sd.prediction_type == "epsilon" and sd.tokenizer.pad_id == 49407
-    assert sd.fingerprint.startswith("sha256-") and sd.fingerprint != load(path, prediction_type="v_prediction").fingerprint
+    assert sd.fingerprint.startswith("sha256-")
+    assert sd.fingerprint != load(path, prediction_type="v_prediction").fingerprint
     assert sd.unet.conv_in.weight.dtype == torch.bfloat16
     assert torch.equal(sd.unet.conv_in.weight, unet.conv_in.weight.bfloat16())
     assert same_weights(load(path).vae, vae)
