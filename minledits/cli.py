@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import ledits, store, tiny
 from .errors import MinleditsError
-from .files import atomic, safetensors_metadata
+from .files import atomic
 from .image import open_rgb, to_pil
 from .inversion import BATCH_SIZE, InversionSettings, invert
 from .load import DEFAULT_MODEL, download, load
@@ -169,14 +170,6 @@ def model_of(args):
     return args.cache[key]
 
 
-def is_inversion(path) -> bool:
-    """Whether path is a minledits inversion file, by its content (a look at the safetensors header)."""
-    try:
-        return json.loads((safetensors_metadata(path) or {}).get("format", "null")) == store.FORMAT
-    except (TypeError, ValueError):
-        return False
-
-
 def label(args, key) -> str:
     """An output in the user's words: its option, or its key in a batch job."""
     return f'"{key}"' if getattr(args, "job", None) is not None else OUTPUTS[key]
@@ -223,7 +216,7 @@ def refuse_existing(args, named) -> None:
     for key, p in named:
         if args.force or not p.exists():
             continue
-        if key == "save_inversion" and is_inversion(p):
+        if key == "save_inversion" and store.is_inversion(p):
             raise MinleditsError(f"{p} exists (an inversion saved earlier): use it as the input "
                                  f"(minledits edit {p} ...), or add --force to overwrite it")
         raise MinleditsError(f"{p} exists: add --force to overwrite it")
@@ -244,7 +237,8 @@ def check_outputs(args) -> list[tuple[str, Path]]:
 def inversion_of(args):
     """(model, Inversion) for args.input: an inversion file is read and checked, an image is inverted."""
     given = {k: getattr(args, k) for k in store.SETTINGS if getattr(args, k) is not None}
-    if Path(args.input).suffix == ".safetensors" or is_inversion(args.input):  # the suffix: store.load says why not
+    # by content; a .safetensors suffix too, so that store.load says why such a file is not an inversion
+    if Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input):
         inv = store.load(args.input)
         store.check(inv, source=args.input, **given)
         args.model = args.model or inv.model_id
@@ -272,7 +266,8 @@ def inversion_of(args):
 
 def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit"):
     """The edited image (PIL), with progress bars for the edit and the decoding."""
-    with bar(args, desc, len(inv.zs)) as b:
+    with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
         w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
                          concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
                          callback=lambda step: (b.update(), trace and trace(step)))
@@ -306,10 +301,10 @@ def shown(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def save_png(im, path, args, sd, inv, concepts):
+def save_png(im, path, args, sd, inv, concepts, idle=None):
     """PNG with every parameter that decides its pixels (not where it was written), as JSON ("minledits")
     and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
-    "input"); the command line shows its odd bytes as \\xNN."""
+    "input"); the command line shows its odd bytes as \\xNN. idle: {concept: why it never acted}, JSON only."""
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
     if concepts is not None:
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
@@ -317,7 +312,7 @@ def save_png(im, path, args, sd, inv, concepts):
                  momentum_beta=args.momentum_beta)
     info = PngInfo()
     info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint,
-                                               **p)))
+                                               **p, **({"idle_concepts": idle} if idle else {}))))
     info.add_text("parameters", shown("minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)])))
     with atomic(path) as tmp:
         im.save(tmp, format="PNG", pnginfo=info)
@@ -382,16 +377,19 @@ def cmd_edit(args):
     out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
     trace_files = [p for key, p in named if key == "trace"]
     sd, inv = inversion_of(args)
+    idle = ledits.idle(concepts or [], len(inv.zs))
+    for prompt, why in idle.items():
+        print(shown(f"minledits: warning: concept {prompt!r} never acts ({why}): the edit ignores it"), file=sys.stderr)
     if args.save_inversion is not None:
         store.save(inv, args.save_inversion)
     trace = Trace(sd, inv) if trace_files else None
     im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd)
     if compare:
         recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
-        save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts)
+        save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts, idle)
     if trace:
         trace.save(*trace_files, concepts=[spec(c) for c in concepts])
-    save_png(im, out, args, sd, inv, concepts)
+    save_png(im, out, args, sd, inv, concepts, idle)
     finish(args, start, f"{args.cmd}: {args.input} -> {out}")
 
 

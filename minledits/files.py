@@ -1,7 +1,6 @@
 """Files in and out, safely: atomic writes (nothing half-written is ever left under the final name, and the
-temporaries of killed writers are cleaned up), a cheap look at a safetensors header, and the refusal of pickle
+temporaries of killed writers are cleaned up), and the refusal of pickle
 checkpoints (unpickling can run arbitrary code)."""
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -11,7 +10,6 @@ from .errors import LoadError
 
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.tmp")  # atomic()'s temporaries: .NAME.PID.tmp
-OS_ERROR = re.compile(r"\(os error (\d+)\)")    # how Rust writers (safetensors) spell an OS error in their message
 
 
 def refuse_pickle(path) -> None:
@@ -19,21 +17,6 @@ def refuse_pickle(path) -> None:
     if Path(path).suffix in PICKLES:
         raise LoadError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
                         "minledits reads only .safetensors: get the model's safetensors files instead")
-
-
-def safetensors_metadata(path) -> dict | None:
-    """The `__metadata__` of a safetensors file ({} if it has none), or None if path is not one. Reads only the
-    header: 8 bytes of little-endian header length, then that many bytes of JSON."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 1 << 24:  # an image's first bytes read as a length are far larger
-                return None
-            header = json.loads(f.read(n))
-        meta = header.get("__metadata__", {})
-        return meta if isinstance(meta, dict) else None
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def umask() -> int:
@@ -87,10 +70,5 @@ def atomic(path):
         if e.filename in (None, tmp, str(tmp)):
             e.filename = str(path)
         raise
-    except Exception as e:
-        m = OS_ERROR.search(str(e))
-        if m is None:
-            raise
-        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import fields
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from .errors import InversionError, InversionFileError
 from .files import atomic
@@ -25,6 +25,15 @@ FORMAT, VERSION = "minledits.inversion", 1
 SETTINGS = [f.name for f in fields(InversionSettings)]
 
 
+def is_inversion(path) -> bool:
+    """Whether path is a minledits inversion file, by its content (safetensors metadata), whatever its name."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("format", "null")) == FORMAT
+    except Exception:  # not a file, not safetensors, not JSON metadata
+        return False
+
+
 def save(inv: Inversion, path) -> None:
     """Write `inv` to `path`, atomically."""
     H, W = inv.image.shape[-2:]
@@ -32,9 +41,9 @@ def save(inv: Inversion, path) -> None:
                 dtype=str(inv.xts.dtype).removeprefix("torch."), resolution=f"{W}x{H}", **inv.settings.dict())
     tensors = {"xts": inv.xts, "zs": inv.zs, "timesteps": torch.tensor(inv.timesteps, dtype=torch.int64),
                "image": inv.image.float()}
-    with atomic(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  {k: json.dumps(v) for k, v in meta.items()})
+    with atomic(path) as tmp:  # the bytes, then one write: safetensors' save_file leaves its own temporaries
+        tmp.write_bytes(save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                   {k: json.dumps(v) for k, v in meta.items()}))
 
 
 def load(path) -> Inversion:

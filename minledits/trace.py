@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from .files import atomic
 from .image import to_pil
@@ -52,7 +52,7 @@ class Trace:
     def save(self, tensors_path, picture_path, concepts: list[str]):
         """The tensors (metadata: the concepts, in the order of the C axis) and the picture, each written atomically."""
         with atomic(tensors_path) as tmp:
-            save_file(self.tensors(), str(tmp), {"concepts": json.dumps(concepts)})
+            tmp.write_bytes(save_bytes(self.tensors(), {"concepts": json.dumps(concepts)}))
         with atomic(picture_path) as tmp:
             self.picture().save(tmp, format="PNG")
 

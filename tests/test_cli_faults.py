@@ -123,7 +123,7 @@ def test_batch_jobs_do_not_overwrite_side_outputs_without_force(photo, tmp_path,
     assert all((tmp_path / "out" / n).read_bytes() == b"keep" for n in ["a-compare.png", "s.safetensors", "t.png"])
     rc, out, err = batch(capsys, tmp_path, jobs, "--force")
     assert rc == 0 and "3 done" in out and (tmp_path / "out" / "t.png").read_bytes() != b"keep"
-    assert cli.is_inversion(tmp_path / "out" / "s.safetensors")
+    assert store.is_inversion(tmp_path / "out" / "s.safetensors")
 
 
 @pytest.mark.skipif(_console_script() is None, reason="the minledits console script is not installed (pip install .)")
@@ -283,11 +283,7 @@ def test_full_disk_names_the_file(photo, inv, tmp_path, capsys, monkeypatch):
     one_error(rc, err, f"cannot write {tmp_path / 'r.png'}: the disk is full", "free some space")
     assert "unexpected" not in err
 
-    from safetensors import SafetensorError
-
-    def full_rust(*a, **k):  # how safetensors (Rust) reports it: the OS error inside its message
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(store, "save_file", full_rust)
+    monkeypatch.setattr(Path, "write_bytes", full)  # how inversion files are written (store.save)
     rc, _, err = run(capsys, "invert", photo, "-o", tmp_path / "i.safetensors", *TINY)
     one_error(rc, err, f"cannot write {tmp_path / 'i.safetensors'}: the disk is full")
     assert list(tmp_path.iterdir()) == []  # no temporaries left
@@ -326,3 +322,17 @@ def test_stale_temporaries_are_cleaned(tmp_path, photo, capsys):
     (tmp_path / f".y.png.{live.pid}.tmp").write_bytes(b"half")  # now dead too
     assert run(capsys, "edit", photo, "-o", tmp_path / "o.png", "-e", "x", *TINY)[0] == 0
     assert not list(tmp_path.glob(".[xy].png.*.tmp")) and (tmp_path / "o.png").exists()
+
+
+def test_a_concept_that_cannot_act_is_named_and_recorded(inv, tmp_path, capsys):
+    """4 edit steps: warmup 4 never comes; cooldown 0 stops before the start. One warning line each, in the PNG."""
+    rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "e.png", "-e", "hat:warmup=4", "-e", "sun:cooldown=0",
+                     "-e", "glasses", "-q")
+    lines = err.strip().splitlines()
+    assert rc == 0 and lines == ["minledits: warning: concept 'hat' never acts (warmup 4 >= the 4 edit steps): "
+                                 "the edit ignores it",
+                                 "minledits: warning: concept 'sun' never acts (cooldown 0 <= warmup 2): "
+                                 "the edit ignores it"], err
+    meta = json.loads(Image.open(tmp_path / "e.png").text["minledits"])
+    assert meta["idle_concepts"] == {"hat": "warmup 4 >= the 4 edit steps", "sun": "cooldown 0 <= warmup 2"}
+    assert "idle" not in Image.open(tmp_path / "e.png").text["parameters"]  # the command line still reproduces it
