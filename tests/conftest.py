@@ -3,6 +3,8 @@
     tiny_sd1, tiny_sd2, tiny_sd2v  -> hub.Reference: .folder (model folder), .unet .vae .text_encoder
                                       (reference modules, fp32 eval), .configs, .scheduler_config, .pad_id
     tiny                           -> the same, parametrised over the three tiny kinds
+    sd1, inv1                      -> minledits.load(tiny_sd1.folder), and its inversion of helpers.photo()
+                                      (N steps, SKIP, SIZE px, seed 1); one per test module
     clip_tokenizer_sd1 / _sd2      -> transformers' CLIPTokenizer on the real CLIP vocabulary (the oracle)
 
 Each tiny folder holds fp32 and fp16 (``*.fp16.safetensors``) weights, CLIP keys ``text_model.``-prefixed.
@@ -10,7 +12,9 @@ Treat them as read-only: a test that needs a modified folder copies it (``shutil
 """
 import pytest
 
+import minledits
 from tests import hub
+from tests.helpers import SIZE, SKIP, N, photo
 
 
 def _tiny(kind, tmp_path_factory):
@@ -45,3 +49,13 @@ def clip_tokenizer_sd1(tiny_sd1):
 @pytest.fixture(scope="session")
 def clip_tokenizer_sd2(tiny_sd2):
     return hub.reference_tokenizer(tiny_sd2.folder / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1):
+    return minledits.load(tiny_sd1.folder)
+
+
+@pytest.fixture(scope="module")
+def inv1(sd1):
+    return minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, seed=1)

@@ -9,16 +9,6 @@ from tests import hub
 from tests.helpers import CONCEPTS, SIZE, SKIP, N, photo, run_both
 
 
-@pytest.fixture(scope="module")
-def sd1(tiny_sd1):
-    return minledits.load(tiny_sd1.folder)
-
-
-@pytest.fixture(scope="module")
-def inv1(sd1):
-    return minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, seed=1)
-
-
 @pytest.mark.parametrize("target_prompt", ["a man with a hat", ""])
 def test_full_edit_matches_pipeline(tiny_sd1, sd1, inv1, target_prompt):
     """Every step, started from the same x_t in both (teacher forcing: helpers.run_both), computes the same

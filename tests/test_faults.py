@@ -16,16 +16,6 @@ from minledits.image import to_tensor
 from tests.helpers import SIZE, SKIP, N, photo
 
 
-@pytest.fixture(scope="module")
-def sd1(tiny_sd1):
-    return minledits.load(tiny_sd1.folder)
-
-
-@pytest.fixture(scope="module")
-def inv1(sd1):
-    return minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, seed=1)
-
-
 @pytest.fixture
 def no_unet(sd1, monkeypatch):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))

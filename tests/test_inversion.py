@@ -8,11 +8,6 @@ from tests import oracle
 from tests.helpers import SIZE, SKIP, N, photo
 
 
-@pytest.fixture(scope="module")
-def sd1(tiny_sd1):
-    return minledits.load(tiny_sd1.folder)
-
-
 @pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
 @pytest.mark.parametrize("source_prompt", ["", "a photo of a cat"])
 def test_inversion_matches_oracle(request, kind, source_prompt):
