@@ -12,8 +12,10 @@ Anything else (EMA copies `model_ema.*`, the training schedule `betas`, `alphas_
 and skipped. Our modules carry diffusers / transformers names (docs/design.md §6), so converting is renaming, plus:
   * OpenCLIP fuses q, k, v into `attn.in_proj_weight` [3D, D]: its row thirds become q_proj, k_proj, v_proj;
   * the VAE mid-block attention uses 1x1 convs [C, C, 1, 1]: squeezed to linear matrices [C, C];
-  * SD 2.x conditions on the *penultimate* OpenCLIP layer: the last resblock, `text_projection` and
-    `logit_scale` are dropped (so the text encoder has 23 of the 24 layers).
+  * SD 2.x conditions on the *penultimate* layer of the 24-layer OpenCLIP ViT-H/14, so our text encoder has 23
+    layers. The original files hold all 24 resblocks (the 24th, `text_projection` and `logit_scale` are dropped);
+    files written from a diffusers folder (diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py) hold
+    the folder's 23, all kept. Any other count is refused: the layer to stop at is not in the file.
 No key table is written out: per network, a few lines generate the *block* names from the network's shape
 (levels, layers per block), and a short table renames what sits *inside* a block.
 The configs are inferred from tensor shapes; `plan()` works on shapes alone, `read_single_file()` adds
@@ -201,17 +203,33 @@ OPENCLIP_INNER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp
                   "attn.out_proj": "self_attn.out_proj"}
 
 
-def _openclip(shapes):
+# SD 2.x runs the OpenCLIP ViT-H/14 text tower (24 resblocks) up to its penultimate layer: 23 layers. A file holds
+# either the whole tower (the LDM code stores it; the 24th resblock is never run) or, written from a diffusers
+# folder, only the 23 used. The count alone tells which; another count does not say where SD 2.x stops.
+SD2_TEXT_LAYERS = 23
+# not used: CLIP's image-text head; a causal mask buffer; the `position_ids` arange of a diffusers text encoder,
+# which the diffusers -> original script leaves under this name (it renames nothing else of the embeddings)
+OPENCLIP_SKIP = ("text_projection", "logit_scale", "attn_mask", "transformer.text_model.embeddings.position_ids")
+
+
+def _openclip(shapes, source: str):
     s = _under(shapes, OPENCLIP)
     width = s["token_embedding.weight"][1]
-    layers = len({k.split(".")[2] for k in s if k.startswith("transformer.resblocks.")}) - 1  # penultimate
+    found = len({k.split(".")[2] for k in s if k.startswith("transformer.resblocks.")})
+    if found not in (SD2_TEXT_LAYERS, SD2_TEXT_LAYERS + 1):
+        raise SingleFileError(
+            f"{source} has {found} SD 2.x text encoder layers ('{OPENCLIP}transformer.resblocks.*'); SD 2.x uses "
+            f"{SD2_TEXT_LAYERS}, the penultimate of OpenCLIP ViT-H/14's {SD2_TEXT_LAYERS + 1}, so a file holds "
+            f"{SD2_TEXT_LAYERS + 1} (the original release, the last one unused) or {SD2_TEXT_LAYERS} (written from a "
+            "diffusers folder)")
+    layers = SD2_TEXT_LAYERS
     blocks = {"token_embedding": "text_model.embeddings.token_embedding", "ln_final": "text_model.final_layer_norm",
               "positional_embedding": "text_model.embeddings.position_embedding.weight"}
     blocks |= {f"transformer.resblocks.{n}": f"text_model.encoder.layers.{n}" for n in range(layers)}
     ours = {}
     for k in s:
-        if k in ("text_projection", "logit_scale", "attn_mask") or k.startswith(f"transformer.resblocks.{layers}."):
-            continue  # CLIP's image-text head and the last layer: SD2 does not use them
+        if k in OPENCLIP_SKIP or k.startswith(f"transformer.resblocks.{layers}."):
+            continue  # what SD2 does not use (above) and the last layer of a 24-layer tower
         name = _rename(k, blocks, OPENCLIP_INNER)
         if k.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):  # rows [q; k; v], `width` each
             layer, kind = name[:name.index(".attn.")], k.rsplit("_", 1)[1]
@@ -256,7 +274,7 @@ def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint")
     prediction_type = _prediction(sd2, prediction_type, source)
     try:
         out = {"unet": _unet(shapes, sd2, prediction_type), "vae": _vae(shapes),
-               "text_encoder": _openclip(shapes) if sd2 else _clip(shapes)}
+               "text_encoder": _openclip(shapes, source) if sd2 else _clip(shapes)}
     except (KeyError, ZeroDivisionError) as e:  # a tensor the shapes are read from is missing
         raise SingleFileError(f"{source} does not have the SD 1.x / 2.x layout (missing {e})") from None
     out |= {"scheduler": DEFAULTS | {"prediction_type": prediction_type}, "prediction_type": prediction_type,

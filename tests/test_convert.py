@@ -3,9 +3,14 @@
 The original-format files are written here from random diffusers-layout weights, by a mapping written in this
 file in the *other* direction (diffusers name -> original name, by regular expressions), independent of
 minledits/convert.py. diffusers' single-file loader, run offline on a local config folder, is the oracle.
+`from_diffusers_folder` is what diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py writes (its
+rules re-derived here; once checked against the script itself: the same keys, shapes and dtypes for the SD 1.5 and
+SD 2.1-base layouts, the same fused q/k/v values); the original release adds `tower_top` and the extras.
 """
+import gc
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -76,65 +81,90 @@ def ldm_vae_key(k, levels):
 
 OPENCLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
             "self_attn.out_proj": "attn.out_proj"}
+OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                "embeddings.position_embedding.weight": "positional_embedding",
+                "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
+                # a stored arange: no rule of diffusers' diffusers -> original script renames it, so it keeps its
+                # transformers name under the `transformer.` the script puts in front of every text key
+                "embeddings.position_ids": "transformer.text_model.embeddings.position_ids"}
+
+
+def ldm_openclip_key(k):
+    """A transformers CLIP text key -> (its OpenCLIP name without `cond_stage_model.model.`, and for q/k/v the
+    third 0/1/2 of the fused `attn.in_proj_*` it is, else None)."""
+    k = k.removeprefix("text_model.")
+    if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+        return f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", "qkv".index(m[2])
+    if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k):
+        return f"transformer.resblocks.{m[1]}.{OPENCLIP[m[2]]}.{m[3]}", None
+    return OPENCLIP_TOP[k], None
 
 
 def ldm_openclip(sd):
     """transformers CLIP text weights -> OpenCLIP names (without `cond_stage_model.model.`), q/k/v fused."""
-    out, qkv = {}, {}
+    out, fused = {}, {}
     for k, v in sd.items():
-        k = k.removeprefix("text_model.")
-        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
-        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k):
-            out[f"transformer.resblocks.{m[1]}.{OPENCLIP[m[2]]}.{m[3]}"] = v
+        name, third = ldm_openclip_key(k)
+        if third is None:
+            out[name] = v
         else:
-            out[{"embeddings.token_embedding.weight": "token_embedding.weight",
-                 "embeddings.position_embedding.weight": "positional_embedding",
-                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}[k]] = v
-    for (n, kind), d in qkv.items():
-        out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([d["q"], d["k"], d["v"]])
-    return out
+            fused.setdefault(name, [None] * 3)[third] = v
+    return out | {name: torch.cat(qkv) for name, qkv in fused.items()}
 
 
-def to_original(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, sd2, make):
-    """The original single-file layout (plus what must be ignored) from diffusers-layout weights.
-    `make(shape)` gives a tensor for the extras (works on `meta` too)."""
+def from_diffusers_folder(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, sd2):
+    """What diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py writes from a diffusers folder
+    (`text_sd`: the text encoder file's keys): the three networks and nothing else. The SD 2.x text encoder keeps
+    the folder's layers (23), with no `text_projection` / `logit_scale`; a stored `position_ids` is kept."""
     L, up_attn = unet_cfg["layers_per_block"], ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
     levels = len(vae_cfg["block_out_channels"])
     out = {"model.diffusion_model." + ldm_unet_key(k, L, up_attn): v for k, v in unet_sd.items()}
     for k, v in vae_sd.items():  # the VAE mid attention is 1x1 convs in the original
         out["first_stage_model." + ldm_vae_key(k, levels)] = (
             v[..., None, None] if ".attentions." in k and v.ndim == 2 else v)
+    if not sd2:  # SD 1.x: transformers' own names, as in the folder's file
+        return out | {"cond_stage_model.transformer." + k: v for k, v in text_sd.items()}
+    return out | {"cond_stage_model.model." + k: v for k, v in ldm_openclip(text_sd).items()}
+
+
+def tower_top(ckpt, make):
+    """Add what an original SD 2.x file holds beyond the 23 layers used: OpenCLIP's last (24th) resblock, unused
+    by SD 2.x, and CLIP's image-text head. `make(shape)` gives the tensors (works on `meta` too)."""
+    pre = "cond_stage_model.model."
+    width, n = (ckpt[pre + "token_embedding.weight"].shape[1],
+                1 + max(int(k.split(".")[4]) for k in ckpt if ".resblocks." in k))
+    for k in [k for k in ckpt if k.startswith(pre + "transformer.resblocks.0.")]:
+        ckpt[k.replace(".resblocks.0.", f".resblocks.{n}.")] = make(ckpt[k].shape)
+    return ckpt | {pre + "text_projection": make((width, 64)), pre + "logit_scale": make(())}
+
+
+def to_original(unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, sd2, make):
+    """The original single-file layout (plus what must be ignored) from diffusers-layout weights.
+    `make(shape)` gives a tensor for the extras (works on `meta` too)."""
+    text = {"text_model." + k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    if not sd2:
+        text["text_model.embeddings.position_ids"] = make((1, 77)).long()  # SD 1.x files store it
+    out = from_diffusers_folder(unet_sd, unet_cfg, vae_sd, vae_cfg, text, sd2)
     # ignored: EMA copies (flattened names, different values), the training schedule
     for k in list(out)[:150]:
         out["model_ema." + k.split(".", 1)[1].replace(".", "")] = make(out[k].shape)
     out |= {"model_ema.decay": make(()), "model_ema.num_updates": make(()), "alphas_cumprod": make((1000,)),
             "betas": make((1000,)), "sqrt_one_minus_alphas_cumprod": make((1000,))}
-    if not sd2:  # SD 1.x: transformers' own names (a stored position_ids too)
-        text = {"text_model." + k.removeprefix("text_model."): v for k, v in text_sd.items()}
-        text["text_model.embeddings.position_ids"] = make((1, 77)).long()
-        return out | {"cond_stage_model.transformer." + k: v for k, v in text.items()}
-    text = ldm_openclip(text_sd)
-    width, n = (text["token_embedding.weight"].shape[1],
-                1 + max(int(k.split(".")[2]) for k in text if ".resblocks." in k))
-    for k in [k for k in text if k.startswith("transformer.resblocks.0.")]:  # the unused last layer
-        text[k.replace(".resblocks.0.", f".resblocks.{n}.")] = make(text[k].shape)
-    text |= {"text_projection": make((width, 64)), "logit_scale": make(())}
-    return out | {"cond_stage_model.model." + k: v for k, v in text.items()}
+    return tower_top(out, make) if sd2 else out
 
 
 # ------------------------------------------------------------------------------------- tiny models
 def tiny_configs(sd2):
     """Tiny SD-shaped configs. A single file cannot say what tensors do not show, so convert.py infers with
-    SD's conventions: 32 norm groups, SD1 8 heads, SD2 and CLIP heads of size 64. These tiny models follow
-    them (tests/hub.py's tiny kinds do not: 8 groups, smaller heads)."""
+    SD's conventions: 32 norm groups, SD1 8 heads, SD2 and CLIP heads of size 64, SD2 23 text layers (of
+    OpenCLIP's 24). These tiny models follow them (tests/hub.py's tiny kinds do not: 8 groups, smaller heads)."""
     unet = dict(sample_size=8, block_out_channels=(64, 64, 128), layers_per_block=2, cross_attention_dim=128,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 attention_head_dim=[1, 1, 2] if sd2 else 8, use_linear_projection=sd2, upcast_attention=False)
     vae = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2 if sd2 else 1, latent_channels=4,
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=23 if sd2 else 3, num_attention_heads=2,
                 max_position_embeddings=77, vocab_size=49408, hidden_act="gelu" if sd2 else "quick_gelu")
     return unet, vae, text
 
@@ -182,6 +212,23 @@ def ours(path, prediction_type=None):
 
 def max_diff(a, b):
     return (a - b).abs().max().item()
+
+
+def tensors(module):
+    """A state dict without CLIP's `text_model.` level (ours and the Hub files have it, transformers 5 does not)."""
+    return {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+
+
+def networks(sd):
+    return sd.unet, sd.vae, sd.text_encoder
+
+
+def assert_same_tensors(nets, other_nets):
+    """(unet, vae, text encoder) hold the same keys and bit-equal tensors as `other_nets`."""
+    for a, b in zip(nets, other_nets, strict=True):
+        a, b = tensors(a), tensors(b)
+        assert a.keys() == b.keys()
+        assert not (differ := [k for k in a if not torch.equal(a[k], b[k])]), differ[:5]
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -295,6 +342,105 @@ def test_sd1_clip_keys_without_the_text_model_level():
                if ".layers." in k)
 
 
+# ------------------------------------------------------- files written from a diffusers folder (23 SD2 layers)
+def test_file_from_a_diffusers_folder_loads_like_the_original_file(original, tmp_path):
+    """diffusers' diffusers -> original script writes the three networks only: for SD 2.x the folder's 23 text layers
+    (no unused 24th, no image-text head), and the text encoder file's `position_ids`. Such a file loads to the
+    reference's tensors, as the original-layout file (SD 2.x: 24 layers) does."""
+    path, _, refs, sd2 = original
+    unet, vae, text = refs
+    text_file = {"text_model." + k: v for k, v in tensors(text).items()}
+    text_file["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # as in the Hub's SD 1.5 / 2.1 files
+    ckpt = from_diffusers_folder(unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_file, sd2)
+    if sd2:
+        blocks = {k.split(".")[4] for k in ckpt if k.startswith("cond_stage_model.model.transformer.resblocks.")}
+        assert len(blocks) == 23 and "cond_stage_model.model.text_projection" not in ckpt
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, tmp_path / "converted.safetensors")
+    pred = "epsilon" if sd2 else None
+    converted, release = (minledits.load(p, prediction_type=pred) for p in (tmp_path / "converted.safetensors", path))
+    assert converted.text_encoder.config["num_hidden_layers"] == text.config.num_hidden_layers == (23 if sd2 else 3)
+    assert_same_tensors(networks(converted), refs)
+    assert_same_tensors(networks(converted), networks(release))
+
+
+def hub_files(ref):
+    """{component: {key: tensor}} as the Hub files of `ref` store them (the text encoder's with position_ids)."""
+    from tests import hub
+    return {c: dict(hub.state_items(ref, c, position_ids=c == "text_encoder")) for c in ("unet", "vae", "text_encoder")}
+
+
+def script_output(ref, files):
+    """from_diffusers_folder for a tests/hub.py Reference and its hub_files."""
+    return from_diffusers_folder(files["unet"], ref.configs["unet"], files["vae"], ref.configs["vae"],
+                                 files["text_encoder"], sd2=ref.kind != "sd15")
+
+
+@pytest.mark.parametrize("kind, resblocks", [("sd15", None), ("sd21-base", 23), ("sd21-base", 24)])
+def test_full_size_file_from_a_diffusers_folder_reads_the_folder_tensors(kind, resblocks):
+    """Shapes only (meta): in what the script writes from a full-size folder (and, SD 2.x, the same with the 24th
+    layer and the head added, as the original release holds them), convert.plan reads each of our parameters from
+    exactly the tensor the script wrote for the folder's parameter of that name (fused q/k/v: its row third). Our
+    folder loader reads that name as it is, so the file loads to the folder's tensors; the test below loads both."""
+    from tests import hub
+    ref, sd2 = hub.build(kind, device="meta"), resblocks is not None
+    folder = hub_files(ref)
+    ckpt = script_output(ref, folder)
+    if resblocks == 24:
+        ckpt = tower_top(ckpt, make=lambda shape: torch.empty(shape, device="meta"))
+    shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
+    parts = convert.plan(shapes, ref.prediction_type if sd2 else None)
+    unet_cfg, levels = ref.configs["unet"], len(ref.configs["vae"]["block_out_channels"])
+    L, up_attn = unet_cfg["layers_per_block"], ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
+    width = ref.configs["text_encoder"]["hidden_size"]
+    want = {"unet": {k: convert.Take(convert.UNET + ldm_unet_key(k, L, up_attn)) for k in folder["unet"]},
+            "vae": {k: convert.Take(convert.VAE + ldm_vae_key(k, levels), squeeze=".attentions." in k and v.ndim == 2)
+                    for k, v in folder["vae"].items()},
+            "text_encoder": {}}
+    for k in folder["text_encoder"]:
+        if k == "text_model.embeddings.position_ids":
+            continue  # an arange(77); the folder's loader skips it too (load.RENAMES)
+        if not sd2:
+            want["text_encoder"][k] = convert.Take(convert.CLIP + k)
+            continue
+        name, third = ldm_openclip_key(k)
+        rows = None if third is None else (third * width, (third + 1) * width)
+        want["text_encoder"][k] = convert.Take(convert.OPENCLIP + name, rows)
+    for part, takes in want.items():
+        assert parts[part][1] == takes, part
+    assert parts["text_encoder"][0]["num_hidden_layers"] == ref.configs["text_encoder"]["num_hidden_layers"]
+    ignored = set(shapes) - {t.key for takes in want.values() for t in takes.values()}
+    tail = (f"{convert.OPENCLIP}transformer.resblocks.23.", f"{convert.OPENCLIP}text_projection",
+            f"{convert.OPENCLIP}logit_scale")
+    assert ignored == {k for k in shapes if "position_ids" in k or resblocks == 24 and k.startswith(tail)}
+    assert len(ignored) == (1 if resblocks != 24 else 1 + 12 + 2)
+
+
+@pytest.mark.slow
+def test_sd21_base_file_from_a_diffusers_folder_loads_like_the_folder(tmp_path):
+    """Full size, real tensors: a random SD 2.1-base folder in the Hub layout (fp16 files, the text encoder's storing
+    position_ids, as the Hub's do) and the single file the script writes from it with --half (23 text layers; the
+    script casts position_ids to fp16 too) load to bit-equal tensors. Uniform random fp16 values instead of a
+    network init: 2.6 GB of tensors at a time (peak RSS about 6.3 GB, counting the two files' mapped pages),
+    5.2 GB on disk (removed at the end), about 50 s."""
+    from tests import hub
+    try:
+        ref, gen = hub.build("sd21-base", device="meta"), torch.Generator().manual_seed(0)
+        for m in ref.components().values():
+            m.load_state_dict({k: torch.empty(v.shape, dtype=torch.float16).uniform_(-1, 1, generator=gen)
+                               for k, v in m.state_dict().items()}, assign=True)
+        hub.write(ref, tmp_path / "folder", fp32=False, fp16=True, position_ids=True)
+        ckpt = {k: v.half() for k, v in script_output(ref, hub_files(ref)).items()}
+        hub.save_safetensors(ckpt.items(), tmp_path / "sd21-base.safetensors")
+        del ref, ckpt
+        gc.collect()
+        folder = minledits.load(tmp_path / "folder", dtype=torch.float16)
+        single = minledits.load(tmp_path / "sd21-base.safetensors", dtype=torch.float16, prediction_type="epsilon")
+        assert len(single.text_encoder.text_model.encoder.layers) == 23
+        assert_same_tensors(networks(single), networks(folder))
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def test_skipped_keys_are_reported_at_debug_level_only(original, caplog):
     path, _, _, sd2 = original
     with caplog.at_level(logging.DEBUG, logger="minledits.convert"):
@@ -327,6 +473,22 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path):
     unet = UNet2DConditionModel(**tiny_configs(False)[0])  # a diffusers-layout unet file
     save_file(unet.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
     one_line_error(tmp_path / "diffusion_pytorch_model.safetensors", "model folder")
+
+
+@pytest.mark.parametrize("original", ["sd2"], indirect=True)
+def test_sd2_text_layer_counts_other_than_23_or_24_are_refused(original, tmp_path):
+    """SD 2.x stops at OpenCLIP ViT-H's 23rd of 24 layers; with another count, where to stop is not in the file."""
+    path = original[0]
+    ckpt, pre = load_file(path), "cond_stage_model.model.transformer.resblocks."
+    for n in (22, 25):
+        blocks = {k: v for k, v in ckpt.items() if not k.startswith(pre) or int(k.split(".")[4]) < n}
+        blocks |= {k.replace(f"{pre}0.", f"{pre}{i}."): v.clone() for k, v in ckpt.items() if k.startswith(f"{pre}0.")
+                   for i in range(24, n)}
+        save_file(blocks, tmp_path / f"{n}.safetensors")
+        e = one_line_error(tmp_path / f"{n}.safetensors", rf"has {n} SD 2\.x text encoder layers .*uses 23, .* a file "
+                           r"holds 24 \(the original release, the last one unused\) or 23 \(written from a diffusers "
+                           r"folder\)", "epsilon")
+        assert isinstance(e, convert.SingleFileError)
 
 
 def test_sd2_needs_a_prediction_type(original):
