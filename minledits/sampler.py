@@ -52,8 +52,16 @@ class DDPM:
                 raise ValueError(f"{where} has abar_t = 0 (rescale_betas_zero_snr) and xhat_0 divides by sqrt(abar_t); "
                                  f"use 'leading' spacing with a number of steps that skips t = {t}")
             if not var > 0:
-                raise ValueError(f"{where} has sigma_t = 0, so its noise map (x_prev - mu_t) / sigma_t is undefined; "
-                                 "use 'leading' spacing with steps_offset >= 1, or 'trailing'")
+                why = "set_alpha_to_one makes abar_prev 1" if t - D < 0 and schedule.alpha_one else "it is t = 0"
+                raise ValueError(f"{where} has sigma_t = 0 ({why}), so its noise map (x_prev - mu_t) / sigma_t is "
+                                 "undefined; use 'leading' or 'trailing' spacing with steps_offset >= 1, "
+                                 "set_alpha_to_one false, and fewer steps than T")
+            if min(1 - a_prev - var.sqrt() ** 2, 1 - a_prev.item() - var.sqrt().item() ** 2) < 0:  # as mu_t computes it
+                raise ValueError(f"{where} has abar_t = {a_bar[t].item():.3g}, too close to 0: 1 - abar_prev - "
+                                 "sigma_t^2 rounds below 0 (diffusers can give NaN); use 'leading' spacing")
+            if a_prev / a_bar[t] > 1e4:  # xhat_0 ~ x_t / sqrt(abar_t): v -> eps -> xhat_0 loses 1e-5 relative
+                raise ValueError(f"{where} has abar_t = {a_bar[t].item():.3g}, too close to 0: xhat_0 amplifies "
+                                 "float32 rounding by sqrt(abar_prev / abar_t) > 100; use 'leading' spacing")
             self.steps.append(Step(t, a_bar[t].item(), a_prev.item(), var.sqrt().item()))
         self.timesteps = [s.t for s in self.steps]
 

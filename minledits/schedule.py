@@ -13,7 +13,8 @@ Notation (code name -> symbol), t = 0..T-1, k = 0..N-1; round() rounds half to e
                                trained_betas:     the config's T values (beta_start, beta_end, beta_schedule unused)
     a_bar    abar_t            prod_{s <= t} (1 - beta_s): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
     zero SNR                   rescale_betas_zero_snr (Lin et al. 2023, Algorithm 1), r = sqrt(abar) before it:
-                               sqrt(abar'_t) = (r_t - r_{T-1}) r_0 / (r_0 - r_{T-1})       so abar'_{T-1} = 0
+                               sqrt(abar'_t) = (r_t - r_{T-1}) r_0 / (r_0 - r_{T-1})  so abar'_{T-1} = 0 (left 0, as in
+                               DDIMScheduler; diffusers' DPM-Solver and Euler schedulers raise it to 2^-24)
                                beta'_t = 1 - abar'_t / abar'_{t-1}, beta'_0 = 1 - abar'_0;  abar = prod (1 - beta')
     tau      tau_k             the N inference timesteps, descending, k = 0 the noisiest; by timestep_spacing:
                                leading:  D (N - 1 - k) + offset,  D = T // N,  offset = steps_offset
