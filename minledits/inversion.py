@@ -3,17 +3,30 @@
 Notation (code name -> symbol); sampler symbols as in sampler.py
     x        x_0               the image, in [-1, 1]
     w0       w_0 = f E(x)      its latent: scaled posterior mean of the VAE encoder (f = scaling factor)
-    xts[j]   x_{tau_k}         noisy latent at tau_k, k = skip + j, drawn independently:
-                               sqrt(abar) w0 + sqrt(1 - abar) eps_k  (eps_k ~ N(0, I), not a trajectory)
+    xts[j]   x_{tau_k}         noisy latent at tau_k, k = skip + j, drawn independently by the sampler's add_noise:
+                               sqrt(abar) w0 + sqrt(1 - abar) eps_k  (eps_k ~ N(0, I), not a trajectory); for
+                               dpmsolver++ alpha_k w0 + sigma_k eps_k (its own float32 scalars, as the scheduler's)
     xts[-1]  w_0
     out      eps(x_t, t)       noise estimate; with a source prompt: eps_u + s_src (eps_src - eps_u)
                                (for a v-prediction model: the same on v, converted to eps by the sampler)
     zs[j]    z_k               the noise map that makes the sampler's step land exactly on the next latent:
-                               z_k = noise_map(k, x_{tau_k}, x_{tau_{k+1}}, out) = (x_{tau_{k+1}} - mu_k) / sigma_k
+                               z_k = noise_map(k, x_{tau_k}, x_{tau_{k+1}}, out) = (x_{tau_{k+1}} - mu_k) / sigma_k;
+                               dpmsolver++: (x_{tau_{k+1}} - mu_k) / C_k, its mu_k second order from k = skip + 1
+                               on (with D_{k-1}: the maps follow one another), and z_{N-1} = 0
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
 so a larger skip gives the same tensors, sliced.
+
+sampler="dpmsolver++" is the inversion of diffusers' LEditsPPPipelineStableDiffusion with the SDE-DPM-Solver++
+scheduler it puts in place of SD's own. Its invert(num_inversion_steps=n, skip=f) sets int(n * (1 + f)) timesteps
+and inverts the last n of them: it is ours with steps = int(n * (1 + f)), computed as Python does (n = 45, f = 0.4
+gives 62, not 63), and skip = steps - n. It draws one noise per inverted timestep from its generator, in ascending
+t: the same draws as ours for a generator seeded with `seed` (ours draws the skipped steps last). Its scheduler's
+history starts at k = skip, as ours. It feeds each UNet call the previous step's recomputed mu_k + C_k z_k (x_t up
+to float32 rounding); ours feeds x_t itself, so the x_t stay independent and the UNet calls batch. With a source
+prompt, diffusers 0.42.1's invert guides eps_src + s_src (eps_u - eps_src) (it unpacks encode_prompt's pair in the
+wrong order); ml-research/ledits_pp's own invert and ours guide eps_u + s_src (eps_src - eps_u).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -23,7 +36,7 @@ import torch
 from .errors import InversionError, MinleditsError
 from .image import to_tensor
 from .model import StableDiffusion
-from .sampler import DDPM
+from .sampler import SAMPLERS
 
 BATCH_SIZE = 4  # inversion timesteps per UNet call (README, Performance)
 
@@ -39,6 +52,7 @@ class InversionSettings:
     source_guidance: float = 3.5  # s_src
     keep_last_noise: bool = False  # False zeroes z_{N-1} as the reference does; True: exact reconstruction
     keep_aspect: bool = False     # keep the aspect ratio (sides multiples of 64) instead of centre-cropping
+    sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++)
 
     def __post_init__(self):
         for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
@@ -52,6 +66,8 @@ class InversionSettings:
             raise ValueError(f"source guidance must be finite, got {self.source_guidance!r}")
         if not (isinstance(self.size, int) and self.size >= 64 and self.size % 64 == 0):
             raise ValueError(f"size must be a multiple of 64 (at least 64), got {self.size!r}")
+        if not (isinstance(self.sampler, str) and self.sampler in SAMPLERS):
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {self.sampler!r}")
 
     def dict(self) -> dict:
         return asdict(self)
@@ -126,11 +142,13 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     """Invert an image (path or PIL): the latents and noise maps from which the edit regenerates it.
 
     settings: the fields of InversionSettings (steps, skip, seed, size, source_prompt, source_guidance,
-    keep_last_noise, keep_aspect). batch_size: timesteps per UNet call (the x_t are independent: batching
-    only changes float rounding and speed). callback(done, total) reports progress of the UNet work.
+    keep_last_noise, keep_aspect, sampler; the module docstring maps diffusers' LEDITS++ steps and skip to
+    ours). With sampler="dpmsolver++" the last noise map is 0 whatever keep_last_noise says: that step lands on
+    its x0 prediction. batch_size: timesteps per UNet call (the x_t are independent: batching only changes float
+    rounding and speed). callback(done, total) reports progress of the UNet work.
     """
     s = InversionSettings(**settings)
-    sampler = DDPM(sd.schedule, s.steps)  # refuses more steps than the model was trained with
+    sampler = SAMPLERS[s.sampler](sd.schedule, s.steps)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
     w0 = sd.encode(x)

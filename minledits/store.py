@@ -7,7 +7,8 @@ An inversion file is one safetensors file:
               image [1, 3, H, W]        the preprocessed input in [-1, 1] (for --compare and --trace)
     metadata  format, version, model_id, fingerprint, dtype, resolution ("WxH" pixels) and the inversion
               settings (the fields of inversion.InversionSettings), each value JSON-encoded (safetensors
-              metadata holds strings only).
+              metadata holds strings only). Settings added since version 1 are optional: a file without
+              one was made with the value in ADDED (no "sampler": "ddpm", the only sampler then).
 """
 import json
 from dataclasses import fields
@@ -23,6 +24,7 @@ from .model import StableDiffusion
 
 FORMAT, VERSION = "minledits.inversion", 1
 SETTINGS = [f.name for f in fields(InversionSettings)]
+ADDED = {"sampler": "ddpm"}  # settings newer than version 1, and what a file without them means
 
 
 def is_inversion(path) -> bool:
@@ -64,7 +66,8 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} has inversion format version {meta.get('version')!r}; "
                                  f"this minledits reads <= {VERSION}")
     try:
-        settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
+        given = {**ADDED, **meta}
+        settings = InversionSettings(**{k: given[k] for k in SETTINGS})
         inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
     except KeyError as e:

@@ -1,0 +1,268 @@
+"""The SDE-DPM-Solver++ (2M) sampler against diffusers' DPMSolverMultistepScheduler as the LEDITS++ pipeline
+configures it, its noise map against its step, and invert(sampler="dpmsolver++") against
+LEditsPPPipelineStableDiffusion.invert on the tiny models."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion, PNDMScheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import minledits
+from minledits import store
+from minledits.image import to_tensor
+from minledits.sampler import SAMPLERS, DPMSolverPP
+from minledits.schedule import Schedule
+from tests import hub, oracle
+from tests.helpers import SIZE, SKIP, N, photo
+
+# SD 1.5's scheduler/scheduler_config.json (a PNDMScheduler, which the pipeline replaces)
+SD15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "trained_betas": None}
+PREDICTIONS = ["epsilon", "v_prediction"]
+
+
+def reference(config: dict, N: int) -> DPMSolverMultistepScheduler:
+    """The scheduler as LEditsPPPipelineStableDiffusion builds it (__init__: from_config of a scheduler that is
+    neither DDIM nor DPM) and sets it (invert: 'leading' spacing, written on the frozen config as it does)."""
+    sched = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(hub._clean(config)).config,
+                                                    algorithm_type="sde-dpmsolver++", solver_order=2)
+    sched.config.timestep_spacing = "leading"
+    sched.set_timesteps(N)
+    return sched
+
+
+def model(ref, k, x, x0, g):
+    """A model output for step k that keeps the run O(1): the eps (or v) of x for the clean latent x0, plus noise."""
+    alpha, sigma = ref._sigma_to_alpha_sigma_t(ref.sigmas[k])
+    eps = (x - alpha * x0) / sigma + 0.1 * torch.randn(x.shape, generator=g)
+    return alpha * eps - sigma * x0 if ref.config.prediction_type == "v_prediction" else eps
+
+
+def probe(ref, k, order, sample=0.0, m0=0.0, m1=0.0, noise=0.0):
+    """The scheduler's own update at step k on constant tensors: reads its coefficients A, B, C, B/2 and 1/r."""
+    ref._step_index, full = k, lambda v: torch.full((1,), v)
+    if order == 1:
+        return ref.dpm_solver_first_order_update(full(m0), sample=full(sample), noise=full(noise)).item()
+    return ref.multistep_dpm_solver_second_order_update([full(m1), full(m0)], sample=full(sample),
+                                                        noise=full(noise)).item()
+
+
+# ------------------------------------------------------------------------------------------- the sampler
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("steps", [5, 10, 30, 50])
+def test_timesteps_and_scalars_equal_the_scheduler(steps, prediction_type):
+    cfg = dict(SD15, prediction_type=prediction_type)
+    ref, ours = reference(cfg, steps), DPMSolverPP(Schedule(cfg), steps)
+    assert ours.timesteps == ref.timesteps.tolist() == [(steps - k) * (1000 // (steps + 1)) + 1 for k in range(steps)]
+    for k, s in enumerate(ours.steps):
+        alpha, sigma = ref._sigma_to_alpha_sigma_t(ref.sigmas[k])
+        assert (s.t, s.alpha, s.sigma) == (ref.timesteps[k], alpha.item(), sigma.item())
+        assert (s.A, s.B, s.C) == (probe(ref, k, 1, sample=1), probe(ref, k, 1, m0=1), probe(ref, k, 1, noise=1))
+        if k:  # the second-order term: D_1 = (m0 - m1) / r, weighted by B / 2
+            assert probe(ref, k, 2, m0=1, m1=0) == torch.tensor(s.B) * 1 + torch.tensor(s.half_B) * (s.r * 1)
+    assert ours.steps[-1].C == 0 and ours.steps[-1].A == 0 and ours.steps[-1].B == 1  # lands on D_{N-1}
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("steps, start", [(5, 0), (10, 0), (10, 3), (30, 0), (50, 0), (50, 17), (2, 0), (1, 0)])
+def test_steps_equal_the_scheduler_over_a_whole_run(steps, start, prediction_type):
+    """Every step(k) against scheduler.step(variance_noise=z), from k = start (the scheduler, like the pipeline,
+    starts its history where its first step is): first order at k = start, second order, first order at the
+    end (final sigma 0; lower_order_final for N < 15). The same float32 operations in the same order: bit-equal."""
+    cfg = dict(SD15, prediction_type=prediction_type)
+    ref, ours, g = reference(cfg, steps), DPMSolverPP(Schedule(cfg), steps), torch.Generator().manual_seed(steps)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    x = ours.add_noise(start, x0, torch.randn(2, 4, 8, 8, generator=g))
+    ref_x, worst = x.clone(), 0.0
+    for k in range(start, steps):
+        out, z = model(ref, k, x, x0, g), torch.randn(2, 4, 8, 8, generator=g)
+        ref_x = ref.step(out, ref.timesteps[k], ref_x, variance_noise=z).prev_sample
+        x = ours.step(k, x, out, z)
+        worst = max(worst, (x - ref_x).abs().max().item())
+    assert worst == 0, worst
+    assert x.abs().max() < 10  # the run stayed O(1): the comparison meant something
+
+
+def test_zero_snr_and_the_longest_grid():
+    """rescale_betas_zero_snr: the scheduler sets abar_{T-1} = 2^-24; N = T - 2 is the first grid to visit T - 1."""
+    cfg = dict(SD15, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ref, ours, g = reference(cfg, 998), DPMSolverPP(Schedule(cfg), 998), torch.Generator().manual_seed(0)
+    assert ours.timesteps[0] == 999
+    x0 = torch.randn(1, 4, 4, 4, generator=g)
+    x = ref_x = ours.add_noise(0, x0, torch.randn(1, 4, 4, 4, generator=g))
+    for k in range(998):
+        out, z = model(ref, k, x, x0, g), torch.randn(1, 4, 4, 4, generator=g)
+        ref_x, x = ref.step(out, ref.timesteps[k], ref_x, variance_noise=z).prev_sample, ours.step(k, x, out, z)
+        assert torch.equal(x, ref_x), k
+
+
+def test_add_noise_equals_the_scheduler():
+    ref, ours, g = reference(SD15, 9), DPMSolverPP(Schedule(SD15), 9), torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    for k, t in enumerate(ref.timesteps):  # as the pipeline's invert calls it: a float timestep
+        assert torch.equal(ours.add_noise(k, x0, noise), ref.add_noise(x0, noise, torch.Tensor([t])))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("steps, skip", [(9, 3), (30, 0)])
+def test_noise_map_inverts_step(steps, skip, prediction_type):
+    """Inversion-style: independent x_{tau_k}, maps computed in order, then a fresh run of steps from k = skip
+    lands on each x_{tau_{k+1}}: mu + C ((x - mu) / C) rounds three times, so within a few ulps of |x| <= 4
+    (ulp 2.4e-7; measured <= 4.8e-7).
+    The last step has C = 0: its map is 0 and it lands on D_{N-1}."""
+    cfg = dict(SD15, prediction_type=prediction_type)
+    ref, g = reference(cfg, steps), torch.Generator().manual_seed(1)
+    x0 = torch.randn(1, 4, 8, 8, generator=g)
+    inverse = DPMSolverPP(Schedule(cfg), steps)
+    xts = torch.cat([inverse.add_noise(k, x0, torch.randn(1, 4, 8, 8, generator=g)) for k in range(skip, steps)] + [x0])
+    outs = torch.cat([model(ref, k, xts[j:j + 1], x0, g) for j, k in enumerate(range(skip, steps))])
+    zs = torch.cat([inverse.noise_map(k, xts[j:j + 1], xts[j + 1:j + 2], outs[j:j + 1])
+                    for j, k in enumerate(range(skip, steps))])
+    batched = DPMSolverPP(Schedule(cfg), steps)  # slices, as inversion.noise_maps passes its UNet batches
+    assert torch.equal(torch.cat([batched.noise_map(slice(skip + a, min(skip + a + 4, steps)), xts[a:a + 4],
+                                                    xts[a + 1:a + 5], outs[a:a + 4])
+                                  for a in range(0, steps - skip, 4)]), zs)
+    forward = DPMSolverPP(Schedule(cfg), steps)
+    for j, k in enumerate(range(skip, steps)):
+        x_prev = forward.step(k, xts[j:j + 1], outs[j:j + 1], zs[j:j + 1])
+        if k < steps - 1:
+            torch.testing.assert_close(x_prev, xts[j + 1:j + 2], atol=1e-6, rtol=0)
+    assert torch.equal(zs[-1], torch.zeros_like(zs[-1]))
+    assert torch.equal(x_prev, forward.x0_hat(steps - 1, xts[-2:-1], outs[-1:]))
+
+
+def test_history_order():
+    """k ascending by one from the run's first step; a repeat of k is allowed (noise_map, then step); reset()."""
+    s, x = DPMSolverPP(Schedule(SD15), 10), torch.randn(1, 4, 2, 2)
+    s.step(2, x, x, x)
+    s.noise_map(3, x, x, x)
+    first = s.step(3, x, x, x)
+    assert torch.equal(s.step(3, x, x, x), first)  # the same k again: the same D_{k-1}, the same result
+    with pytest.raises(ValueError, match="after step 3: its calls must come for k ascending by one"):
+        s.step(5, x, x, x)
+    s.reset()
+    s.step(5, x, x, x)  # a new run: first order
+    fresh = DPMSolverPP(Schedule(SD15), 10)
+    assert torch.equal(fresh.step(3, x, x, x), DPMSolverPP(Schedule(SD15), 10).step(3, x, x, x))
+    assert not torch.equal(fresh.step(3, x, x, x), first)  # first order, unlike the run that came from k = 2
+
+
+@pytest.mark.parametrize("bad, words", [(dict(use_karras_sigmas=True), "use_karras_sigmas must be False"),
+                                        (dict(final_sigmas_type="sigma_min"), "final_sigmas_type must be 'zero'"),
+                                        (dict(solver_type="heun"), "solver_type must be 'midpoint'")])
+def test_options_it_does_not_implement_are_refused(bad, words):
+    with pytest.raises(ValueError, match=words):
+        DPMSolverPP(Schedule({**SD15, **bad}), 10)
+
+
+def test_number_of_steps():
+    assert DPMSolverPP(Schedule(SD15), 998).timesteps[0] == 999
+    for bad in (0, 999, 2.0, True):
+        with pytest.raises(ValueError, match=r"integer from 1 to num_train_timesteps - 2 \(998\)"):
+            DPMSolverPP(Schedule(SD15), bad)
+
+
+def test_registered():
+    assert SAMPLERS["dpmsolver++"] is DPMSolverPP and SAMPLERS["ddpm"].name == "ddpm"
+
+
+# ------------------------------------------------------------------------------------------- the inversion
+def pipeline(ref, scheduler_config=None):
+    """LEditsPPPipelineStableDiffusion on the reference modules (a copy of the UNet: invert() sets its attention
+    processors). Its scheduler is the model's, which the pipeline replaces by its DPM-Solver++."""
+    pipe = LEditsPPPipelineStableDiffusion(
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=oracle.tokenizer(ref.folder),
+        unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=PNDMScheduler.from_config(hub._clean(scheduler_config or ref.scheduler_config)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_invert(pipe, x, source_prompt, n, f, seed):
+    """pipe.invert on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it is).
+
+    Patched: diffusers 0.42.1's invert unpacks encode_prompt's (source prompt, "") as (uncond, text), so its
+    source guidance is eps_src + s (eps_u - eps_src), away from the source prompt. ml-research/ledits_pp's own
+    invert guides eps_u + s (eps_src - eps_u), as LEDITS and minledits do: the patch hands invert the pair in
+    the order it reads them (without a source prompt the pair is not used)."""
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **kw: (lambda e: (e[1], e[0], e[2]))(encode(*a, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the [-1, 1] tensor; the scheduler replacement
+        pipe.invert(image=x, source_prompt=source_prompt, source_guidance_scale=3.5, num_inversion_steps=n, skip=f,
+                    generator=torch.Generator().manual_seed(seed), height=x.shape[-2], width=x.shape[-1])
+    return pipe
+
+
+@pytest.mark.parametrize("kind, source_prompt, n, f", [
+    ("tiny_sd1", "", 6, 0.5), ("tiny_sd1", "a photo of a cat", 6, 0.5),
+    ("tiny_sd1", "", 45, 0.4),  # int(45 * 1.4) = 62 in float arithmetic, not 63
+    ("tiny_sd2v", "a photo of a cat", 6, 0.5)])
+def test_inversion_matches_the_ledits_pp_pipeline(request, kind, source_prompt, n, f):
+    ref = request.getfixturevalue(kind)
+    sd = minledits.load(ref.folder)
+    steps = int(n * (1 + f))  # diffusers' invert(num_inversion_steps=n, skip=f) is ours with these steps and skip
+    inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=steps, skip=steps - n, seed=7, size=SIZE,
+                           source_prompt=source_prompt, source_guidance=3.5, batch_size=4)
+    pipe = reference_invert(pipeline(ref), to_tensor(photo(), SIZE), source_prompt, n, f, seed=7)
+    assert inv.timesteps == pipe.inversion_steps.tolist() and len(pipe.scheduler.timesteps) == steps
+    assert inv.settings.sampler == "dpmsolver++" and inv.zs.shape == pipe.zs[:, 0].shape
+    # x_{tau_skip}: the same noise draws, add_noise with the same float32 scalars, VAE latents ~1e-6 apart
+    torch.testing.assert_close(inv.xts[:1], pipe.init_latents, atol=1e-5, rtol=1e-5)
+    # the maps divide UNet rounding (~1e-6; the pipeline also feeds each UNet call its recomputed x_t) by C_k >= 0.08
+    torch.testing.assert_close(inv.zs, pipe.zs[:, 0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(inv.zs[-1], torch.zeros_like(inv.zs[-1]))
+
+
+def test_the_pipeline_forces_leading_spacing_and_offset_one(tiny_sd1):
+    """The pipeline sets steps_offset 1 (__init__) and 'leading' (invert) whatever the model's config says; so does
+    the sampler, which reads neither. Also: the scheduler the tests build is the pipeline's."""
+    cfg = {**tiny_sd1.scheduler_config, "steps_offset": 0, "timestep_spacing": "trailing"}
+    pipe = reference_invert(pipeline(tiny_sd1, cfg), to_tensor(photo(), SIZE), "", 3, 0.7, seed=0)
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
+    assert DPMSolverPP(Schedule(cfg), 5).timesteps == pipe.scheduler.timesteps.tolist()
+    settings = lambda c: {k: v for k, v in c.items() if not k.startswith("_") and k != "steps_offset"}
+    assert settings(pipe.scheduler.config) == settings(reference(cfg, 5).config)
+
+
+def test_regenerating_from_the_inversion_walks_its_latents(sd1):
+    """What an edit without guidance does: a fresh sampler, steps from x_{tau_skip} with the UNet and the maps.
+    Each step lands on the inversion's next latent (the UNet sees x_t again up to rounding); the last on D_{N-1}."""
+    inv = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, seed=2, sampler="dpmsolver++", batch_size=3)
+    sampler, context, x = DPMSolverPP(sd1.schedule, N), sd1.text_embeddings([""]), inv.xts[:1]
+    with torch.inference_mode():
+        for j, k in enumerate(range(SKIP, N)):
+            x_t, out = x, sd1.unet(x, sampler.timesteps[k], context)
+            x = sampler.step(k, x_t, out, inv.zs[j:j + 1])
+            if k < N - 1:
+                torch.testing.assert_close(x, inv.xts[j + 1:j + 2], atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, sampler.x0_hat(N - 1, x_t, out))
+
+
+# ------------------------------------------------------------------------------------------- settings and files
+def test_unknown_sampler_fails_before_any_unet_work(sd1, monkeypatch):
+    monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
+    monkeypatch.setattr(sd1, "vae", None)
+    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'dpmsolver\+\+', got 'nope'$"):
+        minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="nope")
+    with pytest.raises(ValueError, match="dpmsolver"):  # and its step limit, before any work too
+        minledits.invert(sd1, photo(), steps=999, skip=SKIP, size=SIZE, sampler="dpmsolver++")
+
+
+def test_files_keep_the_sampler_and_version_1_files_are_ddpm(sd1, inv1, tmp_path):
+    dpm = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="dpmsolver++")
+    store.save(dpm, tmp_path / "dpm.safetensors")
+    back = store.load(tmp_path / "dpm.safetensors")
+    assert back.settings == dpm.settings and torch.equal(back.zs, dpm.zs) and back.timesteps == dpm.timesteps
+    store.save(inv1, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(meta.pop("sampler")) == "ddpm" and json.loads(meta["version"]) == 1
+    save_file(tensors, str(tmp_path / "v1.safetensors"), meta)  # as minledits wrote them before the sampler setting
+    old = store.load(tmp_path / "v1.safetensors")
+    assert old.settings.sampler == "ddpm" and old.settings == inv1.settings and torch.equal(old.zs, inv1.zs)
