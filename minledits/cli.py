@@ -29,6 +29,7 @@ from .image import open_rgb, to_pil
 from .inversion import BATCH_SIZE, InversionSettings, invert
 from .load import DEFAULT_MODEL, download, load
 from .model import DTYPES, decode, dtype_name
+from .sampler import SAMPLERS
 from .sega import Concept
 from .trace import Trace, side_by_side
 
@@ -60,6 +61,8 @@ INVERT = [
     (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
+    (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM) or dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M)",
+     dict(choices=list(SAMPLERS))),
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]
 EDIT = [
     (("--target-prompt",), "", "text describing the edited image (optional)", dict(metavar="TEXT")),

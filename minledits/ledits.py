@@ -11,7 +11,8 @@ Notation (code name -> symbol); sampler symbols in sampler.py, SEGA symbols in s
     s_tar      s_tar              target guidance scale
     E          E_i                SEGA's semantic guidance (sega.py); 0 without concepts
     eps        eps_u + s_tar (eps_tar - eps_u) + E_i     the guided estimate (guidance only when s_tar > 1)
-    x_prev     x_{t-1} = mu_t(x_t, eps) + sigma_t z_k    the DDPM step, with the inverted noise
+    x_prev     x_{t-1} = mu_t(x_t, eps) + sigma_t z_k    the DDPM step, with the inverted noise (the inversion's
+                                                         sampler's step: DDPM for LEDITS, sampler.py)
 For a v-prediction model the estimates are v: the guidance combines them as they are (as the reference
 does) and the sampler converts the guided result to eps for the step.
 """
@@ -26,7 +27,7 @@ from . import store
 from .errors import InversionError, MinleditsError
 from .inversion import Inversion
 from .model import StableDiffusion
-from .sampler import DDPM
+from .sampler import SAMPLERS
 from .sega import Concept, Guidance, SegaParams, sega
 
 
@@ -132,7 +133,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
         warnings.warn(f"concept {prompt!r} never acts ({why}): the edit ignores it", stacklevel=3)
     s_tar, guided = target_guidance, target_guidance > 1
     p = SegaParams.of(concepts, momentum_scale, momentum_beta, sd.device)
-    sampler, skip = DDPM(sd.schedule, inv.settings.steps), inv.settings.skip
+    sampler, skip = SAMPLERS[inv.settings.sampler](sd.schedule, inv.settings.steps), inv.settings.skip
     if sampler.timesteps[skip:] != list(inv.timesteps):
         raise InversionError("the inversion's timesteps do not match this model's schedule")
     b = Branches.of(target_prompt, concepts, guided)

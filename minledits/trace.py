@@ -19,7 +19,7 @@ from safetensors.torch import save as save_bytes
 
 from .files import atomic
 from .image import to_pil
-from .sampler import DDPM
+from .sampler import SAMPLERS
 
 GUIDANCE = ("g", "mask", "q", "G", "m", "E")
 
@@ -28,7 +28,8 @@ class Trace:
     """An edit callback that keeps a CPU copy of every tensor of every step, plus xhat_0 and mu_t (sampler.py)."""
 
     def __init__(self, sd, inv):
-        self.inv, self.sampler = inv, DDPM(sd.schedule, inv.settings.steps)
+        # its own sampler, called in the edit's order of k (a multistep sampler keeps a history)
+        self.inv, self.sampler = inv, SAMPLERS[inv.settings.sampler](sd.schedule, inv.settings.steps)
         self.steps = defaultdict(list)
 
     def __call__(self, st):

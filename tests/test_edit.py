@@ -117,3 +117,14 @@ def test_full_size_sd2_edit_matches_pipeline(kind, tmp_path):
                            batch_size=3)
     ours, theirs, _, trace = run_both(ref, sd, inv, "a man with a hat", CONCEPTS, forced=True)
     torch.testing.assert_close(torch.stack([st.x_prev for st in trace]), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_edit_runs_the_inversions_own_sampler(sd1):
+    """An inversion made with dpmsolver++ is edited with dpmsolver++: without guidance every step lands on the
+    inversion's next latent, but the last (the solver's last step has no noise: it lands on its x0 prediction)."""
+    inv = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="dpmsolver++")
+    trace = []
+    minledits.edit(sd1, inv, target_guidance=1.0, callback=trace.append)
+    assert [st.t for st in trace] == inv.timesteps
+    # each x_{t-1} is mu + sigma z with z from the inversion: float32 rounding of the two formulas (~1e-6)
+    torch.testing.assert_close(torch.cat([st.x_prev for st in trace[:-1]]), inv.xts[1:-1], atol=1e-5, rtol=1e-5)
