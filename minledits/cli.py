@@ -474,13 +474,16 @@ def cmd_batch(args):
     start = time.time()
     try:
         jobs = json.loads(Path(args.jobs).read_text(encoding="utf-8"))
-        Path(args.outdir).mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as e:
-        raise MinleditsError(f"cannot run {args.jobs} into {args.outdir}: {one_line(e)}") from e
+        raise MinleditsError(f"cannot read {args.jobs}: {one_line(e)}") from e
     jobs = {"jobs": jobs} if isinstance(jobs, list) else jobs
     if not (isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list)
             and isinstance(jobs.get("defaults", {}), dict)):
         raise MinleditsError(f'{args.jobs}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
+    try:  # only once the jobs file is good: a bad one leaves no folder behind
+        Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MinleditsError(f"cannot make --outdir {args.outdir}: {one_line(e)}") from e
     defaults, jobs = jobs.get("defaults", {}), jobs["jobs"]
     ready, failed = plan(args, jobs, defaults)
     for i in sorted(failed):
@@ -521,6 +524,7 @@ def main(argv=None) -> int:
     argv, it = [], iter(sys.argv[1:] if argv is None else argv)
     for a in map(str, it):  # `-e -beard`: argparse would take "-beard" for an option
         argv.append(f"--concept={next(it, '')}" if a in ("-e", "--concept") else a)
+    warnings.formatwarning = lambda message, *_, **__: f"minledits: warning: {message}\n"  # one line, no source
     try:
         args = parser().parse_args(argv)
     except UsageError as e:

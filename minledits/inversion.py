@@ -58,6 +58,8 @@ class InversionSettings:
         for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
             if not isinstance(getattr(self, name), kind) or kind is int and isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be {kind.__name__}, got {getattr(self, name)!r}")
+        if not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not (isinstance(self.skip, int) and 0 <= self.skip < self.steps):

@@ -336,3 +336,19 @@ def test_a_concept_that_cannot_act_is_named_and_recorded(inv, tmp_path, capsys):
     meta = json.loads(Image.open(tmp_path / "e.png").text["minledits"])
     assert meta["idle_concepts"] == {"hat": "warmup 4 >= the 4 edit steps", "sun": "cooldown 0 <= warmup 2"}
     assert "idle" not in Image.open(tmp_path / "e.png").text["parameters"]  # the command line still reproduces it
+
+
+def test_more_faults_of_a_new_user(photo, inv, tmp_path, capsys):
+    """From trying twenty more faults: a seed torch cannot take, a prompt past 77 tokens (its warning is one
+    line), a jobs file without jobs (no --outdir is left behind)."""
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", *TINY, "--seed", str(2**70))
+    one_error(rc, err, "seed must be an integer from -2**63 to 2**64 - 1")
+    if _console_script():  # through the process: pytest itself would catch the warning
+        done = subprocess.run([_console_script(), "edit", str(inv), "-o", str(tmp_path / "b.png"), "--target-prompt",
+                               "cat " * 100, "-q"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr.strip().splitlines() == [
+            f"minledits: warning: prompt longer than 75 CLIP tokens (100); dropped: '{'cat ' * 25}'"], done.stderr
+    (tmp_path / "nojobs.json").write_text("{}")
+    rc, _, err = run(capsys, "batch", tmp_path / "nojobs.json", "--outdir", tmp_path / "out", "-q")
+    one_error(rc, err, "nojobs.json: expected [job, ...]")
+    assert not (tmp_path / "out").exists()
