@@ -1,0 +1,240 @@
+"""minledits.leditspp.edit against diffusers' LEditsPPPipelineStableDiffusion.__call__ on the same dpmsolver++
+inversion (ours, handed to the pipeline as its invert() leaves it), per mask mode, on tiny SD1 and SD2-v.
+
+The cross-attention mask reads layers at 1/4 of the latent side (the pipeline's rule): the tiny UNets have
+attention only at the latent size, so the attention modes run on a 3-level variant ("deep": down/up blocks at
+h, h/2, h/4, all with cross-attention) at 128 px (16x16 latents, 4x4 maps)."""
+import copy
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import LEditsPPPipelineStableDiffusion, PNDMScheduler
+from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as reference_module
+
+import minledits
+from minledits import leditspp
+from minledits.sega import Concept
+from tests import hub, oracle
+from tests.helpers import SIZE, photo
+
+STEPS, SKIP = 10, 1  # 9 edited steps; leading spacing: t = 811, 721, ..., 1 (the first above T_INTERSECT)
+CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
+            Concept("a big beard", scale=4.0, threshold=0.7, warmup=2, cooldown=5, reverse=True)]
+
+
+def deep(kind, folder):
+    """A tiny model with 3 UNet levels, all with cross-attention (see the module docstring)."""
+    configs = hub.configs
+
+    def three_levels(k):
+        c = configs(k)
+        c["unet"].update(block_out_channels=[32, 32, 64], down_block_types=["CrossAttnDownBlock2D"] * 3,
+                         up_block_types=["CrossAttnUpBlock2D"] * 3, sample_size=16,
+                         attention_head_dim=4 if k == "tiny-sd1" else [2, 2, 4])
+        return c
+    with mock.patch.object(hub, "configs", three_levels):
+        return hub.make(kind, folder)
+
+
+@pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sd2v"])
+def deep_model(request, tmp_path_factory):
+    ref = deep(request.param, tmp_path_factory.mktemp(request.param))
+    return ref, minledits.load(ref.folder)
+
+
+def invert(sd, size, seed=5):
+    return minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=size, seed=seed)
+
+
+def pipeline(ref, inv):
+    """LEditsPPPipelineStableDiffusion with our inversion set as its invert() sets it (init_latents, zs,
+    inversion_steps, eta 1, the scheduler's leading timesteps); test_dpmsolver.py proves its invert equal."""
+    pipe = LEditsPPPipelineStableDiffusion(
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=oracle.tokenizer(ref.folder),
+        unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=PNDMScheduler.from_config(hub._clean(ref.scheduler_config)))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.config.timestep_spacing = "leading"
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe.inversion_steps = pipe.scheduler.timesteps[SKIP:]
+    assert pipe.inversion_steps.tolist() == inv.timesteps
+    pipe.init_latents, pipe.zs, pipe.eta, pipe.batch_size = inv.xts[:1].clone(), inv.zs[:, None].clone(), 1.0, 1
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **kw: (lambda e: (e[0], e[1], prompt_tokens(pipe, kw["editing_prompt"])))(
+        encode(*a, **kw))
+    return pipe
+
+
+def prompt_tokens(pipe, prompts):
+    """The number of tokens of each prompt without start/end. Patched into the pipeline: with transformers 5.x
+    (and 4.x) its tokenizer(..., padding="max_length", return_length=True) reports the padded length 77, so
+    diffusers 0.42.1 sums every token after the start (the end and padding tokens too) into the attention map,
+    not the concept's own tokens, as its comment ("not counting startoftext and endoftext") intends."""
+    return torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts])
+
+
+def run_both(ref, sd, inv, concepts, mask, forced=True, **kw):
+    """(ours, theirs, pipe, trace). forced: every pipeline step starts from our x_t (its callback puts our
+    x_{t-1} in place of its own, which it keeps in pipe.own), so each step compares alone."""
+    trace = []
+    ours = leditspp.edit(sd, inv, concepts=concepts, mask=mask, callback=trace.append, **kw)
+    pipe, own = pipeline(ref, inv), []
+
+    def force(pipe, i, t, tensors):
+        own.append(tensors["latents"])
+        return {"latents": trace[i].x_prev} if forced else {}
+    modes = dict(intersect=dict(use_intersect_mask=True), cross_attention=dict(use_intersect_mask=False,
+                 use_cross_attn_mask=True), noise=dict(use_intersect_mask=False, use_cross_attn_mask=False))[mask]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = pipe(output_type="latent", editing_prompt=[c.prompt for c in concepts],
+                      reverse_editing_direction=[c.reverse for c in concepts],
+                      edit_guidance_scale=[c.scale for c in concepts], edit_threshold=[c.threshold for c in concepts],
+                      edit_warmup_steps=[c.warmup for c in concepts],
+                      edit_cooldown_steps=[STEPS if c.cooldown is None else c.cooldown for c in concepts],
+                      callback_on_step_end=force, **modes, **kw).images
+    pipe.own = torch.cat(own)
+    return ours, theirs, pipe, trace
+
+
+def report(name, diffs):
+    print(f"{name}: max abs diff {max(diffs):.3g}")
+
+
+@pytest.mark.parametrize("mask", leditspp.MASKS)
+def test_masks_and_steps_equal_the_pipeline(deep_model, mask):
+    """Teacher forced: each step's x_{t-1} and each concept's mask per step (the pipeline's activation_mask)
+    equal. 1e-5: the estimates differ by float32 rounding of the UNet (~1e-6 of O(1) outputs), scaled by s_c
+    <= 5 and the solver's coefficients (<= ~1.5)."""
+    ref, sd = deep_model
+    inv = invert(sd, 128)
+    ours, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, mask)
+    xs = torch.cat([st.x_prev for st in trace])
+    torch.testing.assert_close(xs, pipe.own, atol=1e-5, rtol=1e-5)
+    for st in trace:
+        for c in range(len(CONCEPTS)):
+            if st.on[c]:
+                assert torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask)), (st.i, c)
+            else:
+                assert not st.mask[c].any()
+    assert any(st.t > leditspp.T_INTERSECT for st in trace) and any(st.t <= leditspp.T_INTERSECT for st in trace)
+    report(f"{ref.kind} {mask} forced", [(xs - pipe.own).abs().max().item()])
+
+
+@pytest.mark.parametrize("mask", leditspp.MASKS)
+def test_free_runs_equal_the_pipeline(deep_model, mask):
+    """Whole runs, each from its own latents (no quantile flips on a tie here: the masks of the forced test hold).
+    With the attention masks both sides run the down/up cross-attention explicitly but differ elsewhere (the
+    pipeline's AttnProcessor computes every other layer's probabilities, we keep the fused kernel): ~1e-6 per
+    UNet call (the forced test's first step), scaled by s_c <= 5 and carried through 9 steps: atol 1e-4 (seen
+    4.2e-5). The noise mode runs the same kernels on both sides: 1e-5."""
+    ref, sd = deep_model
+    inv = invert(sd, 128)
+    ours, theirs, _, _ = run_both(ref, sd, inv, CONCEPTS, mask, forced=False)
+    tol = 1e-5 if mask == "noise" else 1e-4
+    torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+    report(f"{ref.kind} {mask} free", [(ours - theirs).abs().max().item()])
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
+def test_noise_mask_on_the_tiny_models(request, kind):
+    """The standard tiny models (attention at the latent size only) at 64 px: the noise mode, free running."""
+    ref = request.getfixturevalue(kind)
+    sd = minledits.load(ref.folder)
+    inv = invert(sd, SIZE)
+    ours, theirs, _, _ = run_both(ref, sd, inv, CONCEPTS, "noise", forced=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    report(f"{kind} noise free", [(ours - theirs).abs().max().item()])
+
+
+def test_attention_maps_come_from_the_coarsest_layers(tiny_sd1):
+    """On the 2-level tiny UNet the down/up cross-attention is at the latent size: the map is 8x8 there (the
+    pipeline's latent / 4 finds no layer at 2x2 and fails)."""
+    sd = minledits.load(tiny_sd1.folder)
+    inv, trace = invert(sd, SIZE), []
+    leditspp.edit(sd, inv, concepts=CONCEPTS, mask="cross_attention", callback=trace.append)
+    assert trace[0].attn.shape == (2, 8, 8) and trace[0].m_attn.shape == (2, 1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("mask", leditspp.MASKS)
+def test_concepts_do_not_leak(deep_model, mask):
+    """A concept's mask and guidance in a 2-concept call equal those of a call with it alone (same x_t: the
+    one-concept runs are forced onto the two-concept run's latents through a patched sampler)."""
+    ref, sd = deep_model
+    inv = invert(sd, 128)
+    both = []
+    leditspp.edit(sd, inv, concepts=CONCEPTS, mask=mask, callback=both.append)
+    for c, con in enumerate(CONCEPTS):
+        alone = []
+        step = minledits.sampler.DPMSolverPP.step
+        with mock.patch.object(minledits.sampler.DPMSolverPP, "step",
+                               lambda self, k, x, out, z: (step(self, k, x, out, z), both[k - SKIP].x_prev)[1]):
+            leditspp.edit(sd, inv, concepts=[con], mask=mask, callback=alone.append)
+        for a, b in zip(alone, both):
+            assert torch.equal(a.x_t, b.x_t)
+            torch.testing.assert_close(a.g[0], b.g[c], atol=1e-6, rtol=1e-5)
+            assert torch.equal(a.mask[0], b.mask[c]), (a.i, c)
+
+
+def test_guidance_rescale_is_diffusers_rescale():
+    """rescale() is diffusers' rescale_noise_cfg (the pipeline's own call of it fails in 0.42.1: it takes the mean
+    of a tuple of concept estimates)."""
+    g = torch.Generator().manual_seed(0)
+    eps, eps_c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 1, 4, 8, 8, generator=g)
+    for phi in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(leditspp.rescale(eps, eps_c.mean(0), phi),
+                                   reference_module.rescale_noise_cfg(eps, eps_c.mean(0), phi), atol=0, rtol=0)
+
+
+def test_defaults_live_in_one_place():
+    assert leditspp.concept("cat") == Concept("cat", scale=5.0, threshold=0.9, warmup=0)
+    assert leditspp.concept("-cat:scale=3") == Concept("cat", scale=3.0, threshold=0.9, warmup=0, reverse=True)
+    assert leditspp.concept({"prompt": "cat", "warmup": 2}) == Concept("cat", scale=5.0, threshold=0.9, warmup=2)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(concepts=[{"prompt": "cat", "threshold": 1.0}]), r"threshold must be in \[0, 1\)"),
+    (dict(concepts=["cat:threshold=-0.1"]), r"threshold must be in \[0, 1\)"),
+    (dict(concepts=["cat"], mask="both"), "mask must be one of 'intersect', 'cross_attention', 'noise'"),
+    (dict(concepts=["cat"], user_mask=torch.ones(4, 4)), r"user_mask must be a tensor of the latent size \[8, 8\]"),
+    (dict(concepts=["cat"], user_mask=torch.ones(2, 1, 8, 8)), "user_mask must be a tensor of the latent size"),
+    (dict(concepts=["cat"], guidance_rescale=2.0), r"guidance_rescale must be in \[0, 1\]"),
+    (dict(concepts=[Concept("cat", weight=2.0)]), "LEDITS\\+\\+ has no concept weights")])
+def test_bad_parameters_fail_before_any_unet_work(sd1, kw, words, monkeypatch):
+    inv = invert(sd1, SIZE)
+    monkeypatch.setattr(sd1, "unet", mock.Mock(side_effect=AssertionError("the UNet ran"), config=sd1.unet.config))
+    monkeypatch.setattr(sd1, "text_encoder", mock.Mock(side_effect=AssertionError("the text encoder ran")))
+    with pytest.raises(ValueError, match=words):
+        leditspp.edit(sd1, inv, **kw)
+
+
+def test_user_mask_multiplies_the_guidance(sd1):
+    inv, trace, plain = invert(sd1, SIZE), [], []
+    u = torch.zeros(8, 8)
+    u[:, :4] = 1
+    leditspp.edit(sd1, inv, concepts=CONCEPTS, mask="noise", user_mask=u, callback=trace.append)
+    leditspp.edit(sd1, inv, concepts=CONCEPTS, mask="noise", callback=plain.append)
+    assert torch.equal(trace[0].g, plain[0].g * u) and not trace[0].g[..., 4:].any()
+
+
+def test_guidance_rescale_applies_to_the_guided_estimate(tiny_sd1, sd1):
+    """eps = rescale(eps_u + sum_c M_c g_c, mean_c eps_c, phi) (the pipeline's own run of it fails: see above)."""
+    inv, trace = invert(sd1, SIZE), []
+    leditspp.edit(sd1, inv, concepts=CONCEPTS, mask="noise", guidance_rescale=0.7, callback=trace.append)
+    for st in trace:
+        guided = st.eps_u + (st.mask * st.g).sum(0)
+        torch.testing.assert_close(st.eps, leditspp.rescale(guided, st.eps_c.mean(0), 0.7), atol=0, rtol=0)
+    with pytest.raises(AttributeError, match="'tuple' object has no attribute 'mean'"):
+        run_both(tiny_sd1, sd1, inv, CONCEPTS, "noise", forced=False, guidance_rescale=0.7)
+
+
+def test_either_sampler(sd1, inv1):
+    """On a DDPM inversion (inv1) the edit steps with DDPM: without concepts it is LEDITS' unguided regeneration,
+    bit for bit; with them it runs every mask mode to finite latents."""
+    plain = minledits.edit(sd1, inv1, target_guidance=1.0)
+    assert torch.equal(leditspp.edit(sd1, inv1), plain)
+    for mask in leditspp.MASKS:
+        out = leditspp.edit(sd1, inv1, concepts=CONCEPTS, mask=mask)
+        assert out.isfinite().all() and not torch.allclose(out, plain)
