@@ -238,3 +238,15 @@ def test_either_sampler(sd1, inv1):
     for mask in leditspp.MASKS:
         out = leditspp.edit(sd1, inv1, concepts=CONCEPTS, mask=mask)
         assert out.isfinite().all() and not torch.allclose(out, plain)
+
+
+def test_other_sizes(deep_model):
+    """A tall picture (64x128 px: 16x8 latents, 4x2 maps) and 192 px (6x6 maps): the map size comes from the layers
+    the controller sees, and steps and masks equal the pipeline's (teacher forced)."""
+    ref, sd = deep_model
+    for inv in (minledits.invert(sd, photo(size=(64, 128)), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=128,
+                                 seed=5, keep_aspect=True), invert(sd, 192)):
+        _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect")
+        torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
+        assert trace[0].attn.shape[1:] == tuple(d // 4 for d in inv.xts.shape[-2:]) and all(
+            torch.equal(st.mask[c], pipe.activation_mask[st.i, c]) for st in trace for c in range(2) if st.on[c])
