@@ -7,18 +7,20 @@ Notation (code name -> symbol); sampler symbols in sampler.py; C concepts, i the
     t          tau_k               the timestep of step k
     eps_u      eps(x_t, p_neg)     unconditional estimate (the negative prompt's, "" by default)   [1, 4, h, w]
     eps_c      eps(x_t, c)         the concepts' estimates                                         [C, 1, 4, h, w]
-    s, d       s_c, d_c            edit scale; direction +1, or -1 for a reversed concept
+    s_d        s_c d_c             edit scale s_c times the direction d_c: +1, or -1 for a reversed concept
     u          U                   the user's mask in latent space (1 without one)
     g          g_c  = s_c d_c (eps_c - eps_u) U
     on         a_c  = [warmup_c <= i < cooldown_c]            whether concept c acts at step i
     lam        lambda_c            the threshold: the quantile below which a mask is 0
     a_noise    |g_c|_1 = sum over channels of |g_c|           [C, 1, 1, h, w]
     m_noise    M^n_c = [|g_c|_1 >= quantile(|g_c|_1, lambda_c)]  over h*w, per image (fp32 quantile)
+    tokens     n_c                 the concept prompt's CLIP tokens, without start and end
     A          A_c  = mean over the down/up cross-attention layers at the coarsest size (h', w') and their heads
-                      of the probabilities of concept c's row, summed over its prompt tokens (no start/end)
+                      of the probabilities of concept c's row, summed over its tokens 1..n_c (diffusers 0.42.1
+                      means to; its tokenizer call reports the padded length 77, so it sums tokens 1..75)
     A_s        A~_c = K * reflect_pad(A_c)                    3x3 Gaussian K (kernel())                [C, h', w']
     m_attn     M^a_c = up(A~_c >= quantile(A~_c, lambda_c))   nearest-neighbour to (h, w)             [C, 1, 4, h, w]
-    mask       M_c  = M^a_c M^n_c  ("intersect"; M^a_c alone at t > T_INTERSECT), M^a_c ("cross_attention"),
+    M          M_c  = M^a_c M^n_c  ("intersect"; M^a_c alone at t > T_INTERSECT), M^a_c ("cross_attention"),
                       M^n_c ("noise"); times a_c
     eps        eps  = eps_u + sum_c M_c g_c
     phi        phi                 guidance rescale: eps <- phi eps std(eps_bar_c) / std(eps) + (1 - phi) eps,
