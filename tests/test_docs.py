@@ -75,3 +75,13 @@ def test_the_design_docs_module_table_is_the_import_graph():
             assert said >= g[m] if m == "cli" else said == g[m], (m, sorted(said), sorted(g[m]))
             seen.add(m)
     assert seen == set(MODULES)
+
+
+def test_the_leditspp_example_runs(tiny_sd1, tmp_path, monkeypatch):
+    code, = re.findall(r"```python\n(.*?)```", README.split("### LEDITS++ (Python)", 1)[1].split("\n### ", 1)[0], re.S)
+    monkeypatch.chdir(tmp_path)
+    photo(size=(64, 64)).save("portrait.jpg")
+    scope = {"sd": minledits.load(tiny_sd1.folder), "minledits": minledits}
+    exec(compile(code.replace('steps=57, skip=7', 'steps=57, skip=7, size=64'), "README.md", "exec"), scope)
+    assert scope["inv"].settings.sampler == "dpmsolver++" and len(scope["inv"].zs) == 50
+    assert scope["w0"].shape == scope["inv"].w0.shape and scope["w0"].isfinite().all()
