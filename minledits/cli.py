@@ -22,7 +22,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import ledits, store, tiny
+from . import ledits, leditspp, store, tiny
 from .errors import MinleditsError
 from .files import atomic
 from .image import open_rgb, to_pil
@@ -65,13 +65,19 @@ INVERT = [
      dict(choices=list(SAMPLERS))),
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]
 EDIT = [
-    (("--target-prompt",), "", "text describing the edited image (optional)", dict(metavar="TEXT")),
+    (("--method",), "ledits", "ledits (SEGA guidance) or leditspp (LEDITS++: implicit masks; best on an inversion "
+     "made with --sampler dpmsolver++)", dict(choices=["ledits", "leditspp"])),
+    (("--target-prompt",), "", "text describing the edited image (optional; ledits)", dict(metavar="TEXT")),
     (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
      FLOAT),
     (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
      dict(action="append", dest="concepts", metavar="SPEC")),
     (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
     (("--momentum-beta",), EDIT_DEFAULTS["momentum_beta"], "SEGA momentum beta", FLOAT),
+    (("--mask",), "intersect", "leditspp: where a concept acts: intersect (cross-attention and noise masks), "
+     "cross_attention or noise", dict(choices=list(leditspp.MASKS))),
+    (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", dict(metavar="TEXT")),
+    (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask)", dict(metavar="T")),
@@ -97,6 +103,7 @@ CONCEPT_HELP = f"""concepts (-e SPEC, repeatable):
     threshold={_C.threshold:<5g} act only where its guidance is in the top (1 - threshold) of each channel
     warmup={_C.warmup:<8} edit steps before it acts;   cooldown=none  edit step from which it stops
     weight={_C.weight:<8g} its weight among the concepts
+  with --method leditspp the defaults are {", ".join(f"{k}={v:g}" for k, v in leditspp.DEFAULTS.items())} (no weight)
 An inversion file (from invert or --save-inversion) is known by its content, whatever its name: its settings
 (and, by default, model) are used."""
 
@@ -271,9 +278,13 @@ def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit"):
     """The edited image (PIL), with progress bars for the edit and the decoding."""
     with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
-        w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
-                         concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
-                         callback=lambda step: (b.update(), trace and trace(step)))
+        if args.method == "leditspp" and concepts:
+            w0 = leditspp.edit(sd, inv, concepts=concepts, mask=args.mask, negative_prompt=args.negative_prompt,
+                               guidance_rescale=args.guidance_rescale, callback=lambda step: b.update())
+        else:
+            w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
+                             concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
+                             callback=lambda step: (b.update(), trace and trace(step)))
     with bar(args, "decode", 1) as b:
         im = decode(sd, w0)
         b.update()
@@ -309,7 +320,10 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
     and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
     "input"); the command line shows its odd bytes as \\xNN. idle: {concept: why it never acted}, JSON only."""
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
-    if concepts is not None:
+    if concepts is not None and args.method == "leditspp":
+        p.update(method="leditspp", concepts=[spec(c) for c in concepts], mask=args.mask,
+                 negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale)
+    elif concepts is not None:
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
                  concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale,
                  momentum_beta=args.momentum_beta)
@@ -367,6 +381,11 @@ def concepts_of(args):
     """The concepts of an edit (None for reconstruct), the edit options checked."""
     resolve(args, EDIT)
     check_text(args)
+    if args.method == "leditspp" and args.cmd == "edit":
+        if args.trace is not None:
+            raise MinleditsError("--trace is not available with --method leditspp yet: leave it out")
+        concepts = [leditspp.concept(c) for c in args.concepts or []]
+        return leditspp.check(concepts, args.mask, None, args.guidance_rescale, None, None)
     concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
     ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
     return concepts

@@ -157,14 +157,15 @@ def token_counts(sd: StableDiffusion, concepts: list[Concept]) -> list[int]:
 
 
 def check(concepts, mask, user_mask, guidance_rescale, latent_hw, unet_config) -> list[Concept]:
-    """The concepts as Concept objects after checking every option (one-line ValueError)."""
+    """The concepts as Concept objects after checking every option (one-line ValueError); unet_config None (no
+    model yet, as in the CLI) skips the check that the UNet has cross-attention."""
     if isinstance(concepts, (str, dict, Concept)):
         concepts = [concepts]
     concepts = [concept(c) for c in concepts]
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {', '.join(map(repr, MASKS))}, got {mask!r}")
-    blocks = unet_config["down_block_types"] + unet_config["up_block_types"]
-    if concepts and mask != "noise" and not any(b.startswith("CrossAttn") for b in blocks):
+    blocks = [] if unet_config is None else unet_config["down_block_types"] + unet_config["up_block_types"]
+    if unet_config is not None and concepts and mask != "noise" and not any(b.startswith("CrossAttn") for b in blocks):
         raise ValueError(f"mask {mask!r} needs cross-attention in the UNet's down or up blocks; use mask='noise'")
     if not (isinstance(guidance_rescale, (int, float)) and 0 <= guidance_rescale <= 1):
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")

@@ -330,3 +330,29 @@ def test_inversion_file_checks(flow, tmp_path):
         save_file(t, str(tmp_path / f"{name}.safetensors"), m)
         with pytest.raises(store.InversionFileError, match=words):
             store.load(tmp_path / f"{name}.safetensors")
+
+
+def test_leditspp_from_the_command_line(photo, tmp_path, capsys):
+    """--sampler dpmsolver++ then --method leditspp: the PNG equals the Python API's edit, its parameters line
+    reproduces it, and what LEDITS++ does not take is refused before any work."""
+    import shlex
+
+    import minledits
+    from minledits import leditspp
+    inv = tmp_path / "inv.safetensors"
+    assert run(capsys, "invert", photo, "-o", inv, *TINY, "--sampler", "dpmsolver++")[0] == 0
+    rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "a.png", "--method", "leditspp", "-e", "glasses",
+                     "-e", "-beard:threshold=0.8", "--mask", "cross_attention", "-q")
+    assert rc == 0, err
+    sd = minledits.load("random-tiny")
+    w0 = leditspp.edit(sd, store.load(inv), concepts=["glasses", "-beard:threshold=0.8"], mask="cross_attention")
+    assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(minledits.decode(sd, w0)))
+    argv = shlex.split(Image.open(tmp_path / "a.png").text["parameters"])[1:]
+    assert "--method=leditspp" in argv and "--concept=glasses:scale=5.0,threshold=0.9,warmup=0,weight=1.0" in argv
+    assert run(capsys, *argv, "-o", tmp_path / "b.png", "-q")[0] == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    for extra, words in [(["--trace", tmp_path / "t"], "--trace is not available"),
+                         (["-e", "x:weight=2"], "no concept weights"),
+                         (["-e", "x", "--guidance-rescale", "2"], "guidance_rescale must be in [0, 1]")]:
+        rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "c.png", "--method", "leditspp", *extra, "-q")
+        assert rc == 1 and words in err and not (tmp_path / "c.png").exists(), err

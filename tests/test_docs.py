@@ -78,7 +78,7 @@ def test_the_design_docs_module_table_is_the_import_graph():
 
 
 def test_the_leditspp_example_runs(tiny_sd1, tmp_path, monkeypatch):
-    code, = re.findall(r"```python\n(.*?)```", README.split("### LEDITS++ (Python)", 1)[1].split("\n### ", 1)[0], re.S)
+    code, = re.findall(r"```python\n(.*?)```", README.split("### LEDITS++\n", 1)[1].split("\n### ", 1)[0], re.S)
     monkeypatch.chdir(tmp_path)
     photo(size=(64, 64)).save("portrait.jpg")
     scope = {"sd": minledits.load(tiny_sd1.folder), "minledits": minledits}
