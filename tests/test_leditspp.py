@@ -129,23 +129,25 @@ def test_free_runs_equal_the_pipeline(deep_model, mask):
     With the attention masks both sides run the down/up cross-attention explicitly but differ elsewhere (the
     pipeline's AttnProcessor computes every other layer's probabilities, we keep the fused kernel): ~1e-6 per
     UNet call (the forced test's first step), scaled by s_c <= 5 and carried through 9 steps: atol 1e-4 (seen
-    4.2e-5). The noise mode runs the same kernels on both sides: 1e-5."""
+    4.2e-5). The noise mode runs the same kernels on both sides: bit-equal on one thread, but with two the
+    kernels' reductions split differently for the two batch layouts (seen 3.0e-5): 1e-4 too."""
     ref, sd = deep_model
     inv = invert(sd, 128)
     ours, theirs, _, _ = run_both(ref, sd, inv, CONCEPTS, mask, forced=False)
-    tol = 1e-5 if mask == "noise" else 1e-4
+    tol = 1e-4
     torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
     report(f"{ref.kind} {mask} free", [(ours - theirs).abs().max().item()])
 
 
 @pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
 def test_noise_mask_on_the_tiny_models(request, kind):
-    """The standard tiny models (attention at the latent size only) at 64 px: the noise mode, free running."""
+    """The standard tiny models (attention at the latent size only) at 64 px: the noise mode, free running
+    (tolerance as in test_free_runs_equal_the_pipeline: two threads split reductions differently, seen 3.2e-5)."""
     ref = request.getfixturevalue(kind)
     sd = minledits.load(ref.folder)
     inv = invert(sd, SIZE)
     ours, theirs, _, _ = run_both(ref, sd, inv, CONCEPTS, "noise", forced=False)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     report(f"{kind} noise free", [(ours - theirs).abs().max().item()])
 
 
