@@ -74,6 +74,10 @@ class InversionSettings:
     def dict(self) -> dict:
         return asdict(self)
 
+    def new_sampler(self, schedule):
+        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule."""
+        return SAMPLERS[self.sampler](schedule, self.steps)
+
 
 @dataclass
 class Inversion:
@@ -115,6 +119,8 @@ class Inversion:
             raise InversionError(f"{source} was made with model {self.model_id} (fingerprint {self.fingerprint}), "
                                  f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: "
                                  "invert again with this model")
+        if self.settings.new_sampler(sd.schedule).timesteps[self.settings.skip:] != list(self.timesteps):
+            raise InversionError(f"{source}'s timesteps do not match this model's schedule: invert again")
 
 
 def noisy_latents(sampler, w0: torch.Tensor, seed: int) -> torch.Tensor:
@@ -150,7 +156,7 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     rounding and speed). callback(done, total) reports progress of the UNet work.
     """
     s = InversionSettings(**settings)
-    sampler = SAMPLERS[s.sampler](sd.schedule, s.steps)  # refuses more steps than the model was trained with
+    sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
     w0 = sd.encode(x)

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from . import store
-from .errors import InversionError, MinleditsError
+from .errors import MinleditsError
 from .inversion import Inversion
 from .model import StableDiffusion
-from .sampler import SAMPLERS
 from .sega import Concept, Guidance, SegaParams, sega
 
 
@@ -109,6 +108,15 @@ def as_inversion(inv) -> Inversion:
     return inv
 
 
+def start(sd: StableDiffusion, inv) -> tuple[Inversion, object]:
+    """(the inversion, a fresh sampler of its kind) for an edit: an Inversion or its file, checked in itself and
+    against the model (weights, latent shape, timesteps)."""
+    inv = as_inversion(inv)
+    inv.check()
+    inv.check_model(sd)
+    return inv, inv.settings.new_sampler(sd.schedule)
+
+
 def check_finite(i: int, t: int, out: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor) -> None:
     """After step i: refuse inf / NaN latents, naming the cause: the guidance (the UNet's output was finite, or
     its input had already grown far beyond any latent's range), else the UNet itself."""
@@ -126,16 +134,12 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
     """The edited w0 [1, 4, h, w]. guidance(i, eps_u, eps_c, m, params) -> Guidance can be swapped;
     callback(EditStep) receives every intermediate tensor of every step."""
     concepts = check(target_guidance, concepts, momentum_scale, momentum_beta, sd.dtype)
-    inv = as_inversion(inv)
-    inv.check()
-    inv.check_model(sd)
+    inv, sampler = start(sd, inv)
+    skip = inv.settings.skip
     for prompt, why in idle(concepts, len(inv.zs)).items():
         warnings.warn(f"concept {prompt!r} never acts ({why}): the edit ignores it", stacklevel=3)
     s_tar, guided = target_guidance, target_guidance > 1
     p = SegaParams.of(concepts, momentum_scale, momentum_beta, sd.device)
-    sampler, skip = SAMPLERS[inv.settings.sampler](sd.schedule, inv.settings.steps), inv.settings.skip
-    if sampler.timesteps[skip:] != list(inv.timesteps):
-        raise InversionError("the inversion's timesteps do not match this model's schedule")
     b = Branches.of(target_prompt, concepts, guided)
     context = sd.text_embeddings(b.prompts)  # once for the whole edit
     x = inv.xts[:1].to(sd.device, sd.dtype)  # x_T: the noisiest latent the edit starts from (line 1)

@@ -35,12 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InversionError
 from .inversion import Inversion
 from .layers import AttentionLayer
-from .ledits import as_inversion, check_finite
+from .ledits import check_finite, start
 from .model import StableDiffusion
-from .sampler import SAMPLERS
 from .sega import Concept
 
 DEFAULTS = dict(scale=5.0, threshold=0.9, warmup=0)  # LEDITS++' concept defaults (SEGA's are 7, 0.95, 2)
@@ -188,13 +186,9 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
          guidance_rescale=0.0, callback=None) -> torch.Tensor:
     """The edited w0 [1, 4, h, w] by LEDITS++ on an inversion (an Inversion or its file); callback(EditStep)
     receives every intermediate tensor of every step. mask: "intersect" | "cross_attention" | "noise"."""
-    inv = as_inversion(inv)
+    inv, sampler = start(sd, inv)
     concepts = check(concepts, mask, user_mask, guidance_rescale, tuple(inv.xts.shape[-2:]), sd.unet.config)
-    inv.check()
-    inv.check_model(sd)
-    sampler, skip = SAMPLERS[inv.settings.sampler](sd.schedule, inv.settings.steps), inv.settings.skip
-    if sampler.timesteps[skip:] != list(inv.timesteps):
-        raise InversionError("the inversion's timesteps do not match this model's schedule")
+    skip = inv.settings.skip
     C, lam, phi = len(concepts), [c.threshold for c in concepts], guidance_rescale
     per_c = (C, 1, 1, 1, 1)
     s_d = torch.tensor([c.scale * (-1 if c.reverse else 1) for c in concepts], device=sd.device).view(per_c)

@@ -19,7 +19,6 @@ from safetensors.torch import save as save_bytes
 
 from .files import atomic
 from .image import to_pil
-from .sampler import SAMPLERS
 
 GUIDANCE = ("g", "mask", "q", "G", "m", "E")
 
@@ -29,7 +28,7 @@ class Trace:
 
     def __init__(self, sd, inv):
         # its own sampler, called in the edit's order of k (a multistep sampler keeps a history)
-        self.inv, self.sampler = inv, SAMPLERS[inv.settings.sampler](sd.schedule, inv.settings.steps)
+        self.inv, self.sampler = inv, inv.settings.new_sampler(sd.schedule)
         self.steps = defaultdict(list)
 
     def __call__(self, st):
