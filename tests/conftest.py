@@ -11,6 +11,7 @@ Each tiny folder holds fp32 and fp16 (``*.fp16.safetensors``) weights, CLIP keys
 Treat them as read-only: a test that needs a modified folder copies it (``shutil.copytree``) first.
 """
 import pytest
+import torch
 
 import minledits
 from tests import hub
@@ -49,6 +50,16 @@ def clip_tokenizer_sd1(tiny_sd1):
 @pytest.fixture(scope="session")
 def clip_tokenizer_sd2(tiny_sd2):
     return hub.reference_tokenizer(tiny_sd2.folder / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models' ops are so small that a second thread only adds synchronisation (10x slower on a busy 2-core
+    machine). A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,15 @@
 """Shared test helpers (the tests never import each other): the small inversion setting, a test photo, our
 edit beside the reference pipeline's on the same inversion, and the package's import graph."""
 import ast
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 import minledits
-from minledits import Concept
+from minledits import Concept, cli
 from tests import oracle
 
 N, SKIP, SIZE = 10, 3, 64  # 10 steps, 7 of them edited, 64 px (8x8 latents): tiny models run in milliseconds
@@ -60,3 +62,17 @@ def package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
 def graph() -> dict[str, set[str]]:
     """{module: the package modules it imports}."""
     return {m: {name for name, _ in package_imports(ast.parse((PACKAGE / f"{m}.py").read_text()))} for m in MODULES}
+
+
+# --------------------------------------------------------------------------------------------- the command line
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of `minledits argv...` run in-process."""
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def console_script() -> str | None:
+    """The installed `minledits` command (None where the package is not installed)."""
+    found = Path(sys.executable).parent / "minledits"
+    return str(found) if found.exists() else shutil.which("minledits")

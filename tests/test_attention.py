@@ -24,13 +24,7 @@ from minledits.layers import Attention, AttentionLayer, attention_probs
 ROUNDING = 2e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads (see test_models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads (conftest)
 
 
 class Recording(AttnProcessor):

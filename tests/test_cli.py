@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -20,26 +19,13 @@ from safetensors import safe_open
 
 from minledits import cli, store
 from minledits.image import to_pil
+from tests.helpers import console_script, run
 
 FAST = ["--steps", "6", "--skip", "2", "--size", "64", "-q"]
 TINY = ["--model", "random-tiny", *FAST]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models' ops are so small that a second thread only adds synchronisation (10x slower on a busy
-    2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run(capsys, *argv):
-    """(exit code, stdout, stderr) of `minledits argv...` run in-process."""
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(path) -> np.ndarray:
@@ -295,16 +281,11 @@ def test_gated_repo_hints_at_hf_token(photo, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _console_script():
-    found = Path(sys.executable).parent / "minledits"
-    return str(found) if found.exists() else shutil.which("minledits")
-
-
-@pytest.mark.skipif(_console_script() is None, reason="the minledits console script is not installed (pip install .)")
+@pytest.mark.skipif(console_script() is None, reason="the minledits console script is not installed (pip install .)")
 def test_console_script(photo, tmp_path):
     """The installed `minledits` command, as a user runs it: one edit, then one offline failure."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MINLEDITS_WEIGHTS=str(tmp_path))
-    cmd = [_console_script(), "edit", str(photo), "-o", str(tmp_path / "o.png"), *TINY, "-e", "-beard"]
+    cmd = [console_script(), "edit", str(photo), "-o", str(tmp_path / "o.png"), *TINY, "-e", "-beard"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "o.png" in done.stdout and json.loads(Image.open(tmp_path / "o.png").text["minledits"])["concepts"]

@@ -14,26 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from minledits import cli, files, store
+from tests.helpers import console_script, run
 
 TINY = ["--model", "random-tiny", "--steps", "6", "--skip", "2", "--size", "64", "-q"]
 NO_WORK = AssertionError("the work started")
 
 
-def _console_script():
-    found = Path(sys.executable).parent / "minledits"
-    return str(found) if found.exists() else shutil.which("minledits")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +45,6 @@ def inv(photo, tmp_path_factory) -> Path:
 def no_work(monkeypatch):
     """Loading a model fails the test: what it guards must be refused before any work."""
     monkeypatch.setattr(cli, "model_of", lambda args: (_ for _ in ()).throw(NO_WORK))
-
-
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_error(rc, err, *words):
@@ -126,7 +110,7 @@ def test_batch_jobs_do_not_overwrite_side_outputs_without_force(photo, tmp_path,
     assert store.is_inversion(tmp_path / "out" / "s.safetensors")
 
 
-@pytest.mark.skipif(_console_script() is None, reason="the minledits console script is not installed (pip install .)")
+@pytest.mark.skipif(console_script() is None, reason="the minledits console script is not installed (pip install .)")
 def test_console_script_batch_spares_the_victim(photo, tmp_path):
     """The reported case, as a user runs it: a job's trace "../victim" must not replace victim.png."""
     Image.new("RGB", (8, 8), "red").save(tmp_path / "victim.png")
@@ -134,7 +118,7 @@ def test_console_script_batch_spares_the_victim(photo, tmp_path):
     job = {"input": str(photo), "trace": "../victim", "concepts": ["x"], "steps": 4, "skip": 1, "size": 64}
     (tmp_path / "jobs.json").write_text(json.dumps([job]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    done = subprocess.run([_console_script(), "batch", str(tmp_path / "jobs.json"), "--outdir", str(tmp_path / "out"),
+    done = subprocess.run([console_script(), "batch", str(tmp_path / "jobs.json"), "--outdir", str(tmp_path / "out"),
                            "--model", "random-tiny", "-q"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1 and "0 done, 0 skipped (output exists), 1 failed (job 0)" in done.stdout
     assert 'job 0' in done.stderr and '"trace"' in done.stderr and "--allow-outside-outdir" in done.stderr
@@ -240,7 +224,7 @@ def test_non_utf8_input_path(photo, tmp_path, capsys):
     assert "photo-\\xff.png" in text["parameters"] and "photo-\\xff.png" in out
 
 
-@pytest.mark.skipif(_console_script() is None, reason="the minledits console script is not installed (pip install .)")
+@pytest.mark.skipif(console_script() is None, reason="the minledits console script is not installed (pip install .)")
 def test_console_script_non_utf8_paths(photo, tmp_path):
     """End to end with a strict UTF-8 stdout (as under en_US.UTF-8): input and output names with a \\xff byte."""
     folder = os.fsencode(tmp_path)
@@ -250,7 +234,7 @@ def test_console_script_non_utf8_paths(photo, tmp_path):
         pytest.skip("this file system refuses non-UTF-8 names")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONIOENCODING="utf-8:strict",
                PYTHONUTF8="0")
-    cmd = [os.fsencode(_console_script()), b"edit", folder + b"/in-\xff.png", b"-o", folder + b"/out-\xff.png",
+    cmd = [os.fsencode(console_script()), b"edit", folder + b"/in-\xff.png", b"-o", folder + b"/out-\xff.png",
            *map(os.fsencode, TINY), b"-e", b"x", b"--compare"]
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -343,8 +327,8 @@ def test_more_faults_of_a_new_user(photo, inv, tmp_path, capsys):
     line), a jobs file without jobs (no --outdir is left behind)."""
     rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", *TINY, "--seed", str(2**70))
     one_error(rc, err, "seed must be an integer from -2**63 to 2**64 - 1")
-    if _console_script():  # through the process: pytest itself would catch the warning
-        done = subprocess.run([_console_script(), "edit", str(inv), "-o", str(tmp_path / "b.png"), "--target-prompt",
+    if console_script():  # through the process: pytest itself would catch the warning
+        done = subprocess.run([console_script(), "edit", str(inv), "-o", str(tmp_path / "b.png"), "--target-prompt",
                                "cat " * 100, "-q"], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and done.stderr.strip().splitlines() == [
             f"minledits: warning: prompt longer than 75 CLIP tokens (100); dropped: '{'cat ' * 25}'"], done.stderr
