@@ -12,7 +12,8 @@ Notation (code name -> symbol); sampler symbols as in sampler.py
     zs[j]    z_k               the noise map that makes the sampler's step land exactly on the next latent:
                                z_k = noise_map(k, x_{tau_k}, x_{tau_{k+1}}, out) = (x_{tau_{k+1}} - mu_k) / sigma_k;
                                dpmsolver++: (x_{tau_{k+1}} - mu_k) / C_k, its mu_k second order from k = skip + 1
-                               on (with D_{k-1}: the maps follow one another), and z_{N-1} = 0
+                               on (with D_{k-1}: the maps follow one another); z_{N-1} = 0 unless
+                               keep_last_noise (then dpmsolver++'s grid ends at sigma_min: see invert)
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
@@ -50,7 +51,7 @@ class InversionSettings:
     size: int = 512               # side in pixels (the longest side with keep_aspect), a multiple of 64
     source_prompt: str = ""
     source_guidance: float = 3.5  # s_src
-    keep_last_noise: bool = False  # False zeroes z_{N-1} as the reference does; True: exact reconstruction
+    keep_last_noise: bool = False  # False: z_{N-1} = 0 as the references; True: exact reconstruction (invert())
     keep_aspect: bool = False     # keep the aspect ratio (sides multiples of 64) instead of centre-cropping
     sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++)
 
@@ -75,7 +76,10 @@ class InversionSettings:
         return asdict(self)
 
     def new_sampler(self, schedule):
-        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule."""
+        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule. With
+        keep_last_noise, dpmsolver++ ends its grid at sigma_min, so its last step has a noise map (exact)."""
+        if self.sampler == "dpmsolver++":
+            return SAMPLERS[self.sampler](schedule, self.steps, "sigma_min" if self.keep_last_noise else "zero")
         return SAMPLERS[self.sampler](schedule, self.steps)
 
 
@@ -151,9 +155,10 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
 
     settings: the fields of InversionSettings (steps, skip, seed, size, source_prompt, source_guidance,
     keep_last_noise, keep_aspect, sampler; the module docstring maps diffusers' LEDITS++ steps and skip to
-    ours). With sampler="dpmsolver++" the last noise map is 0 whatever keep_last_noise says: that step lands on
-    its x0 prediction. batch_size: timesteps per UNet call (the x_t are independent: batching only changes float
-    rounding and speed). callback(done, total) reports progress of the UNet work.
+    ours). keep_last_noise=True makes the inversion exact: regenerating it without guidance returns w0 (DDPM
+    keeps z_{N-1}; dpmsolver++ ends its grid at sigma_min instead of the pipeline's 0, where the last step lands on
+    its x0 prediction whatever the noise). batch_size: timesteps per UNet call (the x_t are independent:
+    batching only changes float rounding and speed). callback(done, total) reports progress of the UNet work.
     """
     s = InversionSettings(**settings)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with

@@ -125,7 +125,8 @@ class DPMSolverPP:
     steps_offset 1 (__init__) and 'leading' spacing (invert); the config's own spacing and offset are not read.
     k = 0..N-1 (0 = the noisiest), k + 1 the next step; every scalar is float32, in the scheduler's order.
         tau      tau_k             (N - k) (T // (N + 1)) + 1, the scheduler's 'leading' grid (not DDPM's)
-        s        s_k               sqrt((1 - abar_{tau_k}) / abar_{tau_k});  s_N = 0;  abar_{T-1} = 2^-24 with zero SNR
+        s        s_k               sqrt((1 - abar_{tau_k}) / abar_{tau_k});  abar_{T-1} = 2^-24 with zero SNR;
+                                   s_N = 0 (final "zero"), or s at t = 0 (final "sigma_min": exactly invertible)
         alpha    alpha_k           1 / sqrt(s_k^2 + 1)
         sigma    sigma_k           s_k alpha_k
         add_noise  x_{tau_k}       alpha_k x_0 + sigma_k noise
@@ -133,15 +134,18 @@ class DPMSolverPP:
         h        h_k               lambda_{k+1} - lambda_k
         A        A_k               sigma_{k+1} / sigma_k exp(-h_k)
         B        B_k               alpha_{k+1} (1 - exp(-2 h_k))
-        C        C_k               sigma_{k+1} sqrt(1 - exp(-2 h_k))     (C_{N-1} = 0)
+        C        C_k               sigma_{k+1} sqrt(1 - exp(-2 h_k))     (C_{N-1} = 0 with final "zero")
         r        1 / r_k           1 / (h_{k-1} / h_k)
         x0_hat   D_k               (x - sigma_k eps) / alpha_k, or alpha_k x - sigma_k v: the data prediction
         mu       mu_k              A_k x + B_k D_k                                  first order
                                    A_k x + B_k D_k + (B_k / 2) (D_k - D_{k-1}) / r_k  second order (midpoint)
         step     x_{tau_{k+1}}     mu_k + C_k z
-        noise_map  z               (x_{tau_{k+1}} - mu_k) / C_k, and 0 at k = N - 1 (the pipeline's too)
-    First order at the run's first step (no D_{k-1}) and at k = N - 1 (final_sigmas_type "zero"; lower_order_final
-    and euler_at_final ask for no more at order 2), second order otherwise. The last step lands on D_{N-1}.
+        noise_map  z               (x_{tau_{k+1}} - mu_k) / C_k, and 0 where C_k = 0 (the pipeline's too)
+    First order at the run's first step (no D_{k-1}) and at k = N - 1 when final is "zero" or N < 15
+    (lower_order_final), second order otherwise. With final "zero" (the pipeline's grid) the last step lands on
+    D_{N-1} whatever z is, so no noise map can make it land on w_0; final "sigma_min" (diffusers'
+    final_sigmas_type="sigma_min") ends the grid at the smallest training sigma, so the last step has a noise map
+    too and regenerating an inversion returns w_0 (InversionSettings.keep_last_noise picks it).
 
     History: the object keeps D_{k-1}. Calls come for k ascending by one from the run's first step (the edit's
     and the inversion's is k = skip); a call may repeat its k (noise_map, then step). A fresh object, or
@@ -150,8 +154,11 @@ class DPMSolverPP:
     """
     name = "dpmsolver++"
 
-    def __init__(self, schedule: Schedule, N: int):
-        """ValueError (one line) for N outside 1..T-2 and for scheduler options this solver does not implement."""
+    def __init__(self, schedule: Schedule, N: int, final: str = "zero"):
+        """ValueError (one line) for N outside 1..T-2 and for scheduler options this solver does not implement.
+        final: "zero" | "sigma_min", the grid's last sigma (see the class docstring)."""
+        if final not in ("zero", "sigma_min"):
+            raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
         for key, value in DPM_FIXED.items():
             if schedule.config.get(key, value) != value:
                 raise ValueError(f"{key} must be {value!r} for the dpmsolver++ sampler, got {schedule.config[key]!r}")
@@ -160,12 +167,13 @@ class DPMSolverPP:
             raise ValueError(f"the number of dpmsolver++ steps must be an integer from 1 to num_train_timesteps - 2 "
                              f"({T - 2}): its grid (N - k) (T // (N + 1)) + 1 must stay below T; got {N!r}")
         self.N, self.v_prediction = N, schedule.prediction_type == "v_prediction"
+        self.final, self.last_first_order = final, final == "zero" or N < 15  # lower_order_final
         self.timesteps = [(N - k) * (T // (N + 1)) + 1 for k in range(N)]
         a_bar = schedule.a_bar.clone()
         if schedule.config["rescale_betas_zero_snr"]:
             a_bar[-1] = 2**-24  # as the scheduler does, so that s_{T-1} is finite
         s_all = ((1 - a_bar) / a_bar) ** 0.5
-        s = [s_all[t] for t in self.timesteps] + [torch.tensor(0.0)]
+        s = [s_all[t] for t in self.timesteps] + [s_all[0] if final == "sigma_min" else torch.tensor(0.0)]
         alpha = [1 / (s_k**2 + 1) ** 0.5 for s_k in s]
         sigma = [s_k * alpha_k for s_k, alpha_k in zip(s, alpha)]
         lam = [torch.log(alpha_k) - torch.log(sigma_k) for alpha_k, sigma_k in zip(alpha, sigma)]
@@ -208,7 +216,9 @@ class DPMSolverPP:
         s, D, D_prev = self.steps[k], self.x0_hat(k, x, out), self.previous(k)
         self.D = {k: D} if D_prev is None else {k - 1: D_prev, k: D}
         first = s.A * x.float() + s.B * D
-        return first if D_prev is None or k == self.N - 1 else first + s.half_B * (s.r * (D - D_prev))
+        if D_prev is None or k == self.N - 1 and self.last_first_order:
+            return first
+        return first + s.half_B * (s.r * (D - D_prev))
 
     def step(self, k, x, out, z):
         return (self.mu(k, x, out) + self.steps[k].C * z.float()).to(x.dtype)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion, PNDMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion, PNDMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -26,11 +26,13 @@ SD15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "sca
 PREDICTIONS = ["epsilon", "v_prediction"]
 
 
-def reference(config: dict, N: int) -> DPMSolverMultistepScheduler:
+def reference(config: dict, N: int, final: str = "zero") -> DPMSolverMultistepScheduler:
     """The scheduler as LEditsPPPipelineStableDiffusion builds it (__init__: from_config of a scheduler that is
-    neither DDIM nor DPM) and sets it (invert: 'leading' spacing, written on the frozen config as it does)."""
+    neither DDIM nor DPM) and sets it (invert: 'leading' spacing, written on the frozen config as it does);
+    final: its final_sigmas_type (the pipeline's is "zero")."""
     sched = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(hub._clean(config)).config,
-                                                    algorithm_type="sde-dpmsolver++", solver_order=2)
+                                                    algorithm_type="sde-dpmsolver++", solver_order=2,
+                                                    final_sigmas_type=final)
     sched.config.timestep_spacing = "leading"
     sched.set_timesteps(N)
     return sched
@@ -69,13 +71,17 @@ def test_timesteps_and_scalars_equal_the_scheduler(steps, prediction_type):
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
-@pytest.mark.parametrize("steps, start", [(5, 0), (10, 0), (10, 3), (30, 0), (50, 0), (50, 17), (2, 0), (1, 0)])
-def test_steps_equal_the_scheduler_over_a_whole_run(steps, start, prediction_type):
+@pytest.mark.parametrize("steps, start, final", [
+    (5, 0, "zero"), (10, 0, "zero"), (10, 3, "zero"), (30, 0, "zero"), (50, 0, "zero"), (50, 17, "zero"),
+    (2, 0, "zero"), (1, 0, "zero"), (5, 0, "sigma_min"), (10, 3, "sigma_min"), (30, 0, "sigma_min")])
+def test_steps_equal_the_scheduler_over_a_whole_run(steps, start, final, prediction_type):
     """Every step(k) against scheduler.step(variance_noise=z), from k = start (the scheduler, like the pipeline,
     starts its history where its first step is): first order at k = start, second order, first order at the
-    end (final sigma 0; lower_order_final for N < 15). The same float32 operations in the same order: bit-equal."""
+    end (final sigma 0; lower_order_final for N < 15; with final sigma_min second order from N = 15). The same
+    float32 operations in the same order: bit-equal."""
     cfg = dict(SD15, prediction_type=prediction_type)
-    ref, ours, g = reference(cfg, steps), DPMSolverPP(Schedule(cfg), steps), torch.Generator().manual_seed(steps)
+    ref, ours = reference(cfg, steps, final), DPMSolverPP(Schedule(cfg), steps, final)
+    g = torch.Generator().manual_seed(steps)
     x0 = torch.randn(2, 4, 8, 8, generator=g)
     x = ours.add_noise(start, x0, torch.randn(2, 4, 8, 8, generator=g))
     ref_x, worst = x.clone(), 0.0
@@ -136,6 +142,22 @@ def test_noise_map_inverts_step(steps, skip, prediction_type):
     assert torch.equal(x_prev, forward.x0_hat(steps - 1, xts[-2:-1], outs[-1:]))
 
 
+def test_sigma_min_grid_has_a_last_noise_map():
+    """final "sigma_min": the scalars of the last step equal the scheduler's, C_{N-1} > 0, so noise_map inverts
+    the last step as every other (the exactly invertible option); a bad name is refused."""
+    ref, ours = reference(SD15, 12, "sigma_min"), DPMSolverPP(Schedule(SD15), 12, "sigma_min")
+    s = ours.steps[-1]
+    assert (s.A, s.B, s.C) == (probe(ref, 11, 1, sample=1), probe(ref, 11, 1, m0=1), probe(ref, 11, 1, noise=1))
+    assert s.C > 0 and ours.timesteps == DPMSolverPP(Schedule(SD15), 12).timesteps
+    g = torch.Generator().manual_seed(0)
+    x, x_prev, out = (torch.randn(1, 4, 4, 4, generator=g) for _ in range(3))
+    z = ours.noise_map(11, x, x_prev, out)
+    ours.reset()
+    torch.testing.assert_close(ours.step(11, x, out, z), x_prev, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="final must be 'zero' or 'sigma_min', got 'one'"):
+        DPMSolverPP(Schedule(SD15), 12, "one")
+
+
 def test_history_order():
     """k ascending by one from the run's first step; a repeat of k is allowed (noise_map, then step); reset()."""
     s, x = DPMSolverPP(Schedule(SD15), 10), torch.randn(1, 4, 2, 2)
@@ -172,13 +194,14 @@ def test_registered():
 
 
 # ------------------------------------------------------------------------------------------- the inversion
-def pipeline(ref, scheduler_config=None):
+def pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler):
     """LEditsPPPipelineStableDiffusion on the reference modules (a copy of the UNet: invert() sets its attention
-    processors). Its scheduler is the model's, which the pipeline replaces by its DPM-Solver++."""
+    processors). Its scheduler is the model's, which the pipeline replaces by its DPM-Solver++ (it keeps a
+    DDIMScheduler)."""
     pipe = LEditsPPPipelineStableDiffusion(
         vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=oracle.tokenizer(ref.folder),
         unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        scheduler=PNDMScheduler.from_config(hub._clean(scheduler_config or ref.scheduler_config)))
+        scheduler=scheduler.from_config(hub._clean(scheduler_config or ref.scheduler_config)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -217,6 +240,29 @@ def test_inversion_matches_the_ledits_pp_pipeline(request, kind, source_prompt, 
     # the maps divide UNet rounding (~1e-6; the pipeline also feeds each UNet call its recomputed x_t) by C_k >= 0.08
     torch.testing.assert_close(inv.zs, pipe.zs[:, 0], atol=1e-4, rtol=1e-4)
     assert torch.equal(inv.zs[-1], torch.zeros_like(inv.zs[-1]))
+
+
+@pytest.mark.parametrize("source_prompt", ["", "a photo of a cat"])
+def test_ddpm_inversion_matches_the_pipeline_with_ddim(tiny_sd1, source_prompt):
+    """With a DDIMScheduler the pipeline inverts with DDIM at eta 1, which is our DDPM sampler. diffusers 0.42.1
+    crashes on that path (invert calls add_noise with the float tensor torch.Tensor([t]), which DDIMScheduler uses
+    as an index): the oracle patches that one call to a long tensor. Its noise maps assume an eps model (eps
+    taken as it comes, v models get wrong maps), so the comparison runs on SD1; ours converts v (sampler.py).
+    The pipeline keeps the last map (LEDITS zeroes it; keep_last_noise=True keeps it)."""
+    sd, n, f = minledits.load(tiny_sd1.folder), 6, 0.5
+    x = to_tensor(photo(), SIZE)
+    with pytest.raises(IndexError, match="tensors used as indices must be long"):
+        reference_invert(pipeline(tiny_sd1, scheduler=DDIMScheduler), x, source_prompt, n, f, seed=3)
+    pipe = pipeline(tiny_sd1, scheduler=DDIMScheduler)
+    add_noise = pipe.scheduler.add_noise
+    pipe.scheduler.add_noise = lambda x0, noise, t: add_noise(x0, noise, t.long())
+    reference_invert(pipe, x, source_prompt, n, f, seed=3)
+    steps = int(n * (1 + f))
+    inv = minledits.invert(sd, photo(), sampler="ddpm", steps=steps, skip=steps - n, seed=3, size=SIZE,
+                           source_prompt=source_prompt, source_guidance=3.5, batch_size=4, keep_last_noise=True)
+    assert inv.timesteps == pipe.inversion_steps.tolist()
+    torch.testing.assert_close(inv.xts[:1], pipe.init_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inv.zs, pipe.zs[:, 0], atol=1e-4, rtol=1e-4)
 
 
 def test_the_pipeline_forces_leading_spacing_and_offset_one(tiny_sd1):

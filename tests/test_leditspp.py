@@ -252,3 +252,20 @@ def test_other_sizes(deep_model):
         torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
         assert trace[0].attn.shape[1:] == tuple(d // 4 for d in inv.xts.shape[-2:]) and all(
             torch.equal(st.mask[c], pipe.activation_mask[st.i, c]) for st in trace for c in range(2) if st.on[c])
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
+def test_exactly_invertible_option(request, kind):
+    """keep_last_noise=True (the sigma_min grid for dpmsolver++): an edit without concepts returns w0 within 1e-5.
+    Each step lands on the next x_t up to the rounding of mu + C z (~2 ulp), which the random UNet carries on:
+    seen <= 6e-6 after 9 steps. batch_size=1 makes the inversion's UNet calls the edit's shape (a batch of 4 runs
+    other kernels: ~1e-7 relative more per call, seen 1.3e-5). The pipeline's grid (the default) ends with
+    sigma 0, where the last step lands on the x0 prediction, so no noise map makes it exact (README)."""
+    sd = minledits.load(request.getfixturevalue(kind).folder)
+    errors = {}
+    for exact in (False, True):
+        inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=SIZE, seed=5,
+                               keep_last_noise=exact, batch_size=1)
+        errors[exact] = (leditspp.edit(sd, inv) - inv.w0).abs().max().item()
+    print(f"{kind}: reconstruction max abs error, pipeline grid {errors[False]:.3g}, exact option {errors[True]:.3g}")
+    assert errors[True] <= 1e-5 < 1e-2 < errors[False]
