@@ -16,6 +16,10 @@ Kinds (see ``KINDS``):
     tiny-sd2    SD2-style: linear proj, per-block head list, gelu CLIP, pads with id 0 (pad_token "!")
     tiny-sd2v   tiny-sd2 + upcast_attention + v_prediction
     sd15, sd21-base, sd21   the official full-size configs (as on the Hub)
+    tiny-sdxl   SDXL-shaped: 3 levels (no attention at the first, then 1 and 2 transformer layers), text_time,
+                two text encoders (CLIPTextModel + CLIPTextModelWithProjection, widths 32 + 32 -> context 64),
+                tokenizer/ pads with 49407, tokenizer_2/ with "!", VAE scaling 0.13025 with force_upcast
+    sdxl        stabilityai/stable-diffusion-xl-base-1.0's configs (build on meta only: 10 GB in fp32)
 
 Usage::
 
@@ -40,7 +44,8 @@ from typing import Iterable
 
 import torch
 
-KINDS = ("tiny-sd1", "tiny-sd2", "tiny-sd2v", "sd15", "sd21-base", "sd21")
+KINDS = ("tiny-sd1", "tiny-sd2", "tiny-sd2v", "sd15", "sd21-base", "sd21", "tiny-sdxl", "sdxl")
+XL_KINDS = ("tiny-sdxl", "sdxl")
 TINY_KINDS = KINDS[:3]
 BPE_GZ = Path(__file__).resolve().parents[1] / "minledits" / "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # 48,894 merges: lines 1..48894 of the open_clip file
@@ -113,6 +118,63 @@ def _tiny(c: dict) -> dict:
     return c
 
 
+_SDXL_TEXT_2 = {
+    "architectures": ["CLIPTextModelWithProjection"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1280, "initializer_factor": 1.0, "initializer_range": 0.02,
+    "intermediate_size": 5120, "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+    "num_attention_heads": 20, "num_hidden_layers": 32, "pad_token_id": 1, "projection_dim": 1280,
+    "torch_dtype": "float16", "transformers_version": "4.32.0.dev0", "vocab_size": 49408,
+}
+
+
+def _sdxl() -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0 (its config files as on the Hub)."""
+    c = copy.deepcopy(_SD15)
+    c["unet"] = {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+        "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+        "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "cross_attention_dim": 2048, "cross_attention_norm": None,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+        "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+        "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
+        "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+        "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+        "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+        "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+        "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+        "use_linear_projection": True,
+    }
+    c["vae"].update(_diffusers_version="0.20.0.dev0", force_upcast=True, sample_size=1024, scaling_factor=0.13025)
+    c["text_encoder"].update(transformers_version="4.32.0.dev0", torch_dtype="float16")
+    c["text_encoder_2"] = copy.deepcopy(_SDXL_TEXT_2)
+    c["scheduler"] = {
+        "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+        "use_karras_sigmas": False}
+    c["pad_token_2"] = "!"
+    c["force_zeros_for_empty_prompt"] = True
+    return c
+
+
+def _tiny_sdxl() -> dict:
+    c = _sdxl()
+    c["unet"].update(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], norm_num_groups=8,
+                     transformer_layers_per_block=[1, 1, 2], cross_attention_dim=64, addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=16 + 6 * 8, sample_size=8)
+    c["vae"].update(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8, sample_size=64)
+    c["text_encoder"].update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                             projection_dim=32)
+    c["text_encoder_2"].update(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=3,
+                               projection_dim=16)
+    return c
+
+
 def configs(kind: str) -> dict:
     """Config dicts {unet, vae, text_encoder, scheduler, pad_token} for ``kind``, as in the Hub files."""
     if kind == "sd15":
@@ -121,6 +183,10 @@ def configs(kind: str) -> dict:
         return _sd21_base()
     if kind == "sd21":
         return _sd21()
+    if kind == "sdxl":
+        return _sdxl()
+    if kind == "tiny-sdxl":
+        return _tiny_sdxl()
     if kind == "tiny-sd1":
         return _tiny(_SD15)  # 4 heads in every block (head size 8 then 16)
     if kind in ("tiny-sd2", "tiny-sd2v"):
@@ -142,6 +208,7 @@ class Reference:
     configs: dict
     folder: Path | None = None
     extra: dict = field(default_factory=dict)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (text_model.*, text_projection)
 
     @property
     def scheduler_config(self) -> dict:
@@ -160,7 +227,8 @@ class Reference:
         return 49407 if self.pad_token == EOS else 0
 
     def components(self) -> dict:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        extra = {"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, **extra}
 
 
 def _clean(config: dict) -> dict:
@@ -179,20 +247,24 @@ def _perturb_norms(module: torch.nn.Module, gen: torch.Generator) -> None:
 def build(kind: str, seed: int = 0, device: str = "cpu") -> Reference:
     """Seeded random reference modules for ``kind``. ``device="meta"`` builds instantly, without weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     c = configs(kind)
     mods = {}
+    makers = [("unet", lambda: UNet2DConditionModel(**_clean(c["unet"]))),
+              ("vae", lambda: AutoencoderKL(**_clean(c["vae"]))),
+              ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**c["text_encoder"])))]
+    if "text_encoder_2" in c:
+        makers.append(("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"]))))
     with torch.device(device):
-        for name, make in [("unet", lambda: UNet2DConditionModel(**_clean(c["unet"]))),
-                           ("vae", lambda: AutoencoderKL(**_clean(c["vae"]))),
-                           ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**c["text_encoder"])))]:
+        for name, make in makers:
             torch.manual_seed(seed)
             m = make().float().eval().requires_grad_(False)
             if device != "meta":
                 _perturb_norms(m, torch.Generator().manual_seed(seed + 1))
             mods[name] = m
-    return Reference(kind, mods["unet"], mods["vae"], mods["text_encoder"], c)
+    return Reference(kind, mods["unet"], mods["vae"], mods["text_encoder"], c,
+                     text_encoder_2=mods.get("text_encoder_2"))
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -309,7 +381,8 @@ def write_tokenizer(folder, pad_token: str = EOS) -> Path:
     return folder
 
 
-_WEIGHT_FILE = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_FILE = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -328,7 +401,11 @@ def write(ref: Reference, folder, *, prefix: bool = True, fp32: bool = True, fp1
     folder = Path(folder)
     c = ref.configs
     te_config = dict(c["text_encoder"], _name_or_path="openai/clip-vit-large-patch14")
-    for comp, config in [("unet", c["unet"]), ("vae", c["vae"]), ("text_encoder", te_config)]:
+    parts = [("unet", c["unet"]), ("vae", c["vae"]), ("text_encoder", te_config)]
+    if "text_encoder_2" in c:
+        bigg = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+        parts.append(("text_encoder_2", dict(c["text_encoder_2"], _name_or_path=bigg)))
+    for comp, config in parts:
         _write_json(folder / comp / "config.json", config)
         items = state_items(ref, comp, prefix=prefix, position_ids=position_ids, legacy_vae=legacy_vae)
         for on, dtype, suffix in [(fp32, None, ""), (fp16, torch.float16, ".fp16")]:
@@ -339,6 +416,11 @@ def write(ref: Reference, folder, *, prefix: bool = True, fp32: bool = True, fp1
     _write_json(folder / "scheduler" / "scheduler_config.json", c["scheduler"])
     if tokenizer:
         write_tokenizer(folder / "tokenizer", c["pad_token"])
+        if "pad_token_2" in c:
+            write_tokenizer(folder / "tokenizer_2", c["pad_token_2"])
+    if "text_encoder_2" in c:
+        _write_json(folder / "model_index.json", _sdxl_index(c))
+        return folder
     _write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.8.0",
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
@@ -346,6 +428,17 @@ def write(ref: Reference, folder, *, prefix: bool = True, fp32: bool = True, fp1
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
     return folder
+
+
+def _sdxl_index(c: dict) -> dict:
+    """model_index.json of stabilityai/stable-diffusion-xl-base-1.0."""
+    return {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+            "force_zeros_for_empty_prompt": c["force_zeros_for_empty_prompt"],
+            "scheduler": ["diffusers", c["scheduler"]["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
 def make(kind: str, folder, seed: int = 0, **write_options) -> Reference:
