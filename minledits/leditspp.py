@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .image import to_tensor
 from .inversion import Inversion
 from .layers import AttentionLayer
 from .ledits import check_finite, start
@@ -152,6 +153,18 @@ def combine(mask: str, t: int, m_noise, m_attn, g: torch.Tensor) -> torch.Tensor
 def token_counts(sd: StableDiffusion, concepts: list[Concept]) -> list[int]:
     """n_c: the CLIP tokens of each concept prompt without start/end (at most 75, as the prompt is cut)."""
     return [min(len(sd.tokenizer.tokenize(c.prompt)), 75) for c in concepts]
+
+
+def user_mask(picture, inv: Inversion) -> torch.Tensor:
+    """U [h, w] in [0, 1] from a picture (white: the concepts may act, black: not, grey: partly), preprocessed as
+    the inversion's image was (centre crop unless keep_aspect, resize), its grey level area-averaged to the latent
+    size. A picture of the input image's size, or of the inversion's, lines up with it."""
+    m = to_tensor(picture, inv.settings.size, inv.settings.keep_aspect)
+    if m.shape[-2:] != inv.image.shape[-2:]:
+        raise ValueError(f"the user mask becomes {m.shape[-1]}x{m.shape[-2]} px where the inversion's image is "
+                         f"{inv.image.shape[-1]}x{inv.image.shape[-2]}: draw it on the input image")
+    grey = ((m.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+    return F.interpolate(grey, size=tuple(inv.xts.shape[-2:]), mode="area")[0, 0]
 
 
 def check(concepts, mask, user_mask, guidance_rescale, latent_hw, unet_config) -> list[Concept]:

@@ -9,6 +9,8 @@ An inversion file is one safetensors file:
               settings (the fields of inversion.InversionSettings), each value JSON-encoded (safetensors
               metadata holds strings only). Settings added since version 1 are optional: a file without
               one was made with the value in ADDED (no "sampler": "ddpm", the only sampler then).
+              Version 2: keep_last_noise with sampler dpmsolver++ means its sigma_min grid (exact); a version 1
+              file with both was made on the zero grid, which this version no longer runs, and is refused.
 """
 import json
 from dataclasses import fields
@@ -21,8 +23,9 @@ from .errors import InversionError, InversionFileError
 from .files import atomic
 from .inversion import Inversion, InversionSettings
 from .model import StableDiffusion
+from .sampler import SAMPLERS
 
-FORMAT, VERSION = "minledits.inversion", 1
+FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
 ADDED = {"sampler": "ddpm"}  # settings newer than version 1, and what a file without them means
 
@@ -65,6 +68,12 @@ def load(path) -> Inversion:
     if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
         raise InversionFileError(f"{path} has inversion format version {meta.get('version')!r}; "
                                  f"this minledits reads <= {VERSION}")
+    if meta.get("sampler", ADDED["sampler"]) not in SAMPLERS:
+        raise InversionFileError(f"{path} was made with sampler {meta['sampler']!r}, which this minledits does not "
+                                 f"have ({', '.join(SAMPLERS)}): invert again")
+    if meta["version"] < 2 and meta.get("sampler") == "dpmsolver++" and meta.get("keep_last_noise") is True:
+        raise InversionFileError(f"{path} is a version 1 dpmsolver++ inversion with keep_last_noise, whose grid "
+                                 "this minledits no longer runs (it is exact now): invert again")
     try:
         given = {**ADDED, **meta}
         settings = InversionSettings(**{k: given[k] for k in SETTINGS})

@@ -1,12 +1,17 @@
 """Seeing an edit: every per-step tensor of an edit, and pictures of them.
 
-    trace = Trace(sd, inv); edit(sd, inv, ..., callback=trace)
-    trace.tensors()   {"x0_hat": [S, 1, 4, h, w], "eps_u", "eps_c": [S, C, 1, 4, h, w], "mask", "g", "q", "E", "m", ...}
-    trace.picture()   per step (columns, 16 per band): the x0 prediction, then each concept's mask (white where
-                      the concept acts, averaged over the 4 latent channels), one row per concept
+    trace = Trace(sd, inv); ledits.edit(sd, inv, ..., callback=trace)     (or leditspp.edit)
+    trace.tensors()   every tensor of the method's EditStep stacked over the S steps (x_prev as "x", SEGA's
+                      g, mask, q, G, m, E by their names), plus "x0_hat", "mu" and "t": LEDITS {"eps_u",
+                      "eps_tar", "eps_c": [S, C, 1, 4, h, w], "mask", ...}; LEDITS++ {"eps_c", "g", "on", "attn":
+                      [S, C, h', w'], "m_noise", "m_attn", "mask", ...}
+    trace.picture()   per step (columns, 16 per band): the x0 prediction, then per concept (one row each) its
+                      LEDITS++ attention map A~_c (scaled to its maximum) and noise mask if the edit made them, and
+                      the mask that was applied (white where the concept acts, averaged over the 4 latent channels)
 The x0 predictions are shown through a linear latent -> RGB map fitted on the input image and its latent,
 not by the VAE (one decode per step would cost more than the edit).
 """
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +25,20 @@ from safetensors.torch import save as save_bytes
 from .files import atomic
 from .image import to_pil
 
-GUIDANCE = ("g", "mask", "q", "G", "m", "E")
+MASKS = ("attn", "m_noise", "mask")  # the per-concept rows of the picture, in this order, where present
+
+
+def tensors_of(step) -> dict:
+    """The tensors of an EditStep by name, a nested dataclass's (SEGA's Guidance) by theirs; x_prev as "x"
+    (x_t is the previous step's x)."""
+    row = {}
+    for f in dataclasses.fields(step):
+        v = getattr(step, f.name)
+        if dataclasses.is_dataclass(v):
+            row.update(tensors_of(v))
+        elif isinstance(v, torch.Tensor) and f.name != "x_t":
+            row["x" if f.name == "x_prev" else f.name] = v
+    return row
 
 
 class Trace:
@@ -33,11 +51,9 @@ class Trace:
 
     def __call__(self, st):
         row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), mu=self.sampler.mu(st.k, st.x_t, st.eps),
-                   eps_u=st.eps_u, eps_tar=st.eps_tar, eps_c=st.eps_c, eps=st.eps, z=st.z, x=st.x_prev)
-        row.update({k: getattr(st.guidance, k) for k in GUIDANCE} if st.guidance else {})
+                   **tensors_of(st))
         for k, v in row.items():
-            if v is not None:
-                self.steps[k].append(v.detach().to("cpu", copy=True))
+            self.steps[k].append(v.detach().to("cpu", copy=True))
         self.steps["t"].append(torch.tensor(st.t))
 
     def tensors(self) -> dict:
@@ -58,11 +74,19 @@ class Trace:
 
     def picture(self):
         x0 = latent_rgb(self.inv)(torch.cat(self.steps["x0_hat"]))           # [S, 3, h, w] in [0, 1]
-        rows = [x0]
-        if "mask" in self.steps:
-            mask = torch.stack(self.steps["mask"])[:, :, 0].float().mean(2)  # [S, C, h, w]
-            rows += [mask[:, c, None].expand_as(x0) for c in range(mask.shape[1])]
+        per_concept = [tile(torch.stack(self.steps[name]), x0.shape[-2:]) for name in MASKS if name in self.steps]
+        C = per_concept[0].shape[1] if per_concept else 0
+        rows = [x0] + [m[:, c, None].expand_as(x0) for c in range(C) for m in per_concept]
         return grid(torch.stack(rows, 1))
+
+
+def tile(m: torch.Tensor, hw) -> torch.Tensor:
+    """[S, C, h, w] in [0, 1] from a per-step mask [S, C, 1, 4, h, w] (mean over channels) or an attention map
+    [S, C, h', w'] (over its maximum, nearest-upsampled to hw)."""
+    if m.dim() == 6:
+        return m[:, :, 0].float().mean(2)
+    m = m.float() / m.float().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return F.interpolate(m, size=tuple(hw))
 
 
 def latent_rgb(inv):

@@ -332,8 +332,43 @@ def test_leditspp_from_the_command_line(photo, tmp_path, capsys):
     assert "--method=leditspp" in argv and "--concept=glasses:scale=5.0,threshold=0.9,warmup=0,weight=1.0" in argv
     assert run(capsys, *argv, "-o", tmp_path / "b.png", "-q")[0] == 0
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
-    for extra, words in [(["--trace", tmp_path / "t"], "--trace is not available"),
-                         (["-e", "x:weight=2"], "no concept weights"),
+    for extra, words in [(["-e", "x:weight=2"], "no concept weights"),
                          (["-e", "x", "--guidance-rescale", "2"], "guidance_rescale must be in [0, 1]")]:
         rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "c.png", "--method", "leditspp", *extra, "-q")
         assert rc == 1 and words in err and not (tmp_path / "c.png").exists(), err
+
+
+def test_leditspp_user_mask_and_trace(photo, tmp_path, capsys, monkeypatch):
+    """--user-mask (a picture of the input's size) is the API's leditspp.user_mask; --trace keeps every LEDITS++
+    tensor and draws per step the x0 prediction and, per concept, its attention map, noise mask and mask."""
+    import minledits
+    from minledits import leditspp
+    y, x = np.mgrid[0:96, 0:80]
+    Image.fromarray(np.where(x < 40, 255, 0).astype(np.uint8)).save(tmp_path / "m.png")  # left half: edit
+    concepts = ["glasses", "-beard:threshold=0.8"]
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", *TINY, "--sampler", "dpmsolver++",
+                     "--method", "leditspp", "-e", concepts[0], "-e", concepts[1], "--user-mask", tmp_path / "m.png",
+                     "--trace", tmp_path / "t")
+    assert rc == 0, err
+    sd = minledits.load("random-tiny")
+    inv = minledits.invert(sd, photo, steps=6, skip=2, size=64, sampler="dpmsolver++")
+    u = leditspp.user_mask(tmp_path / "m.png", inv)
+    assert u.shape == (8, 8) and u[:, :3].eq(1).all() and u[:, 5:].eq(0).all()
+    w0 = leditspp.edit(sd, inv, concepts=concepts, user_mask=u)
+    assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(minledits.decode(sd, w0)))
+    assert not np.array_equal(pixels(tmp_path / "a.png"),
+                              np.asarray(minledits.decode(sd, leditspp.edit(sd, inv, concepts=concepts))))
+    from safetensors.torch import load_file
+    t, S, C = load_file(tmp_path / "t.safetensors"), 4, 2
+    assert t["mask"].shape == t["m_noise"].shape == t["g"].shape == (S, C, 1, 4, 8, 8)
+    assert t["attn"].shape[:2] == (S, C) and t["on"].shape == (S, C) and t["x"].shape == (S, 1, 4, 8, 8)
+    assert not t["g"][..., 5:].any()  # the user mask zeroes the guidance on the right
+    assert Image.open(tmp_path / "t.png").size == (S * 66, (1 + 3 * C) * 66)
+    monkeypatch.setattr(cli, "invert", lambda *a, **k: pytest.fail("inverted before refusing"))
+    Image.new("L", (64, 64)).save(tmp_path / "small.png")
+    for extra, words in [(["--user-mask", tmp_path / "small.png"], "is 64x64 px, the input 80x96"),
+                         (["--user-mask", tmp_path / "nope.png"], "cannot read --user-mask"),
+                         (["--method", "ledits", "--user-mask", tmp_path / "m.png"], "--user-mask is an option of")]:
+        rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "c.png", *TINY, "--method", "leditspp", "-e", "x",
+                         *extra)
+        assert rc == 1 and words in err and err.count("\n") == 1 and not (tmp_path / "c.png").exists(), err

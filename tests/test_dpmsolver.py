@@ -3,6 +3,7 @@ configures it, its noise map against its step, and invert(sampler="dpmsolver++")
 LEditsPPPipelineStableDiffusion.invert on the tiny models."""
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -308,7 +309,27 @@ def test_files_keep_the_sampler_and_version_1_files_are_ddpm(sd1, inv1, tmp_path
     store.save(inv1, tmp_path / "new.safetensors")
     with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    assert json.loads(meta.pop("sampler")) == "ddpm" and json.loads(meta["version"]) == 1
+    assert json.loads(meta.pop("sampler")) == "ddpm" and json.loads(meta["version"]) == 2
+    meta["version"] = "1"
     save_file(tensors, str(tmp_path / "v1.safetensors"), meta)  # as minledits wrote them before the sampler setting
     old = store.load(tmp_path / "v1.safetensors")
     assert old.settings.sampler == "ddpm" and old.settings == inv1.settings and torch.equal(old.zs, inv1.zs)
+
+
+@pytest.mark.parametrize("version, sampler, keep, words", [
+    (2, "euler", False, "made with sampler 'euler', which this minledits does not have (ddpm, dpmsolver++)"),
+    (1, "dpmsolver++", True, "version 1 dpmsolver++ inversion with keep_last_noise"),
+    (1, "dpmsolver++", False, None), (2, "dpmsolver++", True, None)])
+def test_files_a_sampler_cannot_serve_are_refused(sd1, tmp_path, version, sampler, keep, words):
+    """A sampler this version lacks (a newer file), and a version 1 file on dpmsolver++'s former keep_last_noise
+    grid (zero final sigma; version 2 runs the sigma_min grid there): one line each; the others load."""
+    inv = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="dpmsolver++", keep_last_noise=keep)
+    store.save(inv, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "b.safetensors"), {**meta, "version": str(version), "sampler": f'"{sampler}"'})
+    if words is None:
+        assert store.load(tmp_path / "b.safetensors").settings == inv.settings
+    else:
+        with pytest.raises(minledits.InversionFileError, match=re.escape(words)):
+            store.load(tmp_path / "b.safetensors")
