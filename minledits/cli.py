@@ -78,9 +78,11 @@ EDIT = [
      "cross_attention or noise", dict(choices=list(leditspp.MASKS))),
     (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", dict(metavar="TEXT")),
     (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
+    (("--user-mask",), None, "leditspp: a picture of the input's size, white where the concepts may act (black: "
+     "not; grey: partly)", dict(metavar="M.png")),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
-     "each concept's mask)", dict(metavar="T")),
+     "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
     (("--compare",), False, "also write OUT-compare.png: input | reconstruction | edit", BOOL)]
 COMMANDS = {
     "download": "fetch a model from the Hub (into the Hugging Face cache, or --local-dir)",
@@ -274,13 +276,14 @@ def inversion_of(args):
     return sd, args.cache[key]
 
 
-def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit"):
+def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", user_mask=None):
     """The edited image (PIL), with progress bars for the edit and the decoding."""
     with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
         if args.method == "leditspp" and concepts:
             w0 = leditspp.edit(sd, inv, concepts=concepts, mask=args.mask, negative_prompt=args.negative_prompt,
-                               guidance_rescale=args.guidance_rescale, callback=lambda step: b.update())
+                               guidance_rescale=args.guidance_rescale, user_mask=user_mask,
+                               callback=lambda step: (b.update(), trace and trace(step)))
         else:
             w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
                              concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
@@ -322,7 +325,8 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
     if concepts is not None and args.method == "leditspp":
         p.update(method="leditspp", concepts=[spec(c) for c in concepts], mask=args.mask,
-                 negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale)
+                 negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale,
+                 user_mask=None if args.user_mask is None else str(args.user_mask))
     elif concepts is not None:
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
                  concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale,
@@ -382,11 +386,11 @@ def concepts_of(args):
     resolve(args, EDIT)
     check_text(args)
     if args.method == "leditspp" and args.cmd == "edit":
-        if args.trace is not None:
-            raise MinleditsError("--trace is not available with --method leditspp yet: leave it out")
         concepts = [leditspp.concept(c) for c in args.concepts or []]
         return leditspp.check(concepts, args.mask, None, args.guidance_rescale, None, None)
     concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
+    if args.user_mask is not None and not (args.method == "leditspp" and args.cmd == "edit"):
+        raise MinleditsError("--user-mask is an option of edit --method leditspp")
     ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
     return concepts
 
@@ -397,6 +401,24 @@ def cmd_edit(args):
     concepts = concepts_of(args)
     named = check_outputs(args)
     out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
+def read_user_mask(args):
+    """The --user-mask picture (None without one), checked against an input image's size before any work."""
+    if args.user_mask is None:
+        return None
+    try:
+        picture = open_rgb(args.user_mask)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MinleditsError(f"cannot read --user-mask {args.user_mask}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        image_size = None if store.is_inversion(args.input) else open_rgb(args.input).size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        image_size = None  # inversion_of says why the input cannot be read
+    if image_size not in (None, picture.size):
+        raise MinleditsError(f"--user-mask {args.user_mask} is {picture.width}x{picture.height} px, the input "
+                             f"{image_size[0]}x{image_size[1]}: draw the mask on the input image")
+    return picture
+
+
     trace_files = [p for key, p in named if key == "trace"]
     sd, inv = inversion_of(args)
     idle = ledits.idle(concepts or [], len(inv.zs))
@@ -404,8 +426,13 @@ def cmd_edit(args):
         print(shown(f"minledits: warning: concept {prompt!r} never acts ({why}): the edit ignores it"), file=sys.stderr)
     if args.save_inversion is not None:
         store.save(inv, args.save_inversion)
+    picture = read_user_mask(args)
     trace = Trace(sd, inv) if trace_files else None
-    im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd)
+    try:
+        user_mask = None if picture is None else leditspp.user_mask(picture, inv)
+    except ValueError as e:
+        raise MinleditsError(f"--user-mask {args.user_mask}: {e}") from None
+    im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd, user_mask)
     if compare:
         recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
         save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts, idle)
@@ -416,11 +443,12 @@ def cmd_edit(args):
 
 
 def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
-    """Job i as parsed `edit` arguments; its input is relative to the jobs file, its outputs to --outdir."""
+    """Job i as parsed `edit` arguments; its input (and user mask) is relative to the jobs file, its outputs to
+    --outdir."""
     if not isinstance(job, dict) or "input" not in job:
         raise MinleditsError('a job is an object with at least an "input" (an image or inversion file)')
     job = {**defaults, **job}
-    for key in ("input", "output", "save_inversion", "trace"):
+    for key in ("input", "output", "save_inversion", "trace", "user_mask"):
         if not isinstance(job.get(key, ""), str) and (key == "input" or job[key] is not None):
             raise MinleditsError(f'"{key}" must be a file name (a string), not {json.dumps(job[key])}')
     inp = jobs_dir / job.pop("input")
@@ -430,6 +458,8 @@ def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
     job.update({k: os.path.join(outdir, job[k]) for k in ("save_inversion", "trace") if job.get(k) is not None})
     try:
         args = parser().parse_args(["edit", str(inp), "-o", out, *to_argv(job)])
+    if job.get("user_mask") is not None:
+        job["user_mask"] = str(jobs_dir / job["user_mask"])
     except SystemExit as e:  # "help": true printed the help; a batch goes on
         raise MinleditsError('"help" is not an option of a job') from e
     for flags, _, _, options in COMMON:  # what the job leaves open comes from the batch's own flags
