@@ -22,7 +22,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import ledits, leditspp, store, tiny
+from . import ledits, leditspp, metrics, store, tiny
 from .errors import MinleditsError
 from .files import atomic
 from .image import open_rgb, to_pil
@@ -90,7 +90,9 @@ COMMANDS = {
     "edit": "IMAGE or inversion file -> edited PNG (an image is inverted first)",
     "reconstruct": "IMAGE or inversion file -> PNG regenerated without guidance",
     "batch": "the edits listed in a JSON file, every job checked before the first runs; a job whose output "
-             "exists is skipped, so a rerun resumes"}
+             "exists is skipped, so a rerun resumes",
+    "metrics": "PSNR and SSIM of two pictures of one size; with CLIP weights also their CLIP image similarity and "
+               "the second's CLIP score against --text"}
 EXAMPLES = """examples:
   minledits edit photo.jpg -o glasses.png -e glasses
   minledits invert photo.jpg -o photo.safetensors            # invert once ...
@@ -130,12 +132,16 @@ def parser() -> Parser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     inversion = ("inversion", INVERT)
     for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
-                         ("reconstruct", [inversion]), ("batch", [])]:
+                         ("reconstruct", [inversion]), ("batch", []), ("metrics", [])]:
         s = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=raw,
                            epilog=CONCEPT_HELP if name == "edit" else None)
-        s.set_defaults(func={"download": cmd_download, "invert": cmd_invert, "batch": cmd_batch}.get(name, cmd_edit))
+        s.set_defaults(func={"download": cmd_download, "invert": cmd_invert, "batch": cmd_batch,
+                             "metrics": cmd_metrics}.get(name, cmd_edit))
         if name == "download":
             s.add_argument("--local-dir", help="write the files here instead of the Hugging Face cache")
+        elif name == "metrics":
+            add_metrics_arguments(s)
+            continue
         elif name == "batch":
             s.add_argument("jobs", metavar="JOBS.json", help='[{"input": "a.jpg", "output": "a.png", "concepts": '
                            '["glasses"], ...}, ...] or {"defaults": {...}, "jobs": [...]}; keys are edit options')
@@ -554,6 +560,41 @@ def cmd_batch(args):
     finish(args, start, f"batch: {done} done, {skipped} skipped (output exists), {len(failed)} failed{which}"
            f" -> {args.outdir}")
     return 1 if failed else 0
+
+
+def add_metrics_arguments(s):
+    s.add_argument("a", metavar="A.png", help="the source picture")
+    s.add_argument("b", metavar="B.png", help="the edited picture (same size)")
+    s.add_argument("--text", help="prompt for B's CLIP score")
+    s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights: Hub repo id or folder, or none "
+                   f"(default: {metrics.CLIP_MODEL})")
+    s.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    s.add_argument("--device", default="cpu", help="device of CLIP (default: cpu)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+
+
+def clip_of(args):
+    """CLIP for the metrics, or None (with one note line) where its weights cannot be had."""
+    if args.clip_model in (None, "", "none"):
+        return None
+    try:
+        return metrics.Clip.load(args.clip_model, args.device)
+    except MinleditsError as e:
+        print(f"minledits: note: CLIP metrics left out: {one_line(e)}", file=sys.stderr)
+        return None
+
+
+def cmd_metrics(args):
+    try:  # bad input is a usage error: one line, exit 2, before CLIP is loaded
+        a, b = open_rgb(args.a), open_rgb(args.b)
+        metrics.same_size(metrics.pixels(a), metrics.pixels(b))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    found = metrics.measure(a, b, args.text, clip_of(args))
+    if args.json:
+        return print(json.dumps(found))
+    print(", ".join(f"{k} {v:.4f}" for k, v in found.items() if v is not None))
 
 
 # --------------------------------------------------------------------------------------------- main

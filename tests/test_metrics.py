@@ -1,0 +1,138 @@
+"""Metrics: PSNR and SSIM against scikit-image on fixed arrays, CLIP's towers and preprocessing against transformers
+on random weights in the official layout (tests/clip_hub.py), and `minledits metrics`."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minledits import clipvision, metrics
+from tests import clip_hub
+from tests.helpers import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pair(seed, shape, noise):
+    r = np.random.default_rng(seed)
+    a = r.integers(0, 256, shape, dtype=np.uint8)
+    b = np.clip(a.astype(int) + r.integers(-noise, noise + 1, shape), 0, 255).astype(np.uint8)
+    return a, b
+
+
+PAIRS = [pair(0, (64, 64, 3), 20), pair(1, (37, 50, 3), 60), pair(2, (11, 80, 3), 30), pair(3, (128, 96, 3), 120)]
+
+
+@pytest.mark.parametrize("a, b", PAIRS)
+def test_psnr_and_ssim_equal_scikit_image(a, b):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    assert metrics.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-12)
+    theirs = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                   data_range=255, channel_axis=-1)
+    assert abs(metrics.ssim(a, b) - theirs) <= 1e-12  # both float64; only the order of the sums differs
+    default = structural_similarity(a, b, data_range=255, channel_axis=-1)  # a 7x7 box window: another metric
+    assert abs(metrics.ssim(a, b) - default) > 1e-4
+
+
+def test_psnr_ssim_edges():
+    a, b = PAIRS[0]
+    assert metrics.psnr(a, a) == float("inf") and metrics.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.psnr(a, b[:32])
+    with pytest.raises(ValueError, match="at least 11x11"):
+        metrics.ssim(a[:10], b[:10])
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return clip_hub.write(tmp_path_factory.mktemp("clip") / "clip-vit-tiny")
+
+
+@pytest.fixture(scope="module")
+def ours(clip_folder):
+    return metrics.Clip.load(str(clip_folder))
+
+
+@pytest.fixture(scope="module")
+def theirs(clip_folder):
+    return clip_hub.references(clip_folder)
+
+
+def test_clip_towers_equal_transformers(ours, theirs, clip_tokenizer_sd1):
+    vision, text = theirs
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ids = clip_tokenizer_sd1(["a photo of a cat", "glasses", ""], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+    assert torch.equal(ids, ours.tokenizer(["a photo of a cat", "glasses", ""]))
+    with torch.no_grad():
+        ref_img, ref_txt = vision(pixel_values=x).image_embeds, text(input_ids=ids).text_embeds
+    img, txt = ours.model.image_embeds(x), ours.model.text_embeds(ids)
+    assert img.shape == (3, 16) and txt.shape == (3, 16)
+    # float32, the same operations: measured 0.0; 1e-4 is far below the embeddings' size (~1)
+    torch.testing.assert_close(img, ref_img, atol=1e-4, rtol=0)
+    torch.testing.assert_close(txt, ref_txt, atol=1e-4, rtol=0)
+
+
+def test_a_causal_vision_tower_would_be_caught(ours, theirs, monkeypatch):
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = theirs[0](pixel_values=x).image_embeds
+    causal = lambda self, h: self.out_proj(clipvision.layers.attention(self.q_proj(h), self.k_proj(h),  # noqa: E731
+                                                                        self.v_proj(h), self.heads, causal=True))
+    monkeypatch.setattr(clipvision.VisionAttention, "forward", causal)
+    assert (ours.model.image_embeds(x) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size", [(224, 224), (300, 200), (200, 301), (97, 500), (64, 64)])
+def test_preprocessing_equals_clip_image_processor(size):
+    from transformers import CLIPImageProcessor
+    im = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ref = CLIPImageProcessor()(images=[im], return_tensors="pt").pixel_values
+    ours = metrics.clip_pixels(im)
+    assert ours.shape == ref.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)  # float32 rounding of (x - mean) / std
+
+
+def test_clip_score_and_similarity_equal_transformers(ours, theirs, clip_tokenizer_sd1):
+    from transformers import CLIPImageProcessor
+    vision, text = theirs
+    a, b = (Image.fromarray(x) for x in pair(4, (80, 120, 3), 40))
+    with torch.no_grad():
+        e = vision(pixel_values=CLIPImageProcessor()(images=[a, b], return_tensors="pt").pixel_values).image_embeds
+        t = text(input_ids=clip_tokenizer_sd1(["a red car"], padding="max_length", max_length=77,
+                                              return_tensors="pt").input_ids).text_embeds
+    e, t = e / e.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+    assert ours.similarity(a, b) == pytest.approx((e[0] @ e[1]).item(), abs=1e-5)
+    assert ours.score(b, "a red car") == pytest.approx(100 * max((e[1] @ t[0]).item(), 0), abs=1e-3)
+    found = metrics.measure(a, b, "a red car", ours)
+    assert found["clip_image"] == ours.similarity(a, b) and found["psnr"] == metrics.psnr(a, b)
+    assert metrics.measure(a, b)["clip_score"] is None
+
+
+def test_loading_refuses_a_damaged_file_and_says_when_weights_are_missing(clip_folder, tmp_path):
+    with pytest.raises(metrics.MinleditsError, match="CLIP metrics need the weights of /no/such/clip"):
+        metrics.Clip.load("/no/such/clip")
+    shutil.copytree(clip_folder, tmp_path / "clip")
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({**config, "projection_dim": 8}))  # the file's: 16
+    with pytest.raises(metrics.MinleditsError, match="wrong shape"):
+        metrics.Clip.load(str(tmp_path / "clip"))
+
+
+def test_cli(clip_folder, tmp_path, capsys):
+    a, b = PAIRS[0]
+    for name, x in [("a", a), ("b", b), ("small", a[:32])]:
+        Image.fromarray(x).save(tmp_path / f"{name}.png")
+    rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "b.png", "--text", "a cat",
+                       "--clip-model", clip_folder, "--json")
+    found = json.loads(out)
+    assert rc == 0 and err == "" and found["psnr"] == pytest.approx(metrics.psnr(a, b))
+    assert set(found) == {"psnr", "ssim", "clip_score", "clip_image"} and found["clip_score"] is not None
+    rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "b.png", "--clip-model", "/no/such/clip")
+    assert rc == 0 and out.startswith("psnr ") and "clip" not in out
+    assert err.startswith("minledits: note: CLIP metrics left out") and len(err.splitlines()) == 1
+    rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "small.png", "--clip-model", clip_folder)
+    assert rc == 2 and out == "" and err.splitlines() == ["minledits: error: the two pictures differ in size "
+                                                          "(64x64 and 64x32 px): fidelity compares pictures of one size"]
