@@ -4,11 +4,13 @@ Inversion (semantics: minledits/inversion.py): the same noise through DDIMSchedu
 UNet for eps (separate calls for the source-prompt CFG, as the LEDITS demo does), DDIMScheduler.step for mu.
 Edit (minledits/ledits.py): SemanticStableDiffusionPipeline with a DDIMScheduler that starts at step `skip` and
 injects the inversion's noise maps as variance noise (docs/design.md §7 says why the tests force its x_t).
+LEDITS++ (minledits/leditspp.py): diffusers' LEditsPPPipelineStableDiffusion, leditspp_pipeline() below.
 """
+import copy
 from functools import lru_cache
 
 import torch
-from diffusers import DDIMScheduler, SemanticStableDiffusionPipeline
+from diffusers import DDIMScheduler, LEditsPPPipelineStableDiffusion, PNDMScheduler, SemanticStableDiffusionPipeline
 
 from tests import hub
 
@@ -95,3 +97,31 @@ def edit(ref, xts, zs, steps, skip, target_prompt, target_guidance, concepts, mo
     out = pipe(prompt=target_prompt, latents=xts[skip][None], num_inference_steps=steps, guidance_scale=target_guidance,
                eta=1.0, output_type="latent", height=h, width=w, **kw)
     return out.images, pipe
+
+
+def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=True):
+    """LEditsPPPipelineStableDiffusion on the reference modules (a copy of the UNet: invert() sets its attention
+    processors). Its scheduler is built from the model's config; the pipeline replaces it by its DPM-Solver++
+    unless it is a DDIMScheduler. fix: patch encode_prompt for two diffusers 0.42.1 bugs, so that the pipeline
+    computes what LEDITS++ (ml-research/ledits_pp) and minledits compute:
+    - invert unpacks encode_prompt's (source prompt, "") embeddings as (uncond, text), so its source guidance is
+      eps_src + s (eps_u - eps_src), away from the source prompt: the pair is handed over in the order read;
+    - __call__'s tokenizer(..., padding="max_length", return_length=True) reports the padded length 77 (with
+      transformers 4.x and 5.x), so it sums every token after the start, end and padding too, into a concept's
+      attention map, not the concept's own tokens as its comment intends: the counts are handed over right."""
+    pipe = LEditsPPPipelineStableDiffusion(
+        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=tokenizer(ref.folder),
+        unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=scheduler.from_config(hub._clean(scheduler_config or ref.scheduler_config)))
+    pipe.set_progress_bar_config(disable=True)
+    if fix:
+        encode = pipe.encode_prompt
+
+        def encode_prompt(*a, **kw):
+            edit, uncond, counts = encode(*a, **kw)
+            if isinstance(kw["editing_prompt"], str):  # invert's call, with its source prompt
+                return uncond, edit, counts
+            prompts = kw["editing_prompt"] or []
+            return edit, uncond, torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts])
+        pipe.encode_prompt = encode_prompt
+    return pipe

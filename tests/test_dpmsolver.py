@@ -1,14 +1,13 @@
 """The SDE-DPM-Solver++ (2M) sampler against diffusers' DPMSolverMultistepScheduler as the LEDITS++ pipeline
 configures it, its noise map against its step, and invert(sampler="dpmsolver++") against
 LEditsPPPipelineStableDiffusion.invert on the tiny models."""
-import copy
 import json
 import re
 import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion, PNDMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -195,27 +194,10 @@ def test_registered():
 
 
 # ------------------------------------------------------------------------------------------- the inversion
-def pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler):
-    """LEditsPPPipelineStableDiffusion on the reference modules (a copy of the UNet: invert() sets its attention
-    processors). Its scheduler is the model's, which the pipeline replaces by its DPM-Solver++ (it keeps a
-    DDIMScheduler)."""
-    pipe = LEditsPPPipelineStableDiffusion(
-        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=oracle.tokenizer(ref.folder),
-        unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        scheduler=scheduler.from_config(hub._clean(scheduler_config or ref.scheduler_config)))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def reference_invert(pipe, x, source_prompt, n, f, seed):
-    """pipe.invert on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it is).
-
-    Patched: diffusers 0.42.1's invert unpacks encode_prompt's (source prompt, "") as (uncond, text), so its
-    source guidance is eps_src + s (eps_u - eps_src), away from the source prompt. ml-research/ledits_pp's own
-    invert guides eps_u + s (eps_src - eps_u), as LEDITS and minledits do: the patch hands invert the pair in
-    the order it reads them (without a source prompt the pair is not used)."""
-    encode = pipe.encode_prompt
-    pipe.encode_prompt = lambda *a, **kw: (lambda e: (e[1], e[0], e[2]))(encode(*a, **kw))
+    """pipe.invert on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it is). The
+    pipeline comes from oracle.leditspp_pipeline, whose fix makes invert guide eps_u + s (eps_src - eps_u) as
+    ml-research/ledits_pp's own invert, LEDITS and minledits do (diffusers 0.42.1 swaps the pair)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the [-1, 1] tensor; the scheduler replacement
         pipe.invert(image=x, source_prompt=source_prompt, source_guidance_scale=3.5, num_inversion_steps=n, skip=f,
@@ -233,7 +215,7 @@ def test_inversion_matches_the_ledits_pp_pipeline(request, kind, source_prompt, 
     steps = int(n * (1 + f))  # diffusers' invert(num_inversion_steps=n, skip=f) is ours with these steps and skip
     inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=steps, skip=steps - n, seed=7, size=SIZE,
                            source_prompt=source_prompt, source_guidance=3.5, batch_size=4)
-    pipe = reference_invert(pipeline(ref), to_tensor(photo(), SIZE), source_prompt, n, f, seed=7)
+    pipe = reference_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), SIZE), source_prompt, n, f, seed=7)
     assert inv.timesteps == pipe.inversion_steps.tolist() and len(pipe.scheduler.timesteps) == steps
     assert inv.settings.sampler == "dpmsolver++" and inv.zs.shape == pipe.zs[:, 0].shape
     # x_{tau_skip}: the same noise draws, add_noise with the same float32 scalars, VAE latents ~1e-6 apart
@@ -253,8 +235,8 @@ def test_ddpm_inversion_matches_the_pipeline_with_ddim(tiny_sd1, source_prompt):
     sd, n, f = minledits.load(tiny_sd1.folder), 6, 0.5
     x = to_tensor(photo(), SIZE)
     with pytest.raises(IndexError, match="tensors used as indices must be long"):
-        reference_invert(pipeline(tiny_sd1, scheduler=DDIMScheduler), x, source_prompt, n, f, seed=3)
-    pipe = pipeline(tiny_sd1, scheduler=DDIMScheduler)
+        reference_invert(oracle.leditspp_pipeline(tiny_sd1, scheduler=DDIMScheduler), x, source_prompt, n, f, seed=3)
+    pipe = oracle.leditspp_pipeline(tiny_sd1, scheduler=DDIMScheduler)
     add_noise = pipe.scheduler.add_noise
     pipe.scheduler.add_noise = lambda x0, noise, t: add_noise(x0, noise, t.long())
     reference_invert(pipe, x, source_prompt, n, f, seed=3)
@@ -270,7 +252,7 @@ def test_the_pipeline_forces_leading_spacing_and_offset_one(tiny_sd1):
     """The pipeline sets steps_offset 1 (__init__) and 'leading' (invert) whatever the model's config says; so does
     the sampler, which reads neither. Also: the scheduler the tests build is the pipeline's."""
     cfg = {**tiny_sd1.scheduler_config, "steps_offset": 0, "timestep_spacing": "trailing"}
-    pipe = reference_invert(pipeline(tiny_sd1, cfg), to_tensor(photo(), SIZE), "", 3, 0.7, seed=0)
+    pipe = reference_invert(oracle.leditspp_pipeline(tiny_sd1, cfg), to_tensor(photo(), SIZE), "", 3, 0.7, seed=0)
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
     assert DPMSolverPP(Schedule(cfg), 5).timesteps == pipe.scheduler.timesteps.tolist()
     settings = lambda c: {k: v for k, v in c.items() if not k.startswith("_") and k != "steps_offset"}

@@ -4,13 +4,11 @@ inversion (ours, handed to the pipeline as its invert() leaves it), per mask mod
 The cross-attention mask reads layers at 1/4 of the latent side (the pipeline's rule): the tiny UNets have
 attention only at the latent size, so the attention modes run on a 3-level variant ("deep": down/up blocks at
 h, h/2, h/4, all with cross-attention) at 128 px (16x16 latents, 4x4 maps)."""
-import copy
 import warnings
 from unittest import mock
 
 import pytest
 import torch
-from diffusers import LEditsPPPipelineStableDiffusion, PNDMScheduler
 from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as reference_module
 
 import minledits
@@ -49,30 +47,16 @@ def invert(sd, size, seed=5):
 
 
 def pipeline(ref, inv):
-    """LEditsPPPipelineStableDiffusion with our inversion set as its invert() sets it (init_latents, zs,
+    """oracle.leditspp_pipeline (its fix: each concept's own tokens in its attention map, where diffusers 0.42.1
+    sums tokens 1..75 of the padded prompt) with our inversion set as its invert() sets it (init_latents, zs,
     inversion_steps, eta 1, the scheduler's leading timesteps); test_dpmsolver.py proves its invert equal."""
-    pipe = LEditsPPPipelineStableDiffusion(
-        vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=oracle.tokenizer(ref.folder),
-        unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        scheduler=PNDMScheduler.from_config(hub._clean(ref.scheduler_config)))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = oracle.leditspp_pipeline(ref)
     pipe.scheduler.config.timestep_spacing = "leading"
     pipe.scheduler.set_timesteps(STEPS)
     pipe.inversion_steps = pipe.scheduler.timesteps[SKIP:]
     assert pipe.inversion_steps.tolist() == inv.timesteps
     pipe.init_latents, pipe.zs, pipe.eta, pipe.batch_size = inv.xts[:1].clone(), inv.zs[:, None].clone(), 1.0, 1
-    encode = pipe.encode_prompt
-    pipe.encode_prompt = lambda *a, **kw: (lambda e: (e[0], e[1], prompt_tokens(pipe, kw["editing_prompt"])))(
-        encode(*a, **kw))
     return pipe
-
-
-def prompt_tokens(pipe, prompts):
-    """The number of tokens of each prompt without start/end. Patched into the pipeline: with transformers 5.x
-    (and 4.x) its tokenizer(..., padding="max_length", return_length=True) reports the padded length 77, so
-    diffusers 0.42.1 sums every token after the start (the end and padding tokens too) into the attention map,
-    not the concept's own tokens, as its comment ("not counting startoftext and endoftext") intends."""
-    return torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts])
 
 
 def run_both(ref, sd, inv, concepts, mask, forced=True, **kw):
