@@ -1,7 +1,12 @@
-"""The CLIP text encoder (transformers' CLIPTextModel), built from text_encoder/config.json.
+"""The CLIP text encoder (transformers' CLIPTextModel and CLIPTextModelWithProjection), built from its config.json.
 
 ids [B, L] (L <= max_position_embeddings, 77 in SD) -> last hidden state after final_layer_norm [B, L, D].
 Pre-norm transformer with a causal mask. SD1: 12 layers, 768 wide, quick_gelu. SD2: 23 layers, 1024 wide, gelu.
+SDXL conditions on both of its encoders' penultimate hidden states h_{n-1} (the input of the last layer, not normed):
+    context = [h_{n-1}(CLIP ViT-L, 12 layers, 768) ; h_{n-1}(OpenCLIP ViT-bigG, 32 layers, 1280)]   [B, 77, 2048]
+    pooled  = text_projection(final_layer_norm(h_n)[eos])   (the second encoder only)           [B, 1280]
+eos is the first <|endoftext|>; configs with the legacy eos_token_id 2 take the largest id instead, as transformers
+does (the same position: <|endoftext|> = 49407 is the largest id).
 """
 import torch
 import torch.nn.functional as F
@@ -63,8 +68,9 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
 
-    def forward(self, x):
-        for layer in self.layers:
+    def forward(self, x, n=None):
+        """The first n layers (None: all)."""
+        for layer in self.layers[:n]:
             x = layer(x)
         return x
 
@@ -92,3 +98,29 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model(ids)
+
+    def penultimate(self, ids: torch.Tensor) -> torch.Tensor:
+        """h_{n-1} [B, L, D]: the hidden state entering the last layer (transformers' hidden_states[-2])."""
+        tm = self.text_model
+        return tm.encoder(tm.embeddings(ids), len(tm.encoder.layers) - 1)
+
+
+class TextEncoderWithProjection(TextEncoder):
+    """SDXL's second encoder: TextEncoder + text_projection (no bias), for the pooled embedding."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.text_projection = nn.Linear(self.config["hidden_size"], self.config["projection_dim"], bias=False)
+
+    def penultimate_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_{n-1} [B, L, D], text_projection(final_layer_norm(h_n)[eos]) [B, P]) in one pass."""
+        tm = self.text_model
+        h = self.penultimate(ids)
+        last = tm.final_layer_norm(tm.encoder.layers[-1](h))
+        return h, self.text_projection(last[torch.arange(len(ids), device=ids.device), eos_positions(ids, self.config)])
+
+
+def eos_positions(ids: torch.Tensor, config: dict) -> torch.Tensor:
+    """[B] position of each row's <|endoftext|> (the module docstring)."""
+    eos = config.get("eos_token_id", 49407)
+    return ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)

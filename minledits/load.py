@@ -9,7 +9,10 @@ Where `model` is looked for, in order ("random-tiny" builds a tiny random model 
   3. a Hub repo id: only the files needed are fetched into the Hugging Face cache (snapshot_download).
 A folder holds model_index.json, unet/, vae/, text_encoder/, scheduler/ and usually tokenizer/. Without
 tokenizer/ the CLIP vocabulary shipped in the package is used, padded as SD2 when the text encoder is
-OpenCLIP-like (gelu, or 1024 wide), else as SD1.
+OpenCLIP-like (gelu, or 1024 wide), else as SD1. An SDXL folder (model_index.json names a text_encoder_2, or
+the folder has one) also holds text_encoder_2/ and tokenizer_2/, and gives a StableDiffusionXL; its VAE stays in
+fp32 when loaded in fp16 unless its config says force_upcast false (SDXL's VAE overflows in fp16), as diffusers'
+SDXL pipelines do. `vae=` swaps in another VAE: a folder with config.json and the weights, or a model folder's vae/.
 
 Each network is built on the `meta` device (no memory, no random init) from its config.json and then
 filled tensor by tensor from safetensors (`fill`), cast to `dtype` on the way, so loading needs about one
@@ -37,11 +40,11 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from .clip import TextEncoder
+from .clip import TextEncoder, TextEncoderWithProjection
 from .convert import read_single_file
 from .errors import LoadError
 from .files import PICKLES, refuse_pickle
-from .model import StableDiffusion, dtype_of
+from .model import StableDiffusion, StableDiffusionXL, dtype_of
 from .schedule import Schedule
 from .tiny import random_tiny
 from .tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
@@ -50,9 +53,12 @@ from .vae import VAE
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 NETWORKS = ("unet", "vae", "text_encoder")
-WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", *(f"{n}/config.json" for n in NETWORKS)]
+XL_NETWORKS = (*NETWORKS, "text_encoder_2")
+WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+               "text_encoder_2": "model"}
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", *(f"{n}/config.json" for n in XL_NETWORKS)]
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 # The only alternative key names accepted in a folder (docs/design.md §6). component: [(stored key regex, ours)].
 # Applied in order; None drops the key.
@@ -63,6 +69,8 @@ RENAMES = {
     "text_encoder": [
         (r"^(?!text_model\.)", "text_model."),           # transformers 5.x writes CLIP keys without the prefix
         (r"^text_model\.embeddings\.position_ids$", None)],  # a stored arange(77); ours is implicit
+    "text_encoder_2": [                                       # the same, beside SDXL's text_projection
+        (r"^(?!text_model\.|text_projection\.)", "text_model."), (r"^text_model\.embeddings\.position_ids$", None)],
 }
 
 
@@ -134,7 +142,8 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 
 def build(component: str, config: dict, source: str) -> torch.nn.Module:
     """Our network for `component`, built from its config on the meta device (instant, no memory)."""
-    cls = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder}[component]
+    cls = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder,
+           "text_encoder_2": TextEncoderWithProjection}[component]
     try:
         with torch.device("meta"), SkipInit():
             return cls(config)
@@ -165,10 +174,10 @@ def read_json(path: Path) -> dict:
         raise LoadError(f"{path} is not a readable JSON file ({e})") from None
 
 
-def weight_file(folder: Path, component: str, variant: str | None = None) -> Path:
+def weight_file(folder: Path, component: str, variant: str | None = None, stem: str | None = None) -> Path:
     """`<stem>.<variant>.safetensors` if asked for and present, else `<stem>.safetensors`, else any other
-    `<stem>.*.safetensors` variant (cast on loading). Pickle files are refused."""
-    stem, d = WEIGHT_STEM[component], folder / component
+    `<stem>.*.safetensors` variant (cast on loading), in folder/component. Pickle files are refused."""
+    stem, d = stem or WEIGHT_STEM[component], folder / component
     names = ([f"{stem}.{variant}.safetensors"] if variant else []) + [f"{stem}.safetensors"]
     for path in [d / n for n in names] + sorted(d.glob(f"{stem}.*.safetensors")):
         if path.is_file():
@@ -178,28 +187,34 @@ def weight_file(folder: Path, component: str, variant: str | None = None) -> Pat
     raise LoadError(f"{d} has no {names[-1]} (found: {', '.join(p.name for p in d.glob('*')) or 'nothing'})")
 
 
-def load_networks(folder: Path, variant=None, dtype=None, device=None) -> tuple[dict, list[Path]]:
-    """{component: filled module} for the three networks of a folder, and the files read."""
-    if absent := [f"{c}/" for c in (*NETWORKS, "scheduler") if not (folder / c).is_dir()]:
-        raise LoadError(f"{folder} has no {', '.join(absent)}: a diffusers-layout model folder holds unet/, vae/, "
-                        "text_encoder/, scheduler/ (and tokenizer/)")
+def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=NETWORKS) -> tuple[dict, list[Path]]:
+    """{component: filled module} for the networks of a folder, and the files read. dtype: one, or {component: one}."""
+    check_folder(folder, networks)
     nets, files = {}, []
-    for component in NETWORKS:
+    for component in networks:
         config_path = folder / component / "config.json"
         module = build(component, read_json(config_path), str(config_path))
         path = weight_file(folder, component, variant)
-        nets[component] = load_file(module, path, component, dtype, device)
+        nets[component] = load_file(module, path, component, dtype.get(component) if isinstance(dtype, dict) else dtype,
+                                    device)
         files += [config_path, path]
     return nets, files
 
 
-def folder_tokenizer(folder: Path, text_config: dict) -> Tokenizer:
-    """tokenizer/ when present, else the shipped vocabulary (SD2 padding for an OpenCLIP-like encoder)."""
-    if (folder / "tokenizer" / "vocab.json").is_file():
+def is_xl(folder: Path) -> bool:
+    """SDXL: model_index.json names a text_encoder_2 (or, without model_index.json, the folder has one)."""
+    if (index := folder / "model_index.json").is_file():
+        return bool((read_json(index).get("text_encoder_2") or [None])[0])
+    return (folder / "text_encoder_2").is_dir()
+
+
+def folder_tokenizer(folder: Path, text_config: dict, name: str = "tokenizer") -> Tokenizer:
+    """<name>/ when present, else the shipped vocabulary (SD2 padding for an OpenCLIP-like encoder)."""
+    if (folder / name / "vocab.json").is_file():
         try:
-            return Tokenizer.from_folder(folder / "tokenizer")
+            return Tokenizer.from_folder(folder / name)
         except Exception as e:  # a malformed vocab.json / merges.txt
-            raise LoadError(f"{folder / 'tokenizer'} cannot be read ({type(e).__name__}: {e})") from None
+            raise LoadError(f"{folder / name} cannot be read ({type(e).__name__}: {e})") from None
     sd2 = text_config.get("hidden_act") == "gelu" or text_config.get("hidden_size") == 1024
     return Tokenizer.builtin(SD2_PAD_ID if sd2 else SD1_PAD_ID)
 
@@ -252,11 +267,12 @@ def download(repo_id: str, variant: str | None = None, revision: str | None = No
     """Fetch only the files `load` reads (configs, tokenizer, one weight file per network) into the HF cache,
     or into `local_dir`; the `variant` weights (e.g. "fp16") when the repo has them. Returns the folder."""
     from huggingface_hub import snapshot_download
-    files = CONFIGS + [f"tokenizer/{n}" for n in TOKENIZER_FILES]
-    weights = [f"{c}/{WEIGHT_STEM[c]}{'.' + variant if variant else ''}.safetensors" for c in NETWORKS]
+    files = CONFIGS + [f"{t}/{n}" for t in TOKENIZERS for n in TOKENIZER_FILES]
+    weights = [f"{c}/{WEIGHT_STEM[c]}{'.' + variant if variant else ''}.safetensors" for c in XL_NETWORKS]
     fetch = partial(_hub, snapshot_download, repo_id, revision=revision, local_dir=local_dir)
     folder = Path(fetch(allow_patterns=files + weights))
-    if variant and (absent := [w for w in weights if not (folder / w).is_file()]):
+    if variant and (absent := [w for w in weights if not (folder / w).is_file()
+                               and (folder / w).with_name("config.json").is_file()]):  # networks the repo has
         folder = Path(fetch(allow_patterns=[w.replace(f".{variant}.", ".") for w in absent]))
     return folder
 
@@ -296,29 +312,82 @@ def _hub(fn, repo_id: str, **kwargs):
 
 # --------------------------------------------------------------------------------------------- load
 def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, variant: str | None = None,
-         revision: str | None = None, prediction_type: str | None = None) -> StableDiffusion:
-    """Stable Diffusion from a folder, a Hub repo id or a single .safetensors file (module docstring).
+         revision: str | None = None, prediction_type: str | None = None,
+         vae: str | os.PathLike | None = None) -> StableDiffusion:
+    """Stable Diffusion (1.x, 2.x or XL) from a folder, a Hub repo id or a single .safetensors file (module docstring).
 
     device: default "cpu".  dtype: torch dtype or "fp32"/"fp16"/"bf16", default float32.
     variant: weight files `<name>.<variant>.safetensors` to prefer; "fp16" is implied by dtype float16.
     revision: Hub branch, tag or commit.  prediction_type: override (required for SD 2.x single files).
+    vae: another VAE (a folder with config.json and its weights, or a model folder with vae/) instead of the model's.
     """
     device, dtype = torch.device(device or "cpu"), dtype_of(dtype)
     if os.fspath(model) == "random-tiny":  # an offline smoke-test model with random weights (tiny.py)
         return random_tiny(device, dtype)
     variant = variant or ("fp16" if dtype == torch.float16 else None)
+    vae_folder = vae_location(vae) if vae is not None else None   # a bad --vae fails before any loading
     path, sha = locate(os.fspath(model), variant, revision)
     if path.is_file():
-        return _single_file(path, os.fspath(model), device, dtype, prediction_type)
-    nets, files = load_networks(path, variant, dtype, device)
-    text_config = read_json(path / "text_encoder" / "config.json")
+        sd = _single_file(path, os.fspath(model), device, dtype, prediction_type)
+    else:
+        sd = _folder(path, os.fspath(model), sha, variant, dtype, device, prediction_type)
+    return swap_vae(sd, vae_folder, variant) if vae_folder else sd
+
+
+def _folder(path: Path, model_id: str, sha, variant, dtype, device, prediction_type) -> StableDiffusion:
+    xl = is_xl(path)
+    check_folder(path, XL_NETWORKS if xl else NETWORKS)
+    vae_dtype = upcast_vae_dtype(read_json(path / "vae" / "config.json"), dtype, xl)
+    nets, files = load_networks(path, variant, {**{c: dtype for c in XL_NETWORKS}, "vae": vae_dtype}, device,
+                                XL_NETWORKS if xl else NETWORKS)
     schedule = make_schedule(read_json(path / "scheduler" / "scheduler_config.json"), str(path / "scheduler"),
                              prediction_type)
-    tokenizer = folder_tokenizer(path, text_config)
+    tokenizers = [folder_tokenizer(path, read_json(path / t.replace("tokenizer", "text_encoder") / "config.json"), t)
+                  for t in TOKENIZERS[:2 if xl else 1]]
     files += [path / "scheduler" / "scheduler_config.json"] + \
-        [p for n in TOKENIZER_FILES if (p := path / "tokenizer" / n).is_file()]
-    return StableDiffusion(tokenizer, nets["text_encoder"], nets["unet"], nets["vae"], schedule, os.fspath(model),
-                           sha or content_hash(files), device, dtype)
+        [p for t in TOKENIZERS for n in TOKENIZER_FILES if (p := path / t / n).is_file()]
+    if xl:
+        files.append(path / "model_index.json")
+    common = (nets["unet"], nets["vae"], schedule, model_id, sha or content_hash(files), device, dtype)
+    if not xl:
+        return StableDiffusion(tokenizers[0], nets["text_encoder"], *common)
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    return StableDiffusionXL(tokenizers[0], nets["text_encoder"], *common, tokenizers[1], nets["text_encoder_2"],
+                             bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+def check_folder(folder: Path, networks) -> None:
+    if absent := [f"{c}/" for c in (*networks, "scheduler") if not (folder / c).is_dir()]:
+        tokenizers = ", ".join(f"{t}/" for t in TOKENIZERS[:len(networks) - 2])
+        raise LoadError(f"{folder} has no {', '.join(absent)}: a diffusers-layout model folder holds "
+                        f"{', '.join(f'{c}/' for c in networks)}, scheduler/ (and {tokenizers})")
+
+
+def upcast_vae_dtype(config: dict, dtype: torch.dtype, xl: bool) -> torch.dtype:
+    """fp32 for an SDXL VAE asked in fp16 whose config has force_upcast (diffusers' default: true), else dtype."""
+    return torch.float32 if xl and dtype == torch.float16 and config.get("force_upcast", True) else dtype
+
+
+def vae_location(vae) -> Path:
+    """The folder holding the VAE's config.json: `vae` itself, or its vae/."""
+    folder = Path(vae).expanduser().resolve()
+    for candidate in (folder, folder / "vae"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise LoadError(f"--vae {vae}: no config.json in it or in its vae/ (a VAE folder holds config.json and "
+                    "diffusion_pytorch_model.safetensors)")
+
+
+def swap_vae(sd: StableDiffusion, folder: Path, variant=None) -> StableDiffusion:
+    """sd with the VAE of `folder` (vae_location), its scaling factor and force_upcast; a new fingerprint."""
+    config_path = folder / "config.json"
+    config = read_json(config_path)
+    module = build("vae", config, str(config_path))
+    path = weight_file(folder.parent, folder.name, variant, stem=WEIGHT_STEM["vae"])
+    sd.vae = load_file(module, path, "vae", upcast_vae_dtype(config, sd.dtype, isinstance(sd, StableDiffusionXL)),
+                       sd.device)
+    sd.fingerprint = content_hash([config_path, path], sd.fingerprint)
+    return sd
 
 
 def _single_file(path: Path, model_id: str, device, dtype, prediction_type) -> StableDiffusion:

@@ -6,6 +6,12 @@ every method does with them - embed prompts, encode an image to latents, decode 
     sd.decode(w0)                       -> x [B, 3, H, W]    D(w0 / f), in about [-1, 1]
     sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
 Build one with minledits.load (load.py), or minledits.load("random-tiny") for an offline smoke test.
+
+StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to a pair, and its UNet takes more:
+    sdxl.text_embeddings(prompts)       -> (c [B, 77, 2048], pooled [B, 1280])   clip.py says how; "" gives zeros
+                                                                                when force_zeros_for_empty_prompt
+    sdxl.time_ids(H, W)                 -> [6] = (H, W, 0, 0, H, W)               original size, crop top-left, target
+    sdxl.unet(x_t, t, c, text_embeds=pooled, time_ids=time_ids)
 """
 import os
 from dataclasses import dataclass
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .clip import TextEncoder
+from .clip import TextEncoder, TextEncoderWithProjection
 from .errors import LoadError, MinleditsError
 from .image import to_pil
 from .schedule import Schedule
@@ -73,12 +79,37 @@ class StableDiffusion:
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """w0 = f E(x) for images x [B, 3, H, W] in [-1, 1]."""
-        return self.vae.scaling_factor * self.vae.encode(x.to(self.device, self.dtype))
+        """w0 = f E(x) for images x [B, 3, H, W] in [-1, 1]. The VAE runs in its own dtype (fp32 when loaded with
+        force_upcast in fp16), the latents come back in the model's."""
+        w0 = self.vae.scaling_factor * self.vae.encode(x.to(self.device, self.vae.conv_dtype))
+        return w0.to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """D(w0 / f): images [B, 3, H, W] in about [-1, 1]."""
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.vae.scaling_factor)
+        """D(w0 / f): images [B, 3, H, W] in about [-1, 1], in the VAE's dtype."""
+        return self.vae.decode(latents.to(self.device, self.vae.conv_dtype) / self.vae.scaling_factor)
+
+
+@dataclass
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: StableDiffusion's fields plus the second tokenizer and text encoder (OpenCLIP ViT-bigG, projected)."""
+    tokenizer_2: Tokenizer
+    text_encoder_2: TextEncoderWithProjection
+    force_zeros_for_empty_prompt: bool = True   # model_index.json: "" embeds to zeros (the unconditional branch)
+
+    def text_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c [B, 77, D1 + D2], pooled [B, P]): both encoders' penultimate hidden states side by side, and the
+        second's projected EOS state; zeros for the prompts "" when force_zeros_for_empty_prompt."""
+        h1 = self.text_encoder.penultimate(self.tokenizer(prompts).to(self.device))
+        h2, pooled = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(self.device))
+        c = torch.cat([h1, h2], dim=-1)
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=self.device)
+            c, pooled = c.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+        return c, pooled
+
+    def time_ids(self, height: int, width: int) -> torch.Tensor:
+        """[6] float: original size (H, W), crop top-left (0, 0), target size (H, W), in pixels, the model's dtype."""
+        return torch.tensor([height, width, 0, 0, height, width], device=self.device).to(self.dtype)
 
 
 def device_memory(device: torch.device) -> int | None:

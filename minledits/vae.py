@@ -117,6 +117,11 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
         self.post_quant_conv = nn.Conv2d(latent, latent, 1)
 
+    @property
+    def conv_dtype(self) -> torch.dtype:
+        """The dtype the VAE computes in (its weights')."""
+        return self.post_quant_conv.weight.dtype
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Posterior mean E(x): the first half of the moments (the second half is the log-variance)."""
         moments = self.quant_conv(self.encoder(images))

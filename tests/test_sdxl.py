@@ -4,10 +4,17 @@
 - tiny SDXL (tests/hub.py "tiny-sdxl": no attention at the first level, then 1 and 2 transformer layers, text_time
   conditioning, two small text encoders) written in the official layout and read back by minledits.load.
 """
+import json
+import shutil
+import warnings
+
 import pytest
 import torch
 
+import minledits
+from minledits.clip import TextEncoder, TextEncoderWithProjection
 from minledits.load import build, load_file, read_json
+from minledits.model import StableDiffusionXL
 from minledits.unet import UNet
 from tests import hub
 
@@ -31,6 +38,41 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def meta_sdxl():
     return hub.build("sdxl", device="meta")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl):
+    return minledits.load(tiny_sdxl.folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+    return StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl.folder), torch_dtype=torch.float32)
+
+
+# 44 prompts for the tokenizers (no "!": tokenizer_2 pads with "!", which transformers then treats as special
+# in prompts too; we keep open_clip's training tokenization, see minledits/tokenizer.py and tests/test_tokenizer.py)
+PROMPTS = [
+    "a photo of a cat", "A PHOTO of A CaT", "an astronaut riding a horse on mars", "", " ", "a",
+    "masterpiece, best quality, (detailed:1.2), 8k", "tabs\tand\nnewlines", "multiple     spaces",
+    "it's, they're, we've, I'm, you'll, he'd", "1234567890", "3.14159 and 2,718", "emoji 🙂😀🎉 party",
+    "café naïve résumé façade", "東京タワー 夜景", "한국어 텍스트", "русский текст", "العربية",
+    "<b>bold</b> <i>html</i>", "email@example.com https://example.com/path?q=1&x=2", "snake_case camelCase",
+    "(parentheses) [brackets] {braces}", "$100 #hashtag @mention ^caret ~tilde", "...ellipsis… — em dash",
+    "“smart quotes” ‘single’", "<|startoftext|>", "<|endoftext|>", "before <|endoftext|> after",
+    "\u00a0non-breaking\u2003spaces", "zero\u200bwidth space", "ﬁ ligature ß", "ÜNÏCÖDÉ ÀÉÎÕÜ",
+    "a portrait of an old man with a beard, oil painting", "cyberpunk city at night, neon lights, rain",
+    "x" * 300, "a photo of an astronaut riding a horse on mars, " * 10, "1 2 3 " * 40, "🙂" * 100,
+    "glasses", "sunglasses, smiling", "a dog in the style of van gogh", "low-poly 3D render",
+    "combining e\u0301 accent", "Ｆｕｌｌｗｉｄｔｈ ｌｅｔｔｅｒｓ",
+]
+
+
+def quiet(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args)
 
 
 # ---- UNet -------------------------------------------------------------------------------------------------------
@@ -98,3 +140,70 @@ def test_unet_text_time_arguments_are_checked(tiny_sdxl, tiny_sd1):
 def test_unet_unsupported_options_are_refused_by_name(tiny_sdxl, key, value):
     with pytest.raises(ValueError, match=key):
         UNet(dict(tiny_sdxl.configs["unet"], **{key: value}))
+
+
+# ---- text encoders ------------------------------------------------------------------------------------------------
+def test_text_encoder_key_trees_full_size(meta_sdxl):
+    with torch.device("meta"):
+        one = TextEncoder(meta_sdxl.configs["text_encoder"])
+        two = TextEncoderWithProjection(meta_sdxl.configs["text_encoder_2"])
+    assert shapes(one) == {"text_model." + k: v for k, v in shapes(meta_sdxl.text_encoder).items()}
+    assert shapes(two) == shapes(meta_sdxl.text_encoder_2)
+    assert shapes(two)["text_projection.weight"] == (1280, 1280)
+    assert len(two.text_model.encoder.layers) == 32
+
+
+@torch.no_grad()
+def test_text_encoders_tiny_parity(tiny_sdxl, sdxl):
+    """Penultimate hidden states of both encoders (quick_gelu and gelu), the last one, and the pooled projection."""
+    ids = torch.cat([sdxl.tokenizer_2(["a photo of a cat", "", "glasses"]),
+                     torch.randint(0, 49407, (1, 77))])  # a row without <|endoftext|>: the largest id is pooled
+    one = tiny_sdxl.text_encoder(ids, output_hidden_states=True)
+    two = tiny_sdxl.text_encoder_2(ids, output_hidden_states=True)
+    pairs = [(sdxl.text_encoder.penultimate(ids), one.hidden_states[-2]), (sdxl.text_encoder(ids), one[0]),
+             (sdxl.text_encoder_2(ids), two.last_hidden_state)]
+    h2, pooled = sdxl.text_encoder_2.penultimate_and_pooled(ids)
+    pairs += [(h2, two.hidden_states[-2]), (pooled, two.text_embeds)]
+    for ours, ref in pairs:
+        assert rel_err(ours, ref) <= 2e-6, rel_err(ours, ref)
+    assert rel_err(h2, two.last_hidden_state) > 1e-2   # the penultimate is not the last
+
+
+@torch.no_grad()
+def test_prompt_embeddings_equal_the_sdxl_pipeline(sdxl, pipe):
+    """c = [h1 ; h2] [B, 77, 64] and the pooled output as StableDiffusionXLPipeline.encode_prompt gives them; its
+    negative branch (negative_prompt None, force_zeros_for_empty_prompt) is our "": zeros, pooled included."""
+    prompts = ["a photo of a cat", "an astronaut riding a horse on mars, oil painting", "x" * 300]
+    c, pooled = quiet(sdxl.text_embeddings, prompts + [""])
+    ref_c, neg_c, ref_pooled, neg_pooled = quiet(lambda: pipe.encode_prompt(prompts, device="cpu"))
+    assert c.shape == (4, 77, 64) and pooled.shape == (4, 16)
+    assert rel_err(c[:3], ref_c) <= 2e-6 and rel_err(pooled[:3], ref_pooled) <= 2e-6
+    assert torch.equal(c[3:], neg_c[:1]) and torch.equal(pooled[3:], neg_pooled[:1]) and not c[3].any()
+
+
+@torch.no_grad()
+def test_force_zeros_for_empty_prompt_false_encodes_the_empty_prompt(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    folder = shutil.copytree(tiny_sdxl.folder, tmp_path / "m")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, force_zeros_for_empty_prompt=False)))
+    sd, pipe = minledits.load(folder), StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    assert not sd.force_zeros_for_empty_prompt
+    c, pooled = sd.text_embeddings(["glasses", ""])
+    _, neg_c, _, neg_pooled = pipe.encode_prompt(["glasses"], device="cpu")
+    assert c[1].abs().max() > 0.1 and rel_err(c[1:], neg_c) <= 2e-6 and rel_err(pooled[1:], neg_pooled) <= 2e-6
+
+
+def test_tokenizers_match_transformers(tiny_sdxl, sdxl):
+    assert len(PROMPTS) >= 40
+    for name, ours in [("tokenizer", sdxl.tokenizer), ("tokenizer_2", sdxl.tokenizer_2)]:
+        ref = hub.reference_tokenizer(tiny_sdxl.folder / name)
+        expected = ref(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        assert torch.equal(quiet(ours, PROMPTS), expected), name
+    assert (sdxl.tokenizer.pad_id, sdxl.tokenizer_2.pad_id) == (49407, 0)
+
+
+def test_sdxl_model_object(sdxl):
+    assert isinstance(sdxl, StableDiffusionXL) and sdxl.force_zeros_for_empty_prompt
+    assert sdxl.time_ids(1024, 768).tolist() == [1024, 768, 0, 0, 1024, 768]
+    assert sdxl.vae.scaling_factor == 0.13025
