@@ -47,6 +47,8 @@ COMMON = [
     (("--revision",), None, "Hub branch, tag or commit", {}),
     (("--variant",), None, "weight files to prefer, e.g. fp16 (implied by --dtype fp16)", {}),
     (("--prediction-type",), None, "epsilon or v_prediction (SD 2.x single files need it)", {}),
+    (("--vae",), None, "another VAE: a folder with config.json and its weights, or a model folder's vae/ "
+     "(e.g. an fp16-fixed SDXL VAE)", dict(metavar="FOLDER")),
     (("--device",), "auto", "auto: cuda, else mps, else cpu", dict(choices=["auto", "cpu", "cuda", "mps"])),
     (("--dtype",), "auto", "auto: fp16 on CUDA, else fp32", dict(choices=["auto", *DTYPES])),
     (("--force",), False, "overwrite outputs that exist", BOOL),
@@ -179,12 +181,12 @@ def model_of(args):
     elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
-    key = (args.model, args.revision, args.variant, args.prediction_type, device, dtype)
+    key = (args.model, args.revision, args.variant, args.prediction_type, args.vae, device, dtype)
     if key not in args.cache and args.model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
     if key not in args.cache:
         args.cache[key] = load(args.model, device, dtype=dtype, variant=args.variant, revision=args.revision,
-                               prediction_type=args.prediction_type)
+                               prediction_type=args.prediction_type, vae=args.vae)
     return args.cache[key]
 
 
