@@ -207,3 +207,60 @@ def test_sdxl_model_object(sdxl):
     assert isinstance(sdxl, StableDiffusionXL) and sdxl.force_zeros_for_empty_prompt
     assert sdxl.time_ids(1024, 768).tolist() == [1024, 768, 0, 0, 1024, 768]
     assert sdxl.vae.scaling_factor == 0.13025
+
+
+# ---- VAE ----------------------------------------------------------------------------------------------------------
+def test_vae_key_tree_full_size(meta_sdxl):
+    from minledits.vae import VAE
+    with torch.device("meta"):
+        ours = VAE(meta_sdxl.configs["vae"])
+    assert shapes(ours) == shapes(meta_sdxl.vae) and ours.scaling_factor == 0.13025
+
+
+@torch.no_grad()
+def test_vae_tiny_parity(tiny_sdxl, sdxl):
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1
+    mean = tiny_sdxl.vae.encode(images).latent_dist.mean
+    assert rel_err(sdxl.vae.encode(images), mean) <= 1e-5
+    assert rel_err(sdxl.encode(images), 0.13025 * mean) <= 1e-5                     # the config's scaling factor
+    assert rel_err(sdxl.decode(0.13025 * mean), tiny_sdxl.vae.decode(mean).sample) <= 1e-5
+
+
+def vae_folder(folder, seed=1, **config):
+    """A VAE on its own, laid out like madebyollin/sdxl-vae-fp16-fix: config.json and the weights at the top."""
+    ref = hub.build("tiny-sdxl", seed=seed)
+    (folder / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dict(ref.configs["vae"], **config)))
+    hub.save_safetensors(ref.vae.state_dict().items(), folder / "diffusion_pytorch_model.safetensors")
+    return ref.vae
+
+
+def test_force_upcast_keeps_the_vae_in_fp32_under_fp16(tiny_sdxl, tmp_path):
+    sd = minledits.load(tiny_sdxl.folder, dtype="fp16")
+    assert sd.unet.conv_in.weight.dtype == torch.float16 and sd.text_encoder_2.text_projection.weight.dtype == \
+        torch.float16
+    assert {p.dtype for p in sd.vae.parameters()} == {torch.float32}      # read from the fp16 files, upcast
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert sd.encode(x).dtype == torch.float16 and sd.decode(sd.encode(x)).dtype == torch.float32
+    fixed = tmp_path / "fp16-fix"
+    vae_folder(fixed, force_upcast=False)
+    sd = minledits.load(tiny_sdxl.folder, dtype="fp16", vae=fixed)
+    assert {p.dtype for p in sd.vae.parameters()} == {torch.float16}
+    assert minledits.load(tiny_sdxl.folder, dtype="bf16").vae.conv_dtype == torch.bfloat16   # fp16 only
+
+
+def test_vae_swap(tiny_sdxl, sdxl, tmp_path):
+    other = vae_folder(tmp_path / "vae-only", scaling_factor=0.2)
+    swapped = minledits.load(tiny_sdxl.folder, vae=tmp_path / "vae-only")
+    ours = swapped.vae.state_dict()
+    assert ours.keys() == other.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in other.state_dict().items())
+    assert swapped.vae.scaling_factor == 0.2 and swapped.fingerprint != sdxl.fingerprint
+    assert torch.equal(swapped.unet.conv_in.weight, sdxl.unet.conv_in.weight)
+    from_model = minledits.load(tiny_sdxl.folder, vae=tiny_sdxl.folder)              # a model folder's vae/
+    assert torch.equal(from_model.vae.quant_conv.weight, sdxl.vae.quant_conv.weight)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(minledits.LoadError, match="no config.json") as err:
+        minledits.load(tiny_sdxl.folder, vae=tmp_path / "empty")
+    assert "\n" not in str(err.value)
