@@ -1,7 +1,8 @@
-"""Benchmark: the same LEDITS edit through minledits and through the diffusers-based reference path.
+"""Benchmark: the same LEDITS (or LEDITS++) edit through minledits and through the diffusers-based reference.
 
     python -m tests.bench                      # SD 1.5 architecture, random weights, 256 px, 50 steps, skip 18
     python -m tests.bench --size 512 --steps 100 --skip 36 --dtype bfloat16 --paths ours
+    python -m tests.bench --method leditspp    # LEDITS++: 256 px, 30 steps, skip 0.15 (diffusers' terms), intersect
 
 The model (SD 1.5 configs, random weights, official Hub layout) is built once into
 $TMPDIR/minledits-bench/sd15 (about 4.3 GB, ~1 min). Each path runs in its own subprocess, one after the
@@ -14,6 +15,11 @@ other, so that peak RSS (peak CUDA memory on CUDA) is its own:
              edit with SemanticStableDiffusionPipeline and injected noise (tests/oracle.edit) -> VAE decode
   unets      both UNets in one process, calls alternating (batch 1 and 4, median of 5): seconds per
              evaluation on the same machine state, which separate runs cannot give on a shared machine
+With --method leditspp: ours inverts with sampler="dpmsolver++" (steps = int(N (1 + f)), skip = steps - N for
+diffusers' N = --steps, f = --skip) and edits with leditspp.edit (intersect masks); the reference is
+LEditsPPPipelineStableDiffusion (tests/oracle.leditspp_pipeline, its two diffusers 0.42.1 bugs fixed so that it
+computes the same edit): invert(num_inversion_steps=N, skip=f) on the same preprocessed image, then
+__call__(output_type="latent") and a VAE decode.
 
 Same image, seed and noise: the final latents must agree to 1e-4 in float32. The last run of each path per
 workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder, so `--paths ours` (e.g. with
@@ -46,9 +52,11 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
     p.add_argument("--kind", default="sd15",
                    help="tests/hub.py model kind (sd15, sd21-base, tiny-sd1 for a smoke test)")
+    p.add_argument("--method", default="ledits", choices=["ledits", "leditspp"])
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--skip", type=int, default=18)
+    p.add_argument("--steps", type=int, default=None, help="N (default 50; leditspp: 30, diffusers' inverted steps)")
+    p.add_argument("--skip", type=float, default=None,
+                   help="steps skipped (default 18; leditspp: the fraction f, default 0.15, as diffusers' invert)")
     p.add_argument("--concepts", nargs="*", default=["glasses", "smile"],
                    help="concept specs (minledits.Concept.parse)")
     p.add_argument("--target", default="", help="target prompt")
@@ -67,7 +75,19 @@ def parse(argv=None):
                         "and unets (both UNets, calls interleaved)")
     p.add_argument("--child", choices=["ours", "reference", "unets"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    pp = args.method == "leditspp"
+    args.steps = args.steps or (30 if pp else 50)
+    args.skip = (0.15 if pp else 18) if args.skip is None else args.skip if pp else int(args.skip)
+    return args
+
+
+def ours_steps(args) -> tuple[int, int]:
+    """(steps, skip) of our inversion: as given for LEDITS; from diffusers' (N, f) for LEDITS++."""
+    if args.method == "ledits":
+        return args.steps, args.skip
+    steps = int(args.steps * (1 + args.skip))
+    return steps, steps - args.steps
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -195,28 +215,67 @@ def run_ours(args, folder, meter):
     return w0, meter.peak_memory()
 
 
-def run_reference(args, folder, meter):
+def run_ours_pp(args, folder, meter):
+    import minledits
+    from minledits import leditspp
+    sd = meter.timed("load", minledits.load)(folder, args.device, dtype=dtype_of(args.dtype))
+    meter.watch_unet(sd.unet)
+    sd.vae.encode = meter.timed("encode", sd.vae.encode)
+    steps, skip = ours_steps(args)
+    kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    inv = meter.timed("inversion", minledits.invert)(sd, photo(), sampler="dpmsolver++", steps=steps, skip=skip,
+                                                      seed=args.seed, size=args.size, **kw)
+    w0 = meter.timed("edit", leditspp.edit)(sd, inv, concepts=args.concepts, mask="intersect")
+    meter.timed("decode", minledits.decode)(sd, w0)
+    return w0, meter.peak_memory()
+
+
+def run_reference_pp(args, folder, meter):
+    from minledits import leditspp
+    from minledits.image import to_pil, to_tensor
+    from tests import oracle
+
+    ref = meter.timed("load", reference_modules)(args, folder)
+    pipe = oracle.leditspp_pipeline(ref, copy_unet=False)
+    meter.watch_unet(pipe.unet)
+    pipe.vae.encode = meter.timed("encode", pipe.vae.encode)
+    x = to_tensor(photo(), args.size).to(args.device, dtype_of(args.dtype))
+    generator = torch.Generator().manual_seed(args.seed)
+    meter.timed("inversion", pipe.invert)(image=x, num_inversion_steps=args.steps, skip=args.skip,
+                                          generator=generator, height=args.size, width=args.size)
+    cs = [leditspp.concept(c) for c in args.concepts]
+    w0 = meter.timed("edit", pipe)(
+        output_type="latent", editing_prompt=[c.prompt for c in cs], reverse_editing_direction=[c.reverse for c in cs],
+        edit_guidance_scale=[c.scale for c in cs], edit_threshold=[c.threshold for c in cs],
+        edit_warmup_steps=[c.warmup for c in cs], use_intersect_mask=True).images
+    with torch.no_grad():
+        meter.timed("decode", lambda: to_pil(ref.vae.decode(w0 / ref.vae.config.scaling_factor).sample))()
+    return w0, meter.peak_memory()
+
+
+def reference_modules(args, folder):
+    """diffusers UNet/VAE + transformers CLIP from the folder (from_pretrained), as a tests/hub.Reference."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from tests import hub, oracle
+    kw = dict(torch_dtype=dtype_of(args.dtype))
+    nets = [cls.from_pretrained(folder, subfolder=sub, **kw).to(args.device).eval()
+            for cls, sub in [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")]]
+    oracle.tokenizer(folder)
+    configs = {"scheduler": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
+    return hub.Reference(args.kind, *nets, configs, folder)
+
+
+def run_reference(args, folder, meter):
     from minledits import Concept
     from minledits.image import to_pil, to_tensor
-    from tests import hub, oracle
+    from tests import oracle
 
-    dtype = dtype_of(args.dtype)
-
-    def load():
-        kw = dict(torch_dtype=dtype)
-        nets = [cls.from_pretrained(folder, subfolder=sub, **kw).to(args.device).eval()
-                for cls, sub in [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"),
-                                 (CLIPTextModel, "text_encoder")]]
-        oracle.tokenizer(folder)
-        configs = {"scheduler": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
-        return hub.Reference(args.kind, *nets, configs, folder)
-    ref = meter.timed("load", load)()
+    ref = meter.timed("load", reference_modules)(args, folder)
     meter.watch_unet(ref.unet)
     ref.vae.encode = meter.timed("encode", ref.vae.encode)
-    x = to_tensor(photo(), args.size).to(args.device, dtype)
+    x = to_tensor(photo(), args.size).to(args.device, dtype_of(args.dtype))
     xts, zs = meter.timed("inversion", oracle.invert)(ref, x, args.source, 3.5, args.steps, args.skip, args.seed,
                                                       all_steps=True)
     concepts = [Concept.parse(c) for c in args.concepts]
@@ -233,7 +292,8 @@ def child(args):
         result = dict(unets_interleaved(args, model_folder(args.kind)), when=time.strftime("%Y-%m-%d %H:%M"))
         return Path(args.out + ".json").write_text(json.dumps(result))
     meter = Meter(args.device)
-    run = run_ours if args.child == "ours" else run_reference
+    pp = args.method == "leditspp"
+    run = {"ours": run_ours_pp if pp else run_ours, "reference": run_reference_pp if pp else run_reference}[args.child]
     w0, (mem_name, mem) = run(args, model_folder(args.kind), meter)
     torch.save(w0.detach().float().cpu(), args.out + ".pt")
     result = dict(path=args.child, wall=meter.wall, cpu=meter.cpu, unet_s=meter.unet_s, rows=meter.rows,
@@ -245,7 +305,7 @@ def child(args):
 # --------------------------------------------------------------------------------------------- the report
 def workload_key(args) -> str:
     w = [args.kind, args.size, args.steps, args.skip, args.concepts, args.target, args.source,
-         args.dtype, args.device, args.seed]
+         args.dtype, args.device, args.seed] + ([args.method] if args.method != "ledits" else [])
     return hashlib.sha256(json.dumps(w).encode()).hexdigest()[:12]
 
 
@@ -294,8 +354,10 @@ EMPTY = dict(wall={}, cpu={}, unet_s={}, rows={}, memory_name="peak memory", mem
 def report(args, o, r, u, machine, diff, cached):
     """The table (markdown), then the FLOP figures and the targets of issue 5."""
     import diffusers
-    print(f"\n{args.kind} architecture, random weights | {args.size} px, {args.steps} steps, skip {args.skip}, "
-          f"concepts {args.concepts}, target {args.target!r}, source {args.source!r} | {args.dtype} on {args.device}")
+    print(f"\n{args.method}, {args.kind} architecture, random weights | {args.size} px, {args.steps} steps, skip "
+          f"{args.skip}" + (" (ours: steps {}, skip {})".format(*ours_steps(args)) if args.method != "ledits" else "")
+          + f", concepts {args.concepts}, target {args.target!r}, source {args.source!r} | {args.dtype} on "
+          f"{args.device}")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
           f"{torch.__version__}, diffusers {diffusers.__version__}; 1-min load average after each path: "
           f"minledits {o['load_average']:.1f}, reference {r['load_average']:.1f}"
@@ -334,7 +396,8 @@ def report(args, o, r, u, machine, diff, cached):
               + (" (<= 1e-4: the same edit)" if diff <= 1e-4 else " (> 1e-4)"))
     if r["wall"] and o["wall"]:
         unet = (u["ours"]["4"], u["reference"]["4"]) if u else (per(o), per(r))  # interleaved at batch 4 if measured
-        checks = [("edit time <= 0.75x", total(o) <= 0.75 * total(r)),
+        goal = 0.8 if args.method == "leditspp" else 0.75
+        checks = [(f"edit time <= {goal}x", total(o) <= goal * total(r)),
                   ("UNet s/evaluation <= 1.0x", unet[0] <= unet[1]),
                   ("peak memory <= 1.0x", o["memory_gib"] <= r["memory_gib"])]
         if args.dtype == "float32":

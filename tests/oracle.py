@@ -99,11 +99,11 @@ def edit(ref, xts, zs, steps, skip, target_prompt, target_guidance, concepts, mo
     return out.images, pipe
 
 
-def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=True):
-    """LEditsPPPipelineStableDiffusion on the reference modules (a copy of the UNet: invert() sets its attention
-    processors). Its scheduler is built from the model's config; the pipeline replaces it by its DPM-Solver++
-    unless it is a DDIMScheduler. fix: patch encode_prompt for two diffusers 0.42.1 bugs, so that the pipeline
-    computes what LEDITS++ (ml-research/ledits_pp) and minledits compute:
+def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=True, copy_unet=True):
+    """LEditsPPPipelineStableDiffusion on the reference modules (a copy of the UNet unless copy_unet is false:
+    invert() sets its attention processors). Its scheduler is built from the model's config; the pipeline
+    replaces it by its DPM-Solver++ unless it is a DDIMScheduler. fix: patch encode_prompt for two diffusers
+    0.42.1 bugs, so that the pipeline computes what LEDITS++ (ml-research/ledits_pp) and minledits compute:
     - invert unpacks encode_prompt's (source prompt, "") embeddings as (uncond, text), so its source guidance is
       eps_src + s (eps_u - eps_src), away from the source prompt: the pair is handed over in the order read;
     - __call__'s tokenizer(..., padding="max_length", return_length=True) reports the padded length 77 (with
@@ -111,7 +111,8 @@ def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=T
       attention map, not the concept's own tokens as its comment intends: the counts are handed over right."""
     pipe = LEditsPPPipelineStableDiffusion(
         vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=tokenizer(ref.folder),
-        unet=copy.deepcopy(ref.unet), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=copy.deepcopy(ref.unet) if copy_unet else ref.unet, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
         scheduler=scheduler.from_config(hub._clean(scheduler_config or ref.scheduler_config)))
     pipe.set_progress_bar_config(disable=True)
     if fix:
