@@ -1,17 +1,21 @@
-"""Original (LDM / CompVis) single-file Stable Diffusion checkpoints -> our modules.
+"""Original (LDM / CompVis / Stability generative-models) single-file Stable Diffusion checkpoints -> our modules.
 
-A file such as `v1-5-pruned-emaonly.safetensors` or `v2-1_512-ema-pruned.safetensors` holds the three
-networks of the original training code under three prefixes:
+A file such as `v1-5-pruned-emaonly.safetensors`, `v2-1_512-ema-pruned.safetensors` or
+`sd_xl_base_1.0.safetensors` holds the networks of the original training code under these prefixes:
 
-    model.diffusion_model.          UNet          LDM `openaimodel.UNetModel` names
-    first_stage_model.              VAE           LDM `AutoencoderKL` names
-    cond_stage_model.transformer.   SD 1.x text   already Hugging Face CLIP names
-    cond_stage_model.model.         SD 2.x text   OpenCLIP names
+    model.diffusion_model.                      UNet            LDM `openaimodel.UNetModel` names
+    first_stage_model.                          VAE             LDM `AutoencoderKL` names
+    cond_stage_model.transformer.               SD 1.x text     already Hugging Face CLIP names
+    cond_stage_model.model.                     SD 2.x text     OpenCLIP names
+    conditioner.embedders.0.transformer.        SDXL text       Hugging Face CLIP names (CLIP ViT-L)
+    conditioner.embedders.1.model.              SDXL text_2     OpenCLIP names (ViT-bigG, all 32 layers used)
 
 Anything else (EMA copies `model_ema.*`, the training schedule `betas`, `alphas_cumprod`, ...) is not needed
 and skipped. Our modules carry diffusers / transformers names (docs/design.md §6), so converting is renaming, plus:
   * OpenCLIP fuses q, k, v into `attn.in_proj_weight` [3D, D]: its row thirds become q_proj, k_proj, v_proj;
   * the VAE mid-block attention uses 1x1 convs [C, C, 1, 1]: squeezed to linear matrices [C, C];
+  * SDXL's UNet adds `label_emb.0.0` / `.0.2` (add_embedding.linear_1 / _2); OpenCLIP's `text_projection` is
+    applied as x @ P, so our Linear weight is P transposed;
   * SD 2.x conditions on the *penultimate* layer of the 24-layer OpenCLIP ViT-H/14, so our text encoder has 23
     layers. The original files hold all 24 resblocks (the 24th, `text_projection` and `logit_scale` are dropped);
     files written from a diffusers folder (diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py) hold
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+XL_SCALING_FACTOR = 0.13025  # SDXL's VAE (sdxl_vae's config); SD 1.x / 2.x: 0.18215
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -46,15 +52,16 @@ class Take(NamedTuple):
     key: str
     rows: tuple[int, int] | None = None  # part of a fused tensor (OpenCLIP in_proj -> q, k, v)
     squeeze: bool = False                # 1x1 conv kernel [C, C, 1, 1] -> linear matrix [C, C]
+    transpose: bool = False              # OpenCLIP's text_projection P (x @ P) -> Linear weight P^T
 
     def shape(self, shapes) -> tuple:
         shape = (self.rows[1] - self.rows[0], *shapes[self.key][1:]) if self.rows else tuple(shapes[self.key])
-        return shape[:2] if self.squeeze else shape
+        return shape[:2] if self.squeeze else shape[::-1] if self.transpose else shape
 
     def read(self, f):
         """The tensor from an open `safe_open` file; only the rows needed are read."""
         x = f.get_slice(self.key)[self.rows[0]:self.rows[1]] if self.rows else f.get_tensor(self.key)
-        return x.reshape(x.shape[:2]) if self.squeeze else x
+        return x.reshape(x.shape[:2]) if self.squeeze else x.T.contiguous() if self.transpose else x
 
 
 def _rename(key: str, blocks: dict, inner: dict | None = None) -> str:
@@ -89,6 +96,7 @@ UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "
 def _unet_blocks(levels: int, L: int, attn_down: list, attn_up: list) -> dict:
     b = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
          "time_embed.2": "time_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out",
+         "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL
          "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
          "middle_block.2": "mid_block.resnets.1"}
     for i in range(levels):
@@ -105,8 +113,13 @@ def _unet_blocks(levels: int, L: int, attn_down: list, attn_up: list) -> dict:
     return b
 
 
-def _unet(shapes, sd2: bool, prediction_type: str):
-    s = _under(shapes, UNET)
+def _depth(s, block: str) -> int:
+    """The number of transformer blocks in one LDM attention block (SpatialTransformer)."""
+    return len({k.split(".")[block.count(".") + 2] for k in s if k.startswith(block + ".transformer_blocks.")})
+
+
+def _unet(shapes, family: str, prediction_type: str):
+    s, sd2 = _under(shapes, UNET), family != "sd1"
     n_in = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")})
     levels = 1 + sum(k.startswith("input_blocks.") and k.endswith(".0.op.weight") for k in s)
     L = (n_in - levels) // levels
@@ -125,15 +138,31 @@ def _unet(shapes, sd2: bool, prediction_type: str):
         # `attention_head_dim` holds the NUMBER of heads (a diffusers naming quirk): SD1 has 8 heads
         # everywhere; SD2 heads of size 64, i.e. [5, 10, 20, 20] for channels [320, 640, 1280, 1280].
         "attention_head_dim": [c // 64 for c in channels] if sd2 else 8,
-        "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,  # SD2: Linear, SD1: 1x1 conv
+        "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,  # SD2, XL: Linear; SD1: 1x1 conv
         # The diffusers SD 2.1 (768, v-prediction) config computes attention scores in fp32; we apply it to
         # every SD2 v-prediction file (2.0-v included: upcasting only makes fp16 safer).
         "upcast_attention": v768,
         "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
         "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
     }
+    if family == "sdxl":
+        config.update(_xl_unet(s, shapes, [_depth(s, f"input_blocks.{n}.1") if a else 1
+                                           for n, a in zip(first, attn_down)]))
     blocks = _unet_blocks(levels, L, attn_down, attn_up)
     return config, {_rename(k, blocks, UNET_RESNET): Take(UNET + k) for k in s}
+
+
+def _xl_unet(s, shapes, depth: list) -> dict:
+    """SDXL's UNet entries: transformer depth per level (1 where a level has no attention, as SDXL's config says),
+    the text_time conditioning [pooled text, six sinusoids]: its width minus the pooled width, over 6."""
+    pooled = shapes[XL_OPENCLIP + "text_projection"][1]
+    width = s["label_emb.0.0.weight"][1]
+    if (width - pooled) % 6 or _depth(s, "middle_block.1") != depth[-1]:
+        raise SingleFileError(f"the SDXL UNet's add_embedding ({width} wide, text {pooled}) or mid-block depth "
+                              "is not SDXL's layout")
+    return {"transformer_layers_per_block": depth, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": (width - pooled) // 6, "projection_class_embeddings_input_dim": width,
+            "sample_size": 128, "upcast_attention": False}
 
 
 # ----------------------------------------------------------------------------------------------- VAE
@@ -148,7 +177,7 @@ VAE_INNER = {"nin_shortcut": "conv_shortcut",
              "norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def _vae(shapes):
+def _vae(shapes, family: str = "sd1"):
     s = _under(shapes, VAE)
     levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
     L = len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")})
@@ -169,6 +198,8 @@ def _vae(shapes):
         "layers_per_block": L, "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512,
         "scaling_factor": 0.18215,
     }
+    if family == "sdxl":  # SDXL's VAE overflows in fp16 (force_upcast: decode in fp32)
+        config.update(scaling_factor=XL_SCALING_FACTOR, force_upcast=True, sample_size=1024)
     takes = {_rename(k, blocks, VAE_INNER): Take(VAE + k, squeeze=".attn_1." in k and len(shape) == 4)
              for k, shape in s.items()}
     return config, takes
@@ -185,10 +216,10 @@ def _clip_config(width: int, vocab: int, positions: int, layers: int, ff: int, s
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
 
 
-def _clip(shapes):
-    """SD 1.x: Hugging Face CLIP names already; older files lack the `text_model.` level, so add it."""
-    s = _under(shapes, CLIP)
-    ours = {k if k.startswith("text_model.") else "text_model." + k: Take(CLIP + k) for k in s}
+def _clip(shapes, prefix: str = CLIP):
+    """SD 1.x, SDXL's first: Hugging Face CLIP names already; older files lack the `text_model.` level, so add it."""
+    s = _under(shapes, prefix)
+    ours = {k if k.startswith("text_model.") else "text_model." + k: Take(prefix + k) for k in s}
     ours.pop("text_model.embeddings.position_ids", None)  # a stored arange(77); ours is built in
     shape = {k.removeprefix("text_model."): t.shape(shapes) for k, t in ours.items()}
     layers = len({k.split(".")[2] for k in shape if k.startswith("encoder.layers.")})
@@ -214,7 +245,6 @@ OPENCLIP_SKIP = ("text_projection", "logit_scale", "attn_mask", "transformer.tex
 
 def _openclip(shapes, source: str):
     s = _under(shapes, OPENCLIP)
-    width = s["token_embedding.weight"][1]
     found = len({k.split(".")[2] for k in s if k.startswith("transformer.resblocks.")})
     if found not in (SD2_TEXT_LAYERS, SD2_TEXT_LAYERS + 1):
         raise SingleFileError(
@@ -222,43 +252,62 @@ def _openclip(shapes, source: str):
             f"{SD2_TEXT_LAYERS}, the penultimate of OpenCLIP ViT-H/14's {SD2_TEXT_LAYERS + 1}, so a file holds "
             f"{SD2_TEXT_LAYERS + 1} (the original release, the last one unused) or {SD2_TEXT_LAYERS} (written from a "
             "diffusers folder)")
-    layers = SD2_TEXT_LAYERS
+    return _openclip_tower(s, OPENCLIP, SD2_TEXT_LAYERS)
+
+
+def _openclip_xl(shapes):
+    """SDXL's OpenCLIP ViT-bigG: every layer (SDXL takes the penultimate hidden state, diffusers keeps all 32)
+    and text_projection, stored as P for x @ P: our Linear holds P^T."""
+    s = _under(shapes, XL_OPENCLIP)
+    layers = len({k.split(".")[2] for k in s if k.startswith("transformer.resblocks.")})
+    config, ours = _openclip_tower(s, XL_OPENCLIP, layers)
+    config.update(architectures=["CLIPTextModelWithProjection"], projection_dim=s["text_projection"][1])
+    return config, ours | {"text_projection.weight": Take(XL_OPENCLIP + "text_projection", transpose=True)}
+
+
+def _openclip_tower(s, prefix: str, layers: int):
+    """Config and takes of an OpenCLIP text tower's first `layers` resblocks (s: shapes under `prefix`)."""
+    width = s["token_embedding.weight"][1]
     blocks = {"token_embedding": "text_model.embeddings.token_embedding", "ln_final": "text_model.final_layer_norm",
               "positional_embedding": "text_model.embeddings.position_embedding.weight"}
     blocks |= {f"transformer.resblocks.{n}": f"text_model.encoder.layers.{n}" for n in range(layers)}
     ours = {}
     for k in s:
         if k in OPENCLIP_SKIP or k.startswith(f"transformer.resblocks.{layers}."):
-            continue  # what SD2 does not use (above) and the last layer of a 24-layer tower
+            continue  # what is not used (above) and the last layer of SD2's 24-layer tower
         name = _rename(k, blocks, OPENCLIP_INNER)
         if k.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):  # rows [q; k; v], `width` each
             layer, kind = name[:name.index(".attn.")], k.rsplit("_", 1)[1]
-            ours |= {f"{layer}.self_attn.{x}_proj.{kind}": Take(OPENCLIP + k, rows=(i * width, (i + 1) * width))
+            ours |= {f"{layer}.self_attn.{x}_proj.{kind}": Take(prefix + k, rows=(i * width, (i + 1) * width))
                      for i, x in enumerate("qkv")}
         else:
-            ours[name] = Take(OPENCLIP + k)
+            ours[name] = Take(prefix + k)
     config = _clip_config(width, s["token_embedding.weight"][0], s["positional_embedding"][0], layers,
                           s["transformer.resblocks.0.mlp.c_fc.weight"][0], sd2=True)
     return config, ours
 
 
 # ------------------------------------------------------------------------------------------ the file
-def _check(shapes, source: str) -> bool:
-    """Raise unless this is an SD 1.x / 2.x original checkpoint; True for SD 2.x (OpenCLIP text encoder)."""
+def _family(shapes, source: str) -> str:
+    """"sd1", "sd2" or "sdxl" (by the text encoders' prefixes); raise for anything else."""
     if not any(k.startswith(UNET) for k in shapes):
         raise SingleFileError(f"{source} is not an original Stable Diffusion checkpoint (no '{UNET}*' keys); "
                               "a diffusers-layout file is loaded with its model folder")
     if not any(k.startswith(VAE) for k in shapes):
-        raise SingleFileError(f"{source} has no VAE ('{VAE}*' keys); only complete SD 1.x / 2.x checkpoints load")
-    sd2 = OPENCLIP + "token_embedding.weight" in shapes
-    if not sd2 and not any(k.startswith(CLIP) for k in shapes):
-        raise SingleFileError(f"{source} has no SD 1.x / 2.x text encoder ('{CLIP}*' or '{OPENCLIP}*' keys); "
-                              "other model families (e.g. SDXL) are not supported")
-    return sd2
+        raise SingleFileError(f"{source} has no VAE ('{VAE}*' keys); only complete SD 1.x / 2.x / XL checkpoints load")
+    if XL_OPENCLIP + "token_embedding.weight" in shapes and any(k.startswith(XL_CLIP) for k in shapes):
+        return "sdxl"
+    if OPENCLIP + "token_embedding.weight" in shapes:
+        return "sd2"
+    if any(k.startswith(CLIP) for k in shapes):
+        return "sd1"
+    raise SingleFileError(f"{source} has no SD 1.x / 2.x / XL base text encoders ('{CLIP}*', '{OPENCLIP}*', or "
+                          f"'{XL_CLIP}*' with '{XL_OPENCLIP}*'); other model families (e.g. the SDXL refiner) "
+                          "are not supported")
 
 
 def _prediction(sd2: bool, prediction_type: str | None, source: str) -> str:
-    """SD 1.x predicts eps. SD 2.x comes as eps (2.x-base, 512 px) and v (768 px) with identical tensors."""
+    """SD 1.x and SDXL base predict eps. SD 2.x comes as eps (2.x-base, 512 px) and v (768 px), identical tensors."""
     if prediction_type is None and sd2:
         raise SingleFileError(f"{source} is an SD 2.x checkpoint, whose prediction type cannot be read from the "
                               "weights: pass --prediction-type (Python: prediction_type=) epsilon for 2.x-base "
@@ -269,19 +318,24 @@ def _prediction(sd2: bool, prediction_type: str | None, source: str) -> str:
 
 
 def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint") -> dict:
-    """From {original key: shape}: per component (config, {our key: Take}), the scheduler config, pad id."""
-    sd2 = _check(shapes, source)
-    prediction_type = _prediction(sd2, prediction_type, source)
+    """From {original key: shape}: per component (config, {our key: Take}), the scheduler config, pad ids, family
+    ("networks": the components present; SDXL adds text_encoder_2 and pad_id_2)."""
+    family = _family(shapes, source)
+    prediction_type = _prediction(family == "sd2", prediction_type, source)
+    text = {"sd1": lambda: _clip(shapes), "sd2": lambda: _openclip(shapes, source),
+            "sdxl": lambda: _clip(shapes, XL_CLIP)}[family]
     try:
-        out = {"unet": _unet(shapes, sd2, prediction_type), "vae": _vae(shapes),
-               "text_encoder": _openclip(shapes, source) if sd2 else _clip(shapes)}
+        out = {"unet": _unet(shapes, family, prediction_type), "vae": _vae(shapes, family), "text_encoder": text()}
+        if family == "sdxl":
+            out["text_encoder_2"] = _openclip_xl(shapes)
     except (KeyError, ZeroDivisionError) as e:  # a tensor the shapes are read from is missing
-        raise SingleFileError(f"{source} does not have the SD 1.x / 2.x layout (missing {e})") from None
+        raise SingleFileError(f"{source} does not have the {family} layout (missing {e})") from None
+    networks = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in out]
     out |= {"scheduler": DEFAULTS | {"prediction_type": prediction_type}, "prediction_type": prediction_type,
-            "pad_id": SD2_PAD_ID if sd2 else SD1_PAD_ID,  # SD2 pads prompts with "!", SD1 with <|endoftext|>
-            "sd2": sd2}
-    used = {t.key for part in ("unet", "vae", "text_encoder") for t in out[part][1].values()}
-    inside = [k for k in shapes if k not in used and k.startswith((UNET, VAE, "cond_stage_model."))]
+            "pad_id": SD2_PAD_ID if family == "sd2" else SD1_PAD_ID,  # SD2 pads with "!", SD1 with <|endoftext|>
+            "pad_id_2": SD2_PAD_ID, "sd2": family == "sd2", "family": family, "networks": networks}
+    used = {t.key for part in networks for t in out[part][1].values()}
+    inside = [k for k in shapes if k not in used and k.startswith((UNET, VAE, "cond_stage_model.", "conditioner."))]
     outside = Counter(k.split(".")[0] for k in shapes if k not in used and k not in inside)
     log.debug("%s: skipped, not needed for inference: %s; keys by first name: %s", source, inside, dict(outside))
     return out
@@ -297,7 +351,7 @@ def read_single_file(path, prediction_type: str | None = None) -> dict:
         raise SingleFileError(f"{path} is not a readable safetensors file ({e})") from None
     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     out = plan(shapes, prediction_type, str(path))
-    for part in ("unet", "vae", "text_encoder"):
+    for part in out["networks"]:
         config, takes = out[part]
         out[part] = config, {name: partial(take.read, f) for name, take in takes.items()}
     return out

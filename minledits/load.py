@@ -394,8 +394,14 @@ def _single_file(path: Path, model_id: str, device, dtype, prediction_type) -> S
     """An original-format checkpoint: convert.read_single_file gives configs and getters (key renaming)."""
     refuse_pickle(path)
     parts = read_single_file(path, prediction_type)
-    nets = {c: fill(build(c, parts[c][0], f"{path} [{c}]"), parts[c][1], f"{path} [{c}]", dtype, device)
-            for c in NETWORKS}
+    xl = parts["family"] == "sdxl"
+    dtypes = {c: dtype for c in parts["networks"]} | {"vae": upcast_vae_dtype(parts["vae"][0], dtype, xl)}
+    nets = {c: fill(build(c, parts[c][0], f"{path} [{c}]"), parts[c][1], f"{path} [{c}]", dtypes[c], device)
+            for c in parts["networks"]}
     schedule = make_schedule(parts["scheduler"], str(path))
-    return StableDiffusion(Tokenizer.builtin(parts["pad_id"]), nets["text_encoder"], nets["unet"], nets["vae"],
-                           schedule, model_id, content_hash([path], schedule.prediction_type), device, dtype)
+    common = (nets["unet"], nets["vae"], schedule, model_id, content_hash([path], schedule.prediction_type), device,
+              dtype)
+    if not xl:
+        return StableDiffusion(Tokenizer.builtin(parts["pad_id"]), nets["text_encoder"], *common)
+    return StableDiffusionXL(Tokenizer.builtin(parts["pad_id"]), nets["text_encoder"], *common,
+                             Tokenizer.builtin(parts["pad_id_2"]), nets["text_encoder_2"])

@@ -5,11 +5,14 @@
   conditioning, two small text encoders) written in the official layout and read back by minledits.load.
 """
 import json
+import re
 import shutil
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file as safetensors_load
+from safetensors.torch import save_file
 
 import minledits
 from minledits.clip import TextEncoder, TextEncoderWithProjection
@@ -264,3 +267,210 @@ def test_vae_swap(tiny_sdxl, sdxl, tmp_path):
     with pytest.raises(minledits.LoadError, match="no config.json") as err:
         minledits.load(tiny_sdxl.folder, vae=tmp_path / "empty")
     assert "\n" not in str(err.value)
+
+
+# ---- single files -------------------------------------------------------------------------------------------------
+# The original (Stability generative-models) layout, written from diffusers-layout weights by a mapping in the other
+# direction (diffusers name -> original name), independent of minledits/convert.py.
+LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+LDM_UNET_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                  "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                  "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn.out_proj": "attn.out_proj"}
+
+
+def ldm_unet(k, L, up_attn):
+    head, rest = next(((a, k[len(a):]) for a in LDM_UNET_FIXED if k.startswith(a + ".")), (None, None))
+    if head:
+        return LDM_UNET_FIXED[head] + rest
+    resnet = lambda r: LDM_RESNET[r.rsplit(".", 1)[0]] + "." + r.rsplit(".", 1)[1]  # noqa: E731
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+        n = (1 if m[1] == "down" else 0) + int(m[2]) * (L + 1) + int(m[4])
+        where = "input_blocks" if m[1] == "down" else "output_blocks"
+        return f"{where}.{n}.0.{resnet(m[5])}" if m[3] == "resnets" else f"{where}.{n}.1.{m[5]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+        return f"input_blocks.{(int(m[1]) + 1) * (L + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+        return f"output_blocks.{int(m[1]) * (L + 1) + L}.{2 if up_attn[int(m[1])] else 1}.conv.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", k):
+        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+    return re.sub(r"^mid_block\.attentions\.0\.", "middle_block.1.", k)
+
+
+def ldm_vae(k, levels):
+    k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
+    k = k.replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_norm_out", "norm_out")
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", k)
+    up = lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample."  # noqa: E731
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", up, k)
+    for a, b in LDM_VAE_ATTN.items():
+        k = k.replace(f"attn_1.{a}.", f"attn_1.{b}.")
+    return k.replace("conv_shortcut", "nin_shortcut")
+
+
+def openclip(sd):
+    """CLIPTextModelWithProjection weights -> OpenCLIP names: q/k/v fused, text_projection as P = W^T."""
+    out, fused = {}, {}
+    for k, v in sd.items():
+        k = k.removeprefix("text_model.")
+        if k == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+            fused.setdefault(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = v
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k):
+            out[f"transformer.resblocks.{m[1]}.{OPENCLIP_LAYER[m[2]]}.{m[3]}"] = v
+        else:
+            out[{"embeddings.token_embedding.weight": "token_embedding.weight", "final_layer_norm.weight":
+                 "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
+                 "embeddings.position_embedding.weight": "positional_embedding"}[k]] = v
+    return out | {k: torch.cat([q["q"], q["k"], q["v"]]) for k, q in fused.items()}
+
+
+def original_xl(unet, unet_cfg, vae, text, text_2, make):
+    """The file sd_xl_base_1.0.safetensors lays out: the four networks, plus what must be ignored."""
+    L, up_attn = unet_cfg["layers_per_block"], ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
+    out = {"model.diffusion_model." + ldm_unet(k, L, up_attn): v for k, v in unet.items()}
+    out |= {"first_stage_model." + ldm_vae(k, 4): v[..., None, None] if ".attentions." in k and v.ndim == 2 else v
+            for k, v in vae.items()}
+    out |= {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+            for k, v in text.items()}
+    out |= {"conditioner.embedders.1.model." + k: v for k, v in openclip(text_2).items()}
+    return out | {"conditioner.embedders.1.model.logit_scale": make(()), "denoiser.sigmas": make((1000,))}
+
+
+@pytest.fixture(scope="module")
+def xl_file(tmp_path_factory):
+    """A tiny SDXL in the original single-file layout and its diffusers config folder. It follows SDXL's
+    conventions that a file cannot show (32 norm groups, heads of 64 channels), and the two encoders differ in
+    width (diffusers' loader tells them apart by it)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    root = tmp_path_factory.mktemp("xl-file")
+    c = hub.configs("sdxl")
+    unet_cfg = dict(hub._clean(c["unet"]), block_out_channels=[64, 64, 128], attention_head_dim=[1, 1, 2],
+                    transformer_layers_per_block=[1, 1, 2], cross_attention_dim=64 + 128, addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=16)
+    vae_cfg = dict(hub._clean(c["vae"]), block_out_channels=[32, 32, 64, 64], layers_per_block=1)
+    small = dict(intermediate_size=96, num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77)
+    torch.manual_seed(0)
+    refs = [UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg),
+            CLIPTextModel(CLIPTextConfig(**c["text_encoder"] | small | dict(hidden_size=64, num_attention_heads=1))),
+            CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"] | small | dict(
+                hidden_size=128, num_attention_heads=2, projection_dim=32)))]
+    with torch.no_grad():
+        for m in refs:
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    for name, m in zip(("unet", "vae"), refs):
+        m.save_config(root / name)
+    for name, m in zip(("text_encoder", "text_encoder_2"), refs[2:]):
+        m.config.save_pretrained(root / name)
+    sds = [m.eval().state_dict() for m in refs]
+    ckpt = original_xl(sds[0], unet_cfg, sds[1], sds[2], sds[3], torch.randn)
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, root / "sd_xl_tiny.safetensors")
+    return root / "sd_xl_tiny.safetensors", root, refs
+
+
+def xl_oracle(path, folder):
+    """diffusers' own single-file loader, offline, configs from the local folder (the pipeline's helper for CLIP)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    kw = dict(config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    ckpt = safetensors_load(path)
+    return [UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **kw),
+            AutoencoderKL.from_single_file(str(path), subfolder="vae", **kw),
+            create_diffusers_clip_model_from_ldm(CLIPTextModel, ckpt, subfolder="text_encoder", **kw),
+            create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, ckpt, subfolder="text_encoder_2", **kw)]
+
+
+def plain(module):
+    return {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+
+
+def test_single_file_loads_the_tensors_of_diffusers_from_single_file(xl_file):
+    path, folder, refs = xl_file
+    oracle = xl_oracle(path, folder)
+    for ref, orc in zip(refs, oracle):   # diffusers read every tensor: the test's own mapping is right
+        a, b = plain(ref), plain(orc)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sd = minledits.load(path)
+    assert isinstance(sd, StableDiffusionXL) and sd.vae.scaling_factor == 0.13025 and sd.prediction_type == "epsilon"
+    assert (sd.tokenizer.pad_id, sd.tokenizer_2.pad_id) == (49407, 0)
+    for ours, orc in zip((sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2), oracle):
+        a, b = plain(ours), plain(orc)
+        assert a.keys() == b.keys()
+        assert not (differ := [k for k in a if not torch.equal(a[k], b[k])]), differ[:5]
+    for key in ("transformer_layers_per_block", "attention_head_dim", "cross_attention_dim", "addition_embed_type",
+                "addition_time_embed_dim", "projection_class_embeddings_input_dim", "use_linear_projection",
+                "down_block_types", "up_block_types", "block_out_channels"):
+        assert sd.unet.config[key] == oracle[0].config[key] or list(oracle[0].config[key]) == sd.unet.config[key], key
+    with torch.no_grad():
+        ids = sd.tokenizer_2(["a photo of a cat"])
+        assert torch.equal(sd.text_encoder_2.penultimate_and_pooled(ids)[1], oracle[3](ids).text_embeds)
+
+
+def test_full_size_single_file_keys_map_one_to_one(meta_sdxl):
+    """sd_xl_base_1.0's layout (from the meta reference's shapes): every tensor used once, configs inferred."""
+    from minledits import convert
+    c = meta_sdxl.configs
+    ckpt = original_xl(meta_sdxl.unet.state_dict(), c["unet"], meta_sdxl.vae.state_dict(),
+                       meta_sdxl.text_encoder.state_dict(), meta_sdxl.text_encoder_2.state_dict(),
+                       lambda shape: torch.empty(shape, device="meta"))
+    shapes_ = {k: tuple(v.shape) for k, v in ckpt.items()}
+    parts = convert.plan(shapes_)
+    assert parts["family"] == "sdxl" and parts["networks"] == ["unet", "vae", "text_encoder", "text_encoder_2"]
+    used = [t.key for n in parts["networks"] for t in parts[n][1].values()]
+    assert sorted(set(used)) == sorted(k for k in shapes_ if not k.endswith(("logit_scale", "sigmas")))
+    for name, ref in [("unet", meta_sdxl.unet), ("vae", meta_sdxl.vae), ("text_encoder", meta_sdxl.text_encoder),
+                      ("text_encoder_2", meta_sdxl.text_encoder_2)]:
+        config, takes = parts[name]
+        module = build(name, config, name)
+        assert {k: t.shape(shapes_) for k, t in takes.items()} == shapes(module)
+        if name != "text_encoder":
+            assert shapes(module) == shapes(ref)
+    for key in ("transformer_layers_per_block", "attention_head_dim", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim", "cross_attention_dim", "use_linear_projection"):
+        assert parts["unet"][0][key] == c["unet"][key], key
+    assert parts["text_encoder_2"][0]["num_hidden_layers"] == 32 and parts["vae"][0]["force_upcast"]
+
+
+def test_sdxl_refiner_files_are_refused(xl_file, tmp_path):
+    """The refiner conditions on OpenCLIP alone (conditioner.embedders.0.model.) and five time ids: one line."""
+    ckpt = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+            for k, v in safetensors_load(xl_file[0]).items() if not k.startswith("conditioner.embedders.0.")}
+    save_file(ckpt, tmp_path / "refiner.safetensors")
+    with pytest.raises(minledits.LoadError, match="SDXL refiner") as err:
+        minledits.load(tmp_path / "refiner.safetensors")
+    assert "\n" not in str(err.value)
+
+
+# ---- the Hub ------------------------------------------------------------------------------------------------------
+def test_hub_fetches_only_the_needed_files(tiny_sdxl, tmp_path, monkeypatch):
+    """snapshot_download replaced by a copy of the files matching allow_patterns: an SDXL repo's two text encoders
+    and tokenizers come along, the fp16 variant with dtype fp16, nothing else (no fp32 twins, no extra files)."""
+    import fnmatch
+    snapshot = tmp_path / "snapshots" / ("a" * 40)
+
+    def snapshot_download(repo_id, allow_patterns=None, revision=None, local_dir=None, **kw):
+        for p in tiny_sdxl.folder.rglob("*"):
+            rel = p.relative_to(tiny_sdxl.folder).as_posix()
+            if p.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in allow_patterns):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(p, snapshot / rel)
+        return str(snapshot)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    sd = minledits.load("owner/tiny-xl", dtype="fp16")
+    assert isinstance(sd, StableDiffusionXL) and sd.fingerprint == "a" * 40
+    files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    tok = ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert files == sorted(["model_index.json", "scheduler/scheduler_config.json"]
+                           + [f"{c}/config.json" for c in ("unet", "vae", "text_encoder", "text_encoder_2")]
+                           + [f"{c}/diffusion_pytorch_model.fp16.safetensors" for c in ("unet", "vae")]
+                           + [f"{c}/model.fp16.safetensors" for c in ("text_encoder", "text_encoder_2")]
+                           + [f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in tok])
