@@ -214,7 +214,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
         t = sampler.timesteps[k]
         maps = CrossAttentionMaps(slice(1, None))
         with sd.unet.attention_controller(maps if use_attn else None):
-            out = sd.unet(x.expand(1 + C, -1, -1, -1), t, context)  # eps_u and every eps_c in one call
+            out = sd.predict(x.expand(1 + C, -1, -1, -1), t, context)  # eps_u and every eps_c in one call
         eps_u, eps_c = out[:1], out[1:, None]
         on = torch.tensor([c.warmup <= i < (math.inf if c.cooldown is None else c.cooldown) for c in concepts],
                           device=sd.device)

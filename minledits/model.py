@@ -5,6 +5,7 @@ every method does with them - embed prompts, encode an image to latents, decode 
     sd.encode(x)                        -> w0 [B, 4, h, w]   f E(x): the scaled VAE posterior mean (f: scaling factor)
     sd.decode(w0)                       -> x [B, 3, H, W]    D(w0 / f), in about [-1, 1]
     sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
+    sd.predict(x_t, t, c)               -> the same for any model: what the methods call, c from text_embeddings
 Build one with minledits.load (load.py), or minledits.load("random-tiny") for an offline smoke test.
 
 StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to a pair, and its UNet takes more:
@@ -12,6 +13,7 @@ StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to
                                                                                 when force_zeros_for_empty_prompt
     sdxl.time_ids(H, W)                 -> [6] = (H, W, 0, 0, H, W)               original size, crop top-left, target
     sdxl.unet(x_t, t, c, text_embeds=pooled, time_ids=time_ids)
+    sdxl.predict(x_t, t, (c, pooled))   -> that, with time_ids from x_t's size in pixels (crop 0, target = original)
 """
 import os
 from dataclasses import dataclass
@@ -78,6 +80,15 @@ class StableDiffusion:
         """CLIP last hidden states [B, 77, D] of the prompts."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
+    def predict(self, x: torch.Tensor, t, c) -> torch.Tensor:
+        """The UNet's output for latents x [B, 4, h, w] at t, conditioned on c (text_embeddings' rows, B of them)."""
+        return self.unet(x, t, c)
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent pixel: 2 ** (VAE levels - 1), 8 for SD."""
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """w0 = f E(x) for images x [B, 3, H, W] in [-1, 1]. The VAE runs in its own dtype (fp32 when loaded with
         force_upcast in fp16), the latents come back in the model's."""
@@ -107,9 +118,25 @@ class StableDiffusionXL(StableDiffusion):
             c, pooled = c.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
         return c, pooled
 
+    def predict(self, x: torch.Tensor, t, c: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The UNet's output for latents x [B, 4, h, w] at t, conditioned on c = (c, pooled) (B rows each) and the
+        time_ids of the picture x decodes to (h * 8, w * 8 pixels, uncropped)."""
+        time_ids = self.time_ids(self.latent_scale * x.shape[-2], self.latent_scale * x.shape[-1])
+        return self.unet(x, t, c[0], text_embeds=c[1], time_ids=time_ids.expand(x.shape[0], -1))
+
     def time_ids(self, height: int, width: int) -> torch.Tensor:
         """[6] float: original size (H, W), crop top-left (0, 0), target size (H, W), in pixels, the model's dtype."""
         return torch.tensor([height, width, 0, 0, height, width], device=self.device).to(self.dtype)
+
+
+def rows(c) -> int:
+    """How many prompts a conditioning (text_embeddings' tensor, or SDXL's pair) holds."""
+    return len(c[0] if isinstance(c, tuple) else c)
+
+
+def repeat_rows(c, n: int):
+    """Each row of a conditioning (text_embeddings' tensor, or SDXL's pair) n times in a row."""
+    return tuple(x.repeat_interleave(n, 0) for x in c) if isinstance(c, tuple) else c.repeat_interleave(n, 0)
 
 
 def device_memory(device: torch.device) -> int | None:
