@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,10 +23,10 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import ledits, leditspp, metrics, store, tiny
+from . import ledits, leditspp, metrics, ranks, store, sweep, tiny
 from .errors import MinleditsError
 from .files import atomic
-from .image import open_rgb, to_pil
+from .image import open_rgb, to_pil, to_tensor
 from .inversion import BATCH_SIZE, InversionSettings, invert
 from .load import DEFAULT_MODEL, download, load
 from .model import DTYPES, decode, dtype_name
@@ -93,6 +94,8 @@ COMMANDS = {
     "reconstruct": "IMAGE or inversion file -> PNG regenerated without guidance",
     "batch": "the edits listed in a JSON file, every job checked before the first runs; a job whose output "
              "exists is skipped, so a rerun resumes",
+    "sweep": "IMAGE|INV -> a grid of edits, options varied (--vary KEY=V1,V2,...): a contact sheet, one PNG per "
+             "cell, a table of settings, times and metrics; inverts once per inversion setting; a rerun resumes",
     "metrics": "PSNR and SSIM of two pictures of one size; with CLIP weights also their CLIP image similarity and "
                "the second's CLIP score against --text"}
 EXAMPLES = """examples:
@@ -134,16 +137,19 @@ def parser() -> Parser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     inversion = ("inversion", INVERT)
     for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
-                         ("reconstruct", [inversion]), ("batch", []), ("metrics", [])]:
+                         ("reconstruct", [inversion]), ("batch", []), ("metrics", []),
+                         ("sweep", [inversion, ("edit", EDIT)])]:
         s = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=raw,
                            epilog=CONCEPT_HELP if name == "edit" else None)
         s.set_defaults(func={"download": cmd_download, "invert": cmd_invert, "batch": cmd_batch,
-                             "metrics": cmd_metrics}.get(name, cmd_edit))
+                             "metrics": cmd_metrics, "sweep": cmd_sweep}.get(name, cmd_edit))
         if name == "download":
             s.add_argument("--local-dir", help="write the files here instead of the Hugging Face cache")
         elif name == "metrics":
             add_metrics_arguments(s)
             continue
+        elif name == "sweep":
+            add_sweep_arguments(s)
         elif name == "batch":
             s.add_argument("jobs", metavar="JOBS.json", help='[{"input": "a.jpg", "output": "a.png", "concepts": '
                            '["glasses"], ...}, ...] or {"defaults": {...}, "jobs": [...]}; keys are edit options')
@@ -393,22 +399,16 @@ def concepts_of(args):
     """The concepts of an edit (None for reconstruct), the edit options checked."""
     resolve(args, EDIT)
     check_text(args)
+    if args.user_mask is not None and not (args.method == "leditspp" and args.cmd == "edit"):
+        raise MinleditsError("--user-mask is an option of edit --method leditspp")
     if args.method == "leditspp" and args.cmd == "edit":
         concepts = [leditspp.concept(c) for c in args.concepts or []]
         return leditspp.check(concepts, args.mask, None, args.guidance_rescale, None, None)
     concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
-    if args.user_mask is not None and not (args.method == "leditspp" and args.cmd == "edit"):
-        raise MinleditsError("--user-mask is an option of edit --method leditspp")
     ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
     return concepts
 
 
-def cmd_edit(args):
-    """edit and reconstruct: everything is checked before the work starts; the main output is written last."""
-    start = time.time()
-    concepts = concepts_of(args)
-    named = check_outputs(args)
-    out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
 def read_user_mask(args):
     """The --user-mask picture (None without one), checked against an input image's size before any work."""
     if args.user_mask is None:
@@ -427,19 +427,25 @@ def read_user_mask(args):
     return picture
 
 
+def cmd_edit(args):
+    """edit and reconstruct: everything is checked before the work starts; the main output is written last."""
+    start = time.time()
+    concepts = concepts_of(args)
+    named = check_outputs(args)
+    out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
     trace_files = [p for key, p in named if key == "trace"]
+    picture = read_user_mask(args)
     sd, inv = inversion_of(args)
+    try:
+        user_mask = None if picture is None else leditspp.user_mask(picture, inv)
+    except ValueError as e:
+        raise MinleditsError(f"--user-mask {args.user_mask}: {e}") from None
     idle = ledits.idle(concepts or [], len(inv.zs))
     for prompt, why in idle.items():
         print(shown(f"minledits: warning: concept {prompt!r} never acts ({why}): the edit ignores it"), file=sys.stderr)
     if args.save_inversion is not None:
         store.save(inv, args.save_inversion)
-    picture = read_user_mask(args)
     trace = Trace(sd, inv) if trace_files else None
-    try:
-        user_mask = None if picture is None else leditspp.user_mask(picture, inv)
-    except ValueError as e:
-        raise MinleditsError(f"--user-mask {args.user_mask}: {e}") from None
     im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd, user_mask)
     if compare:
         recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
@@ -460,14 +466,14 @@ def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
         if not isinstance(job.get(key, ""), str) and (key == "input" or job[key] is not None):
             raise MinleditsError(f'"{key}" must be a file name (a string), not {json.dumps(job[key])}')
     inp = jobs_dir / job.pop("input")
+    if job.get("user_mask") is not None:
+        job["user_mask"] = str(jobs_dir / job["user_mask"])
     # os.path.join keeps what Path would drop: "" and "sub/" must be refused as outputs, not read as the folder
     out = job.pop("output", None)
     out = os.path.join(outdir, f"{i:03d}-{inp.stem}.png" if out is None else out)
     job.update({k: os.path.join(outdir, job[k]) for k in ("save_inversion", "trace") if job.get(k) is not None})
     try:
         args = parser().parse_args(["edit", str(inp), "-o", out, *to_argv(job)])
-    if job.get("user_mask") is not None:
-        job["user_mask"] = str(jobs_dir / job["user_mask"])
     except SystemExit as e:  # "help": true printed the help; a batch goes on
         raise MinleditsError('"help" is not an option of a job') from e
     for flags, _, _, options in COMMON:  # what the job leaves open comes from the batch's own flags
@@ -580,7 +586,8 @@ def clip_of(args):
     if args.clip_model in (None, "", "none"):
         return None
     try:
-        return metrics.Clip.load(args.clip_model, args.device)
+        device = "cuda" if args.device in (None, "auto") and torch.cuda.is_available() else args.device or "cpu"
+        return metrics.Clip.load(args.clip_model, "cpu" if device == "auto" else device)
     except MinleditsError as e:
         print(f"minledits: note: CLIP metrics left out: {one_line(e)}", file=sys.stderr)
         return None
@@ -597,6 +604,204 @@ def cmd_metrics(args):
     if args.json:
         return print(json.dumps(found))
     print(", ".join(f"{k} {v:.4f}" for k, v in found.items() if v is not None))
+
+
+# --------------------------------------------------------------------------------------------- sweep
+INVERT_NAMES = [dest(flags, options) for flags, _, _, options in INVERT]
+NOT_VARIED = ("concepts", "save_inversion", "trace", "compare", "user_mask")
+EDIT_SETTINGS = ("method", "target_prompt", "target_guidance", "momentum_scale", "momentum_beta", "mask",
+                 "negative_prompt", "guidance_rescale")
+
+
+def add_sweep_arguments(s):
+    s.add_argument("input", metavar="IMAGE|INV", help="an image, or an inversion file (then only edit options vary)")
+    s.add_argument("-o", "--output", required=True, metavar="GRID.png",
+                   help="the contact sheet; cells go to GRID/NNN.png, the table to GRID.csv and GRID.json")
+    s.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="an inversion or edit option (skip, seed, target_guidance, ...; concept.I.scale and the "
+                        "other concept options) and its values, or a JSON list; twice: a grid; more: one grid per "
+                        "value of the rest")
+    s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights for the metrics (Hub repo id or "
+                   f"folder), or none (default: {metrics.CLIP_MODEL})")
+
+
+def choice(choices, value):
+    if value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def yes_no(value):
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{value!r} is not true or false")
+    return value.lower() in ("true", "1", "yes")
+
+
+def vary_types() -> dict:
+    """--vary's option names and their parsers: every inversion and edit option but those naming files."""
+    return {dest(flags, o): yes_no if o.get("action") else partial(choice, o["choices"]) if "choices" in o
+            else o.get("type", str) for flags, _, _, o in INVERT + EDIT if dest(flags, o) not in NOT_VARIED}
+
+
+def sweep_cell(args, n, cell, out):
+    """The `edit` arguments of cell n: the sweep's, with the cell's values."""
+    c = argparse.Namespace(**vars(args))
+    c.cmd, c.output = "edit", str(sweep.cell_paths(out, n)[0])
+    for key, value in cell.items():
+        if m := sweep.CONCEPT_KEY.fullmatch(key):
+            c.concepts = sweep.set_concept_option(c.concepts or [], int(m[1]), m[2], value)
+        else:
+            setattr(c, key, value)
+    return c
+
+
+def sweep_settings(c, from_file: bool) -> tuple[dict, tuple]:
+    """(every setting of a cell, the key of the inversion it needs), checked; skip is no DDPM inversion setting."""
+    concepts = concepts_of(c)
+    if from_file:
+        s = {"input": "inversion file"}
+    else:
+        resolve(c, INVERT + COMMON)
+        s = InversionSettings(**{k: getattr(c, k) for k in store.SETTINGS}).dict()
+        if c.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {c.batch_size}")
+        s.update(model=c.model, batch_size=c.batch_size)
+    key = tuple((k, v) for k, v in s.items() if not (k == "skip" and s["sampler"] == "ddpm"))
+    edit = {k: getattr(c, k) for k in EDIT_SETTINGS}
+    return {**s, **edit, "concepts": [spec(x) for x in concepts]}, key
+
+
+def sweep_plan(args):
+    """(vary, [(n, cell args, settings, group key)], todo) with every cell checked, before any work."""
+    if args.trace is not None or args.compare or args.save_inversion is not None or args.user_mask is not None:
+        raise ValueError("--trace, --compare, --save-inversion and --user-mask are options of edit, not of sweep")
+    vary, out = sweep.parse_vary(args.vary, vary_types()), file_name(args, "output")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: the contact sheet is a .png file")
+    from_file = Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input)
+    if from_file and (fixed := [k for k, _ in vary if k in INVERT_NAMES]):
+        raise ValueError(f"--vary {fixed[0]}: an inversion file fixes the inversion options; vary them on the image")
+    if not (from_file or Path(args.input).is_file()):
+        raise ValueError(f"cannot read input {args.input}: no such file")
+    cells, todo = [], []
+    for n, cell in enumerate(sweep.grid_cells(vary)):
+        c = sweep_cell(args, n, cell, out)
+        settings, key = sweep_settings(c, from_file)
+        cells.append((n, c, settings, key))
+        state = sweep.state(*sweep.cell_paths(out, n), settings)
+        if state == "foreign" and not args.force:
+            raise ValueError(f"{c.output} exists and was not made by this sweep: add --force, or choose another -o")
+        if state != "done":
+            todo.append(cells[-1])
+    old = sweep.read_json(sweep.table_paths(out)["json"])
+    mine = isinstance(old, dict) and old.get("format") == sweep.FORMAT
+    for p in [*sweep.sheet_paths(out, 1), *sweep.table_paths(out).values()]:
+        if p.exists() and not (mine or args.force):
+            raise ValueError(f"{p} exists and is not a sweep's: add --force, or choose another -o")
+    return vary, out, cells, sorted(todo, key=lambda t: str(t[3]))
+
+
+def sweep_text(c, concepts):
+    """The text of a cell's CLIP score: the target prompt, else the concepts it adds."""
+    return c.target_prompt or ", ".join(x.prompt for x in concepts or [] if not x.reverse) or None
+
+
+def sweep_group(args, out, items, skips, clip):
+    """The cells of one inversion: invert once (at the group's smallest skip), edit each, write PNG and record."""
+    g = argparse.Namespace(**vars(items[0][1]))
+    g.skip = min(skips) if items[0][2].get("sampler") == "ddpm" else g.skip
+    start = time.time()
+    sd, inv = inversion_of(g)
+    invert_s, failed, sliced = time.time() - start, {}, {None: inv, inv.settings.skip: inv}
+    for n, c, settings, _ in items:
+        png, record = sweep.cell_paths(out, n)
+        try:
+            start = time.time()
+            if c.skip not in sliced:
+                sliced[c.skip] = sweep.at_skip(sd, inv, c.skip, c.batch_size)
+            inv_c = sliced[c.skip]
+            concepts = concepts_of(c)
+            sweep.write_json(record, {"settings": settings})
+            im = run_edit(c, sd, inv_c, c.target_prompt, concepts or [])
+            save_png(im, png, c, sd, inv_c, concepts, ledits.idle(concepts or [], len(inv_c.zs)))
+            found = metrics.measure(to_pil(inv_c.image)[0], im, sweep_text(c, concepts), clip)
+            sweep.write_json(record, {"settings": settings, "invert_s": round(invert_s, 3),
+                                      "edit_s": round(time.time() - start, 3),
+                                      **{k: sweep.finite(v) for k, v in found.items()}})
+        except Exception as e:
+            failed[n] = one_line(e)
+            print("".join(traceback.format_exception(e)) if args.verbose else "", end="", file=sys.stderr)
+            print(f"minledits: cell {n} ({png}) failed: {failed[n]}", file=sys.stderr)
+    return failed
+
+
+def sweep_assemble(args, vary, out, cells):
+    """Process 0, when every cell is written: the sheets, the table, the plot."""
+    keys, values = [k for k, _ in vary], dict(vary)
+    R, C = (len(values[keys[0]]), len(values[keys[1]])) if len(keys) > 1 else (1, len(values[keys[0]]))
+    first = cells[0][1]
+    corner = to_pil(store.load(args.input).image if first.size is None else
+                    to_tensor(args.input, first.size, first.keep_aspect))[0]
+    records, sheets = [], sweep.sheet_paths(out, len(cells) // (R * C))
+    for n, c, settings, _ in cells:
+        found = sweep.read_json(sweep.cell_paths(out, n)[1]) or {}
+        records.append({"cell": n, "sheet": sheets[n // (R * C)].name, "row": n // C % R, "col": n % C,
+                        "file": str(Path(c.output).relative_to(out.parent)), "varied": vars_of(c, keys),
+                        **{k: v for k, v in found.items()}})
+    for j, path in enumerate(sheets):
+        mine = records[j * R * C:(j + 1) * R * C]
+        tiles = [[Image.open(cells[r["cell"]][1].output).convert("RGB") for r in mine[i * C:(i + 1) * C]]
+                 for i in range(R)]
+        rows = [sweep.label(r["varied"], keys[:1]) for r in mine[::C]] if len(keys) > 1 else [""]
+        cols = [sweep.label(r["varied"], keys[1:2] if len(keys) > 1 else keys[:1]) for r in mine[:C]]
+        info = PngInfo()
+        info.add_text("minledits", json.dumps({"command": "sweep", "rows": rows, "columns": cols,
+                                               "sheet": {k: mine[0]["varied"][k] for k in keys[2:]}}))
+        with atomic(path) as tmp:
+            sweep.contact_sheet(corner, tiles, rows, cols).save(tmp, format="PNG", pnginfo=info)
+    header = {"input": str(args.input), "vary": [{k: v} for k, v in vary], "sheets": [p.name for p in sheets]}
+    sweep.write_table(sweep.table_paths(out), header, records)
+    return sweep.tradeoff_plot(records, sweep.table_paths(out)["plot"])
+
+
+def vars_of(c, keys):
+    found = {}
+    for k in keys:
+        m = sweep.CONCEPT_KEY.fullmatch(k)
+        found[k] = getattr(Concept.parse(c.concepts[int(m[1])]), m[2]) if m else getattr(c, k)
+    return found
+
+
+def cmd_sweep(args):
+    start = time.time()
+    rank, world = ranks.init(args.device or "auto")
+    try:
+        vary, out, cells, todo = sweep_plan(args)
+    except (MinleditsError, ValueError) as e:  # bad input: one line, exit 2, before any work
+        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    groups = {key: [t for t in todo if t[3] == key] for key in dict.fromkeys(t[3] for t in todo)}
+    rows = sum(sweep.patch_rows([t[1].skip for t in g], min(t[1].skip for t in g), g[0][1].batch_size,
+                                g[0][1].steps) for g in groups.values() if g[0][2].get("sampler") == "ddpm")
+    if rank == 0 and not args.quiet:
+        print(f"minledits: sweep of {len(cells)} cells, {len(cells) - len(todo)} done already: {len(groups)} "
+              f"inversion(s){f' (+{rows} UNet rows to align skips)' if rows else ''} and {len(todo)} edit(s)"
+              f"{f' on {world} processes' if world > 1 else ''}", file=sys.stderr)
+    out.with_suffix("").mkdir(parents=True, exist_ok=True)
+    ranks.barrier()  # every process has planned from the same files
+    clip, failed, mine = clip_of(args) if todo else None, {}, sweep.shares(todo, rank, world)
+    for key in dict.fromkeys(t[3] for t in mine):
+        failed.update(sweep_group(args, out, [t for t in mine if t[3] == key], [t[1].skip for t in groups[key]], clip))
+    failed = {n: why for part in ranks.gather(failed) for n, why in part.items()}
+    if rank == 0:
+        note = sweep_assemble(args, vary, out, cells)
+        if not args.quiet:
+            print(f"minledits: {note}", file=sys.stderr)
+        finish(args, start, f"sweep: {len(todo) - len(failed)} cells done, {len(cells) - len(todo)} kept, "
+               f"{len(failed)} failed -> {out}")
+    ranks.barrier()
+    ranks.done()
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -1,0 +1,231 @@
+"""Parameter sweeps: a grid of edits of one input, each option varied over a list of values (the LEDITS paper's
+Figure 5 is skip x target guidance), with one contact sheet, one PNG per cell and a table of settings, times and
+metrics. The command line wiring is cli.py's; this module holds the plan and the pictures.
+
+    cells     the Cartesian product of the --vary lists; the first key gives the rows, the second the columns,
+              the others one sheet per combination of their values (a 1-D sweep is one row)
+    groups    cells that share an inversion: equal inversion settings, except skip for the DDPM sampler: its
+              x_t and z_k of step k do not depend on the skip (inversion.py), so the group inverts once at its
+              smallest skip and each cell takes a slice (at_skip); DPM-Solver++'s maps follow one another from
+              the first inverted step, so there skip is an inversion setting like the others
+    files     OUT.png (sheets: OUT.png, or OUT-1.png, OUT-2.png, ... with more than two keys), OUT/NNN.png (the cells,
+              each with the command that reproduces it, as `edit` writes it) and OUT/NNN.json (its settings, times,
+              metrics), OUT.csv and OUT.json (the table), OUT-tradeoff.png (CLIP score against SSIM, matplotlib)
+A cell whose PNG exists and whose JSON holds the same settings is done: a rerun resumes.
+"""
+import csv
+import io
+import itertools
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic
+from .inversion import Inversion, noise_maps
+
+FORMAT = "minledits.sweep"
+CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
+CONCEPT_KEY = re.compile(r"concept\.(\d+)\.(\w+)")
+
+
+# --------------------------------------------------------------------------------------------- the plan
+def parse_vary(texts: list[str], types: dict) -> list[tuple[str, list]]:
+    """["skip=12,24", "concept.0.scale=3,7"] -> [("skip", [12, 24]), ("concept.0.scale", [3.0, 7.0])]. types: option
+    name -> function from text to value. A list given as JSON ('target_prompt=["a, b", "c"]') may hold commas."""
+    vary = []
+    for text in texts:
+        key, sep, values = text.partition("=")
+        key = key.strip().replace("-", "_")
+        m = CONCEPT_KEY.fullmatch(key)
+        if not sep or not (key in types or m and m[2] in CONCEPT_KEYS):
+            known = ", ".join(sorted(types)) + ", concept.I." + "|".join(CONCEPT_KEYS)
+            raise ValueError(f"--vary {text!r}: unknown option {key!r} (KEY=v1,v2,...; keys: {known})")
+        if key in (k for k, _ in vary):
+            raise ValueError(f"--vary {key} is given twice: give its values once")
+        items = json.loads(values) if values.lstrip().startswith("[") else values.split(",")
+        if not items or any(str(v).strip() == "" for v in items):
+            raise ValueError(f"--vary {text!r}: give a list of values, e.g. {key}=1,2,3")
+        convert = types.get(key, concept_value(m[2]) if m else str)
+        try:
+            vary.append((key, [convert(str(v).strip()) for v in items]))
+        except ValueError as e:
+            raise ValueError(f"--vary {text!r}: {e}") from None
+    return vary
+
+
+def concept_value(key: str):
+    return (lambda v: None if v.lower() == "none" else int(v)) if key in ("warmup", "cooldown") else float
+
+
+def grid_cells(vary: list[tuple[str, list]]) -> list[dict]:
+    """[{key: value, ...}] in sheet, row, column order."""
+    keys = [k for k, _ in vary]
+    order = keys[2:] + keys[:2]  # the rest (sheets) first, then rows, then columns
+    values = dict(vary)
+    return [dict(sorted(zip(order, combo), key=lambda kv: keys.index(kv[0])))
+            for combo in itertools.product(*(values[k] for k in order))]
+
+
+def set_concept_option(specs: list[str], i: int, key: str, value) -> list[str]:
+    """specs with option `key` of concept i (in the -e syntax) set to value."""
+    if i >= len(specs):
+        raise ValueError(f"--vary concept.{i}.{key}: there are only {len(specs)} concepts (-e), counted from 0")
+    name, _, options = specs[i].partition(":")
+    kept = [o for o in options.split(",") if o and o.split("=", 1)[0].strip() != key]
+    return specs[:i] + [f"{name}:{','.join(kept + [f'{key}={value}'])}"] + specs[i + 1:]
+
+
+def label(cell: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k}={cell[k]}" for k in keys)
+
+
+def shares(items: list, rank: int, world: int) -> list:
+    """The contiguous share of items of process `rank` among `world` (cells of one inversion stay together)."""
+    n = len(items)
+    return items[rank * n // world:(rank + 1) * n // world]
+
+
+# --------------------------------------------------------------------------------------------- inversions
+@torch.inference_mode()
+def at_skip(sd, inv: Inversion, skip: int, batch_size: int) -> Inversion:
+    """The DDPM inversion at a larger skip, from one at a smaller skip: its tensors sliced, and its first
+    partial UNet batch (the steps before the first multiple of batch_size in k) run again as that inversion runs
+    it, so that the result is bit-identical to invert(..., skip=skip) (inversion.noise_maps aligns its batches)."""
+    d, s = skip - inv.settings.skip, replace(inv.settings, skip=skip)
+    if d < 0 or s.sampler != "ddpm":
+        raise ValueError(f"an inversion at skip {inv.settings.skip} ({inv.settings.sampler}) cannot give skip {skip}")
+    xts, zs = inv.xts[d:], inv.zs[d:].clone()
+    e = min(-skip % batch_size, len(zs))
+    if d and e:
+        context = sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else []))
+        zs[:e] = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, context, s.source_guidance, batch_size)
+        if not s.keep_last_noise and e == len(zs):
+            zs[-1] = 0
+    return Inversion(inv.timesteps[d:], xts, zs, inv.image, s, inv.model_id, inv.fingerprint)
+
+
+def patch_rows(skips, smallest: int, batch_size: int, steps: int) -> int:
+    """UNet rows at_skip runs again for these skips (0 for the smallest and for aligned ones)."""
+    return sum(min(-s % batch_size, steps - s) for s in set(skips) if s != smallest)
+
+
+# --------------------------------------------------------------------------------------------- files
+def cell_paths(out: Path, n: int) -> tuple[Path, Path]:
+    return out.with_suffix("") / f"{n:03d}.png", out.with_suffix("") / f"{n:03d}.json"
+
+
+def sheet_paths(out: Path, count: int) -> list[Path]:
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{j + 1}{out.suffix}") for j in range(count)]
+
+
+def table_paths(out: Path) -> dict[str, Path]:
+    return {"csv": out.with_suffix(".csv"), "json": out.with_suffix(".json"),
+            "plot": out.with_name(out.stem + "-tradeoff.png")}
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def state(png: Path, record: Path, settings: dict) -> str:
+    """"done" (PNG, and JSON with these settings), "todo" (no PNG), or "foreign" (a PNG made otherwise)."""
+    if not png.exists():
+        return "todo"
+    found = read_json(record)
+    return "done" if isinstance(found, dict) and found.get("settings") == settings else "foreign"
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+
+
+def write_table(paths: dict, header: dict, records: list[dict]) -> None:
+    """OUT.json ({format, header..., cells}) and OUT.csv (one row per cell: its index, files, varied values,
+    times and metrics; the full settings are in the JSON)."""
+    write_json(paths["json"], {"format": FORMAT, **header, "cells": records})
+    flat = [{"cell": r["cell"], "sheet": r["sheet"], "row": r["row"], "col": r["col"], "file": r["file"], **r["varied"],
+             **{k: r.get(k) for k in ("invert_s", "edit_s", "psnr", "ssim", "clip_score", "clip_image")}}
+            for r in records]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(flat[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    with atomic(paths["csv"]) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- pictures
+def font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def text_tile(text: str, size: tuple[int, int]) -> Image.Image:
+    """A white tile with text, wrapped at ", " and "=", centred, in the largest font size that fits (>= 6 px)."""
+    tile, draw = Image.new("RGB", size, "white"), None
+    draw = ImageDraw.Draw(tile)
+    lines = [p for part in text.split(", ") for p in re.split(r"(?<==)", part)]
+    for px in range(max(size[1] // 8, 6), 5, -1):
+        f = font(px)
+        box = draw.multiline_textbbox((0, 0), "\n".join(lines), font=f, align="center")
+        if box[2] - box[0] <= size[0] - 4 and box[3] - box[1] <= size[1] - 4:
+            break
+    x, y = (size[0] - (box[2] - box[0])) / 2 - box[0], (size[1] - (box[3] - box[1])) / 2 - box[1]
+    draw.multiline_text((x, y), "\n".join(lines), fill="black", font=f, align="center")
+    return tile
+
+
+def contact_sheet(corner: Image.Image, tiles: list[list[Image.Image]], row_labels: list[str],
+                  col_labels: list[str]) -> Image.Image:
+    """(rows + 1) x (cols + 1) tiles of the corner's size: the input at the top left, the column labels on top,
+    the row labels on the left, the cells (resized to the corner's size if they differ)."""
+    W, H = corner.size
+    sheet = Image.new("RGB", (W * (len(col_labels) + 1), H * (len(row_labels) + 1)), "white")
+    sheet.paste(corner, (0, 0))
+    for c, text in enumerate(col_labels):
+        sheet.paste(text_tile(text, (W, H)), (W * (c + 1), 0))
+    for r, text in enumerate(row_labels):
+        sheet.paste(text_tile(text, (W, H)), (0, H * (r + 1)))
+        for c, tile in enumerate(tiles[r]):
+            sheet.paste(tile if tile.size == (W, H) else tile.resize((W, H), Image.Resampling.BICUBIC),
+                        (W * (c + 1), H * (r + 1)))
+    return sheet
+
+
+def tradeoff_plot(records: list[dict], path: Path) -> str:
+    """CLIP score against SSIM per cell; returns what was done, in one line."""
+    points = [r for r in records if r.get("clip_score") is not None and r.get("ssim") is not None]
+    if not points:
+        return "no trade-off plot: the cells have no CLIP score (CLIP weights, and a target prompt or concept)"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no trade-off plot: it needs matplotlib (pip install 'minledits[plot]')"
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    ax.scatter([r["ssim"] for r in points], [r["clip_score"] for r in points])
+    for r in points:
+        ax.annotate(label(r["varied"], list(r["varied"])), (r["ssim"], r["clip_score"]), fontsize=6)
+    ax.set_xlabel("SSIM to the input (fidelity)")
+    ax.set_ylabel("CLIP score to the text (alignment)")
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return f"trade-off plot -> {path}"
+
+
+def finite(x):
+    """JSON has no inf: PSNR of identical pictures is written as the string "inf"."""
+    return "inf" if isinstance(x, float) and math.isinf(x) else x
