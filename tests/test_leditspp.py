@@ -46,11 +46,11 @@ def invert(sd, size, seed=5):
     return minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=size, seed=seed)
 
 
-def pipeline(ref, inv):
+def pipeline(ref, inv, copy_unet=True):
     """oracle.leditspp_pipeline (its fix: each concept's own tokens in its attention map, where diffusers 0.42.1
     sums tokens 1..75 of the padded prompt) with our inversion set as its invert() sets it (init_latents, zs,
     inversion_steps, eta 1, the scheduler's leading timesteps); test_dpmsolver.py proves its invert equal."""
-    pipe = oracle.leditspp_pipeline(ref)
+    pipe = oracle.leditspp_pipeline(ref, copy_unet=copy_unet)
     pipe.scheduler.config.timestep_spacing = "leading"
     pipe.scheduler.set_timesteps(STEPS)
     pipe.inversion_steps = pipe.scheduler.timesteps[SKIP:]
@@ -59,12 +59,12 @@ def pipeline(ref, inv):
     return pipe
 
 
-def run_both(ref, sd, inv, concepts, mask, forced=True, **kw):
+def run_both(ref, sd, inv, concepts, mask, forced=True, copy_unet=True, **kw):
     """(ours, theirs, pipe, trace). forced: every pipeline step starts from our x_t (its callback puts our
     x_{t-1} in place of its own, which it keeps in pipe.own), so each step compares alone."""
     trace = []
     ours = leditspp.edit(sd, inv, concepts=concepts, mask=mask, callback=trace.append, **kw)
-    pipe, own = pipeline(ref, inv), []
+    pipe, own = pipeline(ref, inv, copy_unet), []
 
     def force(pipe, i, t, tensors):
         own.append(tensors["latents"])
@@ -253,3 +253,22 @@ def test_exactly_invertible_option(request, kind):
         errors[exact] = (leditspp.edit(sd, inv) - inv.w0).abs().max().item()
     print(f"{kind}: reconstruction max abs error, pipeline grid {errors[False]:.3g}, exact option {errors[True]:.3g}")
     assert errors[True] <= 1e-5 < 1e-2 < errors[False]
+
+
+@pytest.mark.slow
+def test_full_size_sd15(tmp_path):
+    """The SD 1.5 architecture (random weights, Hub layout) at 128 px: 16x16 latents, the attention maps at 4x4
+    (its coarsest down/up cross-attention), intersect masks, teacher forced as above: every step and mask equal
+    the pipeline's. About 4.3 GB on disk, ~8 GB of memory (the reference and ours; the pipeline shares the
+    reference UNet), ~2 minutes on 2 cores."""
+    ref = hub.make("sd15", tmp_path)
+    sd = minledits.load(ref.folder)
+    inv = invert(sd, 128)
+    _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", copy_unet=False)
+    xs = torch.cat([st.x_prev for st in trace])
+    diff = (xs - pipe.own).abs().max().item()
+    report("sd15 intersect forced", [diff])
+    torch.testing.assert_close(xs, pipe.own, atol=1e-4, rtol=1e-4)
+    assert trace[0].attn.shape[1:] == (4, 4)
+    assert all(torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask))
+               for st in trace for c in range(2) if st.on[c])
