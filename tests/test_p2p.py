@@ -1,0 +1,217 @@
+"""minledits.p2p (Prompt-to-Prompt on edit-friendly DDPM inversion) against tests/oracle_p2p.py: the reference's
+controller (inbarhub/DDPM_inversion's ptp_classes with LOW_RESOURCE) in diffusers attention processors on the
+diffusers UNet, driven by its reverse loop with our inversion's noise maps.
+
+Most tests run a "deep" tiny UNet (3 levels, cross-attention in all) at 192 px: 24x24 latents, so its attention
+runs at 24x24 (576 queries: self-attention kept), 12x12 and 6x6 (<= 16^2: replaced) and LocalBlend reads level 2
+(6x6, the reference's 16x16 at 512 px). The standard tiny UNets have attention only at the latent size."""
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+import minledits
+from minledits import p2p
+from tests import hub, oracle, oracle_p2p
+from tests.helpers import SIZE, photo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS, SKIP, PX = 10, 2, 192     # 8 executed steps: cross-attention replaced for i < int(0.6 * 11) = 6, self for i < 2
+SRC = "a cat sitting on a mat"
+CASES = {  # name: (target prompt, reweight, local_blend, LocalBlend's threshold)
+    "replace": ("a dog sitting on a mat", None, None, None),
+    "refine": ("a fluffy cat sitting on a red mat", None, None, None),
+    "reweight": ("a dog sitting on a mat", {"dog": 2.0}, None, None),
+    "local_blend": ("a dog sitting on a mat", None, ("cat", "dog"), 0.3),
+    "local_blend_0.93": ("a dog sitting on a mat", None, ("cat", "dog"), 0.93),
+    "all": ("a photorealistic dog sitting on a mat", {"photorealistic": 0.5}, ("cat", "dog"), 0.97),
+}
+
+
+def deep(kind, folder):
+    """A tiny model with 3 UNet levels, all with cross-attention (see the module docstring)."""
+    configs = hub.configs
+
+    def three_levels(k):
+        c = configs(k)
+        c["unet"].update(block_out_channels=[32, 32, 64], down_block_types=["CrossAttnDownBlock2D"] * 3,
+                         up_block_types=["CrossAttnUpBlock2D"] * 3, sample_size=24,
+                         attention_head_dim=4 if k == "tiny-sd1" else [2, 2, 4])
+        return c
+    with mock.patch.object(hub, "configs", three_levels):
+        return hub.make(kind, folder)
+
+
+@pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sd2"])
+def deep_model(request, tmp_path_factory):
+    ref = deep(request.param, tmp_path_factory.mktemp(request.param))
+    sd = minledits.load(ref.folder)
+    inv = minledits.invert(sd, photo(), steps=STEPS, skip=SKIP, size=PX, seed=3, source_prompt=SRC)
+    return ref, sd, inv
+
+
+def reference(ref, inv, target, s_tar, cross=0.6, self_=0.2, reweight=None, blend=None, threshold=0.3):
+    """The oracle's two rows [source, target] on our inversion."""
+    tokenizer = oracle.tokenizer(ref.folder)
+    prompts = [inv.settings.source_prompt, target]
+    kind = "replace" if len(prompts[0].split(" ")) == len(target.split(" ")) else "refine"
+    res = tuple(d // 4 for d in inv.xts.shape[-2:])
+    ctrl = oracle_p2p.Controller(tokenizer, prompts, STEPS, cross, self_, kind, reweight,
+                                 [w.split() for w in blend] if blend else None, res, threshold)
+    before = dict(ref.unet.attn_processors)
+    oracle_p2p.register(ref.unet, ctrl)
+    try:
+        return oracle_p2p.reverse(ref, tokenizer, inv.xts[:1], inv.zs, STEPS, prompts,
+                                  [inv.settings.source_guidance, s_tar], ctrl)
+    finally:
+        ref.unet.set_attn_processor(before)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_edits_equal_the_reference(deep_model, case, monkeypatch):
+    """Both rows' final latents, free running. Tolerance: the two UNets differ by float32 rounding (~1e-6 of their
+    O(1) outputs per call: fused vs explicit attention in the layers nobody edits, other batch layouts), scaled by
+    the target guidance (7.5 here) and carried through 8 steps; seen <= ...
+    The random models' attention is nearly uniform: at LocalBlend's threshold 0.3 its mask is 1 everywhere (the
+    normalised maps lie in [0.82, 1]), so the blend is also run at 0.93 (a parameter of the reference's
+    LocalBlend), where the mask is partly 0."""
+    ref, sd, inv = deep_model
+    target, reweight, blend, threshold = CASES[case]
+    monkeypatch.setattr(p2p, "THRESHOLD", threshold or p2p.THRESHOLD)
+    steps = []
+    ours = p2p.edit(sd, inv, target, target_guidance=7.5, reweight=reweight, local_blend=blend, callback=steps.append)
+    theirs = reference(ref, inv, target, 7.5, reweight=reweight, blend=blend, threshold=threshold or 0.3)
+    torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps[-1].x_prev[:1], theirs[:1], atol=1e-4, rtol=1e-4)
+    if threshold and threshold > 0.3:
+        assert any(0 < st.mask.mean() < 1 for st in steps)  # the mask keeps some of the source and edits some
+    print(f"{ref.kind} {case}: max abs diff {(ours - theirs[1:]).abs().max():.3g}")
+
+
+def test_the_cross_schedule_has_n_plus_1_rows(deep_model):
+    """cross_replace 0.65 at N = 10: the reference replaces for cur_step < int(0.65 * 11) = 7 (its table has N + 1
+    rows), not int(0.65 * 10) = 6; ours equals it, and one step less is caught by the tolerance."""
+    ref, sd, inv = deep_model
+    target = "a dog sitting on a mat"
+    theirs = reference(ref, inv, target, 7.5, cross=0.65)
+    ours = p2p.edit(sd, inv, target, target_guidance=7.5, cross_replace=0.65)
+    torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
+    plan = p2p.plan
+    with mock.patch.object(p2p, "plan", lambda *a: (lambda p: p.__class__(**{**p.__dict__, "cross_end": 6}))(plan(*a))):
+        broken = p2p.edit(sd, inv, target, target_guidance=7.5, cross_replace=0.65)
+    assert (broken - theirs[1:]).abs().max() > 1e-3
+
+
+def test_the_step_counter_starts_after_the_skip(tiny_sd1):
+    """N = 100, skip 36: cross-attention replaced during the first 60 of the 64 executed steps, self-attention during
+    the first 20 (the issue's example)."""
+    sd = minledits.load(tiny_sd1.folder)
+    inv = minledits.invert(sd, photo(), steps=100, skip=36, size=SIZE, source_prompt=SRC)
+    seen = []
+    control = p2p.Control
+
+    class Spy(control):
+        def __call__(self, layer, size, probs):
+            seen.append((self.alpha, self.self_on))
+            return super().__call__(layer, size, probs)
+    with mock.patch.object(p2p, "Control", lambda plan, i: (seen.append(i), Spy(plan, i))[1]):
+        p2p.edit(sd, inv, "a dog sitting on a mat")
+    steps = [s for s in seen if isinstance(s, int)]
+    assert steps == list(range(64))
+    per_step = [[]]
+    for s in seen[1:]:
+        per_step.append([]) if isinstance(s, int) else per_step[-1].append(s)
+    assert [any(a == 1 for a, _ in calls) for calls in per_step] == [True] * 60 + [False] * 4
+    assert [any(s for _, s in calls) for calls in per_step] == [True] * 20 + [False] * 44
+
+
+@pytest.fixture(scope="module")
+def src_inv(sd1):
+    return minledits.invert(sd1, photo(), steps=10, skip=3, size=SIZE, seed=1, source_prompt=SRC, keep_last_noise=True)
+
+
+def test_without_replacement_it_is_the_target_prompt_edit(sd1, src_inv):
+    """cross_replace = self_replace = 0: the source row does not touch the target, which is the plain DDPM edit with
+    the target prompt (ledits.edit without concepts). Its UNet batch is [u, tar], ours [u, u, src, tar]: the kernels
+    round differently for the two layouts (~1e-7), amplified by s_tar = 15 over 7 steps (seen 4.8e-5): 1e-4."""
+    target = "a dog sitting on a mat"
+    ours = p2p.edit(sd1, src_inv, target, target_guidance=15.0, cross_replace=0, self_replace=0)
+    plain = minledits.edit(sd1, src_inv, target_prompt=target, target_guidance=15.0)
+    torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(p2p.edit(sd1, src_inv, target, target_guidance=15.0), plain, atol=1e-3)
+
+
+def test_the_source_row_walks_the_inversion(sd1, src_inv):
+    """The source row regenerates the inversion's latents step by step and ends on w0 (keep_last_noise)."""
+    steps = []
+    p2p.edit(sd1, src_inv, "a dog sitting on a mat", callback=steps.append)
+    walked = torch.cat([st.x_prev[:1] for st in steps])
+    torch.testing.assert_close(walked, src_inv.xts[1:], atol=1e-5, rtol=1e-5)
+
+
+PAIRS = [  # (source, target): word swaps of equal word counts and refinements; multi-token words, punctuation, repeats
+    ("a cat sitting on a mat", "a dog sitting on a mat"),
+    ("a cat sitting on a mat", "a hippopotamus sitting on a mat"),       # 1 token -> 3
+    ("a hippopotamus in the river", "a cat in the river"),              # 3 -> 1
+    ("a skyscraper at night", "a tyrannosaurus at night"),              # 3 -> 3
+    ("a cat, sitting on a mat.", "a dog, sitting on a mat."),           # punctuation inside words
+    ("a cat and a cat", "a dog and a cat"),                             # repeated words
+    ("a cat and a cat", "a cat and a bulldozer"),
+    ("A photo of a Cat", "A photo of a Dog"),                           # case
+    ("the astronaut's helmet", "the pilot's helmet"),
+    ("a red car on a street", "a blue truck on a street"),              # two swaps
+    ("a cat-like dog", "a dog-like cat"),
+    ("two cats, three dogs", "two dogs, three cats"),
+    ("a 3d render of a car", "a 2d drawing of a car"),
+    ("a bowl of fruit!!", "a bowl of croissants!!"),
+    ("a cat sitting on a mat", "a fluffy cat sitting on a red mat"),    # refinements
+    ("a photo of a dog", "a photorealistic photo of a dog"),
+    ("a cat", "a cat wearing sunglasses at the beach"),
+    ("a dog running on the grass", "a dog on the grass"),
+    ("a house in the snow", "a house in the snow, oil painting"),
+    ("a man with a beard", "a smiling old man with a long beard!"),
+]
+
+
+def test_word_mappers_equal_the_reference(sd1, clip_tokenizer_sd1):
+    """Token positions of every word, Replace's M (equal word counts) and Refine's (m, a), against the reference's
+    rules on transformers' CLIPTokenizer (oracle_p2p)."""
+    tok, ref_tok = sd1.tokenizer, clip_tokenizer_sd1
+    assert len(PAIRS) == 20
+    for src, tar in PAIRS:
+        for prompt in (src, tar):
+            for word in set(prompt.split(" ")):
+                assert p2p.positions(tok, prompt, word) == oracle_p2p.word_inds(ref_tok, prompt, word), (prompt, word)
+        if len(src.split(" ")) == len(tar.split(" ")):
+            assert torch.equal(p2p.replace_mapper(tok, src, tar), oracle_p2p.replacement_mapper(ref_tok, src, tar))
+        m, a = p2p.refine_mapper(tok, src, tar)
+        m_ref, a_ref = oracle_p2p.refinement_mapper(ref_tok, src, tar)
+        assert torch.equal(m, m_ref) and torch.equal(a, a_ref), (src, tar)
+    assert p2p.positions(tok, "a hippopotamus in the river", "hippopotamus") == [2, 3, 4]
+
+
+@pytest.mark.parametrize("kw, error, words", [
+    (dict(target_prompt=" "), ValueError, "needs a target prompt"),
+    (dict(reweight={"cow": 2.0}), ValueError, "reweight word 'cow' is not a word of the prompt"),
+    (dict(reweight="dog"), ValueError, "reweight must read word=weight"),
+    (dict(reweight="dog=big"), ValueError, "is not a number"),
+    (dict(reweight={"dog": math.inf}), ValueError, "must be finite"),
+    (dict(cross_replace=1.5), ValueError, r"cross_replace must be a fraction of the steps in \[0, 1\]"),
+    (dict(self_replace=-0.1), ValueError, r"self_replace must be a fraction of the steps in \[0, 1\]"),
+    (dict(local_blend=("cow", "dog")), ValueError, "local_blend source word 'cow' is not a word"),
+    (dict(local_blend="cat"), ValueError, "local_blend takes the source's and the target's words"),
+    (dict(local_blend="cat,dog"), ValueError, "reads the cross-attention at 1/4 of the latent size"),
+    (dict(target_guidance=math.nan), ValueError, "target guidance must be finite")])
+def test_bad_input_fails_before_any_unet_work(sd1, src_inv, kw, error, words, monkeypatch):
+    monkeypatch.setattr(sd1, "unet", mock.Mock(side_effect=AssertionError("the UNet ran"), config=sd1.unet.config))
+    monkeypatch.setattr(sd1, "text_encoder", mock.Mock(side_effect=AssertionError("the text encoder ran")))
+    kw = {"target_prompt": "a dog sitting on a mat", **kw}
+    with pytest.raises(error, match=words):
+        p2p.edit(sd1, src_inv, **kw)
+
+
+def test_an_inversion_without_source_prompt_is_refused(sd1, inv1, monkeypatch):
+    monkeypatch.setattr(sd1, "unet", mock.Mock(side_effect=AssertionError("the UNet ran"), config=sd1.unet.config))
+    with pytest.raises(minledits.InversionError, match="Prompt-to-Prompt needs the inversion's source prompt"):
+        p2p.edit(sd1, inv1, "a dog")
