@@ -23,7 +23,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import ledits, leditspp, metrics, ranks, store, sweep, tiny
+from . import compare, ledits, leditspp, metrics, p2p, ranks, store, sweep, tiny
 from .errors import MinleditsError
 from .files import atomic
 from .image import open_rgb, to_pil, to_tensor
@@ -32,7 +32,7 @@ from .load import DEFAULT_MODEL, download, load
 from .model import DTYPES, decode, dtype_name
 from .sampler import SAMPLERS
 from .sega import Concept
-from .trace import Trace, side_by_side
+from .trace import AttentionTrace, Trace, side_by_side
 
 BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
 INV = InversionSettings()  # the defaults of the inversion options
@@ -68,8 +68,10 @@ INVERT = [
      dict(choices=list(SAMPLERS))),
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]
 EDIT = [
-    (("--method",), "ledits", "ledits (SEGA guidance) or leditspp (LEDITS++: implicit masks; best on an inversion "
-     "made with --sampler dpmsolver++)", dict(choices=["ledits", "leditspp"])),
+    (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
+     "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion: needs --source-prompt and "
+     f"--target-prompt; its default --skip is {p2p.SKIP}, the reference's at N = 100)",
+     dict(choices=["ledits", "leditspp", "p2p"])),
     (("--target-prompt",), "", "text describing the edited image (optional; ledits)", dict(metavar="TEXT")),
     (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
      FLOAT),
@@ -83,6 +85,13 @@ EDIT = [
     (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
     (("--user-mask",), None, "leditspp: a picture of the input's size, white where the concepts may act (black: "
      "not; grey: partly)", dict(metavar="M.png")),
+    (("--cross-replace",), 0.6, "p2p: fraction of all N steps during which the target takes the source's "
+     "cross-attention (counted from the first step after --skip)", FLOAT),
+    (("--self-replace",), 0.2, "p2p: the same for self-attention (layers of <= 16x16 queries)", FLOAT),
+    (("--reweight",), None, "p2p: scale the attention of target words, e.g. dog=2 or dog=2,grass=0.5",
+     dict(metavar="WORD=W,...")),
+    (("--local-blend",), None, "p2p: edit only where these words attend: source words,target words (each side "
+     "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR")),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
@@ -96,6 +105,8 @@ COMMANDS = {
              "exists is skipped, so a rerun resumes",
     "sweep": "IMAGE|INV -> a grid of edits, options varied (--vary KEY=V1,V2,...): a contact sheet, one PNG per "
              "cell, a table of settings, times and metrics; inverts once per inversion setting; a rerun resumes",
+    "compare": "IMAGE|INV -> the methods side by side on one inversion (input | reconstruction | DDPM inversion | "
+               "DDPM + P2P | LEDITS | LEDITS++), labelled, with their metrics and UNet evaluations in a JSON file",
     "metrics": "PSNR and SSIM of two pictures of one size; with CLIP weights also their CLIP image similarity and "
                "the second's CLIP score against --text"}
 EXAMPLES = """examples:
@@ -138,11 +149,12 @@ def parser() -> Parser:
     inversion = ("inversion", INVERT)
     for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
                          ("reconstruct", [inversion]), ("batch", []), ("metrics", []),
-                         ("sweep", [inversion, ("edit", EDIT)])]:
+                         ("sweep", [inversion, ("edit", EDIT)]), ("compare", [inversion, ("edit", EDIT)])]:
         s = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=raw,
                            epilog=CONCEPT_HELP if name == "edit" else None)
         s.set_defaults(func={"download": cmd_download, "invert": cmd_invert, "batch": cmd_batch,
-                             "metrics": cmd_metrics, "sweep": cmd_sweep}.get(name, cmd_edit))
+                             "metrics": cmd_metrics, "sweep": cmd_sweep,
+                             "compare": cmd_compare}.get(name, cmd_edit))
         if name == "download":
             s.add_argument("--local-dir", help="write the files here instead of the Hugging Face cache")
         elif name == "metrics":
@@ -150,6 +162,8 @@ def parser() -> Parser:
             continue
         elif name == "sweep":
             add_sweep_arguments(s)
+        elif name == "compare":
+            add_compare_arguments(s)
         elif name == "batch":
             s.add_argument("jobs", metavar="JOBS.json", help='[{"input": "a.jpg", "output": "a.png", "concepts": '
                            '["glasses"], ...}, ...] or {"defaults": {...}, "jobs": [...]}; keys are edit options')
@@ -294,7 +308,10 @@ def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", us
     """The edited image (PIL), with progress bars for the edit and the decoding."""
     with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
-        if args.method == "leditspp" and concepts:
+        if args.method == "p2p" and target_prompt:
+            w0 = p2p.edit(sd, inv, target_prompt, args.target_guidance, args.cross_replace, args.self_replace,
+                          args.reweight, args.local_blend, callback=lambda step: (b.update(), trace and trace(step)))
+        elif args.method == "leditspp" and concepts:
             w0 = leditspp.edit(sd, inv, concepts=concepts, mask=args.mask, negative_prompt=args.negative_prompt,
                                guidance_rescale=args.guidance_rescale, user_mask=user_mask,
                                callback=lambda step: (b.update(), trace and trace(step)))
@@ -337,7 +354,11 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
     and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
     "input"); the command line shows its odd bytes as \\xNN. idle: {concept: why it never acted}, JSON only."""
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
-    if concepts is not None and args.method == "leditspp":
+    if concepts is not None and args.method == "p2p":
+        p.update(method="p2p", target_prompt=args.target_prompt, target_guidance=args.target_guidance,
+                 cross_replace=args.cross_replace, self_replace=args.self_replace, reweight=args.reweight,
+                 local_blend=args.local_blend)
+    elif concepts is not None and args.method == "leditspp":
         p.update(method="leditspp", concepts=[spec(c) for c in concepts], mask=args.mask,
                  negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale,
                  user_mask=None if args.user_mask is None else str(args.user_mask))
@@ -401,12 +422,28 @@ def concepts_of(args):
     check_text(args)
     if args.user_mask is not None and not (args.method == "leditspp" and args.cmd == "edit"):
         raise MinleditsError("--user-mask is an option of edit --method leditspp")
+    if args.method == "p2p" and args.cmd == "edit":
+        return p2p_options(args)
     if args.method == "leditspp" and args.cmd == "edit":
         concepts = [leditspp.concept(c) for c in args.concepts or []]
         return leditspp.check(concepts, args.mask, None, args.guidance_rescale, None, None)
     concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
     ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
     return concepts
+
+
+def p2p_options(args) -> list:
+    """--method p2p (no concepts): its options checked before any work; on an image input its default --skip, and
+    --source-prompt required (an inversion file's own is checked when it is read, before the edit's UNet work)."""
+    if args.concepts:
+        raise MinleditsError("--method p2p takes no concepts (-e): it edits by --target-prompt")
+    src = None
+    if not (Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input)):
+        src = args.source_prompt or ""
+        args.skip = p2p.SKIP if args.skip is None else args.skip
+    p2p.check(src, args.target_prompt, args.target_guidance, args.cross_replace, args.self_replace, args.reweight,
+              args.local_blend)
+    return []
 
 
 def read_user_mask(args):
@@ -445,7 +482,8 @@ def cmd_edit(args):
         print(shown(f"minledits: warning: concept {prompt!r} never acts ({why}): the edit ignores it"), file=sys.stderr)
     if args.save_inversion is not None:
         store.save(inv, args.save_inversion)
-    trace = Trace(sd, inv) if trace_files else None
+    trace = None if not trace_files else AttentionTrace(sd, inv, p2p.word_positions(sd.tokenizer, args.target_prompt)) \
+        if args.method == "p2p" else Trace(sd, inv)
     im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd, user_mask)
     if compare:
         recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
@@ -802,6 +840,77 @@ def cmd_sweep(args):
     ranks.barrier()
     ranks.done()
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------- compare
+def add_compare_arguments(s):
+    s.add_argument("input", metavar="IMAGE|INV")
+    s.add_argument("-o", "--output", required=True, metavar="CMP.png",
+                   help="the panels, labelled; CMP.json gets each method's metrics, UNet evaluations and time")
+    s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights for the metrics (Hub repo id or "
+                   f"folder), or none (default: {metrics.CLIP_MODEL})")
+
+
+def compare_plan(args):
+    """(output, record, LEDITS concepts, LEDITS++ concepts), every input checked before any work."""
+    if args.trace is not None or args.compare or args.user_mask is not None or args.method is not None:
+        raise ValueError("--trace, --compare, --user-mask and --method are options of edit: compare runs every method")
+    out = file_name(args, "output")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: the comparison is a .png file")
+    args.cmd = "edit"  # concepts_of parses concepts for edit only
+    concepts, args.cmd = concepts_of(args), "compare"
+    pp_concepts = leditspp.check([leditspp.concept(c) for c in args.concepts or []], args.mask, None,
+                                 args.guidance_rescale, None, None)
+    for p in (out, out.with_suffix(".json")):
+        if p.exists() and not args.force:
+            raise ValueError(f"{p} exists: add --force to overwrite it")
+    if not Path(args.input).is_file():
+        raise ValueError(f"cannot read input {args.input}: no such file")
+    return out, out.with_suffix(".json"), concepts, pp_concepts
+
+
+def compare_inversion(args):
+    """(model, inversion, UNet image-evaluations of the inversion: 0 when read from a file)."""
+    if Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input):
+        return *inversion_of(args), 0
+    resolve(args, INVERT + COMMON)
+    with compare.unet_rows(model_of(args).unet) as n:
+        sd, inv = inversion_of(args)
+    return sd, inv, n[0]
+
+
+def cmd_compare(args):
+    start = time.time()
+    try:
+        out, record, concepts, pp_concepts = compare_plan(args)
+    except (MinleditsError, ValueError) as e:  # bad input: one line, exit 2, before any work
+        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    sd, inv, inversion_rows = compare_inversion(args)
+    run, left_out = compare.plans(inv.settings.source_prompt, args.target_prompt, args.target_guidance, concepts,
+                                  args.momentum_scale, args.momentum_beta, pp_concepts, mask=args.mask,
+                                  negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale)
+    for method, why in left_out.items():
+        print(f"minledits: note: {compare.LABELS[method]} left out: {why}", file=sys.stderr)
+    found, clip = compare.panels(sd, inv, run), clip_of(args)
+    text = sweep_text(args, concepts)
+    p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict(),
+             target_prompt=args.target_prompt, target_guidance=args.target_guidance,
+             concepts=list(args.concepts or []), momentum_scale=args.momentum_scale,
+             momentum_beta=args.momentum_beta, mask=args.mask, negative_prompt=args.negative_prompt,
+             guidance_rescale=args.guidance_rescale)
+    rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
+             "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(
+                 found[0].image, x.image, text, clip).items()}} for x in found]
+    info = PngInfo()
+    info.add_text("minledits", json.dumps(dict(command="compare", input=str(args.input), **p)))
+    info.add_text("parameters", shown("minledits " + shlex.join(["compare", str(args.input), *to_argv(p)])))
+    with atomic(out) as tmp:
+        compare.picture(found).save(tmp, format="PNG", pnginfo=info)
+    sweep.write_json(record, {"input": str(args.input), "settings": p, "inversion_unet_evaluations": inversion_rows,
+                              "left_out": left_out, "panels": rows})
+    finish(args, start, f"compare: {', '.join(compare.LABELS[x.method] for x in found)} -> {out}")
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -103,9 +103,9 @@ def at_skip(sd, inv: Inversion, skip: int, batch_size: int) -> Inversion:
     e = min(-skip % batch_size, len(zs))
     if d and e:
         context = sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else []))
-        zs[:e] = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, context, s.source_guidance, batch_size)
-        if not s.keep_last_noise and e == len(zs):
-            zs[-1] = 0
+        z = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, context, s.source_guidance, batch_size)
+        zeroed = (zs[:e] == 0).flatten(1).all(1).view(-1, 1, 1, 1)  # the last maps, zeroed as the inversion does
+        zs[:e] = torch.where(zeroed, zs[:e], z)
     return Inversion(inv.timesteps[d:], xts, zs, inv.image, s, inv.model_id, inv.fingerprint)
 
 

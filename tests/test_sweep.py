@@ -65,11 +65,12 @@ def sweep_args(tiny_sd1, image, out, *vary, extra=()):
             "--clip-model", "none", *[a for v in vary for a in ("--vary", v)], *extra]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 4])
-def test_a_larger_skip_is_a_slice_bit_for_bit(sd1, batch_size):
-    base = minledits.invert(sd1, photo(), steps=10, skip=1, size=64, seed=2, batch_size=batch_size)
+@pytest.mark.parametrize("batch_size, keep", [(1, False), (3, False), (4, False), (4, True)])
+def test_a_larger_skip_is_a_slice_bit_for_bit(sd1, batch_size, keep):
+    kw = dict(steps=10, size=64, seed=2, batch_size=batch_size, keep_last_noise=keep, source_prompt="a cat")
+    base = minledits.invert(sd1, photo(), skip=1, **kw)
     for skip in range(1, 10):
-        direct = minledits.invert(sd1, photo(), steps=10, skip=skip, size=64, seed=2, batch_size=batch_size)
+        direct = minledits.invert(sd1, photo(), skip=skip, **kw)
         sliced = sweep.at_skip(sd1, base, skip, batch_size)
         assert sliced.settings == direct.settings and sliced.timesteps == direct.timesteps
         assert torch.equal(sliced.xts, direct.xts) and torch.equal(sliced.zs, direct.zs), skip

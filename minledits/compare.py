@@ -1,0 +1,92 @@
+"""Methods side by side on one inversion: the LEDITS paper's Figure 4 for one picture.
+
+    input | reconstruction | DDPM inversion edit | DDPM + P2P | LEDITS | LEDITS++
+    reconstruction   the edit without guidance (the inversion's noise maps regenerate the picture)
+    DDPM             edit-friendly DDPM inversion edited by the target prompt alone (Huberman-Spiegelglas et al.)
+    DDPM + P2P       the same with Prompt-to-Prompt's attention control from the source prompt (p2p.py, defaults)
+    LEDITS           the target prompt and the SEGA concepts (ledits.py)
+    LEDITS++         the concepts with LEDITS++' implicit masks (leditspp.py), on the same inversion
+Every method walks the one inversion it is given (they all take either sampler's inversion), so their inputs are
+equal by construction. A method whose inputs are missing (DDPM without a target prompt, P2P without a source and a
+target prompt, LEDITS and LEDITS++ without concepts) is left out, and said so.
+Each panel comes with its UNet image-evaluations (rows of the UNet's batches) and its time.
+"""
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from PIL import Image
+
+from . import ledits, leditspp, p2p
+from .image import to_pil
+from .model import decode
+from .sweep import text_tile
+
+LABELS = {"input": "input", "reconstruction": "reconstruction", "ddpm": "DDPM inversion", "p2p": "DDPM + P2P",
+          "ledits": "LEDITS", "leditspp": "LEDITS++"}
+
+
+@dataclass
+class Panel:
+    method: str                   # a key of LABELS
+    image: Image.Image
+    unet_evaluations: int = 0     # image-evaluations: the rows of every UNet call
+    seconds: float = 0.0
+
+
+@contextmanager
+def unet_rows(unet):
+    """Counts the rows of every UNet call inside the block: `with unet_rows(sd.unet) as n: ...; n[0]`."""
+    n = [0]
+    hook = unet.register_forward_pre_hook(lambda module, args: n.__setitem__(0, n[0] + len(args[0])))
+    try:
+        yield n
+    finally:
+        hook.remove()
+
+
+def plans(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list, momentum_scale: float,
+          momentum_beta: float, pp_concepts: list, **pp) -> tuple[dict, dict]:
+    """({method: function(sd, inv) -> w0}, {method: why it is left out}). concepts: LEDITS' (sega.Concept),
+    pp_concepts: the same with LEDITS++' defaults (leditspp.concept); pp: leditspp.edit's mask, negative_prompt,
+    guidance_rescale."""
+    run, left_out = {"reconstruction": lambda sd, inv: ledits.edit(sd, inv)}, {}
+    if target_prompt:
+        run["ddpm"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
+                                                  target_guidance=target_guidance)
+    else:
+        left_out["ddpm"] = "it edits by the target prompt alone: give --target-prompt"
+    if source_prompt and target_prompt:
+        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance)
+    else:
+        left_out["p2p"] = "it maps the source prompt's words to the target's: give --source-prompt and --target-prompt"
+    if concepts:
+        run["ledits"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
+                                                    target_guidance=target_guidance, concepts=concepts,
+                                                    momentum_scale=momentum_scale, momentum_beta=momentum_beta)
+        run["leditspp"] = lambda sd, inv: leditspp.edit(sd, inv, concepts=pp_concepts, **pp)
+    else:
+        left_out.update(ledits="it needs concepts: give -e", leditspp="it needs concepts: give -e")
+    return run, left_out
+
+
+def panels(sd, inv, run: dict) -> list[Panel]:
+    """The input, then each method's edit of `inv`, decoded, with its UNet evaluations and time."""
+    out = [Panel("input", to_pil(inv.image)[0])]
+    for method, edit in run.items():
+        start = time.time()
+        with unet_rows(sd.unet) as n:
+            w0 = edit(sd, inv)
+        out.append(Panel(method, decode(sd, w0), n[0], time.time() - start))
+    return out
+
+
+def picture(found: list[Panel]) -> Image.Image:
+    """One row of panels under their labels."""
+    W, H = found[0].image.size
+    strip = max(H // 4, 16)
+    sheet = Image.new("RGB", (W * len(found), H + strip), "white")
+    for j, p in enumerate(found):
+        sheet.paste(text_tile(LABELS[p.method], (W, strip)), (W * j, 0))
+        sheet.paste(p.image if p.image.size == (W, H) else p.image.resize((W, H)), (W * j, strip))
+    return sheet

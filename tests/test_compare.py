@@ -1,0 +1,104 @@
+"""`minledits compare` on the tiny SD1 folder (64 px, 6 steps): the methods that exist, side by side from one
+inversion, each panel equal to the single command that makes it; the JSON's UNet evaluations; refusals."""
+import json
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minledits
+from minledits import cli, p2p
+from tests.helpers import photo, run
+
+FAST = ["--steps", "6", "--skip", "2", "--size", "64"]
+PROMPTS = ["--source-prompt", "a photo", "--target-prompt", "a cat"]
+CONCEPTS = ["-e", "glasses", "-e", "-beard:scale=3"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("input") / "photo.png"
+    photo(size=(64, 80)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(tiny_sd1, image, tmp_path_factory):
+    out, n, invert = tmp_path_factory.mktemp("cmp") / "cmp.png", types.SimpleNamespace(inversions=0), cli.invert
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cli, "invert", lambda *a, **k: (setattr(n, "inversions", n.inversions + 1), invert(*a, **k))[1])
+    rc = cli.main([str(a) for a in ["compare", image, "-o", out, "--model", tiny_sd1.folder, *FAST, *PROMPTS,
+                                    *CONCEPTS, "--clip-model", "none", "-q"]])
+    mp.undo()
+    assert rc == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    return types.SimpleNamespace(out=out, inversions=n.inversions, record=record)
+
+
+def test_one_inversion_and_the_panels(result):
+    assert result.inversions == 1
+    sheet = Image.open(result.out)
+    assert sheet.size == (6 * 64, 64 + 16)
+    panels = result.record["panels"]
+    assert [p["label"] for p in panels] == ["input", "reconstruction", "DDPM inversion", "DDPM + P2P", "LEDITS",
+                                           "LEDITS++"]
+    assert result.record["left_out"] == {}
+    S = 6 - 2  # edit steps; UNet rows per step: 1 unguided, +1 target prompt, +1 per concept (LEDITS++: no target);
+    # P2P: [u, u, source, target]
+    assert result.record["inversion_unet_evaluations"] == 2 * S  # unconditional + source prompt
+    assert [p["unet_evaluations"] for p in panels] == [0, S, 2 * S, 4 * S, 4 * S, 3 * S]
+    assert panels[0]["psnr"] == "inf" and all(p["clip_score"] is None for p in panels)
+    assert all(0 < p["psnr"] < 100 and p["seconds"] > 0 for p in panels[1:])
+
+
+@pytest.mark.parametrize("j, argv", [
+    (1, ["reconstruct"]),
+    (2, ["edit", "--target-prompt", "a cat"]),
+    (4, ["edit", "--target-prompt", "a cat", *CONCEPTS]),
+    (5, ["edit", "--method", "leditspp", *CONCEPTS]),
+])
+def test_each_panel_equals_its_own_command(result, tiny_sd1, image, tmp_path, capsys, j, argv):
+    """Its own command inverts the same image with the same settings: the same inversion, the same pixels."""
+    out = tmp_path / "one.png"
+    assert run(capsys, argv[0], image, "-o", out, "--model", tiny_sd1.folder, *FAST, "--source-prompt", "a photo",
+               *argv[1:], "-q")[0] == 0
+    panel = np.asarray(Image.open(result.out).convert("RGB"))[16:, 64 * j:64 * (j + 1)]
+    assert np.array_equal(panel, np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_the_p2p_panel_equals_p2p_edit_on_the_same_inversion(result, tiny_sd1, image):
+    sd = minledits.load(tiny_sd1.folder)
+    inv = minledits.invert(sd, image, steps=6, skip=2, size=64, source_prompt="a photo")
+    mine = np.asarray(minledits.decode(sd, p2p.edit(sd, inv, "a cat")))
+    assert np.array_equal(np.asarray(Image.open(result.out).convert("RGB"))[16:, 3 * 64:4 * 64], mine)
+
+
+def test_methods_without_their_inputs_are_left_out(tiny_sd1, image, tmp_path, capsys):
+    rc, _, err = run(capsys, "compare", image, "-o", tmp_path / "c.png", "--model", tiny_sd1.folder, *FAST,
+                     "--clip-model", "none", "-q")
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert rc == 0 and [p["method"] for p in record["panels"]] == ["input", "reconstruction"]
+    assert sorted(record["left_out"]) == ["ddpm", "ledits", "leditspp", "p2p"]
+    assert "minledits: note: DDPM inversion left out: it edits by the target prompt alone: give --target-prompt" in err
+    assert Image.open(tmp_path / "c.png").size == (2 * 64, 64 + 16)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "leditspp"], "compare runs every method"),
+    (["--trace", "t"], "compare runs every method"),
+    (["-e", "hat:scale=x"], "hat:scale=x"),
+    (["-o", "c.jpg"], "the comparison is a .png file"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_sd1, image, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "compare", image, "-o", "c.png", "--model", tiny_sd1.folder, *FAST, *extra)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_not_overwritten(tiny_sd1, image, tmp_path, capsys):
+    (tmp_path / "c.json").write_text("{}")
+    rc, _, err = run(capsys, "compare", image, "-o", tmp_path / "c.png", "--model", tiny_sd1.folder, *FAST)
+    assert rc == 2 and f"{tmp_path / 'c.json'} exists: add --force to overwrite it" in err
