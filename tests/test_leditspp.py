@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, PNDMScheduler
 from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as reference_module
 
 import minledits
@@ -46,11 +47,11 @@ def invert(sd, size, seed=5):
     return minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=size, seed=seed)
 
 
-def pipeline(ref, inv, copy_unet=True):
+def pipeline(ref, inv, copy_unet=True, scheduler=PNDMScheduler):
     """oracle.leditspp_pipeline (its fix: each concept's own tokens in its attention map, where diffusers 0.42.1
     sums tokens 1..75 of the padded prompt) with our inversion set as its invert() sets it (init_latents, zs,
     inversion_steps, eta 1, the scheduler's leading timesteps); test_dpmsolver.py proves its invert equal."""
-    pipe = oracle.leditspp_pipeline(ref, copy_unet=copy_unet)
+    pipe = oracle.leditspp_pipeline(ref, copy_unet=copy_unet, scheduler=scheduler)
     pipe.scheduler.config.timestep_spacing = "leading"
     pipe.scheduler.set_timesteps(STEPS)
     pipe.inversion_steps = pipe.scheduler.timesteps[SKIP:]
@@ -59,12 +60,12 @@ def pipeline(ref, inv, copy_unet=True):
     return pipe
 
 
-def run_both(ref, sd, inv, concepts, mask, forced=True, copy_unet=True, **kw):
+def run_both(ref, sd, inv, concepts, mask, forced=True, copy_unet=True, scheduler=PNDMScheduler, **kw):
     """(ours, theirs, pipe, trace). forced: every pipeline step starts from our x_t (its callback puts our
     x_{t-1} in place of its own, which it keeps in pipe.own), so each step compares alone."""
     trace = []
     ours = leditspp.edit(sd, inv, concepts=concepts, mask=mask, callback=trace.append, **kw)
-    pipe, own = pipeline(ref, inv, copy_unet), []
+    pipe, own = pipeline(ref, inv, copy_unet, scheduler), []
 
     def force(pipe, i, t, tensors):
         own.append(tensors["latents"])
@@ -203,6 +204,30 @@ def test_user_mask_multiplies_the_guidance(sd1):
     leditspp.edit(sd1, inv, concepts=CONCEPTS, mask="noise", user_mask=u, callback=trace.append)
     leditspp.edit(sd1, inv, concepts=CONCEPTS, mask="noise", callback=plain.append)
     assert torch.equal(trace[0].g, plain[0].g * u) and not trace[0].g[..., 4:].any()
+
+
+def test_user_mask_equals_the_pipeline(deep_model):
+    """user_mask (left half of the latent, and a grey column) against the pipeline's, intersect, teacher forced."""
+    ref, sd = deep_model
+    inv = invert(sd, 128)
+    u = torch.zeros(16, 16)
+    u[:, :8], u[:, 8] = 1, 0.5
+    _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", user_mask=u)
+    torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask))
+               for st in trace for c in range(2) if st.on[c])
+    assert not any(st.g[..., 9:].any() for st in trace)
+
+
+def test_ddpm_inversion_equals_the_pipeline_with_ddim(deep_model):
+    """On a DDPM inversion the edit steps with DDPM, which is the pipeline's DDIMScheduler at eta 1 (its invert
+    crashes there, test_dpmsolver.py; the maps are handed over as its invert leaves them, the last one kept)."""
+    ref, sd = deep_model
+    inv = minledits.invert(sd, photo(), sampler="ddpm", steps=STEPS, skip=SKIP, size=128, seed=5, keep_last_noise=True)
+    _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", scheduler=DDIMScheduler)
+    torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask))
+               for st in trace for c in range(2) if st.on[c])
 
 
 def test_guidance_rescale_applies_to_the_guided_estimate(tiny_sd1, sd1):
