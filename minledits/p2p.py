@@ -48,6 +48,7 @@ from .tokenizer import CONTEXT_LENGTH, Tokenizer, byte_symbols
 SELF_MAX = 16 ** 2      # self-attention is replaced only in layers with at most this many queries
 THRESHOLD = 0.3         # LocalBlend's threshold on the normalised map
 MAP_LEVEL = 2           # LocalBlend's maps come from UNet level 2: (h/4, w/4), 16 x 16 at 512 px
+SKIP = 12               # the reference's example skip for this mode at N = 100 (its README: --skip=12 --cfg_tar=9)
 
 
 # ------------------------------------------------------------------------------------------------ words and tokens
@@ -73,6 +74,12 @@ def word_tokens(texts: list[str], words: list[str], which) -> list[int]:
         if w < len(words) and filled >= len(words[w]):
             w, filled = w + 1, 0
     return out
+
+
+def word_positions(tok: Tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """(word, its token positions) for every word of the prompt, in order (for pictures of the maps)."""
+    words, texts = prompt.split(" "), token_texts(tok, prompt)
+    return [(w, word_tokens(texts, words, {n})) for n, w in enumerate(words)]
 
 
 def positions(tok: Tokenizer, prompt: str, word: str) -> list[int]:
@@ -271,25 +278,36 @@ def blend_mask(sums: list[torch.Tensor], B: torch.Tensor, size, hw) -> torch.Ten
     return (m[:1] | m[1:]).to(A.dtype)
 
 
-def plan(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cross_replace, self_replace, reweight,
-         local_blend, keep_maps: bool) -> Plan:
-    """The Plan of an edit after checking every option (one line each): InversionError for an inversion without a
-    source prompt, ValueError for the rest."""
-    src, N = inv.settings.source_prompt, inv.settings.steps
-    if not src.strip():
+def check(src: str | None, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
+          dtype=torch.float32) -> tuple:
+    """(c_x, c_s, {word: weight}, [source words, target words] | None) after checking every option, one line each:
+    InversionError without a source prompt, ValueError for the rest. src None (not known yet, as in the CLI with an
+    inversion file) skips the checks that need it."""
+    if src is not None and not src.strip():
         raise InversionError("Prompt-to-Prompt needs the inversion's source prompt: invert with source_prompt= "
                              "(--source-prompt) describing the photo")
     if not isinstance(target_prompt, str) or not target_prompt.strip():
         raise ValueError(f"Prompt-to-Prompt needs a target prompt, got {target_prompt!r}")
-    if not (isinstance(target_guidance, (int, float)) and abs(target_guidance) < torch.finfo(sd.dtype).max):
+    big = torch.finfo(dtype).max
+    if not (isinstance(target_guidance, (int, float)) and abs(target_guidance) < big):
         raise ValueError(f"target guidance must be finite, got {target_guidance!r}")
     c_x, c_s = check_fraction("cross_replace", cross_replace), check_fraction("self_replace", self_replace)
     weights, words = reweight_of(reweight), blend_of(local_blend)
     check_words("reweight", target_prompt, weights)
-    if any(not (isinstance(w, (int, float)) and abs(w) < torch.finfo(sd.dtype).max) for w in weights.values()):
+    if any(not (isinstance(w, (int, float)) and abs(w) < big) for w in weights.values()):
         raise ValueError(f"reweight weights must be finite numbers, got {weights}")
     for what, prompt, ws in zip(("local_blend source", "local_blend target"), (src, target_prompt), words or ()):
-        check_words(what, prompt, ws)
+        if prompt is not None:
+            check_words(what, prompt, ws)
+    return c_x, c_s, weights, words
+
+
+def plan(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cross_replace, self_replace, reweight,
+         local_blend, keep_maps: bool) -> Plan:
+    """The Plan of an edit, every option checked (check) and the UNet's levels too, before any UNet work."""
+    src, N = inv.settings.source_prompt, inv.settings.steps
+    c_x, c_s, weights, words = check(src, target_prompt, target_guidance, cross_replace, self_replace, reweight,
+                                     local_blend, sd.dtype)
     hw, L = tuple(inv.xts.shape[-2:]), len(sd.unet.config["down_block_types"])
     size = level_size(sd.unet.config, hw, MAP_LEVEL)
     if words and size is None:

@@ -115,3 +115,44 @@ def grid(tiles: torch.Tensor, cols: int = 16):
 def side_by_side(images):
     """PIL images of one size, left to right."""
     return Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
+
+
+class AttentionTrace:
+    """A Prompt-to-Prompt edit's callback (p2p.py): every tensor of both rows [source, target] per step, and per
+    step the target row's cross-attention map of each word (its tokens summed; p2p.EditStep.attn: the mean over
+    the layers at the map size and their heads). words: (word, token positions) of the target prompt."""
+
+    def __init__(self, sd, inv, words: list[tuple[str, list[int]]]):
+        self.inv, self.sampler, self.words = inv, inv.settings.new_sampler(sd.schedule), words
+        self.steps = defaultdict(list)
+
+    def __call__(self, st):
+        row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), eps_u=st.eps_u, eps_c=st.eps_c, eps=st.eps,
+                   z=st.z, x=st.x_prev, mask=st.mask)
+        if st.attn is not None:  # [W, h', w']
+            row["attn"] = torch.stack([st.attn[1, ..., p].sum(-1) for _, p in self.words])
+        for k, v in row.items():
+            if v is not None:
+                self.steps[k].append(v.detach().to("cpu", copy=True))
+        self.steps["t"].append(torch.tensor(st.t))
+
+    def tensors(self) -> dict:
+        return {k: torch.stack(v) for k, v in self.steps.items()}
+
+    def save(self, tensors_path, picture_path, concepts=()):
+        """The tensors (metadata: the words, in the order of the attention maps' axis) and the picture."""
+        with atomic(tensors_path) as tmp:
+            tmp.write_bytes(save_bytes(self.tensors(), {"words": json.dumps([w for w, _ in self.words])}))
+        with atomic(picture_path) as tmp:
+            self.picture().save(tmp, format="PNG")
+
+    def picture(self):
+        """Per step (columns): the target's x0 prediction, then each target word's map (white: its maximum in that
+        step), one row per word, enlarged to the latent size."""
+        x0 = latent_rgb(self.inv)(torch.stack(self.steps["x0_hat"])[:, 1])   # [S, 3, h, w]
+        rows = [x0]
+        if "attn" in self.steps:
+            A = torch.stack(self.steps["attn"]).float()                       # [S, W, h', w']
+            A = F.interpolate(A / A.amax((2, 3), keepdim=True).clamp_min(1e-12), size=x0.shape[-2:])
+            rows += [A[:, w, None].expand_as(x0) for w in range(A.shape[1])]
+        return grid(torch.stack(rows, 1))

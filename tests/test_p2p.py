@@ -215,3 +215,25 @@ def test_an_inversion_without_source_prompt_is_refused(sd1, inv1, monkeypatch):
     monkeypatch.setattr(sd1, "unet", mock.Mock(side_effect=AssertionError("the UNet ran"), config=sd1.unet.config))
     with pytest.raises(minledits.InversionError, match="Prompt-to-Prompt needs the inversion's source prompt"):
         p2p.edit(sd1, inv1, "a dog")
+
+
+def test_local_blend_reads_the_references_layers_at_512_px():
+    """The reference's LocalBlend reads attention_store["down_cross"][2:4] + ["up_cross"][:3] (its store keeps layers
+    of <= 32^2 queries); on SD 1.5 at 512 px (64x64 latents) these are the down/up cross-attention layers at level 2,
+    16x16, which is the rule of p2p (and of oracle_p2p). The call order comes from diffusers' UNet on meta."""
+    unet, calls = hub.build("sd15", device="meta").unet, []
+
+    class Record:
+        def __init__(self, place):
+            self.place = place
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kw):
+            calls.append((len(calls), self.place, encoder_hidden_states is not None, hidden_states.shape[1]))
+            return hidden_states
+    unet.set_attn_processor({name: Record(name.split("_")[0]) for name in unet.attn_processors})
+    unet(torch.zeros(1, 4, 64, 64, device="meta"), 10, encoder_hidden_states=torch.zeros(1, 77, 768, device="meta"))
+    stored = [c for c in calls if c[3] <= 32 ** 2]
+    theirs = [c for c in stored if c[1:3] == ("down", True)][2:4] + [c for c in stored if c[1:3] == ("up", True)][:3]
+    size = p2p.level_size(hub.configs("sd15")["unet"], (64, 64), p2p.MAP_LEVEL)
+    assert size == (16, 16)
+    assert [c for c in calls if c[2] and c[1] != "mid" and c[3] == size[0] * size[1]] == theirs
