@@ -586,14 +586,13 @@ def cmd_batch(args):
     except OSError as e:
         raise MinleditsError(f"cannot make --outdir {args.outdir}: {one_line(e)}") from e
     defaults, jobs = jobs.get("defaults", {}), jobs["jobs"]
+    rank, world = ranks.init(args.device or "auto")
     ready, failed = plan(args, jobs, defaults)
-    for i in sorted(failed):
+    for i in sorted(failed) if rank == 0 else []:  # every process planned the same: process 0 says it
         report(args, i, jobs[i], failed[i])
-    done = skipped = 0
-    for i, job_ns, skip in ready:
-        if skip:
-            skipped += 1
-            continue
+    done, skipped = 0, sum(skip for _, _, skip in ready)
+    ranks.barrier()  # every process has planned from the same files before any writes
+    for i, job_ns, _ in sweep.shares([r for r in ready if not r[2]], rank, world):
         try:
             for _, p in outputs(job_ns):
                 p.parent.mkdir(parents=True, exist_ok=True)
@@ -602,9 +601,12 @@ def cmd_batch(args):
         except Exception as e:
             failed[i] = e
             report(args, i, jobs[i], e)
+    done, failed = sum(ranks.gather(done)), {i for part in ranks.gather(sorted(failed)) for i in part}
     which = f" ({', '.join(f'job {i}' for i in sorted(failed))})" if failed else ""
-    finish(args, start, f"batch: {done} done, {skipped} skipped (output exists), {len(failed)} failed{which}"
-           f" -> {args.outdir}")
+    if rank == 0:
+        finish(args, start, f"batch: {done} done, {skipped} skipped (output exists), {len(failed)} failed{which}"
+               f" -> {args.outdir}")
+    ranks.done()
     return 1 if failed else 0
 
 
