@@ -56,6 +56,7 @@ def test_one_inversion_and_the_panels(result):
 @pytest.mark.parametrize("j, argv", [
     (1, ["reconstruct"]),
     (2, ["edit", "--target-prompt", "a cat"]),
+    (3, ["edit", "--method", "p2p", "--target-prompt", "a cat"]),
     (4, ["edit", "--target-prompt", "a cat", *CONCEPTS]),
     (5, ["edit", "--method", "leditspp", *CONCEPTS]),
 ])
