@@ -64,6 +64,8 @@ INVERT = [
     (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
+    (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
+     "with dpmsolver++, as diffusers' LEDITS++ XL pipeline)", INT),
     (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM) or dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M)",
      dict(choices=list(SAMPLERS))),
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]

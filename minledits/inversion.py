@@ -12,8 +12,9 @@ Notation (code name -> symbol); sampler symbols as in sampler.py
     zs[j]    z_k               the noise map that makes the sampler's step land exactly on the next latent:
                                z_k = noise_map(k, x_{tau_k}, x_{tau_{k+1}}, out) = (x_{tau_{k+1}} - mu_k) / sigma_k;
                                dpmsolver++: (x_{tau_{k+1}} - mu_k) / C_k, its mu_k second order from k = skip + 1
-                               on (with D_{k-1}: the maps follow one another); z_{N-1} = 0 unless
-                               keep_last_noise (then dpmsolver++'s grid ends at sigma_min: see invert)
+                               on (with D_{k-1}: the maps follow one another); the last zero_noise_steps maps
+                               are 0 (1; 3 for SDXL with dpmsolver++, as LEditsPPPipelineStableDiffusionXL)
+                               unless keep_last_noise (then dpmsolver++'s grid ends at sigma_min: see invert)
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
@@ -30,13 +31,13 @@ prompt, diffusers 0.42.1's invert guides eps_src + s_src (eps_u - eps_src) (it u
 wrong order); ml-research/ledits_pp's own invert and ours guide eps_u + s_src (eps_src - eps_u).
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .errors import InversionError, MinleditsError
 from .image import to_tensor
-from .model import StableDiffusion
+from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
 from .sampler import SAMPLERS
 
 BATCH_SIZE = 4  # inversion timesteps per UNet call (README, Performance)
@@ -51,9 +52,10 @@ class InversionSettings:
     size: int = 512               # side in pixels (the longest side with keep_aspect), a multiple of 64
     source_prompt: str = ""
     source_guidance: float = 3.5  # s_src
-    keep_last_noise: bool = False  # False: z_{N-1} = 0 as the references; True: exact reconstruction (invert())
+    keep_last_noise: bool = False  # False: the last maps 0 as the references; True: exact reconstruction (invert())
     keep_aspect: bool = False     # keep the aspect ratio (sides multiples of 64) instead of centre-cropping
     sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++)
+    zero_noise_steps: int | None = None  # the last maps set to 0 unless keep_last_noise; None: the model's (invert)
 
     def __post_init__(self):
         for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
@@ -69,6 +71,9 @@ class InversionSettings:
             raise ValueError(f"source guidance must be finite, got {self.source_guidance!r}")
         if not (isinstance(self.size, int) and self.size >= 64 and self.size % 64 == 0):
             raise ValueError(f"size must be a multiple of 64 (at least 64), got {self.size!r}")
+        z = self.zero_noise_steps
+        if z is not None and not (type(z) is int and z >= 0):
+            raise ValueError(f"zero_noise_steps must be an integer >= 0, got {self.zero_noise_steps!r}")
         if not (isinstance(self.sampler, str) and self.sampler in SAMPLERS):
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {self.sampler!r}")
 
@@ -138,13 +143,13 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
     """z_k for k = skip .. N-1 (xts[j] is x_{tau_{skip+j}}), up to batch_size timesteps per UNet call. The batches
     are aligned to multiples of batch_size in k, whatever the skip: the inversion at a larger skip batches its steps
     as the one at a smaller skip does, but for its first, partial batch (float rounding depends on the batch)."""
-    zs, n, c = [], len(xts) - 1, len(context)  # c = 1, or 2 with a source prompt
+    zs, n, c = [], len(xts) - 1, rows(context)  # c = 1, or 2 with a source prompt
     edges = sorted({0, n, *range(-skip % batch_size, n, batch_size)})
     for a, e in zip(edges, edges[1:]):
         b = e - a
         k, x = slice(skip + a, skip + a + b), xts[a:a + b]
         t = torch.tensor(sampler.timesteps[k] * c, device=x.device)
-        out_u, *out_src = sd.unet(x.repeat(c, 1, 1, 1), t, context.repeat_interleave(b, 0)).chunk(c)
+        out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), t, repeat_rows(context, b)).chunk(c)
         out = out_u + source_guidance * (out_src[0] - out_u) if out_src else out_u
         zs.append(sampler.noise_map(k, x, xts[a + 1:a + b + 1], out).to(x.dtype))
         if callback:
@@ -152,18 +157,26 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
     return torch.cat(zs)
 
 
+def with_zero_noise_steps(s: InversionSettings, sd: StableDiffusion) -> InversionSettings:
+    """s with zero_noise_steps decided: given, else 3 for SDXL's dpmsolver++ (LEditsPPPipelineStableDiffusionXL's
+    num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion)."""
+    if s.zero_noise_steps is not None:
+        return s
+    return replace(s, zero_noise_steps=3 if isinstance(sd, StableDiffusionXL) and s.sampler == "dpmsolver++" else 1)
+
+
 @torch.inference_mode()
 def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback=None, **settings) -> Inversion:
     """Invert an image (path or PIL): the latents and noise maps from which the edit regenerates it.
 
     settings: the fields of InversionSettings (steps, skip, seed, size, source_prompt, source_guidance,
-    keep_last_noise, keep_aspect, sampler; the module docstring maps diffusers' LEDITS++ steps and skip to
-    ours). keep_last_noise=True makes the inversion exact: regenerating it without guidance returns w0 (DDPM
+    keep_last_noise, keep_aspect, sampler, zero_noise_steps; the module docstring maps diffusers' LEDITS++ steps and
+    skip to ours). keep_last_noise=True makes the inversion exact: regenerating it without guidance returns w0 (DDPM
     keeps z_{N-1}; dpmsolver++ ends its grid at sigma_min instead of the pipeline's 0, where the last step lands on
     its x0 prediction whatever the noise). batch_size: timesteps per UNet call (the x_t are independent:
     batching only changes float rounding and speed). callback(done, total) reports progress of the UNet work.
     """
-    s = InversionSettings(**settings)
+    s = with_zero_noise_steps(InversionSettings(**settings), sd)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
@@ -174,6 +187,6 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     if not zs.isfinite().all():
         raise MinleditsError("the inversion's noise maps hold inf or NaN: the model's output is not finite "
                              "(damaged weights, or fp16 overflow: try --dtype fp32 / dtype=torch.float32)")
-    if not s.keep_last_noise:
-        zs[-1] = 0
+    if not s.keep_last_noise and s.zero_noise_steps:
+        zs[-s.zero_noise_steps:] = 0
     return Inversion(sampler.timesteps[s.skip:], xts, zs, x, s, str(sd.model_id), str(sd.fingerprint))

@@ -27,7 +27,7 @@ from .sampler import SAMPLERS
 
 FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
-ADDED = {"sampler": "ddpm"}  # settings newer than version 1, and what a file without them means
+ADDED = {"sampler": "ddpm", "zero_noise_steps": 1}  # settings newer than version 1, what a file without them means
 
 
 def is_inversion(path) -> bool:

@@ -1,0 +1,164 @@
+"""LEDITS and LEDITS++ on Stable Diffusion XL (tests/hub.py "tiny-sdxl": attention at 1/2 and 1/4 of the latent
+side, as SDXL's) against diffusers' LEditsPPPipelineStableDiffusionXL and the SDXL UNet.
+
+The pipeline is built on the reference modules with one patch (as tests/oracle.py's for the SD pipeline): its
+__call__ sums each concept's own tokens into its attention map (diffusers 0.42.1 reports the padded length 77, so
+it sums tokens 1..75). Pictures are square here: the pipeline swaps height and width in its time_ids (invert sets
+size = (w * 8, h * 8) from latents [.., h, w]), ours are (H, W) as SDXL was trained; square sizes agree.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion_xl import LEditsPPPipelineStableDiffusionXL
+from transformers import CLIPTokenizer
+
+import minledits
+from minledits import ledits, leditspp
+from minledits.image import to_tensor
+from minledits.sega import Concept
+from tests import hub
+from tests.helpers import SIZE, photo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
+            Concept("a big beard", scale=4.0, threshold=0.7, warmup=2, cooldown=5, reverse=True)]
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    ref = hub.make("tiny-sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
+    return ref, minledits.load(ref.folder)
+
+
+def xl_pipeline(ref, scheduler="dpmsolver++"):
+    """LEditsPPPipelineStableDiffusionXL on copies of the reference modules (invert sets attention processors).
+    Given SDXL's Euler scheduler it puts its SDE-DPM-Solver++ (2M) in place, as with the Hub model; "ddpm": DDIM."""
+    cfg = hub._clean(ref.scheduler_config)
+    pipe = LEditsPPPipelineStableDiffusionXL(
+        vae=ref.vae, text_encoder=ref.text_encoder, text_encoder_2=ref.text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(str(ref.folder / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(ref.folder / "tokenizer_2")), unet=copy.deepcopy(ref.unet),
+        scheduler=(DDIMScheduler if scheduler == "ddpm" else EulerDiscreteScheduler).from_config(cfg),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    encode = pipe.encode_prompt
+
+    def encode_prompt(*a, **kw):  # the concepts' own token counts (module docstring)
+        out = encode(*a, **kw)
+        prompts = kw.get("editing_prompt") or []
+        return (*out[:4], torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts]))
+    pipe.encode_prompt = encode_prompt
+    return pipe
+
+
+def quietly(fn, *a, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **kw)
+
+
+# ---- inversion ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source_prompt", ["", "a photo of a cat"])
+def test_dpmsolver_inversion_matches_the_xl_pipeline(xl, source_prompt):
+    """Ours with steps = int(n (1 + f)), skip = steps - n is the pipeline's invert(n, f): the same x_T and noise maps,
+    and by default the last 3 maps zeroed, as its num_zero_noise_steps (SD keeps zeroing 1)."""
+    ref, sd = xl
+    n, f = 8, 0.5
+    steps = int(n * (1 + f))
+    inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=steps, skip=steps - n, seed=7, size=SIZE,
+                           source_prompt=source_prompt, source_guidance=3.5)
+    pipe = xl_pipeline(ref)
+    x = to_tensor(photo(), SIZE)
+    quietly(pipe.invert, image=x, source_prompt=source_prompt, source_guidance_scale=3.5, num_inversion_steps=n,
+            skip=f, generator=torch.Generator().manual_seed(7), height=SIZE, width=SIZE)
+    assert inv.timesteps == pipe.inversion_steps.tolist() and inv.settings.zero_noise_steps == 3
+    torch.testing.assert_close(inv.xts[:1], pipe.init_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inv.zs, pipe.zs[:, 0], atol=1e-4, rtol=1e-4)
+    print(f"XL inversion {source_prompt!r}: max |zs diff| {(inv.zs - pipe.zs[:, 0]).abs().max():.3g}")
+    assert not inv.zs[-3:].any() and inv.zs[-4].abs().min() > 0
+    assert minledits.invert(sd, photo(), sampler="ddpm", steps=6, skip=2, size=SIZE).settings.zero_noise_steps == 1
+
+
+# ---- LEDITS++ -----------------------------------------------------------------------------------------------------
+def run_both(ref, sd, inv, sampler, mask, forced):
+    """(ours, theirs, trace, the pipeline's own latents per step). forced: every pipeline step starts from our
+    x_t (its callback puts our x_{t-1} in place of its own), so each step compares alone."""
+    trace, own = [], []
+    ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask=mask, callback=trace.append)
+    pipe = xl_pipeline(ref, sampler)
+    pipe.scheduler.config.timestep_spacing = "leading"
+    pipe.scheduler.set_timesteps(inv.settings.steps)
+    pipe.inversion_steps = pipe.scheduler.timesteps[inv.settings.skip:]
+    assert pipe.inversion_steps.tolist() == inv.timesteps
+    pipe.init_latents, pipe.zs, pipe.eta, pipe.batch_size = inv.xts[:1].clone(), inv.zs[:, None].clone(), 1.0, 1
+    pipe.size = (SIZE, SIZE)
+
+    def force(pipe, i, t, tensors):
+        own.append(tensors["latents"])
+        return {"latents": trace[i].x_prev} if forced else {}
+    modes = dict(intersect=dict(use_intersect_mask=True), cross_attention=dict(use_intersect_mask=False,
+                 use_cross_attn_mask=True), noise=dict(use_intersect_mask=False, use_cross_attn_mask=False))[mask]
+    theirs = quietly(pipe, output_type="latent", editing_prompt=[c.prompt for c in CONCEPTS],
+                     reverse_editing_direction=[c.reverse for c in CONCEPTS],
+                     edit_guidance_scale=[c.scale for c in CONCEPTS], edit_threshold=[c.threshold for c in CONCEPTS],
+                     edit_warmup_steps=[c.warmup for c in CONCEPTS],
+                     edit_cooldown_steps=[inv.settings.steps if c.cooldown is None else c.cooldown for c in CONCEPTS],
+                     callback_on_step_end=force, **modes).images
+    return ours, theirs, trace, torch.cat(own), pipe
+
+
+@pytest.mark.parametrize("sampler, mask", [("dpmsolver++", "intersect"), ("ddpm", "cross_attention")])
+def test_leditspp_equals_the_xl_pipeline(xl, sampler, mask):
+    """Teacher forced, each step's x_{t-1} and each concept's mask equal the pipeline's (1e-5: UNet rounding ~1e-6
+    scaled by s_c <= 5); free running, the final latents within 1e-4 (the pipeline computes every layer's attention
+    probabilities explicitly, we keep the fused kernel where no mask reads them). Only t <= 800 here (skip 2): above
+    it the SD pipeline and ours take the attention mask alone in the intersect mode (leditspp.T_INTERSECT), the XL
+    pipeline of diffusers 0.42.1 intersects at every t."""
+    ref, sd = xl
+    inv = minledits.invert(sd, photo(), sampler=sampler, steps=10, skip=2, size=SIZE, seed=5)
+    assert max(inv.timesteps) <= leditspp.T_INTERSECT
+    ours, _, trace, own, pipe = run_both(ref, sd, inv, sampler, mask, forced=True)
+    xs = torch.cat([st.x_prev for st in trace])
+    torch.testing.assert_close(xs, own, atol=1e-5, rtol=1e-5)
+    for st in trace:
+        for c in range(len(CONCEPTS)):
+            expected = pipe.activation_mask[st.i, c].to(st.mask) if st.on[c] else torch.zeros_like(st.mask[c])
+            assert torch.equal(st.mask[c], expected), (st.i, c)
+    assert trace[0].attn.shape == (2, 2, 2)   # the maps at 1/4 of the 8x8 latent, as the pipeline reads them
+    ours, theirs, *_ = run_both(ref, sd, inv, sampler, mask, forced=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    print(f"XL LEDITS++ {sampler} {mask}: forced {(xs - own).abs().max():.3g}, free {(ours - theirs).abs().max():.3g}")
+
+
+# ---- LEDITS -------------------------------------------------------------------------------------------------------
+def test_ledits_reconstructs_exactly_with_keep_last_noise(xl):
+    ref, sd = xl
+    inv = minledits.invert(sd, photo(), steps=10, skip=3, size=SIZE, seed=1, keep_last_noise=True)
+    w0 = ledits.edit(sd, inv, target_guidance=1.0)   # no guidance: the DDPM steps retrace the inversion
+    torch.testing.assert_close(w0, inv.w0, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_ledits_unet_calls_equal_the_sdxl_unet(xl, monkeypatch):
+    """Every UNet call of a LEDITS edit on SDXL (batched: unconditional, target and concept rows; the pooled text of
+    each, zeros for ""; time_ids (64, 64, 0, 0, 64, 64)) equals diffusers' UNet on the same inputs."""
+    ref, sd = xl
+    inv = minledits.invert(sd, photo(), steps=6, skip=2, size=SIZE, seed=1, source_prompt="a photo")
+    calls, unet = [], sd.unet
+
+    def spy(x, t, c, **kw):
+        out = unet(x, t, c, **kw)
+        calls.append((x.clone(), t, c.clone(), {k: v.clone() for k, v in kw.items()}, out))
+        return out
+    monkeypatch.setattr(sd, "unet", spy)
+    ledits.edit(sd, inv, target_prompt="a man", concepts=["glasses", "-beard"])
+    c, pooled = sd.text_embeddings(["", "a man", "glasses", "beard"])
+    assert len(calls) == 4
+    for x, t, ctx, kw, out in calls:
+        assert torch.equal(ctx, c) and torch.equal(kw["text_embeds"], pooled) and not ctx[0].any()
+        assert kw["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 4
+        expected = ref.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": kw["time_ids"]}).sample
+        assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
