@@ -61,7 +61,8 @@ INVERT = [
     (("--steps",), INV.steps, "diffusion steps N", INT),
     (("--skip",), INV.skip, "steps skipped at the noisy end: more keeps more of the input", INT),
     (("--seed",), INV.seed, "seed of the inversion noise", INT),
-    (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64", INT),
+    (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64; SDXL's default: "
+     "1024", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
     (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
@@ -293,11 +294,15 @@ def inversion_of(args):
         image = open_rgb(args.input)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
+    size_given = args.size is not None
     resolve(args, INVERT + COMMON)
     settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
     if args.batch_size < 1:
         raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
     sd = model_of(args)
+    if not size_given and args.size != sd.default_size:  # SDXL: 1024 unless --size says otherwise
+        args.size = sd.default_size
+        settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
     key = (id(sd), str(args.input), settings)
     if key not in args.cache:  # a batch inverts an image once for all its edits
         with bar(args, "invert", args.steps - args.skip) as b:

@@ -170,13 +170,14 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     """Invert an image (path or PIL): the latents and noise maps from which the edit regenerates it.
 
     settings: the fields of InversionSettings (steps, skip, seed, size, source_prompt, source_guidance,
-    keep_last_noise, keep_aspect, sampler, zero_noise_steps; the module docstring maps diffusers' LEDITS++ steps and
-    skip to ours). keep_last_noise=True makes the inversion exact: regenerating it without guidance returns w0 (DDPM
-    keeps z_{N-1}; dpmsolver++ ends its grid at sigma_min instead of the pipeline's 0, where the last step lands on
-    its x0 prediction whatever the noise). batch_size: timesteps per UNet call (the x_t are independent:
+    keep_last_noise, keep_aspect, sampler, zero_noise_steps; size defaults to sd.default_size, 512 for SD and 1024
+    for SDXL; the module docstring maps diffusers' LEDITS++ steps and skip to ours). keep_last_noise=True makes the
+    inversion exact: regenerating it without guidance returns w0 (DDPM keeps z_{N-1}; dpmsolver++ ends its grid at
+    sigma_min instead of the pipeline's 0, where the last step lands on its x0 prediction whatever the noise).
+    batch_size: timesteps per UNet call (the x_t are independent:
     batching only changes float rounding and speed). callback(done, total) reports progress of the UNet work.
     """
-    s = with_zero_noise_steps(InversionSettings(**settings), sd)
+    s = with_zero_noise_steps(InversionSettings(**{"size": sd.default_size, **settings}), sd)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)

@@ -60,6 +60,7 @@ class StableDiffusion:
     fingerprint: str                # identifies the weights: Hub commit sha, or "sha256-..." (load.content_hash)
     device: torch.device
     dtype: torch.dtype
+    default_size = 512              # side in pixels the methods default to (a class attribute, not a field)
 
     @property
     def prediction_type(self) -> str:
@@ -106,6 +107,7 @@ class StableDiffusionXL(StableDiffusion):
     tokenizer_2: Tokenizer
     text_encoder_2: TextEncoderWithProjection
     force_zeros_for_empty_prompt: bool = True   # model_index.json: "" embeds to zeros (the unconditional branch)
+    default_size = 1024
 
     def text_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(c [B, 77, D1 + D2], pooled [B, P]): both encoders' penultimate hidden states side by side, and the

@@ -16,11 +16,13 @@ from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion_xl import 
 from transformers import CLIPTokenizer
 
 import minledits
+import minledits.inversion
+import minledits.store
 from minledits import ledits, leditspp
 from minledits.image import to_tensor
 from minledits.sega import Concept
 from tests import hub
-from tests.helpers import SIZE, photo
+from tests.helpers import SIZE, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
@@ -162,3 +164,37 @@ def test_ledits_unet_calls_equal_the_sdxl_unet(xl, monkeypatch):
         assert kw["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 4
         expected = ref.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": kw["time_ids"]}).sample
         assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+# ---- command line and defaults ------------------------------------------------------------------------------------
+def test_command_line_on_sdxl(xl, tmp_path, capsys):
+    """invert (dpmsolver++) then edit --method leditspp and a LEDITS edit with --vae: PNGs whose parameters line
+    names the model, the VAE swap is in the fingerprint, and the edit equals the Python API's."""
+    import json
+
+    from PIL import Image
+    ref, sd = xl
+    photo().save(tmp_path / "photo.png")
+    inv = tmp_path / "inv.safetensors"
+    common = ["--model", ref.folder, "--device", "cpu", "--steps", 6, "--skip", 1, "--size", SIZE, "-q"]
+    assert run(capsys, "invert", tmp_path / "photo.png", "-o", inv, *common, "--sampler", "dpmsolver++")[0] == 0
+    rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "pp.png", "--method", "leditspp", "-e", "glasses", "-q")
+    assert rc == 0, err
+    info = json.loads(Image.open(tmp_path / "pp.png").text["minledits"])
+    assert info["zero_noise_steps"] == 3 and info["method"] == "leditspp"
+    stored = minledits.store.load(inv)
+    expected = minledits.decode(sd, leditspp.edit(sd, stored, concepts=[leditspp.concept("glasses")]))
+    assert list(Image.open(tmp_path / "pp.png").getdata()) == list(expected.getdata())
+    rc, _, err = run(capsys, "edit", tmp_path / "photo.png", "-o", tmp_path / "vae.png", "-e", "glasses",
+                     *common, "--vae", ref.folder / "vae")
+    assert rc == 0, err
+
+
+def test_default_size_is_1024_for_sdxl(xl, monkeypatch):
+    ref, sd = xl
+    sizes = []
+    monkeypatch.setattr(minledits.inversion, "noise_maps", lambda sd, s, xts, *a, **k: sizes.append(xts.shape) or
+                        torch.zeros_like(xts[1:]))
+    inv = minledits.invert(sd, photo(), steps=4, skip=2)
+    assert inv.settings.size == 1024 and inv.image.shape[-2:] == (1024, 1024) and sizes[0][-2:] == (128, 128)
+    assert minledits.load("random-tiny").default_size == 512
