@@ -3,6 +3,7 @@
     python -m tests.bench                      # SD 1.5 architecture, random weights, 256 px, 50 steps, skip 18
     python -m tests.bench --size 512 --steps 100 --skip 36 --dtype bfloat16 --paths ours
     python -m tests.bench --method leditspp    # LEDITS++: 256 px, 30 steps, skip 0.15 (diffusers' terms), intersect
+    python -m tests.bench --method p2p         # Prompt-to-Prompt beside our LEDITS edit: 256 px, 50 steps, skip 6
 
 The model (SD 1.5 configs, random weights, official Hub layout) is built once into
 $TMPDIR/minledits-bench/sd15 (about 4.3 GB, ~1 min). Each path runs in its own subprocess, one after the
@@ -25,6 +26,10 @@ Same image, seed and noise: the final latents must agree to 1e-4 in float32. The
 workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder, so `--paths ours` (e.g. with
 `--batch-size`, `--channels-last`, `--compile`) compares against the last reference run, marked "from the cache";
 a non-float32 run also prints its difference from the float32 run of the same workload.
+With --method p2p there is no reference (its code needs diffusers 0.8's CrossAttention): one process inverts once
+with a source prompt and times, alternating (--repeat), three edits of that inversion: the plain DDPM edit with the
+target prompt, p2p.edit (its defaults) and our LEDITS edit (target prompt and --concepts); per edit step the UNet
+calls, image-evaluations (batch rows) and seconds (see run_p2p).
 Not a pytest test (pytest collects test_*.py only).
 """
 import argparse
@@ -52,7 +57,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
     p.add_argument("--kind", default="sd15",
                    help="tests/hub.py model kind (sd15, sd21-base, tiny-sd1 for a smoke test)")
-    p.add_argument("--method", default="ledits", choices=["ledits", "leditspp"])
+    p.add_argument("--method", default="ledits", choices=["ledits", "leditspp", "p2p"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=None, help="N (default 50; leditspp: 30, diffusers' inverted steps)")
     p.add_argument("--skip", type=float, default=None,
@@ -78,7 +83,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     pp = args.method == "leditspp"
     args.steps = args.steps or (30 if pp else 50)
-    args.skip = (0.15 if pp else 18) if args.skip is None else args.skip if pp else int(args.skip)
+    args.skip = (0.15 if pp else 6 if args.method == "p2p" else 18) if args.skip is None else \
+        args.skip if pp else int(args.skip)
     return args
 
 
@@ -405,6 +411,42 @@ def report(args, o, r, u, machine, diff, cached):
         print("targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
 
 
+def run_p2p(args):
+    """Prompt-to-Prompt beside the other edits of one inversion (--method p2p): the table of UNet calls,
+    image-evaluations and seconds per edit step, each edit's fastest of --repeat runs (alternating)."""
+    import minledits
+    from minledits import p2p
+    folder = model_folder(args.kind)
+    sd = minledits.load(folder, args.device, dtype=dtype_of(args.dtype))
+    meter = Meter(args.device)
+    meter.watch_unet(sd.unet)
+    src, tar = args.source or "a photo of a cat", args.target or "a photo of a dog"
+    inv = meter.timed("inversion", minledits.invert)(sd, photo(), source_prompt=src, steps=args.steps, skip=args.skip,
+                                                      seed=args.seed, size=args.size)
+    edits = {"DDPM inversion, target prompt": lambda: minledits.edit(sd, inv, target_prompt=tar),
+             "DDPM + P2P (p2p.edit)": lambda: p2p.edit(sd, inv, tar),
+             f"LEDITS, target + {len(args.concepts)} concepts": lambda: minledits.edit(sd, inv, target_prompt=tar,
+                                                                                   concepts=args.concepts)}
+    S, best = args.steps - args.skip, {}
+    for rep in range(args.repeat):
+        for name, edit in edits.items():
+            phase = f"{name} #{rep}"
+            meter.timed(phase, edit)()
+            runs = best.setdefault(name, [])
+            runs.append((meter.wall[phase] / S, meter.calls[phase] / S, meter.rows[phase] / S, meter.unet_s[phase] / S))
+    where = cpu_name() if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"\np2p, {args.kind} architecture, random weights | {args.size} px, {args.steps} steps, skip {args.skip} "
+          f"({S} edit steps), {args.dtype}, {args.device} ({where}), {torch.get_num_threads()} threads; fastest of "
+          f"{args.repeat}\n")
+    ledits_s = min(best[list(edits)[-1]])[0]
+    print("| edit | UNet calls / step | image-evaluations / step | s / step | UNet s / step | vs LEDITS |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in best.items():
+        s, calls, rows, unet = min(runs)
+        print(f"| {name} | {calls:g} | {rows:g} | {s:.3f} | {unet:.3f} | {s / ledits_s:.2f} |")
+    print(f"\ninversion: {meter.wall['inversion']:.1f} s, {meter.rows['inversion']} image-evaluations")
+
+
 def load_results(folder: Path, path: str):
     if not (folder / f"{path}.json").is_file():
         return EMPTY, None
@@ -424,6 +466,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
+    if args.method == "p2p":
+        return run_p2p(args)
     folder = model_folder(args.kind)
     results = CACHE / "results" / workload_key(args)
     results.mkdir(parents=True, exist_ok=True)
