@@ -361,6 +361,8 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
     and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
     "input"); the command line shows its odd bytes as \\xNN. idle: {concept: why it never acted}, JSON only."""
     p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
+    if getattr(args, "vae", None):
+        p["vae"] = str(args.vae)
     if concepts is not None and args.method == "p2p":
         p.update(method="p2p", target_prompt=args.target_prompt, target_guidance=args.target_guidance,
                  cross_replace=args.cross_replace, self_replace=args.self_replace, reweight=args.reweight,

@@ -188,6 +188,7 @@ def test_command_line_on_sdxl(xl, tmp_path, capsys):
     rc, _, err = run(capsys, "edit", tmp_path / "photo.png", "-o", tmp_path / "vae.png", "-e", "glasses",
                      *common, "--vae", ref.folder / "vae")
     assert rc == 0, err
+    assert f"--vae={ref.folder / 'vae'}" in Image.open(tmp_path / "vae.png").text["parameters"]
 
 
 def test_default_size_is_1024_for_sdxl(xl, monkeypatch):
