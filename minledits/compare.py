@@ -57,7 +57,9 @@ def plans(source_prompt: str, target_prompt: str, target_guidance: float, concep
     else:
         left_out["ddpm"] = "it edits by the target prompt alone: give --target-prompt"
     if source_prompt and target_prompt:
-        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance)
+        # with a callback, as `edit --method p2p` calls it (its progress bar): p2p then keeps the attention maps,
+        # which changes the float rounding of the attention
+        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, callback=lambda step: None)
     else:
         left_out["p2p"] = "it maps the source prompt's words to the target's: give --source-prompt and --target-prompt"
     if concepts:
