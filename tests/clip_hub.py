@@ -48,3 +48,13 @@ def references(folder):
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
     return tuple(cls.from_pretrained(str(folder)).eval() for cls in (CLIPVisionModelWithProjection,
                                                                      CLIPTextModelWithProjection))
+
+
+# openai/clip-vit-large-patch14's config.json, the fields that decide the networks (ViT-L/14 and SD 1.x's text tower)
+OFFICIAL = dict(projection_dim=768,
+                text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+                                 projection_dim=768),
+                vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                   num_hidden_layers=24, patch_size=14, image_size=224, hidden_act="quick_gelu",
+                                   projection_dim=768))

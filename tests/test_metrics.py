@@ -134,5 +134,18 @@ def test_cli(clip_folder, tmp_path, capsys):
     assert rc == 0 and out.startswith("psnr ") and "clip" not in out
     assert err.startswith("minledits: note: CLIP metrics left out") and len(err.splitlines()) == 1
     rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "small.png", "--clip-model", clip_folder)
-    assert rc == 2 and out == "" and err.splitlines() == ["minledits: error: the two pictures differ in size "
-                                                          "(64x64 and 64x32 px): fidelity compares pictures of one size"]
+    why = "the two pictures differ in size (64x64 and 64x32 px): fidelity compares pictures of one size"
+    assert rc == 2 and out == "" and err.splitlines() == [f"minledits: error: {why}"]
+
+
+def test_full_size_vit_l_14_has_the_official_keys_and_shapes():
+    """openai/clip-vit-large-patch14 on the meta device (no weights): ours and transformers' CLIPModel hold the same
+    tensors under the same names, so its model.safetensors loads strictly (its position_ids buffers are skipped)."""
+    from transformers import CLIPConfig, CLIPModel
+    with torch.device("meta"):
+        ours = clipvision.CLIP(clip_hub.OFFICIAL)
+        theirs = CLIPModel(CLIPConfig(**clip_hub.OFFICIAL))
+    shapes = lambda m: {k: tuple(t.shape) for k, t in m.state_dict().items() if "position_ids" not in k}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+    assert shapes(ours)["vision_model.embeddings.position_embedding.weight"] == (257, 1024)
+    assert shapes(ours)["visual_projection.weight"] == (768, 1024) and len(shapes(ours)) == 590
