@@ -474,3 +474,47 @@ def test_hub_fetches_only_the_needed_files(tiny_sdxl, tmp_path, monkeypatch):
                            + [f"{c}/diffusion_pytorch_model.fp16.safetensors" for c in ("unet", "vae")]
                            + [f"{c}/model.fp16.safetensors" for c in ("text_encoder", "text_encoder_2")]
                            + [f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in tok])
+
+
+# ---- full size (heavy: 10 GB of fp32 weights per process) ---------------------------------------------------------
+REFERENCE_UNET = """
+import sys, torch
+from diffusers import UNet2DConditionModel
+from tests import hub
+folder = sys.argv[1]
+torch.manual_seed(0)
+config = hub.configs("sdxl")["unet"]
+unet = UNet2DConditionModel(**hub._clean(config)).eval().requires_grad_(False)
+hub._write_json(hub.Path(folder) / "unet" / "config.json", config)
+hub.save_safetensors(unet.state_dict().items(), hub.Path(folder) / "unet" / "diffusion_pytorch_model.safetensors")
+g = torch.Generator().manual_seed(1)
+x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 2048, generator=g)
+pooled, time_ids = torch.randn(2, 1280, generator=g), torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)
+with torch.no_grad():
+    out = unet(x, torch.tensor([999, 500]), context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+torch.save({"x": x, "context": context, "pooled": pooled, "time_ids": time_ids, "out": out.sample}, folder + "/io.pt")
+"""
+
+
+@pytest.mark.heavy
+def test_full_size_sdxl_unet_at_128px(tmp_path):
+    """The SDXL base UNet at full size (2.6 B parameters, random weights) at 128 px (16x16 latents), batch 2: the
+    reference runs in its own process and writes its weights in the Hub layout and its output; then ours loads the
+    file and runs. One copy of the weights in memory at a time (about 10.3 GB, fp32)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", REFERENCE_UNET, str(tmp_path)], check=True, cwd=root)
+    io = torch.load(tmp_path / "io.pt")
+    unet = unet_pair_from(tmp_path)
+    with torch.no_grad():
+        ours = unet(io["x"], torch.tensor([999, 500]), io["context"], text_embeds=io["pooled"], time_ids=io["time_ids"])
+    err = rel_err(ours, io["out"])
+    print(f"full-size SDXL UNet, 128 px: max rel diff {err:.3g}")
+    assert err <= 1e-5
+
+
+def unet_pair_from(folder):
+    config = read_json(folder / "unet" / "config.json")
+    return load_file(build("unet", config, "unet"), folder / "unet" / "diffusion_pytorch_model.safetensors", "unet")
