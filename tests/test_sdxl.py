@@ -518,3 +518,15 @@ def test_full_size_sdxl_unet_at_128px(tmp_path):
 def unet_pair_from(folder):
     config = read_json(folder / "unet" / "config.json")
     return load_file(build("unet", config, "unet"), folder / "unet" / "diffusion_pytorch_model.safetensors", "unet")
+
+
+def test_folder_without_tokenizers_and_missing_parts(tiny_sdxl, tmp_path):
+    """No tokenizer/ nor tokenizer_2/: the shipped vocabulary, padded 49407 and 0 (the second encoder is gelu); an
+    SDXL folder without text_encoder_2/ is refused in one line that names it."""
+    folder = hub.write(tiny_sdxl, tmp_path / "no-tok", tokenizer=False)
+    sd = minledits.load(folder)
+    assert (sd.tokenizer.pad_id, sd.tokenizer_2.pad_id) == (49407, 0)
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(minledits.LoadError, match="has no text_encoder_2/") as err:
+        minledits.load(folder)
+    assert "\n" not in str(err.value) and "tokenizer_2/" in str(err.value)
