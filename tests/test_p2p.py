@@ -296,3 +296,15 @@ def test_the_references_patch_finds_nothing_on_todays_diffusers(tiny_sd1):
     (diffusers 0.8.0); diffusers 0.42.1 has none, so its controller would never be called (README)."""
     names = {type(m).__name__ for m in tiny_sd1.unet.modules()}
     assert "CrossAttention" not in names and "Attention" in names
+
+
+def test_v_prediction(tmp_path):
+    """A v-prediction model (tiny SD 2.x v, deep): the reference's own reverse_step assumes eps; the oracle steps with
+    DDIMScheduler.step, which converts v as our sampler does. Replace, reweight and LocalBlend at once."""
+    ref = deep("tiny-sd2v", tmp_path)
+    sd = minledits.load(ref.folder)
+    inv = minledits.invert(sd, photo(), steps=STEPS, skip=SKIP, size=PX, seed=3, source_prompt=SRC)
+    target, blend = "a dog sitting on a mat", ("cat", "dog")
+    ours = p2p.edit(sd, inv, target, target_guidance=7.5, reweight={"dog": 2.0}, local_blend=blend)
+    theirs = reference(ref, inv, target, 7.5, reweight={"dog": 2.0}, blend=blend)
+    torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
