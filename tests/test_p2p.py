@@ -149,11 +149,16 @@ def test_without_replacement_it_is_the_target_prompt_edit(sd1, src_inv):
 
 
 def test_the_source_row_walks_the_inversion(sd1, src_inv):
-    """The source row regenerates the inversion's latents step by step and ends on w0 (keep_last_noise)."""
-    steps = []
-    p2p.edit(sd1, src_inv, "a dog sitting on a mat", callback=steps.append)
-    walked = torch.cat([st.x_prev[:1] for st in steps])
-    torch.testing.assert_close(walked, src_inv.xts[1:], atol=1e-5, rtol=1e-5)
+    """The source row regenerates the inversion's latents step by step and ends on w0 (keep_last_noise); also on a
+    dpmsolver++ inversion (the edit steps with the inversion's own sampler; its maps follow one another, so the
+    rounding of the 4-row batch accumulates more: seen 3.4e-5)."""
+    dpm = minledits.invert(sd1, photo(), steps=10, skip=3, size=SIZE, seed=1, source_prompt=SRC, keep_last_noise=True,
+                           sampler="dpmsolver++")
+    for inv, tol in [(src_inv, 1e-5), (dpm, 1e-4)]:
+        steps = []
+        p2p.edit(sd1, inv, "a dog sitting on a mat", callback=steps.append)
+        walked = torch.cat([st.x_prev[:1] for st in steps])
+        torch.testing.assert_close(walked, inv.xts[1:], atol=tol, rtol=tol)
 
 
 PAIRS = [  # (source, target): word swaps of equal word counts and refinements; multi-token words, punctuation, repeats
@@ -268,7 +273,7 @@ def test_cli_edit_is_p2p_edit(deep_model, tmp_path, capsys):
     assert said["method"] == "p2p" and said["reweight"] == "dog=2" and said["local_blend"] == "cat,dog"
     tensors = safetensors.torch.load_file(tmp_path / "tr.safetensors")
     assert tensors["attn"].shape == (16 - p2p.SKIP, 6, 2, 2) and tensors["x"].shape[1] == 2
-    assert (tmp_path / "tr.png").exists()
+    assert Image.open(tmp_path / "tr.png").size == (4 * 66, 7 * 66)  # 4 steps; x0 + 6 words; 8x8 tiles x8 + frame
 
 
 @pytest.mark.parametrize("extra, words", [
