@@ -645,11 +645,12 @@ def clip_of(args):
 def cmd_metrics(args):
     try:  # bad input is a usage error: one line, exit 2, before CLIP is loaded
         a, b = open_rgb(args.a), open_rgb(args.b)
-        metrics.same_size(metrics.pixels(a), metrics.pixels(b))
+        found = metrics.measure(a, b)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         print(f"minledits: error: {one_line(e)}", file=sys.stderr)
         return 2
-    found = metrics.measure(a, b, args.text, clip_of(args))
+    if clip := clip_of(args):
+        found = metrics.measure(a, b, args.text, clip)
     if args.json:
         return print(json.dumps(found))
     print(", ".join(f"{k} {v:.4f}" for k, v in found.items() if v is not None))
@@ -864,8 +865,10 @@ def add_compare_arguments(s):
 
 def compare_plan(args):
     """(output, record, LEDITS concepts, LEDITS++ concepts), every input checked before any work."""
-    if args.trace is not None or args.compare or args.user_mask is not None or args.method is not None:
-        raise ValueError("--trace, --compare, --user-mask and --method are options of edit: compare runs every method")
+    if args.trace is not None or args.compare or args.user_mask is not None or args.method is not None \
+            or args.save_inversion is not None:
+        raise ValueError("--trace, --compare, --user-mask, --save-inversion and --method are options of edit: "
+                         "compare runs every method")
     out = file_name(args, "output")
     if out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: the comparison is a .png file")

@@ -89,6 +89,7 @@ def test_methods_without_their_inputs_are_left_out(tiny_sd1, image, tmp_path, ca
 @pytest.mark.parametrize("extra, message", [
     (["--method", "leditspp"], "compare runs every method"),
     (["--trace", "t"], "compare runs every method"),
+    (["--save-inversion", "i.safetensors"], "compare runs every method"),
     (["-e", "hat:scale=x"], "hat:scale=x"),
     (["-o", "c.jpg"], "the comparison is a .png file"),
 ])

@@ -149,3 +149,11 @@ def test_full_size_vit_l_14_has_the_official_keys_and_shapes():
     assert shapes(ours) == shapes(theirs)
     assert shapes(ours)["vision_model.embeddings.position_embedding.weight"] == (257, 1024)
     assert shapes(ours)["visual_projection.weight"] == (768, 1024) and len(shapes(ours)) == 590
+
+
+def test_cli_refuses_pictures_too_small_for_ssim(tmp_path, capsys):
+    a, b = PAIRS[0]
+    for name, x in [("a", a[:8, :8]), ("b", b[:8, :8])]:
+        Image.fromarray(x).save(tmp_path / f"{name}.png")
+    rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "b.png", "--clip-model", "none")
+    assert rc == 2 and out == "" and err == "minledits: error: SSIM needs pictures of at least 11x11 px, got 8x8\n"
