@@ -4,13 +4,21 @@ Inversion (semantics: minledits/inversion.py): the same noise through DDIMSchedu
 UNet for eps (separate calls for the source-prompt CFG, as the LEDITS demo does), DDIMScheduler.step for mu.
 Edit (minledits/ledits.py): SemanticStableDiffusionPipeline with a DDIMScheduler that starts at step `skip` and
 injects the inversion's noise maps as variance noise (docs/design.md §7 says why the tests force its x_t).
-LEDITS++ (minledits/leditspp.py): diffusers' LEditsPPPipelineStableDiffusion, leditspp_pipeline() below.
+LEDITS++ (minledits/leditspp.py): diffusers' LEditsPPPipelineStableDiffusion, leditspp_pipeline() below, and on
+SDXL LEditsPPPipelineStableDiffusionXL, leditspp_xl_pipeline().
 """
 import copy
 from functools import lru_cache
 
 import torch
-from diffusers import DDIMScheduler, LEditsPPPipelineStableDiffusion, PNDMScheduler, SemanticStableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    LEditsPPPipelineStableDiffusion,
+    LEditsPPPipelineStableDiffusionXL,
+    PNDMScheduler,
+    SemanticStableDiffusionPipeline,
+)
 
 from tests import hub
 
@@ -125,4 +133,28 @@ def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=T
             prompts = kw["editing_prompt"] or []
             return edit, uncond, torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts])
         pipe.encode_prompt = encode_prompt
+    return pipe
+
+
+def leditspp_xl_pipeline(ref, scheduler="dpmsolver++", copy_unet=True):
+    """LEditsPPPipelineStableDiffusionXL on the reference modules of an SDXL kind (a copy of the UNet unless copy_unet
+    is false). Given SDXL's Euler scheduler it puts its SDE-DPM-Solver++ (2M) in place, as with the Hub model;
+    scheduler="ddpm": a DDIMScheduler. One patch, as leditspp_pipeline's: __call__ gets each concept's own token
+    count (diffusers 0.42.1 reports the padded length 77 and sums tokens 1..75)."""
+    cfg = hub._clean(ref.scheduler_config)
+    pipe = LEditsPPPipelineStableDiffusionXL(
+        vae=ref.vae, text_encoder=ref.text_encoder, text_encoder_2=ref.text_encoder_2,
+        tokenizer=hub.reference_tokenizer(ref.folder / "tokenizer"),
+        tokenizer_2=hub.reference_tokenizer(ref.folder / "tokenizer_2"),
+        unet=copy.deepcopy(ref.unet) if copy_unet else ref.unet,
+        scheduler=(DDIMScheduler if scheduler == "ddpm" else EulerDiscreteScheduler).from_config(cfg),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    encode = pipe.encode_prompt
+
+    def encode_prompt(*a, **kw):
+        out = encode(*a, **kw)
+        prompts = kw.get("editing_prompt") or []
+        return (*out[:4], torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts]))
+    pipe.encode_prompt = encode_prompt
     return pipe

@@ -1,19 +1,15 @@
 """LEDITS and LEDITS++ on Stable Diffusion XL (tests/hub.py "tiny-sdxl": attention at 1/2 and 1/4 of the latent
 side, as SDXL's) against diffusers' LEditsPPPipelineStableDiffusionXL and the SDXL UNet.
 
-The pipeline is built on the reference modules with one patch (as tests/oracle.py's for the SD pipeline): its
+The pipeline is built on the reference modules with one patch (tests/oracle.leditspp_xl_pipeline): its
 __call__ sums each concept's own tokens into its attention map (diffusers 0.42.1 reports the padded length 77, so
 it sums tokens 1..75). Pictures are square here: the pipeline swaps height and width in its time_ids (invert sets
 size = (w * 8, h * 8) from latents [.., h, w]), ours are (H, W) as SDXL was trained; square sizes agree.
 """
-import copy
 import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
-from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion_xl import LEditsPPPipelineStableDiffusionXL
-from transformers import CLIPTokenizer
 
 import minledits
 import minledits.inversion
@@ -21,7 +17,7 @@ import minledits.store
 from minledits import ledits, leditspp
 from minledits.image import to_tensor
 from minledits.sega import Concept
-from tests import hub
+from tests import hub, oracle
 from tests.helpers import SIZE, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,24 +32,7 @@ def xl(tmp_path_factory):
 
 
 def xl_pipeline(ref, scheduler="dpmsolver++"):
-    """LEditsPPPipelineStableDiffusionXL on copies of the reference modules (invert sets attention processors).
-    Given SDXL's Euler scheduler it puts its SDE-DPM-Solver++ (2M) in place, as with the Hub model; "ddpm": DDIM."""
-    cfg = hub._clean(ref.scheduler_config)
-    pipe = LEditsPPPipelineStableDiffusionXL(
-        vae=ref.vae, text_encoder=ref.text_encoder, text_encoder_2=ref.text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(str(ref.folder / "tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(ref.folder / "tokenizer_2")), unet=copy.deepcopy(ref.unet),
-        scheduler=(DDIMScheduler if scheduler == "ddpm" else EulerDiscreteScheduler).from_config(cfg),
-        force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    encode = pipe.encode_prompt
-
-    def encode_prompt(*a, **kw):  # the concepts' own token counts (module docstring)
-        out = encode(*a, **kw)
-        prompts = kw.get("editing_prompt") or []
-        return (*out[:4], torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts]))
-    pipe.encode_prompt = encode_prompt
-    return pipe
+    return oracle.leditspp_xl_pipeline(ref, scheduler)
 
 
 def quietly(fn, *a, **kw):
