@@ -226,3 +226,14 @@ def test_clip_metrics_and_the_tradeoff_plot(tiny_sd1, image, tmp_path, capsys, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     rc, _, err = run(capsys, *argv)
     assert rc == 0 and "minledits: no trade-off plot: it needs matplotlib (pip install 'minledits[plot]')" in err
+
+
+def test_clip_weights_that_cannot_be_had_are_one_note_and_the_sweep_goes_on(tiny_sd1, image, tmp_path, capsys):
+    argv = sweep_args(tiny_sd1, image, tmp_path / "g.png", "target_guidance=5,9")
+    argv[argv.index("none")] = "/no/such/clip"
+    rc, _, err = run(capsys, *argv, "-q")
+    notes = [line for line in err.splitlines() if "CLIP" in line]
+    assert rc == 0 and len(notes) == 1 and notes[0].endswith("(give a local folder, or none)")
+    assert notes[0].startswith("minledits: note: CLIP metrics left out: CLIP metrics need the weights of /no/such/clip")
+    rows = list(csv.DictReader((tmp_path / "g.csv").open()))
+    assert len(rows) == 2 and all(r["clip_score"] == "" and float(r["psnr"]) > 0 for r in rows)
