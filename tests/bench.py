@@ -4,6 +4,7 @@
     python -m tests.bench --size 512 --steps 100 --skip 36 --dtype bfloat16 --paths ours
     python -m tests.bench --method leditspp    # LEDITS++: 256 px, 30 steps, skip 0.15 (diffusers' terms), intersect
     python -m tests.bench --method p2p         # Prompt-to-Prompt beside our LEDITS edit: 256 px, 50 steps, skip 6
+    python -m tests.bench --kind sdxl --method leditspp   # LEDITS++ on SDXL against LEditsPPPipelineStableDiffusionXL
 
 The model (SD 1.5 configs, random weights, official Hub layout) is built once into
 $TMPDIR/minledits-bench/sd15 (about 4.3 GB, ~1 min). Each path runs in its own subprocess, one after the
@@ -26,6 +27,11 @@ Same image, seed and noise: the final latents must agree to 1e-4 in float32. The
 workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder, so `--paths ours` (e.g. with
 `--batch-size`, `--channels-last`, `--compile`) compares against the last reference run, marked "from the cache";
 a non-float32 run also prints its difference from the float32 run of the same workload.
+With --kind sdxl (SDXL base configs; 13.9 GB of fp32 weights, each path holds one copy) --method leditspp compares
+against LEditsPPPipelineStableDiffusionXL (tests/oracle.leditspp_xl_pipeline) with --mask cross_attention by
+default: its intersect mode intersects above t = 800 too, where ours (and its SD pipeline) take the attention mask
+alone, so the intersect latents differ there. The interleaved UNets share one copy of the weights (ours is filled
+with the reference's tensors). --method ledits on SDXL has no reference (the LEDITS oracle is SD's): --paths ours.
 With --method p2p there is no reference (its code needs diffusers 0.8's CrossAttention): one process inverts once
 with a source prompt and times, alternating (--repeat), three edits of that inversion: the plain DDPM edit with the
 target prompt, p2p.edit (its defaults) and our LEDITS edit (target prompt and --concepts); per edit step the UNet
@@ -56,7 +62,9 @@ PHASES = ("load", "encode", "inversion", "edit", "decode")
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
     p.add_argument("--kind", default="sd15",
-                   help="tests/hub.py model kind (sd15, sd21-base, tiny-sd1 for a smoke test)")
+                   help="tests/hub.py model kind (sd15, sd21-base, sdxl; tiny-sd1 / tiny-sdxl for a smoke test)")
+    p.add_argument("--mask", default=None, choices=["intersect", "cross_attention", "noise"],
+                   help="leditspp masks (default intersect; sdxl: cross_attention, see above)")
     p.add_argument("--method", default="ledits", choices=["ledits", "leditspp", "p2p"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=None, help="N (default 50; leditspp: 30, diffusers' inverted steps)")
@@ -85,7 +93,12 @@ def parse(argv=None):
     args.steps = args.steps or (30 if pp else 50)
     args.skip = (0.15 if pp else 6 if args.method == "p2p" else 18) if args.skip is None else \
         args.skip if pp else int(args.skip)
+    args.mask = args.mask or ("cross_attention" if is_xl(args.kind) else "intersect")
     return args
+
+
+def is_xl(kind: str) -> bool:
+    return kind.endswith("sdxl")
 
 
 def ours_steps(args) -> tuple[int, int]:
@@ -176,10 +189,16 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
 
     import minledits
     dtype, meter = dtype_of(args.dtype), Meter(args.device)
-    ours = minledits.load(folder, args.device, dtype=dtype).unet
     ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
-    calls = {"ours": lambda x, t, c: ours(x, t, c),
-             "reference": lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample}
+    if is_xl(args.kind):  # one copy of SDXL's 10 GB: ours is filled with the reference's tensors
+        from minledits.load import build
+        ours = build("unet", dict(ref.config), "unet")
+        ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    else:
+        ours = minledits.load(folder, args.device, dtype=dtype).unet
+    xl = (lambda b: xl_inputs(ref.config, b, args.size, args.device, dtype)) if is_xl(args.kind) else lambda b: {}
+    calls = {"ours": lambda x, t, c: ours(x, t, c, **xl(len(x))),
+             "reference": lambda x, t, c: ref(x, t, encoder_hidden_states=c, added_cond_kwargs=xl(len(x))).sample}
     g, h = torch.Generator().manual_seed(0), args.size // 8
     out = {name: {} for name in calls}
     with torch.inference_mode():
@@ -198,6 +217,13 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
             for name in calls:
                 out[name][b] = sorted(times[name])[repeats // 2]
     return out
+
+
+def xl_inputs(config, b: int, size: int, device="cpu", dtype=torch.float32) -> dict:
+    """SDXL's extra UNet inputs for b rows at size px: a pooled text embedding and the time_ids (size, 0, size)."""
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return {"text_embeds": torch.randn(b, pooled, generator=torch.Generator().manual_seed(1)).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * b, device=device, dtype=dtype)}
 
 
 # --------------------------------------------------------------------------------------------- the two paths
@@ -231,7 +257,7 @@ def run_ours_pp(args, folder, meter):
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
     inv = meter.timed("inversion", minledits.invert)(sd, photo(), sampler="dpmsolver++", steps=steps, skip=skip,
                                                       seed=args.seed, size=args.size, **kw)
-    w0 = meter.timed("edit", leditspp.edit)(sd, inv, concepts=args.concepts, mask="intersect")
+    w0 = meter.timed("edit", leditspp.edit)(sd, inv, concepts=args.concepts, mask=args.mask)
     meter.timed("decode", minledits.decode)(sd, w0)
     return w0, meter.peak_memory()
 
@@ -242,7 +268,7 @@ def run_reference_pp(args, folder, meter):
     from tests import oracle
 
     ref = meter.timed("load", reference_modules)(args, folder)
-    pipe = oracle.leditspp_pipeline(ref, copy_unet=False)
+    pipe = (oracle.leditspp_xl_pipeline if is_xl(args.kind) else oracle.leditspp_pipeline)(ref, copy_unet=False)
     meter.watch_unet(pipe.unet)
     pipe.vae.encode = meter.timed("encode", pipe.vae.encode)
     x = to_tensor(photo(), args.size).to(args.device, dtype_of(args.dtype))
@@ -253,7 +279,8 @@ def run_reference_pp(args, folder, meter):
     w0 = meter.timed("edit", pipe)(
         output_type="latent", editing_prompt=[c.prompt for c in cs], reverse_editing_direction=[c.reverse for c in cs],
         edit_guidance_scale=[c.scale for c in cs], edit_threshold=[c.threshold for c in cs],
-        edit_warmup_steps=[c.warmup for c in cs], use_intersect_mask=True).images
+        edit_warmup_steps=[c.warmup for c in cs], use_intersect_mask=args.mask == "intersect",
+        use_cross_attn_mask=args.mask == "cross_attention").images
     with torch.no_grad():
         meter.timed("decode", lambda: to_pil(ref.vae.decode(w0 / ref.vae.config.scaling_factor).sample))()
     return w0, meter.peak_memory()
@@ -262,21 +289,24 @@ def run_reference_pp(args, folder, meter):
 def reference_modules(args, folder):
     """diffusers UNet/VAE + transformers CLIP from the folder (from_pretrained), as a tests/hub.Reference."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from tests import hub, oracle
     kw = dict(torch_dtype=dtype_of(args.dtype))
-    nets = [cls.from_pretrained(folder, subfolder=sub, **kw).to(args.device).eval()
-            for cls, sub in [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")]]
+    parts = [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")]
+    parts += [(CLIPTextModelWithProjection, "text_encoder_2")] if (folder / "text_encoder_2").is_dir() else []
+    nets = [cls.from_pretrained(folder, subfolder=sub, **kw).to(args.device).eval() for cls, sub in parts]
     oracle.tokenizer(folder)
     configs = {"scheduler": json.loads((folder / "scheduler" / "scheduler_config.json").read_text())}
-    return hub.Reference(args.kind, *nets, configs, folder)
+    return hub.Reference(args.kind, *nets[:3], configs, folder, text_encoder_2=(nets[3:] or [None])[0])
 
 
 def run_reference(args, folder, meter):
     from minledits import Concept
     from minledits.image import to_pil, to_tensor
     from tests import oracle
+    if is_xl(args.kind):
+        raise SystemExit("--method ledits on SDXL has no reference path (the LEDITS oracle is SD's): --paths ours")
 
     ref = meter.timed("load", reference_modules)(args, folder)
     meter.watch_unet(ref.unet)
@@ -311,7 +341,8 @@ def child(args):
 # --------------------------------------------------------------------------------------------- the report
 def workload_key(args) -> str:
     w = [args.kind, args.size, args.steps, args.skip, args.concepts, args.target, args.source,
-         args.dtype, args.device, args.seed] + ([args.method] if args.method != "ledits" else [])
+         args.dtype, args.device, args.seed] + ([args.method] if args.method != "ledits" else []) + \
+        ([args.mask] if args.method == "leditspp" and args.mask != "intersect" else [])
     return hashlib.sha256(json.dumps(w).encode()).hexdigest()[:12]
 
 
@@ -324,7 +355,8 @@ def machine_figures(args) -> dict:
     with torch.device("meta"):
         unet, h = UNet(config), args.size // 8
         with FlopCounterMode(display=False) as fc:
-            unet(torch.empty(1, 4, h, h), torch.tensor([501]), torch.empty(1, 77, config["cross_attention_dim"]))
+            unet(torch.empty(1, 4, h, h), torch.tensor([501]), torch.empty(1, 77, config["cross_attention_dim"]),
+                 **(xl_inputs(config, 1, args.size, "meta") if is_xl(args.kind) else {}))
     n = 4096
     a, b = torch.randn(n, n, device=args.device), torch.randn(n, n, device=args.device)
     best = float("inf")
@@ -362,6 +394,7 @@ def report(args, o, r, u, machine, diff, cached):
     import diffusers
     print(f"\n{args.method}, {args.kind} architecture, random weights | {args.size} px, {args.steps} steps, skip "
           f"{args.skip}" + (" (ours: steps {}, skip {})".format(*ours_steps(args)) if args.method != "ledits" else "")
+          + (f", mask {args.mask}" if args.method == "leditspp" else "")
           + f", concepts {args.concepts}, target {args.target!r}, source {args.source!r} | {args.dtype} on "
           f"{args.device}")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
