@@ -23,8 +23,9 @@ Notation (code name -> symbol); sampler symbols in sampler.py
     Q'       alpha_i R(P) W + (1 - alpha_i) Q     the target row's cross-attention
              P        in self-attention with n <= 16^2 tokens, while i < int(N c_s)   (c_s = self_replace)
     A        A_r = sum_{j <= i} mean over the down/up cross-attention layers at (h/4, w/4) (16 x 16 at 512 px) and
-             their heads of the row's probabilities summed over the local-blend words' tokens      [2, 1, h/4, w/4]
-    mask     union over r of [up(maxpool_3x3(A_r)) / max > 0.3], nearest-upsampled to (h, w)    [1, 1, h, w]
+             their heads of the row's probabilities (the target's after its edit, as the reference keeps them)
+             summed over the row's local-blend words' tokens                                     [2, 1, h/4, w/4]
+    mask     union over r of [up(maxpool_3x3(A_r)) / its max > 0.3], up: nearest-neighbour to (h, w)  [1, 1, h, w]
     x_prev   x_{t-1} = sampler.step(k, x, eps, z); with LocalBlend x^p_{t-1} <- x^s_{t-1} + mask (x^p_{t-1} - x^s_{t-1})
 Step counting as the reference: cross_replace and self_replace are fractions of all N steps, but the counter i
 starts at the first executed step after the skip: at N = 100, skip 36 and cross_replace 0.6 the cross-attention is
