@@ -8,6 +8,7 @@ runs at 24x24 (576 queries: self-attention kept), 12x12 and 6x6 (<= 16^2: replac
 import json
 import math
 import re
+import shlex
 from unittest import mock
 
 import numpy as np
@@ -275,6 +276,16 @@ def test_cli_edit_is_p2p_edit(deep_model, tmp_path, capsys):
     tensors = safetensors.torch.load_file(tmp_path / "tr.safetensors")
     assert tensors["attn"].shape == (16 - p2p.SKIP, 6, 2, 2) and tensors["x"].shape[1] == 2
     assert Image.open(tmp_path / "tr.png").size == (4 * 66, 7 * 66)  # 4 steps; x0 + 6 words; 8x8 tiles x8 + frame
+
+
+def test_cli_png_command_reproduces_the_p2p_edit(tiny_sd1, tmp_path, capsys):
+    """The PNG's `parameters` chunk is a command line: run it (plus -o) and get the same pixels."""
+    rc, _, err = run(capsys, *cli_edit(tiny_sd1.folder, tmp_path, "--reweight", "dog=2", "--cross-replace", 0.5, "-q"))
+    assert rc == 0, err
+    argv = shlex.split(Image.open(tmp_path / "out.png").text["parameters"])[1:]
+    assert "--method=p2p" in argv and "--skip=12" in argv and "--cross-replace=0.5" in argv
+    assert run(capsys, *argv, "--device", "cpu", "-o", tmp_path / "again.png", "-q")[0] == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out.png")))
 
 
 @pytest.mark.parametrize("extra, words", [
