@@ -119,7 +119,7 @@ def _depth(s, block: str) -> int:
 
 
 def _unet(shapes, family: str, prediction_type: str):
-    s, sd2 = _under(shapes, UNET), family != "sd1"
+    s = _under(shapes, UNET)
     n_in = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")})
     levels = 1 + sum(k.startswith("input_blocks.") and k.endswith(".0.op.weight") for k in s)
     L = (n_in - levels) // levels
@@ -127,7 +127,7 @@ def _unet(shapes, family: str, prediction_type: str):
     attn_down = [f"input_blocks.{n}.1.proj_in.weight" in s for n in first]
     attn_up = [f"output_blocks.{i * (L + 1)}.1.proj_in.weight" in s for i in range(levels)]
     channels = [s[f"input_blocks.{n}.0.out_layers.3.weight"][0] for n in first]
-    v768 = sd2 and prediction_type == "v_prediction"
+    v768 = family == "sd2" and prediction_type == "v_prediction"
     config = {
         "_class_name": "UNet2DConditionModel", "sample_size": 96 if v768 else 64,
         "in_channels": s["input_blocks.0.0.weight"][1], "out_channels": s["out.2.weight"][0],
@@ -136,8 +136,8 @@ def _unet(shapes, family: str, prediction_type: str):
         "block_out_channels": channels, "layers_per_block": L,
         "cross_attention_dim": s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
         # `attention_head_dim` holds the NUMBER of heads (a diffusers naming quirk): SD1 has 8 heads
-        # everywhere; SD2 heads of size 64, i.e. [5, 10, 20, 20] for channels [320, 640, 1280, 1280].
-        "attention_head_dim": [c // 64 for c in channels] if sd2 else 8,
+        # everywhere; SD2 and SDXL heads of size 64, i.e. [5, 10, 20, 20] for channels [320, 640, 1280, 1280].
+        "attention_head_dim": [c // 64 for c in channels] if family != "sd1" else 8,
         "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,  # SD2, XL: Linear; SD1: 1x1 conv
         # The diffusers SD 2.1 (768, v-prediction) config computes attention scores in fp32; we apply it to
         # every SD2 v-prediction file (2.0-v included: upcasting only makes fp16 safer).
