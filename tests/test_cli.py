@@ -62,7 +62,7 @@ def test_inversion_file(flow, tiny_sd1):
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
     assert (s.steps, s.skip, s.seed, s.size, meta["resolution"], meta["dtype"]) == (6, 2, 3, 64, "64x64", "float32")
     assert inv.model_id == meta["model_id"] == str(tiny_sd1.folder) and inv.fingerprint.startswith("sha256-")
-    assert meta["version"] == 1 and meta["steps"] == 6
+    assert meta["version"] == store.VERSION == 2 and meta["steps"] == 6
     assert inv.xts.shape == (5, 4, 8, 8) and inv.zs.shape == (4, 4, 8, 8) and len(inv.timesteps) == 4
     assert inv.image.shape == (1, 3, 64, 64) and torch.all(inv.zs[-1] == 0)  # the reference zeroes the last map
 
@@ -303,7 +303,7 @@ def test_inversion_file_checks(flow, tmp_path):
     from safetensors.torch import save_file
     with safe_open(str(flow.dir / "inv.safetensors"), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    for name, change, words in [("newer", lambda m, t: m.update(version="2"), "format version 2"),
+    for name, change, words in [("newer", lambda m, t: m.update(version="3"), "format version 3"),
                                 ("short", lambda m, t: t.update(zs=t["zs"][:-1]), "damaged"),
                                 ("no xts", lambda m, t: t.pop("xts"), "missing 'xts'")]:
         m, t = dict(meta), dict(tensors)
