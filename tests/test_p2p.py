@@ -96,6 +96,19 @@ def test_edits_equal_the_reference(deep_model, case, monkeypatch):
     print(f"{ref.kind} {case}: max abs diff {(ours - theirs[1:]).abs().max():.3g}")
 
 
+def test_a_tall_picture(deep_model):
+    """keep_aspect, 64x128 px: 16x8 latents, LocalBlend's maps 4x2 (the layers' own sizes): equal to the oracle."""
+    ref, sd, _ = deep_model
+    inv = minledits.invert(sd, photo(size=(64, 128)), steps=STEPS, skip=SKIP, size=128, seed=3, source_prompt=SRC,
+                           keep_aspect=True)
+    steps, target, blend = [], "a dog sitting on a mat", ("cat", "dog")
+    ours = p2p.edit(sd, inv, target, target_guidance=7.5, reweight={"dog": 2.0}, local_blend=blend,
+                    callback=steps.append)
+    theirs = reference(ref, inv, target, 7.5, reweight={"dog": 2.0}, blend=blend)
+    torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
+    assert steps[0].attn.shape == (2, 4, 2, 77) and steps[0].mask.shape == (1, 1, 16, 8)
+
+
 def test_the_cross_schedule_has_n_plus_1_rows(deep_model):
     """cross_replace 0.65 at N = 10: the reference replaces for cur_step < int(0.65 * 11) = 7 (its table has N + 1
     rows), not int(0.65 * 10) = 6; ours equals it, and one step less is caught by the tolerance."""
