@@ -300,6 +300,8 @@ def inversion_of(args):
     if args.batch_size < 1:
         raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
     sd = model_of(args)
+    for check in getattr(args, "model_checks", ()):  # a method's checks that need the model, before the inversion
+        check(sd)
     if not size_given and args.size != sd.default_size:  # SDXL: 1024 unless --size says otherwise
         args.size = sd.default_size
         settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
@@ -452,6 +454,8 @@ def p2p_options(args) -> list:
         args.skip = p2p.SKIP if args.skip is None else args.skip
     p2p.check(src, args.target_prompt, args.target_guidance, args.cross_replace, args.self_replace, args.reweight,
               args.local_blend)
+    if args.local_blend is not None:
+        args.model_checks = [lambda sd: p2p.check_levels(sd.unet.config)]
     return []
 
 

@@ -303,17 +303,23 @@ def check(src: str | None, target_prompt, target_guidance, cross_replace, self_r
     return c_x, c_s, weights, words
 
 
+def check_levels(unet_config: dict) -> None:
+    """LocalBlend reads UNet level MAP_LEVEL: refuse a UNet without cross-attention there (one line)."""
+    if level_size(unet_config, (8, 8), MAP_LEVEL) is None:
+        raise ValueError(f"local_blend reads the cross-attention at 1/4 of the latent size (UNet level {MAP_LEVEL}); "
+                         "this UNet has none there")
+
+
 def plan(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cross_replace, self_replace, reweight,
          local_blend, keep_maps: bool) -> Plan:
     """The Plan of an edit, every option checked (check) and the UNet's levels too, before any UNet work."""
     src, N = inv.settings.source_prompt, inv.settings.steps
     c_x, c_s, weights, words = check(src, target_prompt, target_guidance, cross_replace, self_replace, reweight,
                                      local_blend, sd.dtype)
+    if words:
+        check_levels(sd.unet.config)
     hw, L = tuple(inv.xts.shape[-2:]), len(sd.unet.config["down_block_types"])
     size = level_size(sd.unet.config, hw, MAP_LEVEL)
-    if words and size is None:
-        raise ValueError(f"local_blend reads the cross-attention at 1/4 of the latent size (UNet level {MAP_LEVEL}); "
-                         "this UNet has none there")
     levels = [n for n in range(L) if level_size(sd.unet.config, hw, n)]
     if size is None and keep_maps and levels:  # for the callback: the level nearest to MAP_LEVEL
         size = level_size(sd.unet.config, hw, min(levels, key=lambda n: abs(n - MAP_LEVEL)))

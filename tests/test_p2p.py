@@ -306,7 +306,8 @@ def test_cli_png_command_reproduces_the_p2p_edit(tiny_sd1, tmp_path, capsys):
     (("-e", "glasses"), "takes no concepts"),
     (("--reweight", "cow=2"), "reweight word 'cow' is not a word of the prompt"),
     (("--local-blend", "cat"), "local_blend takes the source's and the target's words"),
-    (("--cross-replace", "1.5"), r"cross_replace must be a fraction")])
+    (("--cross-replace", "1.5"), r"cross_replace must be a fraction"),
+    (("--local-blend", "cat,dog"), "reads the cross-attention at 1/4 of the latent size")])  # 2-level UNet
 def test_cli_bad_input_is_one_line_before_any_work(tiny_sd1, tmp_path, capsys, extra, words):
     with mock.patch.object(minledits.inversion, "noise_maps", side_effect=AssertionError("the UNet ran")):
         rc, out, err = run(capsys, *cli_edit(tiny_sd1.folder, tmp_path, *extra))
