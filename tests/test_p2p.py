@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shlex
+import subprocess
 from unittest import mock
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 import minledits
 from minledits import p2p
 from tests import hub, oracle, oracle_p2p
-from tests.helpers import SIZE, photo, run
+from tests.helpers import SIZE, console_script, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, SKIP, PX = 10, 2, 192     # 8 executed steps: cross-attention replaced for i < int(0.6 * 11) = 6, self for i < 2
@@ -317,7 +318,10 @@ def test_cli_bad_input_is_one_line_before_any_work(tiny_sd1, tmp_path, capsys, e
 
 def test_cli_help_states_the_p2p_defaults(capsys):
     rc, out, _ = run(capsys, "edit", "--help")
-    text = " ".join(out.split())
+    text = " ".join(out.split())  # (the terminal's width decides the line breaks)
+    if console_script():  # the installed command says the same
+        assert " ".join(subprocess.run([console_script(), "edit", "--help"], capture_output=True,
+                                       text=True).stdout.split()) == text
     assert rc == 0 and f"its default --skip is {p2p.SKIP}, the reference's at N = 100" in text
     assert "--cross-replace X p2p: fraction of all N steps" in text and "(default: 0.6)" in text
 
