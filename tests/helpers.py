@@ -1,20 +1,55 @@
 """Shared test helpers (the tests never import each other): the small inversion setting, a test photo, our
 edit beside the reference pipeline's on the same inversion, and the package's import graph."""
 import ast
+import fnmatch
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
 
 import minledits
 from minledits import Concept, cli
-from tests import oracle
+from tests import hub, oracle
 
 N, SKIP, SIZE = 10, 3, 64  # 10 steps, 7 of them edited, 64 px (8x8 latents): tiny models run in milliseconds
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.9, warmup=1, cooldown=6, weight=1.5),
             Concept("beard", scale=3.0, threshold=0.8, warmup=3, reverse=True, weight=0.5)]
+
+
+def deep(kind, folder, sample_size=16):
+    """A tiny model with 3 UNet levels (latent side h, h/2, h/4), all with cross-attention, in the Hub layout. The
+    standard tiny UNets have attention only at the latent size; LEDITS++' and Prompt-to-Prompt's attention masks
+    read the layers at 1/4 of the latent side (16x16 at 512 px), which this one has."""
+    configs = hub.configs
+
+    def three_levels(k):
+        c = configs(k)
+        c["unet"].update(block_out_channels=[32, 32, 64], down_block_types=["CrossAttnDownBlock2D"] * 3,
+                         up_block_types=["CrossAttnUpBlock2D"] * 3, sample_size=sample_size,
+                         attention_head_dim=4 if k == "tiny-sd1" else [2, 2, 4])
+        return c
+    with mock.patch.object(hub, "configs", three_levels):
+        return hub.make(kind, folder)
+
+
+def fake_snapshot_download(monkeypatch, folder: Path, snapshot: Path) -> list:
+    """huggingface_hub.snapshot_download replaced by a copy of the files of `folder` that match allow_patterns
+    into `snapshot` (whose name is the revision's hash); returns the list its calls are appended to."""
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, revision=None, local_dir=None, **kw):
+        calls.append((repo_id, list(allow_patterns), revision))
+        for p in folder.rglob("*"):
+            rel = p.relative_to(folder).as_posix()
+            if p.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in allow_patterns):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(p, snapshot / rel)
+        return str(snapshot)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return calls
 
 
 def photo(seed=0, size=(80, 64)):

@@ -16,25 +16,11 @@ import minledits
 from minledits import leditspp
 from minledits.sega import Concept
 from tests import hub, oracle
-from tests.helpers import SIZE, photo
+from tests.helpers import SIZE, deep, photo
 
 STEPS, SKIP = 10, 1  # 9 edited steps; leading spacing: t = 811, 721, ..., 1 (the first above T_INTERSECT)
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
             Concept("a big beard", scale=4.0, threshold=0.7, warmup=2, cooldown=5, reverse=True)]
-
-
-def deep(kind, folder):
-    """A tiny model with 3 UNet levels, all with cross-attention (see the module docstring)."""
-    configs = hub.configs
-
-    def three_levels(k):
-        c = configs(k)
-        c["unet"].update(block_out_channels=[32, 32, 64], down_block_types=["CrossAttnDownBlock2D"] * 3,
-                         up_block_types=["CrossAttnUpBlock2D"] * 3, sample_size=16,
-                         attention_head_dim=4 if k == "tiny-sd1" else [2, 2, 4])
-        return c
-    with mock.patch.object(hub, "configs", three_levels):
-        return hub.make(kind, folder)
 
 
 @pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sd2v"])

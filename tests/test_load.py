@@ -15,6 +15,7 @@ from minledits.load import NETWORKS, WEIGHT_STEM, fill, load, weight_file
 from minledits.model import StableDiffusion, dtype_of
 from minledits.tokenizer import Tokenizer
 from tests import hub
+from tests.helpers import fake_snapshot_download
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,20 +330,9 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def fake_hub(tiny_sd1, tmp_path, monkeypatch):
     """snapshot_download replaced: copies the files matching allow_patterns of tiny-sd1 into a snapshot."""
-    import fnmatch
-    calls, snapshot = [], tmp_path / "hub" / "snapshots" / SHA
+    snapshot = tmp_path / "hub" / "snapshots" / SHA
     monkeypatch.chdir(tmp_path)
-
-    def snapshot_download(repo_id, allow_patterns=None, revision=None, local_dir=None, **kw):
-        calls.append((repo_id, list(allow_patterns), revision))
-        for p in tiny_sd1.folder.rglob("*"):
-            rel = p.relative_to(tiny_sd1.folder).as_posix()
-            if p.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in allow_patterns):
-                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(p, snapshot / rel)
-        return str(snapshot)
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
-    return calls, snapshot
+    return fake_snapshot_download(monkeypatch, tiny_sd1.folder, snapshot), snapshot
 
 
 def test_hub_downloads_only_what_is_needed(fake_hub, tiny_sd1):

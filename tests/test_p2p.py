@@ -21,7 +21,7 @@ from PIL import Image
 import minledits
 from minledits import p2p
 from tests import hub, oracle, oracle_p2p
-from tests.helpers import SIZE, console_script, photo, run
+from tests.helpers import SIZE, console_script, deep, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, SKIP, PX = 10, 2, 192     # 8 executed steps: cross-attention replaced for i < int(0.6 * 11) = 6, self for i < 2
@@ -36,23 +36,9 @@ CASES = {  # name: (target prompt, reweight, local_blend, LocalBlend's threshold
 }
 
 
-def deep(kind, folder):
-    """A tiny model with 3 UNet levels, all with cross-attention (see the module docstring)."""
-    configs = hub.configs
-
-    def three_levels(k):
-        c = configs(k)
-        c["unet"].update(block_out_channels=[32, 32, 64], down_block_types=["CrossAttnDownBlock2D"] * 3,
-                         up_block_types=["CrossAttnUpBlock2D"] * 3, sample_size=24,
-                         attention_head_dim=4 if k == "tiny-sd1" else [2, 2, 4])
-        return c
-    with mock.patch.object(hub, "configs", three_levels):
-        return hub.make(kind, folder)
-
-
 @pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sd2"])
 def deep_model(request, tmp_path_factory):
-    ref = deep(request.param, tmp_path_factory.mktemp(request.param))
+    ref = deep(request.param, tmp_path_factory.mktemp(request.param), 24)
     sd = minledits.load(ref.folder)
     inv = minledits.invert(sd, photo(), steps=STEPS, skip=SKIP, size=PX, seed=3, source_prompt=SRC)
     return ref, sd, inv
@@ -336,7 +322,7 @@ def test_the_references_patch_finds_nothing_on_todays_diffusers(tiny_sd1):
 def test_v_prediction(tmp_path):
     """A v-prediction model (tiny SD 2.x v, deep): the reference's own reverse_step assumes eps; the oracle steps with
     DDIMScheduler.step, which converts v as our sampler does. Replace, reweight and LocalBlend at once."""
-    ref = deep("tiny-sd2v", tmp_path)
+    ref = deep("tiny-sd2v", tmp_path, 24)
     sd = minledits.load(ref.folder)
     inv = minledits.invert(sd, photo(), steps=STEPS, skip=SKIP, size=PX, seed=3, source_prompt=SRC)
     target, blend = "a dog sitting on a mat", ("cat", "dog")

@@ -20,6 +20,7 @@ from minledits.load import build, load_file, read_json
 from minledits.model import StableDiffusionXL
 from minledits.unet import UNet
 from tests import hub
+from tests.helpers import fake_snapshot_download
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REL = 1e-5  # relative to the output's max |.|; the tiny UNet is bit-identical on one thread (measured 0)
@@ -454,17 +455,8 @@ def test_sdxl_refiner_files_are_refused(xl_file, tmp_path):
 def test_hub_fetches_only_the_needed_files(tiny_sdxl, tmp_path, monkeypatch):
     """snapshot_download replaced by a copy of the files matching allow_patterns: an SDXL repo's two text encoders
     and tokenizers come along, the fp16 variant with dtype fp16, nothing else (no fp32 twins, no extra files)."""
-    import fnmatch
     snapshot = tmp_path / "snapshots" / ("a" * 40)
-
-    def snapshot_download(repo_id, allow_patterns=None, revision=None, local_dir=None, **kw):
-        for p in tiny_sdxl.folder.rglob("*"):
-            rel = p.relative_to(tiny_sdxl.folder).as_posix()
-            if p.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in allow_patterns):
-                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(p, snapshot / rel)
-        return str(snapshot)
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    fake_snapshot_download(monkeypatch, tiny_sdxl.folder, snapshot)
     sd = minledits.load("owner/tiny-xl", dtype="fp16")
     assert isinstance(sd, StableDiffusionXL) and sd.fingerprint == "a" * 40
     files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
@@ -481,6 +473,7 @@ REFERENCE_UNET = """
 import sys, torch
 from diffusers import UNet2DConditionModel
 from tests import hub
+from tests.helpers import fake_snapshot_download
 folder = sys.argv[1]
 torch.manual_seed(0)
 config = hub.configs("sdxl")["unet"]
