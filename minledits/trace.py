@@ -117,14 +117,14 @@ def side_by_side(images):
     return Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
 
 
-class AttentionTrace:
+class AttentionTrace(Trace):
     """A Prompt-to-Prompt edit's callback (p2p.py): every tensor of both rows [source, target] per step, and per
     step the target row's cross-attention map of each word (its tokens summed; p2p.EditStep.attn: the mean over
     the layers at the map size and their heads). words: (word, token positions) of the target prompt."""
 
     def __init__(self, sd, inv, words: list[tuple[str, list[int]]]):
-        self.inv, self.sampler, self.words = inv, inv.settings.new_sampler(sd.schedule), words
-        self.steps = defaultdict(list)
+        super().__init__(sd, inv)
+        self.words = words
 
     def __call__(self, st):
         row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), eps_u=st.eps_u, eps_c=st.eps_c, eps=st.eps,
@@ -135,9 +135,6 @@ class AttentionTrace:
             if v is not None:
                 self.steps[k].append(v.detach().to("cpu", copy=True))
         self.steps["t"].append(torch.tensor(st.t))
-
-    def tensors(self) -> dict:
-        return {k: torch.stack(v) for k, v in self.steps.items()}
 
     def save(self, tensors_path, picture_path, concepts=()):
         """The tensors (metadata: the words, in the order of the attention maps' axis) and the picture."""
@@ -152,7 +149,6 @@ class AttentionTrace:
         x0 = latent_rgb(self.inv)(torch.stack(self.steps["x0_hat"])[:, 1])   # [S, 3, h, w]
         rows = [x0]
         if "attn" in self.steps:
-            A = torch.stack(self.steps["attn"]).float()                       # [S, W, h', w']
-            A = F.interpolate(A / A.amax((2, 3), keepdim=True).clamp_min(1e-12), size=x0.shape[-2:])
+            A = tile(torch.stack(self.steps["attn"]), x0.shape[-2:])          # [S, W, h, w]
             rows += [A[:, w, None].expand_as(x0) for w in range(A.shape[1])]
         return grid(torch.stack(rows, 1))
