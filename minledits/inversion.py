@@ -141,10 +141,10 @@ def noisy_latents(sampler, w0: torch.Tensor, seed: int) -> torch.Tensor:
 
 def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, callback=None) -> torch.Tensor:
     """z_k for k = skip .. N-1 (xts[j] is x_{tau_{skip+j}}), up to batch_size timesteps per UNet call. The batches
-    are aligned to multiples of batch_size in k, whatever the skip: the inversion at a larger skip batches its steps
-    as the one at a smaller skip does, but for its first, partial batch (float rounding depends on the batch)."""
+    end at N - j batch_size, whatever the skip: the inversion at a larger skip batches its steps as the one at a
+    smaller skip does, but for its first, partial batch (float rounding depends on the batch), the only partial one."""
     zs, n, c = [], len(xts) - 1, rows(context)  # c = 1, or 2 with a source prompt
-    edges = sorted({0, n, *range(-skip % batch_size, n, batch_size)})
+    edges = sorted({0, *range(n % batch_size, n + 1, batch_size)})
     for a, e in zip(edges, edges[1:]):
         b = e - a
         k, x = slice(skip + a, skip + a + b), xts[a:a + b]

@@ -94,13 +94,13 @@ def shares(items: list, rank: int, world: int) -> list:
 @torch.inference_mode()
 def at_skip(sd, inv: Inversion, skip: int, batch_size: int) -> Inversion:
     """The DDPM inversion at a larger skip, from one at a smaller skip: its tensors sliced, and its first
-    partial UNet batch (the steps before the first multiple of batch_size in k) run again as that inversion runs
+    partial UNet batch ((N - skip) mod batch_size steps) run again as that inversion runs
     it, so that the result is bit-identical to invert(..., skip=skip) (inversion.noise_maps aligns its batches)."""
     d, s = skip - inv.settings.skip, replace(inv.settings, skip=skip)
     if d < 0 or s.sampler != "ddpm":
         raise ValueError(f"an inversion at skip {inv.settings.skip} ({inv.settings.sampler}) cannot give skip {skip}")
     xts, zs = inv.xts[d:], inv.zs[d:].clone()
-    e = min(-skip % batch_size, len(zs))
+    e = len(zs) % batch_size
     if d and e:
         context = sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else []))
         z = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, context, s.source_guidance, batch_size)
@@ -111,7 +111,7 @@ def at_skip(sd, inv: Inversion, skip: int, batch_size: int) -> Inversion:
 
 def patch_rows(skips, smallest: int, batch_size: int, steps: int) -> int:
     """UNet rows at_skip runs again for these skips (0 for the smallest and for aligned ones)."""
-    return sum(min(-s % batch_size, steps - s) for s in set(skips) if s != smallest)
+    return sum((steps - s) % batch_size for s in set(skips) if s != smallest)
 
 
 # --------------------------------------------------------------------------------------------- files

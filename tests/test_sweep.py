@@ -96,9 +96,9 @@ def test_edit_options_and_skip_share_one_inversion(tiny_sd1, image, tmp_path, co
     out = tmp_path / "g.png"
     rc, stdout, err = run(capsys, *sweep_args(tiny_sd1, image, out, "skip=2,3", "target_guidance=5,7.5,10"))
     assert rc == 0 and "sweep: 6 cells done, 0 kept, 0 failed" in stdout
-    assert "sweep of 6 cells, 0 done already: 1 inversion(s) (+1 UNet rows to align skips) and 6 edit(s)" in err
-    # one inversion at skip 2 (4 UNet rows), and step 3 again alone for skip 3 (aligned batches: 3 | 4-5)
-    assert (counts.inversions, counts.rows, counts.patch_rows, counts.edits) == (1, 4, 1, 6)
+    assert "sweep of 6 cells, 0 done already: 1 inversion(s) (+3 UNet rows to align skips) and 6 edit(s)" in err
+    # one inversion at skip 2 (4 UNet rows, one batch: k = 2-5), and k = 3-5 again for skip 3 (its one batch)
+    assert (counts.inversions, counts.rows, counts.patch_rows, counts.edits) == (1, 4, 3, 6)
 
 
 def test_seed_needs_one_inversion_each(tiny_sd1, image, tmp_path, counts, capsys):
