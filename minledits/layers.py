@@ -202,8 +202,8 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)
-        if not self.linear:
-            h = self.proj_out(h)
+        if not self.linear:  # contiguous NCHW: a channels-last input takes another conv kernel (other rounding)
+            h = self.proj_out(h.contiguous())
         return x + h
 
 
