@@ -8,7 +8,8 @@
 
 The model (SD 1.5 configs, random weights, official Hub layout) is built once into
 $TMPDIR/minledits-bench/sd15 (about 4.3 GB, ~1 min). Each path runs in its own subprocess, one after the
-other, so that peak RSS (peak CUDA memory on CUDA) is its own:
+other, so that peak RSS (peak CUDA memory on CUDA) is its own, each after the weight files were read once (a warm
+page cache for both, whichever runs first):
 
   ours       minledits.load -> invert (UNet only for k >= skip, `--batch-size` timesteps per call) -> edit
              (one batched call per step, empty target branch dropped) -> decode
@@ -23,10 +24,12 @@ LEditsPPPipelineStableDiffusion (tests/oracle.leditspp_pipeline, its two diffuse
 computes the same edit): invert(num_inversion_steps=N, skip=f) on the same preprocessed image, then
 __call__(output_type="latent") and a VAE decode.
 
-Same image, seed and noise: the final latents must agree to 1e-4 in float32. The last run of each path per
-workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder, so `--paths ours` (e.g. with
-`--batch-size`, `--channels-last`, `--compile`) compares against the last reference run, marked "from the cache";
-a non-float32 run also prints its difference from the float32 run of the same workload.
+Same image, seed and noise: the final latents must agree to 1e-4 in float32 (on CUDA with cuDNN's TF32
+convolutions off, which PyTorch allows by default: with them, SDXL at 1024 px moved the two paths 1.87 apart).
+The last run of each path per workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder,
+so `--paths ours` (e.g. with `--batch-size`, `--channels-last`, `--compile`) compares against the last reference
+run, marked "from the cache"; a non-float32 run also prints its difference from the float32 run of the same
+workload.
 With --kind sdxl (SDXL base configs; 13.9 GB of fp32 weights, each path holds one copy) --method leditspp compares
 against LEditsPPPipelineStableDiffusionXL (tests/oracle.leditspp_xl_pipeline) with --mask cross_attention by
 default: its intersect mode intersects above t = 800 too, where ours (and its SD pipeline) take the attention mask
@@ -264,7 +267,7 @@ def run_ours_pp(args, folder, meter):
 
 def run_reference_pp(args, folder, meter):
     from minledits import leditspp
-    from minledits.image import to_pil, to_tensor
+    from minledits.image import to_tensor
     from tests import oracle
 
     ref = meter.timed("load", reference_modules)(args, folder)
@@ -281,9 +284,15 @@ def run_reference_pp(args, folder, meter):
         edit_guidance_scale=[c.scale for c in cs], edit_threshold=[c.threshold for c in cs],
         edit_warmup_steps=[c.warmup for c in cs], use_intersect_mask=args.mask == "intersect",
         use_cross_attn_mask=args.mask == "cross_attention").images
-    with torch.no_grad():
-        meter.timed("decode", lambda: to_pil(ref.vae.decode(w0 / ref.vae.config.scaling_factor).sample))()
+    reference_decode(meter, ref.vae, w0)
     return w0, meter.peak_memory()
+
+
+def reference_decode(meter, vae, w0):
+    """The reference's VAE decode, timed, in the VAE's dtype (the XL pipeline leaves an fp16 VAE upcast to fp32)."""
+    from minledits.image import to_pil
+    with torch.no_grad():
+        meter.timed("decode", lambda: to_pil(vae.decode(w0.to(vae.dtype) / vae.config.scaling_factor).sample))()
 
 
 def reference_modules(args, folder):
@@ -303,7 +312,7 @@ def reference_modules(args, folder):
 
 def run_reference(args, folder, meter):
     from minledits import Concept
-    from minledits.image import to_pil, to_tensor
+    from minledits.image import to_tensor
     from tests import oracle
     if is_xl(args.kind):
         raise SystemExit("--method ledits on SDXL has no reference path (the LEDITS oracle is SD's): --paths ours")
@@ -317,8 +326,7 @@ def run_reference(args, folder, meter):
     concepts = [Concept.parse(c) for c in args.concepts]
     w0, _ = meter.timed("edit", oracle.edit)(ref, xts, zs[args.skip:], args.steps, args.skip, args.target, 15.0,
                                              concepts, 0.3, 0.6)
-    with torch.no_grad():
-        meter.timed("decode", lambda: to_pil(ref.vae.decode(w0 / ref.vae.config.scaling_factor).sample))()
+    reference_decode(meter, ref.vae, w0)
     return w0, meter.peak_memory()
 
 
@@ -480,6 +488,15 @@ def run_p2p(args):
     print(f"\ninversion: {meter.wall['inversion']:.1f} s, {meter.rows['inversion']} image-evaluations")
 
 
+def warm_page_cache(folder: Path):
+    """Read the model's weight files once, so that the first path does not pay the disk for the second (both then
+    load from the page cache, as a second run would)."""
+    for f in sorted(folder.rglob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+
 def load_results(folder: Path, path: str):
     if not (folder / f"{path}.json").is_file():
         return EMPTY, None
@@ -495,6 +512,8 @@ def spawn(argv, child, out):
 
 def main(argv=None):
     args = parse(argv)
+    if args.dtype == "float32":  # fp32 on CUDA too: by default PyTorch lets cuDNN convolutions round to TF32
+        torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -510,6 +529,7 @@ def main(argv=None):
         for path in [p for p in ("ours", "reference") if p in run_now]:
             print(f"running {path} ({rep + 1}/{args.repeat}) ...", flush=True)
             new, best = f"{results / path}-new", f"{results / path}"
+            warm_page_cache(folder)
             spawn(argv, path, new)
             edit_s = lambda stem: sum(v for k, v in json.loads(Path(stem + ".json").read_text())["wall"].items()
                                       if k != "load")
@@ -521,6 +541,7 @@ def main(argv=None):
                 Path(new + ext).unlink(missing_ok=True)
     if "unets" in run_now:
         print("running both UNets, calls interleaved ...", flush=True)
+        warm_page_cache(folder)
         spawn(argv, "unets", str(results / "unets"))
     (o, wo), (r, wr) = load_results(results, "ours"), load_results(results, "reference")
     u = json.loads((results / "unets.json").read_text()) if (results / "unets.json").is_file() else None
