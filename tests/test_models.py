@@ -21,6 +21,7 @@ from minledits.clip import TextEncoder
 from minledits.unet import UNet
 from minledits.vae import VAE
 from tests import hub
+from tests.helpers import deep
 
 # ---- official architectures (docs/design.md §6) ---------------------------------------------------------
 UNET_COMMON = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
@@ -176,6 +177,26 @@ def test_unet_tiny_parity(name):
         same_t = ref(x, 501, context).sample  # t as int, 0-d and [B] tensors are broadcast to the batch
         for t in (501, torch.tensor(501), torch.tensor([501, 501]), torch.tensor([501.0])):
             assert_close(ours(x, t, context), same_t, TINY_REL["unet"])
+
+
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sd2v", "tiny-sdxl"])
+def test_unet_is_bit_identical_on_equal_inputs(kind, tmp_path):
+    """The same kernels on the same memory layouts: SD 1.x's 1x1 proj_out conv gets a contiguous input, as diffusers
+    gives it (a channels-last view took another oneDNN kernel, 1.3e-6 off). So LEDITS++ with the noise mask equals
+    the pipeline exactly (tests/test_leditspp.py), and what remains elsewhere is the attention kernel's rounding.
+    Two threads: on one, both conv kernels happened to round alike (the fixture restores the count)."""
+    torch.set_num_threads(2)
+    ref = deep(kind, tmp_path)
+    ours = minledits.load(ref.folder).unet
+    torch.manual_seed(1)
+    cfg, xl = ref.unet.config, {}
+    x, c = torch.randn(3, 4, 16, 16), torch.randn(3, 77, cfg.cross_attention_dim)
+    if kind == "tiny-sdxl":  # the pooled text embedding and the six time_ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        xl = {"text_embeds": torch.randn(3, pooled), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 3)}
+    with torch.no_grad():
+        theirs = ref.unet(x, 501, c, added_cond_kwargs=xl or None).sample
+        assert torch.equal(ours(x, 501, c, **xl), theirs)
 
 
 def test_unet_gradients_match():
