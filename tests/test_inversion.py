@@ -51,6 +51,17 @@ def test_unet_runs_only_for_steps_the_edit_uses(sd1, monkeypatch):
     assert sum(calls) == N - SKIP
 
 
+@pytest.mark.parametrize("skip, batch_size", [(2, 3), (1, 4), (3, 4), (0, 5)])
+def test_only_the_first_batch_may_be_partial(sd1, monkeypatch, skip, batch_size):
+    """Batches end at k = N - j batch_size: ceil((N - skip) / batch_size) calls, whatever the skip."""
+    calls = []
+    unet = sd1.unet
+    monkeypatch.setattr(sd1, "unet", lambda x, t, c: calls.append(len(x)) or unet(x, t, c))
+    minledits.invert(sd1, photo(), steps=10, skip=skip, size=SIZE, batch_size=batch_size)
+    n = 10 - skip
+    assert calls == [n % batch_size] * (n % batch_size > 0) + [batch_size] * (n // batch_size)
+
+
 @pytest.mark.parametrize("bad", [dict(skip=10), dict(skip=-1), dict(steps=0), dict(source_guidance=float("nan")),
                                  dict(size=100)])
 def test_bad_parameters_fail_before_any_unet_work(sd1, monkeypatch, bad):
