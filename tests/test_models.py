@@ -21,6 +21,7 @@ from minledits.clip import TextEncoder
 from minledits.unet import UNet
 from minledits.vae import VAE
 from tests import hub
+from tests.bench import xl_inputs
 from tests.helpers import deep
 
 # ---- official architectures (docs/design.md §6) ---------------------------------------------------------
@@ -189,11 +190,8 @@ def test_unet_is_bit_identical_on_equal_inputs(kind, tmp_path):
     ref = deep(kind, tmp_path)
     ours = minledits.load(ref.folder).unet
     torch.manual_seed(1)
-    cfg, xl = ref.unet.config, {}
-    x, c = torch.randn(3, 4, 16, 16), torch.randn(3, 77, cfg.cross_attention_dim)
-    if kind == "tiny-sdxl":  # the pooled text embedding and the six time_ids
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        xl = {"text_embeds": torch.randn(3, pooled), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 3)}
+    x, c = torch.randn(3, 4, 16, 16), torch.randn(3, 77, ref.unet.config.cross_attention_dim)
+    xl = xl_inputs(ref.unet.config, 3, 128) if kind == "tiny-sdxl" else {}  # pooled text and the six time_ids
     with torch.no_grad():
         theirs = ref.unet(x, 501, c, added_cond_kwargs=xl or None).sample
         assert torch.equal(ours(x, 501, c, **xl), theirs)
