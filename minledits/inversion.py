@@ -183,7 +183,7 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     x = to_tensor(image, s.size, s.keep_aspect)
     w0 = sd.encode(x)
     xts = noisy_latents(sampler, w0, s.seed)[s.skip:]
-    context = sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else []))
+    context = sd.text_kv(sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else [])))
     zs = noise_maps(sd, sampler, xts, s.skip, context, s.source_guidance, batch_size, callback)
     if not zs.isfinite().all():
         raise MinleditsError("the inversion's noise maps hold inf or NaN: the model's output is not finite "

@@ -11,6 +11,9 @@ LEDITS++ masks); it is set with `UNet.attention_controller(ctrl)`. It is any cal
 with N = h * w image tokens and M keys (the 77 text tokens for cross-attention, N for self-attention), and an
 optional `ctrl.wants(layer, size) -> bool` (absent: every layer). Only the layers it wants compute explicit
 probabilities; the others, and every layer when no controller is set, keep the fused `attention()`.
+
+A cross-attention's keys and values, k = to_k(c) and v = to_v(c), depend on the text c alone, which an edit keeps
+for all its steps: `UNet.text_kv(c)` computes them once for every layer, and the resulting TextKV goes where c went.
 """
 import math
 from dataclasses import dataclass
@@ -66,6 +69,27 @@ class AttentionLayer:
     place: str
     block: int
     cross: bool
+
+
+@dataclass(frozen=True)
+class TextKV:
+    """A text context c [R, M, D] with every cross-attention's k, v [R, M, inner] computed from it: kv[attn2] = (k, v).
+    repeat_interleave(n, 0) repeats its rows as the tensor's does (model.repeat_rows), without copying until used."""
+    context: torch.Tensor
+    kv: dict
+    repeats: int = 1
+
+    def __len__(self):
+        return len(self.context) * self.repeats
+
+    def repeat_interleave(self, n: int, dim: int = 0) -> "TextKV":
+        assert dim == 0, "rows only"
+        return TextKV(self.context, self.kv, self.repeats * n)
+
+    def keys_values(self, attn) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv[attn]
+        return (k, v) if self.repeats == 1 else (k.repeat_interleave(self.repeats, 0),
+                                                 v.repeat_interleave(self.repeats, 0))
 
 
 def _every(layer, size):  # the default `wants` of a controller
@@ -126,9 +150,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
     def forward(self, x, context=None, size=None):
-        """x [B, N, dim], context [B, M, context_dim] (None: self-attention), size (h, w) of the N = h * w tokens."""
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        """x [B, N, dim], context [B, M, context_dim] or its TextKV (None: self-attention), size (h, w) of the
+        N = h * w tokens."""
+        if isinstance(context, TextKV):
+            k, v = context.keys_values(self)
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
         ctrl = self.controller
         if ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size):
             return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))  # fused, no probs kept

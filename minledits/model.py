@@ -6,6 +6,8 @@ every method does with them - embed prompts, encode an image to latents, decode 
     sd.decode(w0)                       -> x [B, 3, H, W]    D(w0 / f), in about [-1, 1]
     sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
     sd.predict(x_t, t, c)               -> the same for any model: what the methods call, c from text_embeddings
+    sd.text_kv(c)                       -> c with the UNet's text keys and values computed once: what an edit
+                                           passes to predict at every step (same outputs, less work per step)
 Build one with minledits.load (load.py), or minledits.load("random-tiny") for an offline smoke test.
 
 StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to a pair, and its UNet takes more:
@@ -85,6 +87,10 @@ class StableDiffusion:
         """The UNet's output for latents x [B, 4, h, w] at t, conditioned on c (text_embeddings' rows, B of them)."""
         return self.unet(x, t, c)
 
+    def text_kv(self, c):
+        """c (text_embeddings' output) with every cross-attention's keys and values computed from it (UNet.text_kv)."""
+        return self.unet.text_kv(c)
+
     @property
     def latent_scale(self) -> int:
         """Pixels per latent pixel: 2 ** (VAE levels - 1), 8 for SD."""
@@ -125,6 +131,9 @@ class StableDiffusionXL(StableDiffusion):
         time_ids of the picture x decodes to (h * 8, w * 8 pixels, uncropped)."""
         time_ids = self.time_ids(self.latent_scale * x.shape[-2], self.latent_scale * x.shape[-1])
         return self.unet(x, t, c[0], text_embeds=c[1], time_ids=time_ids.expand(x.shape[0], -1))
+
+    def text_kv(self, c: tuple[torch.Tensor, torch.Tensor]):
+        return self.unet.text_kv(c[0]), c[1]
 
     def time_ids(self, height: int, width: int) -> torch.Tensor:
         """[6] float: original size (H, W), crop top-left (0, 0), target size (H, W), in pixels, the model's dtype."""

@@ -360,7 +360,7 @@ def edit(sd: StableDiffusion, inv: Inversion, target_prompt: str, target_guidanc
              callback is not None)
     skip, src = inv.settings.skip, inv.settings.source_prompt
     s = torch.tensor([inv.settings.source_guidance, target_guidance], device=sd.device).view(2, 1, 1, 1).to(sd.dtype)
-    context = sd.text_embeddings(["", "", src, target_prompt])
+    context = sd.text_kv(sd.text_embeddings(["", "", src, target_prompt]))
     x, sums = inv.xts[:1].to(sd.device, sd.dtype).expand(2, -1, -1, -1), {}
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):
         t, ctrl = sampler.timesteps[k], Control(p, i)

@@ -137,7 +137,8 @@ def attention_layer(name: str) -> layers.AttentionLayer:
 
 
 class UNet(nn.Module):
-    """eps (or v) prediction: unet(x [B, C, h, w], t (int, 0-d or [B]), context [B, 77, D]) -> [B, C_out, h, w].
+    """eps (or v) prediction: unet(x [B, C, h, w], t (int, 0-d or [B]), context [B, 77, D]) -> [B, C_out, h, w];
+    context may be the TextKV of text_kv(context), which saves recomputing its keys and values at every step.
     SDXL (text_time) also takes text_embeds [B, P] (pooled text) and time_ids [B, 6] by keyword."""
 
     def __init__(self, config: dict):
@@ -190,6 +191,12 @@ class UNet(nn.Module):
         finally:
             for m, p in zip(modules, previous):
                 object.__setattr__(m, "controller", p)
+
+    def text_kv(self, context) -> layers.TextKV:
+        """context [R, M, D] with every cross-attention's keys and values computed from it: pass it as `context`
+        at every step that reuses the text (same outputs; each attn2 skips to_k and to_v)."""
+        return layers.TextKV(context, {m: (m.to_k(context), m.to_v(context)) for m in self.modules()
+                                       if isinstance(m, layers.Attention) and m.layer.cross})
 
     def forward(self, x, t, context, *, text_embeds=None, time_ids=None):
         if hasattr(self, "add_embedding") != (text_embeds is not None) or (text_embeds is None) != (time_ids is None):

@@ -197,6 +197,29 @@ def test_unet_is_bit_identical_on_equal_inputs(kind, tmp_path):
         assert torch.equal(ours(x, 501, c, **xl), theirs)
 
 
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sdxl"])
+def test_text_keys_and_values_computed_once_change_nothing(kind, tmp_path):
+    """unet(x, t, unet.text_kv(c)) is unet(x, t, c) bit for bit - with rows repeated (the inversion's batches: one
+    row of text for several x_t) and with a controller reading the cross-attention probabilities from those keys."""
+    torch.set_num_threads(2)
+    ref = deep(kind, tmp_path)
+    unet = minledits.load(ref.folder).unet
+    torch.manual_seed(1)
+    x, c = torch.randn(4, 4, 16, 16), torch.randn(2, 77, ref.unet.config.cross_attention_dim)
+    xl = xl_inputs(ref.unet.config, 4, 128) if kind == "tiny-sdxl" else {}
+    kv = unet.text_kv(c).repeat_interleave(2)
+    assert len(kv) == 4 and all(k.shape[0] == 2 for k, v in kv.kv.values())
+    outs, read = [], []
+    with torch.no_grad():
+        for context in (c.repeat_interleave(2, 0), kv):
+            outs.append(unet(x, 501, context, **xl))
+            with unet.attention_controller(lambda layer, size, probs: read.append(probs) if layer.cross else None):
+                outs.append(unet(x, 501, context, **xl))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    half = len(read) // 2
+    assert half and all(torch.equal(a, b) for a, b in zip(read[:half], read[half:]))
+
+
 def test_unet_gradients_match():
     """The in-place adds / SiLU are autograd-safe: input and weight gradients equal the reference's."""
     ref = perturbed(UNet2DConditionModel(**TINY_UNETS["sd2v-upcast-2layers"]))

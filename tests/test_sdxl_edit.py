@@ -16,6 +16,7 @@ import minledits.inversion
 import minledits.store
 from minledits import ledits, leditspp
 from minledits.image import to_tensor
+from minledits.layers import TextKV
 from minledits.sega import Concept
 from tests import hub, oracle
 from tests.helpers import SIZE, photo, run
@@ -125,16 +126,18 @@ def test_ledits_reconstructs_exactly_with_keep_last_noise(xl):
 @torch.no_grad()
 def test_ledits_unet_calls_equal_the_sdxl_unet(xl, monkeypatch):
     """Every UNet call of a LEDITS edit on SDXL (batched: unconditional, target and concept rows; the pooled text of
-    each, zeros for ""; time_ids (64, 64, 0, 0, 64, 64)) equals diffusers' UNet on the same inputs."""
+    each, zeros for ""; time_ids (64, 64, 0, 0, 64, 64)) equals diffusers' UNet on the same inputs - ours taking
+    the text's keys and values computed once for the edit (a TextKV), diffusers' the text itself."""
     ref, sd = xl
     inv = minledits.invert(sd, photo(), steps=6, skip=2, size=SIZE, seed=1, source_prompt="a photo")
-    calls, unet = [], sd.unet
+    calls, forward = [], sd.unet.forward
 
     def spy(x, t, c, **kw):
-        out = unet(x, t, c, **kw)
-        calls.append((x.clone(), t, c.clone(), {k: v.clone() for k, v in kw.items()}, out))
+        out = forward(x, t, c, **kw)
+        assert isinstance(c, TextKV) and len(c) == len(x)
+        calls.append((x.clone(), t, c.context.clone(), {k: v.clone() for k, v in kw.items()}, out))
         return out
-    monkeypatch.setattr(sd, "unet", spy)
+    monkeypatch.setattr(sd.unet, "forward", spy)
     ledits.edit(sd, inv, target_prompt="a man", concepts=["glasses", "-beard"])
     c, pooled = sd.text_embeddings(["", "a man", "glasses", "beard"])
     assert len(calls) == 4
