@@ -1,7 +1,8 @@
 """Building blocks shared by the UNet, the VAE and the CLIP text encoder.
 
 Every attribute is named like the official diffusers key, so weights load with no renaming.
-All attention of the package goes through `attention()`: replace `layers.attention` to swap it.
+All attention of the package goes through `attention()`: replace `layers.attention` to swap it
+(`explicit_attention` is the same math with the probabilities materialised, as diffusers' AttnProcessor).
 
 An attention controller reads and may replace the attention probabilities of UNet layers (Prompt-to-Prompt,
 LEDITS++ masks); it is set with `UNet.attention_controller(ctrl)`. It is any callable
@@ -32,6 +33,19 @@ def attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     q, k, v = (x.unflatten(-1, (heads, C // heads)).transpose(1, 2) for x in (q, k, v))  # [B, heads, N|M, d]
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(B, N, C).to(dtype)
+
+
+fused_attention = attention  # what `attention` is, whatever it is swapped for
+
+
+def explicit_attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
+    """attention() with its probabilities materialised: attend(attention_probs(q, k), v), as diffusers' AttnProcessor
+    computes it, the processor LEditsPPPipelineStableDiffusion puts in every UNet layer for its edit. The same math,
+    other rounding, slower: `layers.attention = layers.explicit_attention` during an edit reproduces that pipeline
+    bit for bit (tests/test_leditspp.py). Causal attention (CLIP's) stays fused."""
+    if causal:
+        return fused_attention(q, k, v, heads, upcast, causal)
+    return attend(attention_probs(q, k, heads, upcast), v).to(q.dtype)
 
 
 def attention_probs(q, k, heads: int, upcast: bool = False):

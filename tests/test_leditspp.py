@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as reference_module
 
 import minledits
+import minledits.layers
 from minledits import leditspp
 from minledits.sega import Concept
 from tests import hub, oracle
@@ -121,6 +122,22 @@ def test_free_runs_equal_the_pipeline(deep_model, mask):
         torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
     assert len(diffs) >= len(trace) // 2, "the runs part early"
     report(f"{ref.kind} {mask} free, {len(diffs)} steps before any flip", diffs)
+
+
+def test_with_the_pipelines_attention_kernel_the_edit_is_bit_identical(deep_model, monkeypatch):
+    """What the two tests above tolerate is the attention kernel alone: with explicit_attention swapped in for the
+    edit (the pipeline's AttnProcessor in the layers the masks do not read), whole free runs are equal bit for bit."""
+    ref, sd = deep_model
+    inv = invert(sd, 128)
+    edit = leditspp.edit
+
+    def explicit_edit(*a, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(minledits.layers, "attention", minledits.layers.explicit_attention)
+            return edit(*a, **kw)
+    monkeypatch.setattr(leditspp, "edit", explicit_edit)
+    ours, theirs, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", forced=False)
+    assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
