@@ -184,7 +184,8 @@ def test_unet_tiny_parity(name):
 def test_unet_is_bit_identical_on_equal_inputs(kind, tmp_path):
     """The same kernels on the same memory layouts: SD 1.x's 1x1 proj_out conv gets a contiguous input, as diffusers
     gives it (a channels-last view took another oneDNN kernel, 1.3e-6 off). So LEDITS++ with the noise mask equals
-    the pipeline exactly (tests/test_leditspp.py), and what remains elsewhere is the attention kernel's rounding.
+    the pipeline exactly (tests/test_leditspp.py), and with attention masks too once the pipeline's attention kernel
+    is swapped in (layers.explicit_attention).
     Two threads: on one, both conv kernels happened to round alike (the fixture restores the count)."""
     torch.set_num_threads(2)
     ref = deep(kind, tmp_path)
