@@ -166,12 +166,12 @@ class Attention(nn.Module):
     def forward(self, x, context=None, size=None):
         """x [B, N, dim], context [B, M, context_dim] or its TextKV (None: self-attention), size (h, w) of the
         N = h * w tokens."""
+        q = self.to_q(x)  # before k and v, as diffusers: the order autograd sums x's three gradients in
         if isinstance(context, TextKV):
             k, v = context.keys_values(self)
         else:
             context = x if context is None else context
             k, v = self.to_k(context), self.to_v(context)
-        q = self.to_q(x)
         ctrl = self.controller
         if ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size):
             return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))  # fused, no probs kept
