@@ -101,9 +101,8 @@ class TextKV:
         return TextKV(self.context, self.kv, self.repeats * n)
 
     def keys_values(self, attn) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv[attn]
-        return (k, v) if self.repeats == 1 else (k.repeat_interleave(self.repeats, 0),
-                                                 v.repeat_interleave(self.repeats, 0))
+        kv = self.kv[attn]
+        return kv if self.repeats == 1 else tuple(x.repeat_interleave(self.repeats, 0) for x in kv)
 
 
 def _every(layer, size):  # the default `wants` of a controller

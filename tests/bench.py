@@ -60,6 +60,7 @@ from minledits.model import ALIASES, dtype_of
 
 CACHE = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "minledits-bench"
 PHASES = ("load", "encode", "inversion", "edit", "decode")
+KV_ONCE = "ours, text K/V once"  # our UNet called as an edit calls it: the text's keys and values computed before
 
 
 def parse(argv=None):
@@ -188,7 +189,7 @@ class Meter:
 def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
     """Seconds per image-evaluation of both UNets (same weights, one process), calls alternating so that both see
     the same machine: the median of `repeats` after a warm-up, per batch size. {"ours": {b: s}, "reference": {...},
-    "ours, text K/V once": {...}} - the last with the text's keys and values computed before (UNet.text_kv), as
+    KV_ONCE: {...}} - the last with the text's keys and values computed before (UNet.text_kv), as
     our methods run every step but the first; diffusers' UNet recomputes them at every call."""
     from diffusers import UNet2DConditionModel
 
@@ -203,14 +204,14 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
         ours = minledits.load(folder, args.device, dtype=dtype).unet
     xl = (lambda b: xl_inputs(ref.config, b, args.size, args.device, dtype)) if is_xl(args.kind) else lambda b: {}
     g, h = torch.Generator().manual_seed(0), args.size // 8
-    out = {name: {} for name in ("ours", "ours, text K/V once", "reference")}
+    out = {}
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, 4, h, h, generator=g).to(args.device, dtype)
             c = torch.randn(b, 77, ours.config["cross_attention_dim"], generator=g).to(args.device, dtype)
             t, kw, kv = torch.full((b,), 501, device=args.device), xl(b), ours.text_kv(c)
             calls = {"ours": lambda: ours(x, t, c, **kw),
-                     "ours, text K/V once": lambda: ours(x, t, kv, **kw),  # as in an edit: kv once for every step
+                     KV_ONCE: lambda: ours(x, t, kv, **kw),  # as in an edit: kv once for every step
                      "reference": lambda: ref(x, t, encoder_hidden_states=c, added_cond_kwargs=kw).sample}
             times = {name: [] for name in calls}
             for k in range(repeats + 1):
@@ -222,7 +223,7 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
                     if k:  # the first round warms up
                         times[name].append((time.perf_counter() - start) / b)
             for name in calls:
-                out[name][b] = sorted(times[name])[repeats // 2]
+                out.setdefault(name, {})[b] = sorted(times[name])[repeats // 2]
     return out
 
 
@@ -429,9 +430,8 @@ def report(args, o, r, u, machine, diff, cached):
     print(row("UNet s / evaluation, in the run", per(o), per(r), "{:.3f}"))
     for b in sorted(int(b) for b in u["ours"]) if u else ():
         print(row(f"UNet s / eval., batch {b}, interleaved", u["ours"][str(b)], u["reference"][str(b)], "{:.3f}"))
-        if "ours, text K/V once" in u:
-            print(row("  the same, ours with text K/V once", u["ours, text K/V once"][str(b)], u["reference"][str(b)],
-                      "{:.3f}"))
+        if KV_ONCE in u:
+            print(row("  the same, ours with text K/V once", u[KV_ONCE][str(b)], u["reference"][str(b)], "{:.3f}"))
     print(row(f"{o['memory_name']} (GiB)", o["memory_gib"], r["memory_gib"], "{:.2f}"))
     flops, mm = machine["unet_flops"], machine["matmul_gflops"]
     gflops = lambda x: flops / per(x) / 1e9 if per(x) else None
@@ -450,7 +450,7 @@ def report(args, o, r, u, machine, diff, cached):
               + (" (<= 1e-4: the same edit)" if diff <= 1e-4 else " (> 1e-4)"))
     if r["wall"] and o["wall"]:
         # interleaved at batch 4 if measured, ours as an edit calls it (the text's keys and values computed once)
-        unet = (u.get("ours, text K/V once", u["ours"])["4"], u["reference"]["4"]) if u else (per(o), per(r))
+        unet = (u.get(KV_ONCE, u["ours"])["4"], u["reference"]["4"]) if u else (per(o), per(r))
         goal = 0.8 if args.method == "leditspp" else 0.75
         checks = [(f"edit time <= {goal}x", total(o) <= goal * total(r)),
                   ("UNet s/evaluation <= 1.0x", unet[0] <= unet[1]),
