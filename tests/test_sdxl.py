@@ -468,7 +468,7 @@ def test_hub_fetches_only_the_needed_files(tiny_sdxl, tmp_path, monkeypatch):
                            + [f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in tok])
 
 
-# ---- full size (heavy: 10 GB of fp32 weights per process) ---------------------------------------------------------
+# ---- full size (slow: 10 GB of fp32 weights per process) ----------------------------------------------------------
 REFERENCE_UNET = """
 import sys, torch
 from diffusers import UNet2DConditionModel
