@@ -26,7 +26,11 @@ and inverts the last n of them: it is ours with steps = int(n * (1 + f)), comput
 gives 62, not 63), and skip = steps - n. It draws one noise per inverted timestep from its generator, in ascending
 t: the same draws as ours for a generator seeded with `seed` (ours draws the skipped steps last). Its scheduler's
 history starts at k = skip, as ours. It feeds each UNet call the previous step's recomputed mu_k + C_k z_k (x_t up
-to float32 rounding); ours feeds x_t itself, so the x_t stay independent and the UNet calls batch. With a source
+to float32 rounding), and so does ours at batch_size 1: xts[1:-1] then hold the recomputed latents, and with the
+attention kernel its invert sets (diffusers' AttnProcessor: sd.unet.attention_kernel(layers.explicit_attention))
+the maps are the pipeline's bit for bit (without a source prompt: ours evaluates eps_u and eps_src in one UNet
+call, the pipeline in two). At larger batch sizes ours feeds x_t itself, so that the x_t stay
+independent and the UNet calls batch (the maps differ by float32 rounding, up to 1e-5 at full size). With a source
 prompt, diffusers 0.42.1's invert guides eps_src + s_src (eps_u - eps_src) (it unpacks encode_prompt's pair in the
 wrong order); ml-research/ledits_pp's own invert and ours guide eps_u + s_src (eps_src - eps_u).
 """
@@ -152,6 +156,8 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
         out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), t, repeat_rows(context, b)).chunk(c)
         out = out_u + source_guidance * (out_src[0] - out_u) if out_src else out_u
         zs.append(sampler.noise_map(k, x, xts[a + 1:a + b + 1], out).to(x.dtype))
+        if batch_size == 1 and sampler.name == "dpmsolver++" and e < n:  # the pipeline's recurrence (module doc)
+            xts[e] = sampler.step(skip + a, x, out, zs[-1])
         if callback:
             callback(a + b, n)
     return torch.cat(zs)
@@ -174,8 +180,9 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     for SDXL; the module docstring maps diffusers' LEDITS++ steps and skip to ours). keep_last_noise=True makes the
     inversion exact: regenerating it without guidance returns w0 (DDPM keeps z_{N-1}; dpmsolver++ ends its grid at
     sigma_min instead of the pipeline's 0, where the last step lands on its x0 prediction whatever the noise).
-    batch_size: timesteps per UNet call (the x_t are independent:
-    batching only changes float rounding and speed). callback(done, total) reports progress of the UNet work.
+    batch_size: timesteps per UNet call (the x_t are independent: batching only changes float rounding and speed;
+    at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: see the module docstring).
+    callback(done, total) reports progress of the UNet work.
     """
     s = with_zero_noise_steps(InversionSettings(**{"size": sd.default_size, **settings}), sd)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with

@@ -1,8 +1,9 @@
 """Building blocks shared by the UNet, the VAE and the CLIP text encoder.
 
 Every attribute is named like the official diffusers key, so weights load with no renaming.
-All attention of the package goes through `attention()`: replace `layers.attention` to swap it
-(`explicit_attention` is the same math with the probabilities materialised, as diffusers' AttnProcessor).
+All attention of the package goes through `attention()`: replace `layers.attention` to swap it everywhere, or set
+the UNet's alone with `UNet.attention_kernel(kernel)` (`explicit_attention` is the same math with the probabilities
+materialised, as diffusers' AttnProcessor).
 
 An attention controller reads and may replace the attention probabilities of UNet layers (Prompt-to-Prompt,
 LEDITS++ masks); it is set with `UNet.attention_controller(ctrl)`. It is any callable
@@ -11,7 +12,7 @@ LEDITS++ masks); it is set with `UNet.attention_controller(ctrl)`. It is any cal
 
 with N = h * w image tokens and M keys (the 77 text tokens for cross-attention, N for self-attention), and an
 optional `ctrl.wants(layer, size) -> bool` (absent: every layer). Only the layers it wants compute explicit
-probabilities; the others, and every layer when no controller is set, keep the fused `attention()`.
+probabilities; the others, and every layer when no controller is set, keep the UNet's kernel (`attention()`).
 
 A cross-attention's keys and values, k = to_k(c) and v = to_v(c), depend on the text c alone, which an edit keeps
 for all its steps: `UNet.text_kv(c)` computes them once for every layer, and the resulting TextKV goes where c went.
@@ -40,9 +41,10 @@ fused_attention = attention  # what `attention` is, whatever it is swapped for
 
 def explicit_attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     """attention() with its probabilities materialised: attend(attention_probs(q, k), v), as diffusers' AttnProcessor
-    computes it, the processor LEditsPPPipelineStableDiffusion puts in every UNet layer for its edit. The same math,
-    other rounding, slower: `layers.attention = layers.explicit_attention` during an edit reproduces that pipeline
-    bit for bit (tests/test_leditspp.py). Causal attention (CLIP's) stays fused."""
+    computes it, the processor LEditsPPPipelineStableDiffusion puts in every UNet layer for its invert and its edit.
+    The same math, other rounding, slower: with `sd.unet.attention_kernel(explicit_attention)` and batch_size=1
+    (inversion.py) a LEDITS++ inversion and edit are that pipeline's bit for bit (tests/test_leditspp.py). Causal
+    attention (CLIP's) stays fused."""
     if causal:
         return fused_attention(q, k, v, heads, upcast, causal)
     return attend(attention_probs(q, k, heads, upcast), v).to(q.dtype)
@@ -152,6 +154,7 @@ class Attention(nn.Module):
     """
     layer: AttentionLayer | None = None  # set by the UNet; None in the VAE
     controller = None  # set by UNet.attention_controller
+    kernel = None      # set by UNet.attention_kernel; None: attention() (fused)
 
     def __init__(self, dim, heads, head_dim, context_dim=None, bias=False, upcast=False):
         super().__init__()
@@ -173,7 +176,7 @@ class Attention(nn.Module):
             k, v = self.to_k(context), self.to_v(context)
         ctrl = self.controller
         if ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size):
-            return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))  # fused, no probs kept
+            return self.to_out[0]((self.kernel or attention)(q, k, v, self.heads, upcast=self.upcast))  # no probs kept
         probs = attention_probs(q, k, self.heads, self.upcast)
         edited = ctrl(self.layer, size, probs)
         return self.to_out[0](attend(probs if edited is None else edited, v))

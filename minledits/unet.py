@@ -178,19 +178,27 @@ class UNet(nn.Module):
         return UpLevel(cfg, [a + b for a, b in zip(h_chs, skip_chs)], rev[i], heads, depth,
                        kind.startswith("CrossAttn"), "up" if i < L - 1 else None)
 
-    @contextlib.contextmanager
     def attention_controller(self, ctrl):
         """`with unet.attention_controller(ctrl):` every attention of the UNet calls ctrl (layers module docstring);
         the previous controllers come back on exit, exception or not, so these nest. ctrl=None: no controller."""
+        return self._every_attention("controller", ctrl)
+
+    def attention_kernel(self, kernel):
+        """`with unet.attention_kernel(layers.explicit_attention):` every attention of the UNet that no controller
+        reads computes with kernel(q, k, v, heads, upcast) (None: layers.attention, fused); these nest too."""
+        return self._every_attention("kernel", kernel)
+
+    @contextlib.contextmanager
+    def _every_attention(self, name, value):
         modules = [m for m in self.modules() if isinstance(m, layers.Attention)]
-        previous = [m.controller for m in modules]
+        previous = [getattr(m, name) for m in modules]
         for m in modules:
-            object.__setattr__(m, "controller", ctrl)  # a plain attribute even if ctrl is an nn.Module (no submodule)
+            object.__setattr__(m, name, value)  # a plain attribute even if it is an nn.Module (no submodule)
         try:
-            yield ctrl
+            yield value
         finally:
             for m, p in zip(modules, previous):
-                object.__setattr__(m, "controller", p)
+                object.__setattr__(m, name, p)
 
     def text_kv(self, context) -> layers.TextKV:
         """context [R, M, D] with every cross-attention's keys and values computed from it: pass it as `context`

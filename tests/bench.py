@@ -27,9 +27,10 @@ __call__(output_type="latent") and a VAE decode.
 Same image, seed and noise: the final latents must agree to 1e-4 in float32 (on CUDA with cuDNN's TF32
 convolutions off, which PyTorch allows by default: with them, SDXL at 1024 px moved the two paths 1.87 apart).
 The last run of each path per workload (size, steps, skip, prompts, dtype, device) is kept in the cache folder,
-so `--paths ours` (e.g. with `--batch-size`, `--channels-last`, `--compile`) compares against the last reference
-run, marked "from the cache"; a non-float32 run also prints its difference from the float32 run of the same
-workload.
+so `--paths ours` (e.g. with `--batch-size`, `--attention`, `--channels-last`, `--compile`, which the table's first
+line names) compares against the last reference run, marked "from the cache"; a non-float32 run also prints its
+difference from the float32 run of the same workload. `--method leditspp --batch-size 1 --attention explicit` runs
+ours with the pipeline's attention kernel and inversion recurrence: the latents are then equal (0.00e+00).
 With --kind sdxl (SDXL base configs; 13.9 GB of fp32 weights, each path holds one copy) --method leditspp compares
 against LEditsPPPipelineStableDiffusionXL (tests/oracle.leditspp_xl_pipeline) with --mask cross_attention by
 default: its intersect mode intersects above t = 800 too, where ours (and its SD pipeline) take the attention mask
@@ -84,6 +85,9 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="ours: inversion timesteps per UNet call")
     p.add_argument("--channels-last", action="store_true", help="ours: UNet in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
+    p.add_argument("--attention", choices=["fused", "explicit"], default="fused",
+                   help="ours: the UNet's attention kernel (explicit: diffusers' AttnProcessor, which the LEDITS++ "
+                        "pipeline sets; with --batch-size 1 its latents are ours bit for bit)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each path this many times (alternating), keep the fastest")
@@ -246,13 +250,20 @@ def run_ours(args, folder, meter):
     meter.watch_unet(sd.unet)
     sd.vae.encode = meter.timed("encode", sd.vae.encode)
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    inv = meter.timed("inversion", minledits.invert)(sd, photo(), source_prompt=args.source, source_guidance=3.5,
-                                                      steps=args.steps, skip=args.skip, seed=args.seed, size=args.size,
-                                                      **kw)
-    w0 = meter.timed("edit", minledits.edit)(sd, inv, target_prompt=args.target, target_guidance=15.0,
-                                             concepts=args.concepts, momentum_scale=0.3, momentum_beta=0.6)
+    with kernel(args, sd):
+        inv = meter.timed("inversion", minledits.invert)(sd, photo(), source_prompt=args.source, source_guidance=3.5,
+                                                          steps=args.steps, skip=args.skip, seed=args.seed,
+                                                          size=args.size, **kw)
+        w0 = meter.timed("edit", minledits.edit)(sd, inv, target_prompt=args.target, target_guidance=15.0,
+                                                 concepts=args.concepts, momentum_scale=0.3, momentum_beta=0.6)
     meter.timed("decode", minledits.decode)(sd, w0)
     return w0, meter.peak_memory()
+
+
+def kernel(args, sd):
+    """The UNet attention kernel --attention names, for the inversion and the edit (layers.explicit_attention)."""
+    from minledits.layers import explicit_attention
+    return sd.unet.attention_kernel(explicit_attention if args.attention == "explicit" else None)
 
 
 def run_ours_pp(args, folder, meter):
@@ -263,9 +274,10 @@ def run_ours_pp(args, folder, meter):
     sd.vae.encode = meter.timed("encode", sd.vae.encode)
     steps, skip = ours_steps(args)
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    inv = meter.timed("inversion", minledits.invert)(sd, photo(), sampler="dpmsolver++", steps=steps, skip=skip,
-                                                      seed=args.seed, size=args.size, **kw)
-    w0 = meter.timed("edit", leditspp.edit)(sd, inv, concepts=args.concepts, mask=args.mask)
+    with kernel(args, sd):
+        inv = meter.timed("inversion", minledits.invert)(sd, photo(), sampler="dpmsolver++", steps=steps, skip=skip,
+                                                          seed=args.seed, size=args.size, **kw)
+        w0 = meter.timed("edit", leditspp.edit)(sd, inv, concepts=args.concepts, mask=args.mask)
     meter.timed("decode", minledits.decode)(sd, w0)
     return w0, meter.peak_memory()
 
@@ -409,7 +421,9 @@ def report(args, o, r, u, machine, diff, cached):
           f"{args.skip}" + (" (ours: steps {}, skip {})".format(*ours_steps(args)) if args.method != "ledits" else "")
           + (f", mask {args.mask}" if args.method == "leditspp" else "")
           + f", concepts {args.concepts}, target {args.target!r}, source {args.source!r} | {args.dtype} on "
-          f"{args.device}")
+          f"{args.device}" + "".join(f" | ours: {flag}" for flag, on in [
+              (f"inversion batch size {args.batch_size}", args.batch_size), (f"{args.attention} attention",
+              args.attention != "fused"), ("channels-last", args.channels_last), ("compiled", args.compile)] if on))
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
           f"{torch.__version__}, diffusers {diffusers.__version__}; 1-min load average after each path: "
           f"minledits {o['load_average']:.1f}, reference {r['load_average']:.1f}"

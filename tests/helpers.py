@@ -35,6 +35,17 @@ def deep(kind, folder, sample_size=16):
         return hub.make(kind, folder)
 
 
+def aligned(module: torch.nn.Module) -> torch.nn.Module:
+    """module with its parameters copied to fresh memory. minledits.load leaves them in the file's memory map, at
+    the offsets the safetensors header gives; MKL rounds some small matrix products (the tiny models', a batch-1
+    time embedding) by the operands' alignment, so a bit-for-bit comparison with the reference's own freshly
+    allocated weights copies them first (the full-size bench's products agree either way)."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            setattr(m, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+    return module
+
+
 def fake_snapshot_download(monkeypatch, folder: Path, snapshot: Path) -> list:
     """huggingface_hub.snapshot_download replaced by a copy of the files of `folder` that match allow_patterns
     into `snapshot` (whose name is the revision's hash); returns the list its calls are appended to."""

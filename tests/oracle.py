@@ -8,6 +8,7 @@ LEDITS++ (minledits/leditspp.py): diffusers' LEditsPPPipelineStableDiffusion, le
 SDXL LEditsPPPipelineStableDiffusionXL, leditspp_xl_pipeline().
 """
 import copy
+import warnings
 from functools import lru_cache
 
 import torch
@@ -133,6 +134,17 @@ def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=T
             prompts = kw["editing_prompt"] or []
             return edit, uncond, torch.tensor([len(pipe.tokenizer(p).input_ids) - 2 for p in prompts])
         pipe.encode_prompt = encode_prompt
+    return pipe
+
+
+def leditspp_invert(pipe, x, source_prompt, n, f, seed):
+    """pipe.invert on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it is). The
+    pipeline comes from leditspp_pipeline, whose fix makes invert guide eps_u + s (eps_src - eps_u) as
+    ml-research/ledits_pp's own invert, LEDITS and minledits do (diffusers 0.42.1 swaps the pair)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the [-1, 1] tensor; the scheduler replacement
+        pipe.invert(image=x, source_prompt=source_prompt, source_guidance_scale=3.5, num_inversion_steps=n, skip=f,
+                    generator=torch.Generator().manual_seed(seed), height=x.shape[-2], width=x.shape[-1])
     return pipe
 
 

@@ -178,6 +178,30 @@ def test_swapping_cross_attention_rows_changes_exactly_those_rows(tiny_sd1):
         assert (swapped[row] - kept[row]).abs().max() > 1e-3 * kept[row].abs().max()
 
 
+def test_attention_kernel_is_the_unets_and_comes_back(tiny_sd1):
+    """attention_kernel(k): every UNet attention that no controller reads calls k, none of the VAE's; the explicit
+    kernel equals a controller that keeps the probabilities, bit for bit; on exit the fused kernel is back."""
+    sd = minledits.load(tiny_sd1.folder)
+    x, t, context = inputs(tiny_sd1, batch=2)
+    calls = []
+
+    def kernel(q, k, v, heads, upcast=False):
+        calls.append(heads)
+        return minledits.layers.explicit_attention(q, k, v, heads, upcast)
+    with torch.no_grad():
+        plain = sd.unet(x, t, context)
+        with sd.unet.attention_kernel(kernel):
+            explicit = sd.unet(x, t, context)
+            assert all(m.kernel is None for m in attention_modules(sd.vae))
+            with sd.unet.attention_controller(lambda layer, size, probs: None):
+                sd.unet(x, t, context)
+        assert len(calls) == len(attention_modules(sd.unet)) and not torch.equal(explicit, plain)
+        with sd.unet.attention_controller(lambda layer, size, probs: None):
+            assert torch.equal(sd.unet(x, t, context), explicit)
+        assert torch.equal(sd.unet(x, t, context), plain)
+    assert {m.kernel for m in attention_modules(sd.unet)} == {None}
+
+
 def test_context_manager_restores_the_previous_controller(tiny_sd1):
     sd = minledits.load(tiny_sd1.folder)
     modules = attention_modules(sd.unet)

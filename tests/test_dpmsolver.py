@@ -3,7 +3,6 @@ configures it, its noise map against its step, and invert(sampler="dpmsolver++")
 LEditsPPPipelineStableDiffusion.invert on the tiny models."""
 import json
 import re
-import warnings
 
 import pytest
 import torch
@@ -14,10 +13,11 @@ from safetensors.torch import save_file
 import minledits
 from minledits import store
 from minledits.image import to_tensor
+from minledits.layers import explicit_attention
 from minledits.sampler import SAMPLERS, DPMSolverPP
 from minledits.schedule import Schedule
 from tests import hub, oracle
-from tests.helpers import SIZE, SKIP, N, photo
+from tests.helpers import SIZE, SKIP, N, aligned, photo
 
 # SD 1.5's scheduler/scheduler_config.json (a PNDMScheduler, which the pipeline replaces)
 SD15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -194,17 +194,6 @@ def test_registered():
 
 
 # ------------------------------------------------------------------------------------------- the inversion
-def reference_invert(pipe, x, source_prompt, n, f, seed):
-    """pipe.invert on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it is). The
-    pipeline comes from oracle.leditspp_pipeline, whose fix makes invert guide eps_u + s (eps_src - eps_u) as
-    ml-research/ledits_pp's own invert, LEDITS and minledits do (diffusers 0.42.1 swaps the pair)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the [-1, 1] tensor; the scheduler replacement
-        pipe.invert(image=x, source_prompt=source_prompt, source_guidance_scale=3.5, num_inversion_steps=n, skip=f,
-                    generator=torch.Generator().manual_seed(seed), height=x.shape[-2], width=x.shape[-1])
-    return pipe
-
-
 @pytest.mark.parametrize("kind, source_prompt, n, f", [
     ("tiny_sd1", "", 6, 0.5), ("tiny_sd1", "a photo of a cat", 6, 0.5),
     ("tiny_sd1", "", 45, 0.4),  # int(45 * 1.4) = 62 in float arithmetic, not 63
@@ -215,7 +204,7 @@ def test_inversion_matches_the_ledits_pp_pipeline(request, kind, source_prompt, 
     steps = int(n * (1 + f))  # diffusers' invert(num_inversion_steps=n, skip=f) is ours with these steps and skip
     inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=steps, skip=steps - n, seed=7, size=SIZE,
                            source_prompt=source_prompt, source_guidance=3.5, batch_size=4)
-    pipe = reference_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), SIZE), source_prompt, n, f, seed=7)
+    pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), SIZE), source_prompt, n, f, seed=7)
     assert inv.timesteps == pipe.inversion_steps.tolist() and len(pipe.scheduler.timesteps) == steps
     assert inv.settings.sampler == "dpmsolver++" and inv.zs.shape == pipe.zs[:, 0].shape
     # x_{tau_skip}: the same noise draws, add_noise with the same float32 scalars, VAE latents ~1e-6 apart
@@ -223,6 +212,20 @@ def test_inversion_matches_the_ledits_pp_pipeline(request, kind, source_prompt, 
     # the maps divide UNet rounding (~1e-6; the pipeline also feeds each UNet call its recomputed x_t) by C_k >= 0.08
     torch.testing.assert_close(inv.zs, pipe.zs[:, 0], atol=1e-4, rtol=1e-4)
     assert torch.equal(inv.zs[-1], torch.zeros_like(inv.zs[-1]))
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
+def test_at_batch_size_one_with_the_pipelines_kernel_the_maps_are_bit_identical(request, kind):
+    """At batch_size 1 ours feeds each UNet call the previous step's mu_k + C_k z_k, as the pipeline does; with the
+    attention kernel its invert sets (diffusers' AttnProcessor) the maps are its own bit for bit."""
+    ref = request.getfixturevalue(kind)
+    sd, n, f = minledits.load(ref.folder), 6, 0.5
+    aligned(sd.unet)
+    with sd.unet.attention_kernel(explicit_attention):
+        inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=int(n * (1 + f)), skip=int(n * (1 + f)) - n,
+                               seed=7, size=SIZE, batch_size=1)
+    pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), SIZE), "", n, f, seed=7)
+    assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
 
 
 @pytest.mark.parametrize("source_prompt", ["", "a photo of a cat"])
@@ -235,11 +238,12 @@ def test_ddpm_inversion_matches_the_pipeline_with_ddim(tiny_sd1, source_prompt):
     sd, n, f = minledits.load(tiny_sd1.folder), 6, 0.5
     x = to_tensor(photo(), SIZE)
     with pytest.raises(IndexError, match="tensors used as indices must be long"):
-        reference_invert(oracle.leditspp_pipeline(tiny_sd1, scheduler=DDIMScheduler), x, source_prompt, n, f, seed=3)
+        oracle.leditspp_invert(oracle.leditspp_pipeline(tiny_sd1, scheduler=DDIMScheduler), x, source_prompt, n, f,
+                               seed=3)
     pipe = oracle.leditspp_pipeline(tiny_sd1, scheduler=DDIMScheduler)
     add_noise = pipe.scheduler.add_noise
     pipe.scheduler.add_noise = lambda x0, noise, t: add_noise(x0, noise, t.long())
-    reference_invert(pipe, x, source_prompt, n, f, seed=3)
+    oracle.leditspp_invert(pipe, x, source_prompt, n, f, seed=3)
     steps = int(n * (1 + f))
     inv = minledits.invert(sd, photo(), sampler="ddpm", steps=steps, skip=steps - n, seed=3, size=SIZE,
                            source_prompt=source_prompt, source_guidance=3.5, batch_size=4, keep_last_noise=True)
@@ -252,7 +256,7 @@ def test_the_pipeline_forces_leading_spacing_and_offset_one(tiny_sd1):
     """The pipeline sets steps_offset 1 (__init__) and 'leading' (invert) whatever the model's config says; so does
     the sampler, which reads neither. Also: the scheduler the tests build is the pipeline's."""
     cfg = {**tiny_sd1.scheduler_config, "steps_offset": 0, "timestep_spacing": "trailing"}
-    pipe = reference_invert(oracle.leditspp_pipeline(tiny_sd1, cfg), to_tensor(photo(), SIZE), "", 3, 0.7, seed=0)
+    pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(tiny_sd1, cfg), to_tensor(photo(), SIZE), "", 3, 0.7, seed=0)
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
     assert DPMSolverPP(Schedule(cfg), 5).timesteps == pipe.scheduler.timesteps.tolist()
     settings = lambda c: {k: v for k, v in c.items() if not k.startswith("_") and k != "steps_offset"}

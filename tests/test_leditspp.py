@@ -15,9 +15,10 @@ from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as 
 import minledits
 import minledits.layers
 from minledits import leditspp
+from minledits.image import to_tensor
 from minledits.sega import Concept
 from tests import hub, oracle
-from tests.helpers import SIZE, deep, photo
+from tests.helpers import SIZE, aligned, deep, photo
 
 STEPS, SKIP = 10, 1  # 9 edited steps; leading spacing: t = 811, 721, ..., 1 (the first above T_INTERSECT)
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
@@ -52,11 +53,19 @@ def run_both(ref, sd, inv, concepts, mask, forced=True, copy_unet=True, schedule
     x_{t-1} in place of its own, which it keeps in pipe.own), so each step compares alone."""
     trace = []
     ours = leditspp.edit(sd, inv, concepts=concepts, mask=mask, callback=trace.append, **kw)
-    pipe, own = pipeline(ref, inv, copy_unet, scheduler), []
+    pipe = pipeline(ref, inv, copy_unet, scheduler)
+    theirs = pipeline_edit(pipe, concepts, mask, trace if forced else None, **kw)
+    return ours, theirs, pipe, trace
+
+
+def pipeline_edit(pipe, concepts, mask, forced_onto=None, **kw):
+    """pipe(output_type="latent") with our edit's parameters; every step's own x_{t-1} kept in pipe.own. forced_onto:
+    our trace, whose x_{t-1} each step puts in place of its own (each step then compares alone)."""
+    own = []
 
     def force(pipe, i, t, tensors):
         own.append(tensors["latents"])
-        return {"latents": trace[i].x_prev} if forced else {}
+        return {"latents": forced_onto[i].x_prev} if forced_onto else {}
     modes = dict(intersect=dict(use_intersect_mask=True), cross_attention=dict(use_intersect_mask=False,
                  use_cross_attn_mask=True), noise=dict(use_intersect_mask=False, use_cross_attn_mask=False))[mask]
     with warnings.catch_warnings():
@@ -68,7 +77,7 @@ def run_both(ref, sd, inv, concepts, mask, forced=True, copy_unet=True, schedule
                       edit_cooldown_steps=[STEPS if c.cooldown is None else c.cooldown for c in concepts],
                       callback_on_step_end=force, **modes, **kw).images
     pipe.own = torch.cat(own)
-    return ours, theirs, pipe, trace
+    return theirs
 
 
 def report(name, diffs):
@@ -124,19 +133,22 @@ def test_free_runs_equal_the_pipeline(deep_model, mask):
     report(f"{ref.kind} {mask} free, {len(diffs)} steps before any flip", diffs)
 
 
-def test_with_the_pipelines_attention_kernel_the_edit_is_bit_identical(deep_model, monkeypatch):
-    """What the two tests above tolerate is the attention kernel alone: with explicit_attention swapped in for the
-    edit (the pipeline's AttnProcessor in the layers the masks do not read), whole free runs are equal bit for bit."""
-    ref, sd = deep_model
-    inv = invert(sd, 128)
-    edit = leditspp.edit
-
-    def explicit_edit(*a, **kw):
-        with monkeypatch.context() as m:
-            m.setattr(minledits.layers, "attention", minledits.layers.explicit_attention)
-            return edit(*a, **kw)
-    monkeypatch.setattr(leditspp, "edit", explicit_edit)
-    ours, theirs, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", forced=False)
+def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_identical(deep_model):
+    """What the tests above tolerate is two roundings: the attention kernel, and the inversion's batching. With the
+    kernel the pipeline sets for its invert and its edit (explicit_attention: diffusers' AttnProcessor, in the layers
+    the masks do not read) and batch_size 1 (the pipeline's recurrence, inversion.py), each path inverts the photo
+    and edits it: the noise maps, every step and the final latents are equal bit for bit."""
+    ref, _ = deep_model
+    sd, (n, f), trace = minledits.load(ref.folder), (STEPS - SKIP, 0.12), []
+    aligned(sd.unet)
+    assert int(n * (1 + f)) == STEPS
+    with sd.unet.attention_kernel(minledits.layers.explicit_attention):
+        inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=128, seed=5,
+                               batch_size=1)
+        ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)
+    pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), 128), "", n, f, seed=5)
+    assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
+    theirs = pipeline_edit(pipe, CONCEPTS, "intersect")
     assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 
