@@ -148,6 +148,30 @@ def leditspp_invert(pipe, x, source_prompt, n, f, seed):
     return pipe
 
 
+def leditspp_call(pipe, concepts, mask, steps, forced_onto=None, **kw):
+    """pipe(output_type="latent") (either pipeline) with minledits Concepts and mask mode (intersect, cross_attention
+    or noise) over `steps` inference steps (a concept without a cooldown stays on to the end); each step's own
+    x_{t-1} is kept in pipe.own. forced_onto: our edit's trace, whose x_{t-1} each step puts in place of its own,
+    so that each step compares alone."""
+    own = []
+
+    def force(pipe, i, t, tensors):
+        own.append(tensors["latents"])
+        return {"latents": forced_onto[i].x_prev} if forced_onto else {}
+    modes = dict(intersect=dict(use_intersect_mask=True), cross_attention=dict(use_intersect_mask=False,
+                 use_cross_attn_mask=True), noise=dict(use_intersect_mask=False, use_cross_attn_mask=False))[mask]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = pipe(output_type="latent", editing_prompt=[c.prompt for c in concepts],
+                      reverse_editing_direction=[c.reverse for c in concepts],
+                      edit_guidance_scale=[c.scale for c in concepts], edit_threshold=[c.threshold for c in concepts],
+                      edit_warmup_steps=[c.warmup for c in concepts],
+                      edit_cooldown_steps=[steps if c.cooldown is None else c.cooldown for c in concepts],
+                      callback_on_step_end=force, **modes, **kw).images
+    pipe.own = torch.cat(own)
+    return theirs
+
+
 def leditspp_xl_pipeline(ref, scheduler="dpmsolver++", copy_unet=True):
     """LEditsPPPipelineStableDiffusionXL on the reference modules of an SDXL kind (a copy of the UNet unless copy_unet
     is false). Given SDXL's Euler scheduler it puts its SDE-DPM-Solver++ (2M) in place, as with the Hub model;

@@ -4,7 +4,6 @@ inversion (ours, handed to the pipeline as its invert() leaves it), per mask mod
 The cross-attention mask reads layers at 1/4 of the latent side (the pipeline's rule): the tiny UNets have
 attention only at the latent size, so the attention modes run on a 3-level variant ("deep": down/up blocks at
 h, h/2, h/4, all with cross-attention) at 128 px (16x16 latents, 4x4 maps)."""
-import warnings
 from unittest import mock
 
 import pytest
@@ -54,30 +53,8 @@ def run_both(ref, sd, inv, concepts, mask, forced=True, copy_unet=True, schedule
     trace = []
     ours = leditspp.edit(sd, inv, concepts=concepts, mask=mask, callback=trace.append, **kw)
     pipe = pipeline(ref, inv, copy_unet, scheduler)
-    theirs = pipeline_edit(pipe, concepts, mask, trace if forced else None, **kw)
+    theirs = oracle.leditspp_call(pipe, concepts, mask, STEPS, trace if forced else None, **kw)
     return ours, theirs, pipe, trace
-
-
-def pipeline_edit(pipe, concepts, mask, forced_onto=None, **kw):
-    """pipe(output_type="latent") with our edit's parameters; every step's own x_{t-1} kept in pipe.own. forced_onto:
-    our trace, whose x_{t-1} each step puts in place of its own (each step then compares alone)."""
-    own = []
-
-    def force(pipe, i, t, tensors):
-        own.append(tensors["latents"])
-        return {"latents": forced_onto[i].x_prev} if forced_onto else {}
-    modes = dict(intersect=dict(use_intersect_mask=True), cross_attention=dict(use_intersect_mask=False,
-                 use_cross_attn_mask=True), noise=dict(use_intersect_mask=False, use_cross_attn_mask=False))[mask]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = pipe(output_type="latent", editing_prompt=[c.prompt for c in concepts],
-                      reverse_editing_direction=[c.reverse for c in concepts],
-                      edit_guidance_scale=[c.scale for c in concepts], edit_threshold=[c.threshold for c in concepts],
-                      edit_warmup_steps=[c.warmup for c in concepts],
-                      edit_cooldown_steps=[STEPS if c.cooldown is None else c.cooldown for c in concepts],
-                      callback_on_step_end=force, **modes, **kw).images
-    pipe.own = torch.cat(own)
-    return theirs
 
 
 def report(name, diffs):
@@ -148,7 +125,7 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
         ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)
     pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), 128), "", n, f, seed=5)
     assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
-    theirs = pipeline_edit(pipe, CONCEPTS, "intersect")
+    theirs = oracle.leditspp_call(pipe, CONCEPTS, "intersect", STEPS)
     assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 

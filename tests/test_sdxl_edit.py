@@ -16,10 +16,10 @@ import minledits.inversion
 import minledits.store
 from minledits import ledits, leditspp
 from minledits.image import to_tensor
-from minledits.layers import TextKV
+from minledits.layers import TextKV, explicit_attention
 from minledits.sega import Concept
 from tests import hub, oracle
-from tests.helpers import SIZE, photo, run
+from tests.helpers import SIZE, aligned, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
@@ -68,7 +68,7 @@ def test_dpmsolver_inversion_matches_the_xl_pipeline(xl, source_prompt):
 def run_both(ref, sd, inv, sampler, mask, forced):
     """(ours, theirs, trace, the pipeline's own latents per step). forced: every pipeline step starts from our
     x_t (its callback puts our x_{t-1} in place of its own), so each step compares alone."""
-    trace, own = [], []
+    trace = []
     ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask=mask, callback=trace.append)
     pipe = xl_pipeline(ref, sampler)
     pipe.scheduler.config.timestep_spacing = "leading"
@@ -77,19 +77,8 @@ def run_both(ref, sd, inv, sampler, mask, forced):
     assert pipe.inversion_steps.tolist() == inv.timesteps
     pipe.init_latents, pipe.zs, pipe.eta, pipe.batch_size = inv.xts[:1].clone(), inv.zs[:, None].clone(), 1.0, 1
     pipe.size = (SIZE, SIZE)
-
-    def force(pipe, i, t, tensors):
-        own.append(tensors["latents"])
-        return {"latents": trace[i].x_prev} if forced else {}
-    modes = dict(intersect=dict(use_intersect_mask=True), cross_attention=dict(use_intersect_mask=False,
-                 use_cross_attn_mask=True), noise=dict(use_intersect_mask=False, use_cross_attn_mask=False))[mask]
-    theirs = quietly(pipe, output_type="latent", editing_prompt=[c.prompt for c in CONCEPTS],
-                     reverse_editing_direction=[c.reverse for c in CONCEPTS],
-                     edit_guidance_scale=[c.scale for c in CONCEPTS], edit_threshold=[c.threshold for c in CONCEPTS],
-                     edit_warmup_steps=[c.warmup for c in CONCEPTS],
-                     edit_cooldown_steps=[inv.settings.steps if c.cooldown is None else c.cooldown for c in CONCEPTS],
-                     callback_on_step_end=force, **modes).images
-    return ours, theirs, trace, torch.cat(own), pipe
+    theirs = oracle.leditspp_call(pipe, CONCEPTS, mask, inv.settings.steps, trace if forced else None)
+    return ours, theirs, trace, pipe.own, pipe
 
 
 @pytest.mark.parametrize("sampler, mask", [("dpmsolver++", "intersect"), ("ddpm", "cross_attention")])
@@ -113,6 +102,25 @@ def test_leditspp_equals_the_xl_pipeline(xl, sampler, mask):
     ours, theirs, *_ = run_both(ref, sd, inv, sampler, mask, forced=False)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     print(f"XL LEDITS++ {sampler} {mask}: forced {(xs - own).abs().max():.3g}, free {(ours - theirs).abs().max():.3g}")
+
+
+def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_identical(xl):
+    """As on SD (tests/test_leditspp.py): with the attention kernel the XL pipeline sets (explicit_attention) and
+    batch_size 1 (its invert's recurrence), each path inverts the photo and edits it; the noise maps, every step and
+    the final latents are equal bit for bit."""
+    ref, _ = xl
+    sd, (n, f), trace = minledits.load(ref.folder), (8, 0.25), []
+    aligned(sd.unet)
+    with sd.unet.attention_kernel(explicit_attention):
+        inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=10, skip=2, size=SIZE, seed=5, batch_size=1)
+        ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="cross_attention", callback=trace.append)
+    pipe = xl_pipeline(ref)
+    quietly(pipe.invert, image=to_tensor(photo(), SIZE), num_inversion_steps=n, skip=f,
+            generator=torch.Generator().manual_seed(5), height=SIZE, width=SIZE)
+    assert inv.timesteps == pipe.inversion_steps.tolist()
+    assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
+    theirs = oracle.leditspp_call(pipe, CONCEPTS, "cross_attention", inv.settings.steps)
+    assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 
 # ---- LEDITS -------------------------------------------------------------------------------------------------------
