@@ -30,7 +30,7 @@ The last run of each path per workload (size, steps, skip, prompts, dtype, devic
 so `--paths ours` (e.g. with `--batch-size`, `--attention`, `--channels-last`, `--compile`, which the table's first
 line names) compares against the last reference run, marked "from the cache"; a non-float32 run also prints its
 difference from the float32 run of the same workload. `--method leditspp --batch-size 1 --attention explicit` runs
-ours with the pipeline's attention kernel and inversion recurrence: the latents are then equal (0.00e+00).
+ours with the pipeline's attention kernel and inversion recurrence: on CPU the latents are then equal (0.00e+00).
 With --kind sdxl (SDXL base configs; 13.9 GB of fp32 weights, each path holds one copy) --method leditspp compares
 against LEditsPPPipelineStableDiffusionXL (tests/oracle.leditspp_xl_pipeline) with --mask cross_attention by
 default: its intersect mode intersects above t = 800 too, where ours (and its SD pipeline) take the attention mask
