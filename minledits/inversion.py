@@ -156,7 +156,7 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
         out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), t, repeat_rows(context, b)).chunk(c)
         out = out_u + source_guidance * (out_src[0] - out_u) if out_src else out_u
         zs.append(sampler.noise_map(k, x, xts[a + 1:a + b + 1], out).to(x.dtype))
-        if batch_size == 1 and sampler.name == "dpmsolver++" and e < n:  # the pipeline's recurrence (module doc)
+        if batch_size == 1 and sampler.feeds_back and e < n:  # the pipeline's recurrence (module doc)
             xts[e] = sampler.step(skip + a, x, out, zs[-1])
         if callback:
             callback(a + b, n)

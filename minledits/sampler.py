@@ -38,6 +38,7 @@ class Step(NamedTuple):
 class DDPM:
     """The DDPM posterior step over N inference steps of `schedule`, and its inverse."""
     name = "ddpm"
+    feeds_back = False  # LEDITS' inversion feeds each UNet call its x_t as drawn (inversion.noise_maps)
 
     def __init__(self, schedule: Schedule, N: int):
         """ValueError (one line) for N outside 1..T, and for a step the posterior is undefined at."""
@@ -153,6 +154,7 @@ class DPMSolverPP:
     maps them in order: the inversion's x_t are independent, so their UNet outputs can be batched first.
     """
     name = "dpmsolver++"
+    feeds_back = True  # the pipeline's inversion feeds each UNet call mu_k + C_k z_k (inversion.noise_maps)
 
     def __init__(self, schedule: Schedule, N: int, final: str = "zero"):
         """ValueError (one line) for N outside 1..T-2 and for scheduler options this solver does not implement.
