@@ -1,6 +1,6 @@
 """Parameter sweeps: a grid of edits of one input, each option varied over a list of values (the LEDITS paper's
 Figure 5 is skip x target guidance), with one contact sheet, one PNG per cell and a table of settings, times and
-metrics. The command line wiring is cli.py's; this module holds the plan and the pictures.
+metrics. The command line wiring is cli_many.py's; this module holds the plan and the pictures.
 
     cells     the Cartesian product of the --vary lists; the first key gives the rows, the second the columns,
               the others one sheet per combination of their values (a 1-D sweep is one row)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from minledits import cli, store
+from minledits import cli, cli_commands, store
 from minledits.image import to_pil
 from tests.helpers import console_script, run
 
@@ -129,8 +129,8 @@ def test_trace(flow):
 
 
 def test_batch_resumes(tiny_sd1, photo, tmp_path, capsys, monkeypatch):
-    inverted, invert = [], cli.invert
-    monkeypatch.setattr(cli, "invert", lambda *a, **k: inverted.append(1) or invert(*a, **k))
+    inverted, invert = [], cli_commands.invert
+    monkeypatch.setattr(cli_commands, "invert", lambda *a, **k: inverted.append(1) or invert(*a, **k))
     shutil.copy(photo, tmp_path / "a.jpg")
     jobs = {"defaults": {"model": str(tiny_sd1.folder), "steps": 6, "skip": 2, "size": 64},
             "jobs": [{"input": "a.jpg", "output": "glasses.png", "concepts": ["glasses"]},
@@ -364,7 +364,7 @@ def test_leditspp_user_mask_and_trace(photo, tmp_path, capsys, monkeypatch):
     assert t["attn"].shape[:2] == (S, C) and t["on"].shape == (S, C) and t["x"].shape == (S, 1, 4, 8, 8)
     assert not t["g"][..., 5:].any()  # the user mask zeroes the guidance on the right
     assert Image.open(tmp_path / "t.png").size == (S * 66, (1 + 3 * C) * 66)
-    monkeypatch.setattr(cli, "invert", lambda *a, **k: pytest.fail("inverted before refusing"))
+    monkeypatch.setattr(cli_commands, "invert", lambda *a, **k: pytest.fail("inverted before refusing"))
     Image.new("L", (64, 64)).save(tmp_path / "small.png")
     for extra, words in [(["--user-mask", tmp_path / "small.png"], "is 64x64 px, the input 80x96"),
                          (["--user-mask", tmp_path / "nope.png"], "cannot read --user-mask"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minledits import cli, files, store
+from minledits import cli, cli_commands, cli_many, files, store
 from tests.helpers import console_script, run
 
 TINY = ["--model", "random-tiny", "--steps", "6", "--skip", "2", "--size", "64", "-q"]
@@ -44,7 +44,8 @@ def inv(photo, tmp_path_factory) -> Path:
 @pytest.fixture
 def no_work(monkeypatch):
     """Loading a model fails the test: what it guards must be refused before any work."""
-    monkeypatch.setattr(cli, "model_of", lambda args: (_ for _ in ()).throw(NO_WORK))
+    for module in (cli_commands, cli_many):
+        monkeypatch.setattr(module, "model_of", lambda args: (_ for _ in ()).throw(NO_WORK))
 
 
 def one_error(rc, err, *words):
@@ -276,7 +277,7 @@ def test_full_disk_names_the_file(photo, inv, tmp_path, capsys, monkeypatch):
 def test_interrupted_save_inversion_is_offered_as_the_input(photo, tmp_path, capsys, monkeypatch):
     argv = ["edit", photo, "-o", tmp_path / "e.png", "--save-inversion", tmp_path / "s.safetensors", "-e", "x", *TINY]
     with monkeypatch.context() as m:
-        m.setattr(cli, "run_edit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        m.setattr(cli_commands, "run_edit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert run(capsys, *argv)[0] == 130
     assert (tmp_path / "s.safetensors").exists() and not (tmp_path / "e.png").exists()
     rc, _, err = run(capsys, *argv)

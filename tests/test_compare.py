@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import minledits
-from minledits import cli, p2p
+from minledits import cli, cli_commands, p2p
 from tests.helpers import photo, run
 
 FAST = ["--steps", "6", "--skip", "2", "--size", "64"]
@@ -26,9 +26,10 @@ def image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(tiny_sd1, image, tmp_path_factory):
-    out, n, invert = tmp_path_factory.mktemp("cmp") / "cmp.png", types.SimpleNamespace(inversions=0), cli.invert
+    out, n = tmp_path_factory.mktemp("cmp") / "cmp.png", types.SimpleNamespace(inversions=0)
+    invert = cli_commands.invert
     mp = pytest.MonkeyPatch()
-    mp.setattr(cli, "invert", lambda *a, **k: (setattr(n, "inversions", n.inversions + 1), invert(*a, **k))[1])
+    mp.setattr(cli_commands, "invert", lambda *a, **k: (setattr(n, "inversions", n.inversions + 1), invert(*a, **k))[1])
     rc = cli.main([str(a) for a in ["compare", image, "-o", out, "--model", tiny_sd1.folder, *FAST, *PROMPTS,
                                     *CONCEPTS, "--clip-model", "none", "-q"]])
     mp.undo()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import minledits
-from minledits import cli, inversion, sweep
+from minledits import cli, cli_commands, cli_many, inversion, sweep
 from tests import clip_hub
 from tests.helpers import photo, run
 
@@ -35,7 +35,8 @@ def image(tmp_path_factory):
 def counts(monkeypatch):
     """Inversions run through the CLI, UNet rows of inversions and of at_skip's re-run batches, edits."""
     n = types.SimpleNamespace(inversions=0, rows=0, patch_rows=0, edits=0)
-    invert, noise_maps, at_skip, run_edit = cli.invert, inversion.noise_maps, sweep.noise_maps, cli.run_edit
+    invert, noise_maps, at_skip = cli_commands.invert, inversion.noise_maps, sweep.noise_maps
+    run_edit = cli_many.run_edit
 
     def counted_invert(*a, **k):
         n.inversions += 1
@@ -53,10 +54,10 @@ def counts(monkeypatch):
         n.edits += 1
         return run_edit(*a, **k)
 
-    monkeypatch.setattr(cli, "invert", counted_invert)
+    monkeypatch.setattr(cli_commands, "invert", counted_invert)
     monkeypatch.setattr(inversion, "noise_maps", counted_maps)
     monkeypatch.setattr(sweep, "noise_maps", counted_patch)
-    monkeypatch.setattr(cli, "run_edit", counted_edit)
+    monkeypatch.setattr(cli_many, "run_edit", counted_edit)  # a sweep's edits
     return n
 
 
@@ -130,7 +131,7 @@ def test_sheet_and_table(grid, image):
     assert labels["rows"] == ["skip=2", "skip=3"] and labels["columns"] == [
         "target_guidance=5.0", "target_guidance=7.5", "target_guidance=10.0"]
     a = np.asarray(sheet.convert("RGB"))
-    corner = np.asarray(cli.to_pil(cli.to_tensor(image, 64))[0])
+    corner = np.asarray(minledits.image.to_pil(minledits.image.to_tensor(image, 64))[0])
     assert np.array_equal(a[:64, :64], corner)
     for y, x in [(0, 64), (0, 128), (0, 192), (64, 0), (128, 0)]:  # label tiles: white with dark text
         tile = a[y:y + 64, x:x + 64]
@@ -149,16 +150,16 @@ def test_sheet_and_table(grid, image):
 
 def test_an_interrupted_sweep_resumes(tiny_sd1, image, tmp_path, counts, capsys, monkeypatch):
     out, argv = tmp_path / "g.png", sweep_args(tiny_sd1, image, tmp_path / "g.png", "skip=2,3", "momentum_scale=0,0.3")
-    save = cli.save_png
+    save = cli_many.save_png
 
     def stop_at_the_third(*a, **k):
         if counts.edits == 3:
             raise KeyboardInterrupt
         return save(*a, **k)
 
-    monkeypatch.setattr(cli, "save_png", stop_at_the_third)
+    monkeypatch.setattr(cli_many, "save_png", stop_at_the_third)
     assert run(capsys, *argv)[0] == 130
-    monkeypatch.setattr(cli, "save_png", save)
+    monkeypatch.setattr(cli_many, "save_png", save)
     done = {p.name: p.read_bytes() for p in out.with_suffix("").glob("*.png")}
     assert sorted(done) == ["000.png", "001.png"] and not out.exists()
     counts.edits = 0

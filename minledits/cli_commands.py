@@ -1,0 +1,378 @@
+"""The commands on one picture - download, invert, edit and reconstruct, metrics - and what every command
+shares: the model and inversion of the arguments, the outputs checked before any work, the edit run with
+progress bars, the PNG with its parameters, an error as one line.
+
+Outputs are written to a temporary file then renamed, never overwritten without --force.
+"""
+import errno
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, tqdm
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import ledits, leditspp, metrics, p2p, store, tiny
+from .cli_options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
+from .errors import MinleditsError
+from .files import atomic
+from .image import open_rgb, to_pil
+from .inversion import InversionSettings, invert
+from .load import download, load
+from .model import DTYPES, decode, dtype_name
+from .sega import Concept
+from .trace import AttentionTrace, Trace, side_by_side
+
+FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def bar(args, desc, total):
+    return tqdm(total=total, desc=desc, unit="step", disable=args.quiet, leave=False, file=sys.stderr)
+
+
+def model_of(args):
+    """The model of args, on --device in --dtype (cached per run: a batch loads it once)."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
+        raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
+    dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
+    key = (args.model, args.revision, args.variant, args.prediction_type, args.vae, device, dtype)
+    if key not in args.cache and args.model == tiny.NAME and not args.quiet:
+        print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
+    if key not in args.cache:
+        args.cache[key] = load(args.model, device, dtype=dtype, variant=args.variant, revision=args.revision,
+                               prediction_type=args.prediction_type, vae=args.vae)
+    return args.cache[key]
+
+
+def label(args, key) -> str:
+    """An output in the user's words: its option, or its key in a batch job."""
+    return f'"{key}"' if getattr(args, "job", None) is not None else OUTPUTS[key]
+
+
+def file_name(args, key) -> Path:
+    """The output `key` of args as a path. "", "dir/" and "." are refused here: Path would drop the slash."""
+    name = getattr(args, key)
+    if not name:
+        raise MinleditsError(f"{label(args, key)} is empty: give a file name")
+    if name.replace(os.sep, "/").rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise MinleditsError(f"{label(args, key)} {name} names a folder, not a file: add a file name, "
+                             f"e.g. {os.path.join(name, 'out.png')}")
+    return Path(name)
+
+
+def outputs(args) -> list[tuple[str, Path]]:
+    """(key, path) of every file the command writes, the main output first; refused before any work: names that
+    are no file names, folders, an inversion not named *.safetensors, two outputs that are one file (one would be
+    lost)."""
+    named = [("output", file_name(args, "output"))]
+    if getattr(args, "compare", None):
+        named.append(("compare", named[0][1].with_name(named[0][1].stem + "-compare.png")))
+    if getattr(args, "trace", None) is not None:
+        named += [("trace", p) for p in Trace.files(file_name(args, "trace"))]
+    if getattr(args, "save_inversion", None) is not None:
+        named.append(("save_inversion", file_name(args, "save_inversion")))
+    seen = {}
+    for key, p in named:
+        if p.is_dir():
+            raise MinleditsError(f"{label(args, key)} {p} is a folder: give a file name, e.g. {p / 'out.png'}")
+        other = seen.setdefault(p.resolve(), key)  # resolve(): "a/../b", symbolic links
+        if other != key:
+            raise MinleditsError(f"{label(args, other)} and {label(args, key)} both name {p}: "
+                                 "give them different names")
+        if (key == "save_inversion" or args.cmd == "invert") and p.suffix != ".safetensors":
+            raise MinleditsError(f"{label(args, key)} {p}: an inversion file is named *.safetensors "
+                                 f"(e.g. {p.with_suffix('.safetensors')})")
+    return named
+
+
+def refuse_existing(args, named) -> None:
+    """No output is overwritten without --force. An inversion saved by an interrupted run is offered as the input."""
+    for key, p in named:
+        if args.force or not p.exists():
+            continue
+        if key == "save_inversion" and store.is_inversion(p):
+            raise MinleditsError(f"{p} exists (an inversion saved earlier): use it as the input "
+                                 f"(minledits edit {p} ...), or add --force to overwrite it")
+        raise MinleditsError(f"{p} exists: add --force to overwrite it")
+
+
+def check_outputs(args) -> list[tuple[str, Path]]:
+    """Before any work: outputs() and refuse_existing(), and each folder takes a new file. Returns outputs()."""
+    named = outputs(args)
+    refuse_existing(args, named)
+    for _, p in named:
+        try:
+            tempfile.TemporaryFile(dir=p.parent).close()
+        except OSError as e:
+            raise MinleditsError(f"cannot write {p}: {p.parent} is not a writable folder ({e.strerror})") from e
+    return named
+
+
+def inversion_of(args):
+    """(model, Inversion) for args.input: an inversion file is read and checked, an image is inverted."""
+    given = {k: getattr(args, k) for k in store.SETTINGS if getattr(args, k) is not None}
+    # by content; a .safetensors suffix too, so that store.load says why such a file is not an inversion
+    if Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input):
+        inv = store.load(args.input)
+        store.check(inv, source=args.input, **given)
+        args.model = args.model or inv.model_id
+        resolve(args, COMMON)
+        sd = model_of(args)
+        store.check(inv, sd, source=args.input)
+        vars(args).update(inv.settings.dict())
+        return sd, inv
+    try:
+        image = open_rgb(args.input)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
+    size_given = args.size is not None
+    resolve(args, INVERT + COMMON)
+    settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
+    if args.batch_size < 1:
+        raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sd = model_of(args)
+    for check in getattr(args, "model_checks", ()):  # a method's checks that need the model, before the inversion
+        check(sd)
+    if not size_given and args.size != sd.default_size:  # SDXL: 1024 unless --size says otherwise
+        args.size = sd.default_size
+        settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
+    key = (id(sd), str(args.input), settings)
+    if key not in args.cache:  # a batch inverts an image once for all its edits
+        with bar(args, "invert", args.steps - args.skip) as b:
+            args.cache[key] = invert(sd, image, batch_size=args.batch_size,
+                                     callback=lambda done, total: b.update(done - b.n), **settings.dict())
+    return sd, args.cache[key]
+
+
+def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", user_mask=None):
+    """The edited image (PIL), with progress bars for the edit and the decoding."""
+    with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
+        if args.method == "p2p" and target_prompt:
+            w0 = p2p.edit(sd, inv, target_prompt, args.target_guidance, args.cross_replace, args.self_replace,
+                          args.reweight, args.local_blend, callback=lambda step: (b.update(), trace and trace(step)))
+        elif args.method == "leditspp" and concepts:
+            w0 = leditspp.edit(sd, inv, concepts=concepts, mask=args.mask, negative_prompt=args.negative_prompt,
+                               guidance_rescale=args.guidance_rescale, user_mask=user_mask,
+                               callback=lambda step: (b.update(), trace and trace(step)))
+        else:
+            w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
+                             concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
+                             callback=lambda step: (b.update(), trace and trace(step)))
+    with bar(args, "decode", 1) as b:
+        im = decode(sd, w0)
+        b.update()
+    return im
+
+
+def spec(c: Concept) -> str:
+    """A concept in the -e syntax, every option spelt out."""
+    opts = [f"{k}={getattr(c, k)}" for k in ("scale", "threshold", "warmup", "cooldown", "weight")]
+    return ("-" if c.reverse else "") + c.prompt + ":" + ",".join(o for o in opts if not o.endswith("=None"))
+
+
+def shown(text: str) -> str:
+    """text with the bytes of a non-UTF-8 file name (surrogates, from os.fsdecode) as \\xNN: printable, storable."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def save_png(im, path, args, sd, inv, concepts, idle=None):
+    """PNG with every parameter that decides its pixels (not where it was written), as JSON ("minledits")
+    and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
+    "input"); the command line shows its odd bytes as \\xNN. idle: {concept: why it never acted}, JSON only."""
+    p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
+    if getattr(args, "vae", None):
+        p["vae"] = str(args.vae)
+    if concepts is not None and args.method == "p2p":
+        p.update(method="p2p", target_prompt=args.target_prompt, target_guidance=args.target_guidance,
+                 cross_replace=args.cross_replace, self_replace=args.self_replace, reweight=args.reweight,
+                 local_blend=args.local_blend)
+    elif concepts is not None and args.method == "leditspp":
+        p.update(method="leditspp", concepts=[spec(c) for c in concepts], mask=args.mask,
+                 negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale,
+                 user_mask=None if args.user_mask is None else str(args.user_mask))
+    elif concepts is not None:
+        p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
+                 concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale,
+                 momentum_beta=args.momentum_beta)
+    info = PngInfo()
+    info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint,
+                                               **p, **({"idle_concepts": idle} if idle else {}))))
+    info.add_text("parameters", shown("minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)])))
+    with atomic(path) as tmp:
+        im.save(tmp, format="PNG", pnginfo=info)
+
+
+def finish(args, start, text):
+    noise = " (random-tiny: noise)" if args.model == tiny.NAME else ""
+    print(shown(f"{text} in {time.time() - start:.1f} s{noise}"))
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in FULL:
+        text = f"cannot write {e.filename or 'a file'}: {FULL[e.errno]} ({e.strerror}): free some space and run again"
+    elif isinstance(e, OSError) and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, (MinleditsError, ValueError, UsageError)):
+        text = str(e).splitlines()[-1].split(": error: ")[-1] if isinstance(e, UsageError) else str(e)
+    else:
+        text = f"{type(e).__name__}: {e} (unexpected: --verbose shows where)"
+    return " ".join(text.split())
+
+
+def check_text(args):
+    """Prompts are text: a byte that is not UTF-8 (from the shell) would fail in the tokenizer, after the loading."""
+    texts = [("--source-prompt", args.source_prompt), ("--target-prompt", getattr(args, "target_prompt", None))]
+    for flag, text in texts + [("-e", c) for c in getattr(args, "concepts", None) or []]:
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise MinleditsError(f"{flag} {shown(text)} is not UTF-8 text: write it in UTF-8") from None
+
+
+def concepts_of(args):
+    """The concepts of an edit (None for reconstruct), the edit options checked."""
+    resolve(args, EDIT)
+    check_text(args)
+    if args.user_mask is not None and not (args.method == "leditspp" and args.cmd == "edit"):
+        raise MinleditsError("--user-mask is an option of edit --method leditspp")
+    if args.method == "p2p" and args.cmd == "edit":
+        return p2p_options(args)
+    if args.method == "leditspp" and args.cmd == "edit":
+        concepts = [leditspp.concept(c) for c in args.concepts or []]
+        return leditspp.check(concepts, args.mask, None, args.guidance_rescale, None, None)
+    concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
+    ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
+    return concepts
+
+
+def p2p_options(args) -> list:
+    """--method p2p (no concepts): its options checked before any work; on an image input its default --skip, and
+    --source-prompt required (an inversion file's own is checked when it is read, before the edit's UNet work)."""
+    if args.concepts:
+        raise MinleditsError("--method p2p takes no concepts (-e): it edits by --target-prompt")
+    src = None
+    if not (Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input)):
+        src = args.source_prompt or ""
+        args.skip = p2p.SKIP if args.skip is None else args.skip
+    p2p.check(src, args.target_prompt, args.target_guidance, args.cross_replace, args.self_replace, args.reweight,
+              args.local_blend)
+    if args.local_blend is not None:
+        args.model_checks = [lambda sd: p2p.check_levels(sd.unet.config)]
+    return []
+
+
+def read_user_mask(args):
+    """The --user-mask picture (None without one), checked against an input image's size before any work."""
+    if args.user_mask is None:
+        return None
+    try:
+        picture = open_rgb(args.user_mask)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MinleditsError(f"cannot read --user-mask {args.user_mask}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        image_size = None if store.is_inversion(args.input) else open_rgb(args.input).size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        image_size = None  # inversion_of says why the input cannot be read
+    if image_size not in (None, picture.size):
+        raise MinleditsError(f"--user-mask {args.user_mask} is {picture.width}x{picture.height} px, the input "
+                             f"{image_size[0]}x{image_size[1]}: draw the mask on the input image")
+    return picture
+
+
+def clip_of(args):
+    """CLIP for the metrics, or None (with one note line) where its weights cannot be had."""
+    if args.clip_model in (None, "", "none"):
+        return None
+    try:
+        device = "cuda" if args.device in (None, "auto") and torch.cuda.is_available() else args.device or "cpu"
+        return metrics.Clip.load(args.clip_model, "cpu" if device == "auto" else device)
+    except MinleditsError as e:
+        print(f"minledits: note: CLIP metrics left out: {one_line(e)}", file=sys.stderr)
+        return None
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_download(args):
+    start = time.time()
+    resolve(args, COMMON)
+    if args.model == tiny.NAME or Path(args.model).exists():
+        where = "built on the fly" if args.model == tiny.NAME else "local"
+        return print(f"{args.model} is {where}: nothing to download")
+    bars_were_on = not are_progress_bars_disabled()
+    if args.quiet:
+        disable_progress_bars()
+    try:
+        folder = download(args.model, args.variant, args.revision, args.local_dir)
+    finally:
+        if args.quiet and bars_were_on:
+            enable_progress_bars()
+    finish(args, start, f"downloaded {args.model} -> {folder}")
+
+
+def cmd_invert(args):
+    start = time.time()
+    check_text(args)
+    check_outputs(args)
+    sd, inv = inversion_of(args)
+    store.save(inv, args.output)
+    finish(args, start, f"inverted {args.input} -> {args.output} ({args.steps - args.skip} steps)")
+
+
+def cmd_edit(args):
+    """edit and reconstruct: everything is checked before the work starts; the main output is written last."""
+    start = time.time()
+    concepts = concepts_of(args)
+    named = check_outputs(args)
+    out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
+    trace_files = [p for key, p in named if key == "trace"]
+    picture = read_user_mask(args)
+    sd, inv = inversion_of(args)
+    try:
+        user_mask = None if picture is None else leditspp.user_mask(picture, inv)
+    except ValueError as e:
+        raise MinleditsError(f"--user-mask {args.user_mask}: {e}") from None
+    idle = ledits.idle(concepts or [], len(inv.zs))
+    for prompt, why in idle.items():
+        print(shown(f"minledits: warning: concept {prompt!r} never acts ({why}): the edit ignores it"), file=sys.stderr)
+    if args.save_inversion is not None:
+        store.save(inv, args.save_inversion)
+    trace = None if not trace_files else AttentionTrace(sd, inv, p2p.word_positions(sd.tokenizer, args.target_prompt)) \
+        if args.method == "p2p" else Trace(sd, inv)
+    im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd, user_mask)
+    if compare:
+        recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
+        save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts, idle)
+    if trace:
+        trace.save(*trace_files, concepts=[spec(c) for c in concepts])
+    save_png(im, out, args, sd, inv, concepts, idle)
+    finish(args, start, f"{args.cmd}: {args.input} -> {out}")
+
+
+def cmd_metrics(args):
+    try:  # bad input is a usage error: one line, exit 2, before CLIP is loaded
+        a, b = open_rgb(args.a), open_rgb(args.b)
+        found = metrics.measure(a, b)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if clip := clip_of(args):
+        found = metrics.measure(a, b, args.text, clip)
+    if args.json:
+        return print(json.dumps(found))
+    print(", ".join(f"{k} {v:.4f}" for k, v in found.items() if v is not None))

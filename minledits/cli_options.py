@@ -1,0 +1,212 @@
+"""The `minledits` command line's options: three tables (model and run, inversion, edit) that every command
+draws from, each command's own arguments, and the parser built from them (cli.py runs the commands).
+
+In the tables argparse keeps None as the default, so that "not given" can be told apart (an inversion file
+brings its own settings); resolve() then fills in the defaults shown in --help.
+"""
+import argparse
+import inspect
+
+from . import ledits, leditspp, metrics, p2p
+from .inversion import BATCH_SIZE, InversionSettings
+from .load import DEFAULT_MODEL
+from .model import DTYPES
+from .sampler import SAMPLERS
+from .sega import Concept
+
+BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
+INV = InversionSettings()  # the defaults of the inversion options
+EDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(ledits.edit).parameters.items()}
+
+# (flags, default, help, argparse options)
+COMMON = [
+    (("--model",), DEFAULT_MODEL, "Hub repo id, diffusers folder, single .safetensors file, or random-tiny "
+     "(random weights: an offline smoke test that draws noise); an inversion file's own model by default", {}),
+    (("--revision",), None, "Hub branch, tag or commit", {}),
+    (("--variant",), None, "weight files to prefer, e.g. fp16 (implied by --dtype fp16)", {}),
+    (("--prediction-type",), None, "epsilon or v_prediction (SD 2.x single files need it)", {}),
+    (("--vae",), None, "another VAE: a folder with config.json and its weights, or a model folder's vae/ "
+     "(e.g. an fp16-fixed SDXL VAE)", dict(metavar="FOLDER")),
+    (("--device",), "auto", "auto: cuda, else mps, else cpu", dict(choices=["auto", "cpu", "cuda", "mps"])),
+    (("--dtype",), "auto", "auto: fp16 on CUDA, else fp32", dict(choices=["auto", *DTYPES])),
+    (("--force",), False, "overwrite outputs that exist", BOOL),
+    (("-q", "--quiet"), False, "no progress bars or notes", BOOL),
+    (("-v", "--verbose"), False, "show the traceback of an error", BOOL)]
+INVERT = [
+    (("--source-prompt",), "", "text describing the input image (optional)", dict(metavar="TEXT")),
+    (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
+    (("--steps",), INV.steps, "diffusion steps N", INT),
+    (("--skip",), INV.skip, "steps skipped at the noisy end: more keeps more of the input", INT),
+    (("--seed",), INV.seed, "seed of the inversion noise", INT),
+    (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64; SDXL's default: "
+     "1024", INT),
+    (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
+    (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
+    (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
+     "with dpmsolver++, as diffusers' LEDITS++ XL pipeline)", INT),
+    (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM) or dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M)",
+     dict(choices=list(SAMPLERS))),
+    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]
+EDIT = [
+    (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
+     "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion: needs --source-prompt and "
+     f"--target-prompt; its default --skip is {p2p.SKIP}, the reference's at N = 100)",
+     dict(choices=["ledits", "leditspp", "p2p"])),
+    (("--target-prompt",), "", "text describing the edited image (optional; ledits)", dict(metavar="TEXT")),
+    (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
+     FLOAT),
+    (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
+     dict(action="append", dest="concepts", metavar="SPEC")),
+    (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
+    (("--momentum-beta",), EDIT_DEFAULTS["momentum_beta"], "SEGA momentum beta", FLOAT),
+    (("--mask",), "intersect", "leditspp: where a concept acts: intersect (cross-attention and noise masks), "
+     "cross_attention or noise", dict(choices=list(leditspp.MASKS))),
+    (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", dict(metavar="TEXT")),
+    (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
+    (("--user-mask",), None, "leditspp: a picture of the input's size, white where the concepts may act (black: "
+     "not; grey: partly)", dict(metavar="M.png")),
+    (("--cross-replace",), 0.6, "p2p: fraction of all N steps during which the target takes the source's "
+     "cross-attention (counted from the first step after --skip)", FLOAT),
+    (("--self-replace",), 0.2, "p2p: the same for self-attention (layers of <= 16x16 queries)", FLOAT),
+    (("--reweight",), None, "p2p: scale the attention of target words, e.g. dog=2 or dog=2,grass=0.5",
+     dict(metavar="WORD=W,...")),
+    (("--local-blend",), None, "p2p: edit only where these words attend: source words,target words (each side "
+     "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR")),
+    (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
+    (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
+     "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
+    (("--compare",), False, "also write OUT-compare.png: input | reconstruction | edit", BOOL)]
+COMMANDS = {
+    "download": "fetch a model from the Hub (into the Hugging Face cache, or --local-dir)",
+    "invert": "IMAGE -> inversion file (latents, noise maps, timesteps, settings)",
+    "edit": "IMAGE or inversion file -> edited PNG (an image is inverted first)",
+    "reconstruct": "IMAGE or inversion file -> PNG regenerated without guidance",
+    "batch": "the edits listed in a JSON file, every job checked before the first runs; a job whose output "
+             "exists is skipped, so a rerun resumes",
+    "sweep": "IMAGE|INV -> a grid of edits, options varied (--vary KEY=V1,V2,...): a contact sheet, one PNG per "
+             "cell, a table of settings, times and metrics; inverts once per inversion setting; a rerun resumes",
+    "compare": "IMAGE|INV -> the methods side by side on one inversion (input | reconstruction | DDPM inversion | "
+               "DDPM + P2P | LEDITS | LEDITS++), labelled, with their metrics and UNet evaluations in a JSON file",
+    "metrics": "PSNR and SSIM of two pictures of one size; with CLIP weights also their CLIP image similarity and "
+               "the second's CLIP score against --text"}
+EXAMPLES = """examples:
+  minledits edit photo.jpg -o glasses.png -e glasses
+  minledits invert photo.jpg -o photo.safetensors            # invert once ...
+  minledits edit photo.safetensors -o old.png --target-prompt "an old man" -e -beard   # ... edit often
+  minledits edit photo.jpg -o smoke.png --model random-tiny --size 128   # offline smoke test (noise)
+errors print one line and exit 1 (usage errors: 2); outputs are never overwritten without --force"""
+_C = Concept("")
+CONCEPT_HELP = f"""concepts (-e SPEC, repeatable):
+  -e glasses    add "glasses"        -e -beard    remove "beard"
+  -e "smile:scale=6,threshold=0.9,warmup=2,cooldown=40,weight=1"   with options; their defaults:
+    scale={_C.scale:<9g} strength of the concept's guidance
+    threshold={_C.threshold:<5g} act only where its guidance is in the top (1 - threshold) of each channel
+    warmup={_C.warmup:<8} edit steps before it acts;   cooldown=none  edit step from which it stops
+    weight={_C.weight:<8g} its weight among the concepts
+  with --method leditspp the defaults are {", ".join(f"{k}={v:g}" for k, v in leditspp.DEFAULTS.items())} (no weight)
+An inversion file (from invert or --save-inversion) is known by its content, whatever its name: its settings
+(and, by default, model) are used."""
+
+
+class UsageError(Exception):
+    """An argparse error, raised (not exited) so that batch can report a bad job and go on."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.format_usage()}{self.prog}: error: {message}")
+
+
+def dest(flags, options) -> str:
+    return options.get("dest") or flags[-1].lstrip("-").replace("-", "_")
+
+
+def resolve(args, table):
+    for flags, default, _, options in table:
+        if getattr(args, dest(flags, options), None) is None:
+            setattr(args, dest(flags, options), default)
+
+
+def to_argv(options: dict) -> list[str]:
+    """{"steps": 50, "keep_aspect": True, "concepts": ["a", "-b"]} -> ["--steps=50", "--keep-aspect", ...]."""
+    argv = []
+    for k, v in options.items():
+        name = "--" + ("concept" if k == "concepts" else k).replace("_", "-")
+        for item in v if isinstance(v, list) else [v]:
+            argv += [name] if item is True else [] if item is False or item is None else [f"{name}={item}"]
+    return argv
+
+
+# --------------------------------------------------------------------------------------------- each command's own
+def add_metrics_arguments(s):
+    s.add_argument("a", metavar="A.png", help="the source picture")
+    s.add_argument("b", metavar="B.png", help="the edited picture (same size)")
+    s.add_argument("--text", help="prompt for B's CLIP score")
+    s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights: Hub repo id or folder, or none "
+                   f"(default: {metrics.CLIP_MODEL})")
+    s.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    s.add_argument("--device", default="cpu", help="device of CLIP (default: cpu)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+
+
+def add_batch_arguments(s):
+    s.add_argument("jobs", metavar="JOBS.json", help='[{"input": "a.jpg", "output": "a.png", "concepts": '
+                   '["glasses"], ...}, ...] or {"defaults": {...}, "jobs": [...]}; keys are edit options')
+    s.add_argument("--outdir", required=True, help="folder of the outputs (created if missing)")
+    s.add_argument("--allow-outside-outdir", action="store_true",
+                   help="let jobs write outside --outdir (absolute paths, .., symbolic links)")
+
+
+def add_sweep_arguments(s):
+    s.add_argument("input", metavar="IMAGE|INV", help="an image, or an inversion file (then only edit options vary)")
+    s.add_argument("-o", "--output", required=True, metavar="GRID.png",
+                   help="the contact sheet; cells go to GRID/NNN.png, the table to GRID.csv and GRID.json")
+    s.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="an inversion or edit option (skip, seed, target_guidance, ...; concept.I.scale and the "
+                        "other concept options) and its values, or a JSON list; twice: a grid; more: one grid per "
+                        "value of the rest")
+    s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights for the metrics (Hub repo id or "
+                   f"folder), or none (default: {metrics.CLIP_MODEL})")
+
+
+def add_compare_arguments(s):
+    s.add_argument("input", metavar="IMAGE|INV")
+    s.add_argument("-o", "--output", required=True, metavar="CMP.png",
+                   help="the panels, labelled; CMP.json gets each method's metrics, UNet evaluations and time")
+    s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights for the metrics (Hub repo id or "
+                   f"folder), or none (default: {metrics.CLIP_MODEL})")
+
+
+# --------------------------------------------------------------------------------------------- the parser
+def parser() -> Parser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion.", epilog=EXAMPLES,
+               formatter_class=raw)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    inversion = ("inversion", INVERT)
+    for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
+                         ("reconstruct", [inversion]), ("batch", []), ("metrics", []),
+                         ("sweep", [inversion, ("edit", EDIT)]), ("compare", [inversion, ("edit", EDIT)])]:
+        s = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=raw,
+                           epilog=CONCEPT_HELP if name == "edit" else None)
+        if name == "download":
+            s.add_argument("--local-dir", help="write the files here instead of the Hugging Face cache")
+        elif name == "metrics":
+            add_metrics_arguments(s)
+            continue
+        elif name == "sweep":
+            add_sweep_arguments(s)
+        elif name == "compare":
+            add_compare_arguments(s)
+        elif name == "batch":
+            add_batch_arguments(s)
+        else:
+            s.add_argument("input", metavar="IMAGE" if name == "invert" else "IMAGE|INV")
+            s.add_argument("-o", "--output", required=True, metavar="INV" if name == "invert" else "OUT.png")
+        for title, table in tables + [("model and run", COMMON)]:
+            group = s.add_argument_group(title)
+            for flags, default, text, options in table:
+                shown = "" if default is None or default is False or default == "" else f" (default: {default})"
+                metavar = {} if options.get("action") else dict(metavar={int: "N", float: "X"}.get(options.get("type")))
+                group.add_argument(*flags, default=None, help=text + shown, **{**metavar, **options})
+    return p
