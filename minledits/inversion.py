@@ -143,6 +143,12 @@ def noisy_latents(sampler, w0: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat([sampler.add_noise(k, w0, eps[k].to(w0)) for k in range(N)] + [w0])
 
 
+def source_context(sd, s: InversionSettings):
+    """The inversion's text rows with their keys and values: "" and the source prompt if any, each embedded alone
+    (as the references do; model.conditioning)."""
+    return sd.text_kv(sd.conditioning([""], [s.source_prompt] if s.source_prompt else []))
+
+
 def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, callback=None) -> torch.Tensor:
     """z_k for k = skip .. N-1 (xts[j] is x_{tau_{skip+j}}), up to batch_size timesteps per UNet call. The batches
     end at N - j batch_size, whatever the skip: the inversion at a larger skip batches its steps as the one at a
@@ -190,8 +196,7 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     x = to_tensor(image, s.size, s.keep_aspect)
     w0 = sd.encode(x)
     xts = noisy_latents(sampler, w0, s.seed)[s.skip:]
-    context = sd.text_kv(sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else [])))
-    zs = noise_maps(sd, sampler, xts, s.skip, context, s.source_guidance, batch_size, callback)
+    zs = noise_maps(sd, sampler, xts, s.skip, source_context(sd, s), s.source_guidance, batch_size, callback)
     if not zs.isfinite().all():
         raise MinleditsError("the inversion's noise maps hold inf or NaN: the model's output is not finite "
                              "(damaged weights, or fp16 overflow: try --dtype fp32 / dtype=torch.float32)")

@@ -208,7 +208,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
     u = 1 if user_mask is None else user_mask.to(sd.device, sd.dtype)
     tokens = token_counts(sd, concepts)
     use_attn, use_noise = C and mask != "noise", C and mask != "cross_attention"
-    context = sd.text_kv(sd.text_embeddings([negative_prompt, *(c.prompt for c in concepts)]))
+    context = sd.text_kv(sd.conditioning([negative_prompt], [c.prompt for c in concepts]))  # the pipeline's groups
     x = inv.xts[:1].to(sd.device, sd.dtype)
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):
         t = sampler.timesteps[k]

@@ -2,6 +2,7 @@
 every method does with them - embed prompts, encode an image to latents, decode latents to an image.
 
     sd.text_embeddings(["", "a cat"])   -> c [B, 77, D]      CLIP's last hidden states
+    sd.conditioning([""], ["a", "b"])   -> the same rows, one text encoder call per group (the references' groups)
     sd.encode(x)                        -> w0 [B, 4, h, w]   f E(x): the scaled VAE posterior mean (f: scaling factor)
     sd.decode(w0)                       -> x [B, 3, H, W]    D(w0 / f), in about [-1, 1]
     sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
@@ -82,6 +83,15 @@ class StableDiffusion:
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """CLIP last hidden states [B, 77, D] of the prompts."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
+
+    def conditioning(self, *groups: list[str]):
+        """text_embeddings of each non-empty group of prompts, one call per group, joined in order. A row's rounding
+        can depend on the batch it is computed in (on CUDA, cuBLAS picks kernels by shape: up to 7.6e-6 for SD 1.5's
+        CLIP on an H100; on CPU, a one-row product such as SDXL's pooled projection), so the methods embed in their
+        reference's groups: the unconditional prompt alone, a target or source prompt alone, the concepts together.
+        Their bit-for-bit mode holds there too."""
+        parts = [self.text_embeddings(g) for g in groups if g]
+        return tuple(map(torch.cat, zip(*parts))) if isinstance(parts[0], tuple) else torch.cat(parts)
 
     def predict(self, x: torch.Tensor, t, c) -> torch.Tensor:
         """The UNet's output for latents x [B, 4, h, w] at t, conditioned on c (text_embeddings' rows, B of them)."""

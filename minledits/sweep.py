@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic
-from .inversion import Inversion, noise_maps
+from .inversion import Inversion, noise_maps, source_context
 
 FORMAT = "minledits.sweep"
 CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
@@ -102,8 +102,8 @@ def at_skip(sd, inv: Inversion, skip: int, batch_size: int) -> Inversion:
     xts, zs = inv.xts[d:], inv.zs[d:].clone()
     e = len(zs) % batch_size
     if d and e:
-        context = sd.text_kv(sd.text_embeddings([""] + ([s.source_prompt] if s.source_prompt else [])))
-        z = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, context, s.source_guidance, batch_size)
+        z = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, source_context(sd, s), s.source_guidance,
+                       batch_size)
         zeroed = (zs[:e] == 0).flatten(1).all(1).view(-1, 1, 1, 1)  # the last maps, zeroed as the inversion does
         zs[:e] = torch.where(zeroed, zs[:e], z)
     return Inversion(inv.timesteps[d:], xts, zs, inv.image, s, inv.model_id, inv.fingerprint)

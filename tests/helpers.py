@@ -1,6 +1,7 @@
 """Shared test helpers (the tests never import each other): the small inversion setting, a test photo, our
 edit beside the reference pipeline's on the same inversion, and the package's import graph."""
 import ast
+import contextlib
 import fnmatch
 import shutil
 import sys
@@ -67,6 +68,25 @@ def photo(seed=0, size=(80, 64)):
     """A random RGB picture (W x H = size), the same for a seed."""
     g = torch.Generator().manual_seed(seed)
     return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@contextlib.contextmanager
+def batch_dependent(*text_encoders):
+    """Within: every token embedding of these text encoders (ours and the reference's alike) moved by its batch size
+    x 1e-2 x a ramp over the channels (not a constant: the layer norms would take that away), so that a prompt's
+    embedding depends on the batch it is computed in - as on CUDA, where cuBLAS picks its kernels by shape (SD 1.5's
+    CLIP: 7.6e-6 apart on an H100), not on CPU. Paths that embed their prompts in the same groups still agree."""
+    embeddings = [m for te in text_encoders for name, m in te.named_modules() if name.endswith("token_embedding")]
+    assert len(embeddings) == len(text_encoders), "one token embedding per text encoder"
+
+    def move(module, args, out):
+        return out + 1e-2 * len(out) * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)
+    hooks = [m.register_forward_hook(move) for m in embeddings]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5, forced=False):

@@ -17,7 +17,7 @@ from minledits import leditspp
 from minledits.image import to_tensor
 from minledits.sega import Concept
 from tests import hub, oracle
-from tests.helpers import SIZE, aligned, deep, photo
+from tests.helpers import SIZE, aligned, batch_dependent, deep, photo
 
 STEPS, SKIP = 10, 1  # 9 edited steps; leading spacing: t = 811, 721, ..., 1 (the first above T_INTERSECT)
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
@@ -114,18 +114,21 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
     """What the tests above tolerate is two roundings: the attention kernel, and the inversion's batching. With the
     kernel the pipeline sets for its invert and its edit (explicit_attention: diffusers' AttnProcessor, in the layers
     the masks do not read) and batch_size 1 (the pipeline's recurrence, inversion.py), each path inverts the photo
-    and edits it: the noise maps, every step and the final latents are equal bit for bit."""
+    and edits it: the noise maps, every step and the final latents are equal bit for bit. Also where a prompt's
+    embedding depends on its batch, as on CUDA (helpers.batch_dependent): both embed the empty prompt alone and
+    the concepts together (model.conditioning)."""
     ref, _ = deep_model
     sd, (n, f), trace = minledits.load(ref.folder), (STEPS - SKIP, 0.12), []
     aligned(sd.unet)
     assert int(n * (1 + f)) == STEPS
-    with sd.unet.attention_kernel(minledits.layers.explicit_attention):
-        inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=128, seed=5,
-                               batch_size=1)
-        ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)
-    pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), 128), "", n, f, seed=5)
-    assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
-    theirs = oracle.leditspp_call(pipe, CONCEPTS, "intersect", STEPS)
+    with batch_dependent(sd.text_encoder, ref.text_encoder):
+        with sd.unet.attention_kernel(minledits.layers.explicit_attention):
+            inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=128, seed=5,
+                                   batch_size=1)
+            ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)
+        pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), 128), "", n, f, seed=5)
+        assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
+        theirs = oracle.leditspp_call(pipe, CONCEPTS, "intersect", STEPS)
     assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 

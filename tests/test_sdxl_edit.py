@@ -19,7 +19,7 @@ from minledits.image import to_tensor
 from minledits.layers import TextKV, explicit_attention
 from minledits.sega import Concept
 from tests import hub, oracle
-from tests.helpers import SIZE, aligned, photo, run
+from tests.helpers import SIZE, aligned, batch_dependent, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONCEPTS = [Concept("glasses", scale=5.0, threshold=0.8, warmup=0),
@@ -107,19 +107,22 @@ def test_leditspp_equals_the_xl_pipeline(xl, sampler, mask):
 def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_identical(xl):
     """As on SD (tests/test_leditspp.py): with the attention kernel the XL pipeline sets (explicit_attention) and
     batch_size 1 (its invert's recurrence), each path inverts the photo and edits it; the noise maps, every step and
-    the final latents are equal bit for bit."""
+    the final latents are equal bit for bit. Also where a prompt's embedding depends on its batch, as on CUDA
+    (helpers.batch_dependent): both embed the concepts together, apart from the empty prompt."""
     ref, _ = xl
     sd, (n, f), trace = minledits.load(ref.folder), (8, 0.25), []
     aligned(sd.unet)
-    with sd.unet.attention_kernel(explicit_attention):
-        inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=10, skip=2, size=SIZE, seed=5, batch_size=1)
-        ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="cross_attention", callback=trace.append)
-    pipe = xl_pipeline(ref)
-    quietly(pipe.invert, image=to_tensor(photo(), SIZE), num_inversion_steps=n, skip=f,
-            generator=torch.Generator().manual_seed(5), height=SIZE, width=SIZE)
-    assert inv.timesteps == pipe.inversion_steps.tolist()
-    assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
-    theirs = oracle.leditspp_call(pipe, CONCEPTS, "cross_attention", inv.settings.steps)
+    with batch_dependent(sd.text_encoder, sd.text_encoder_2, ref.text_encoder, ref.text_encoder_2):
+        with sd.unet.attention_kernel(explicit_attention):
+            inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=10, skip=2, size=SIZE, seed=5,
+                                   batch_size=1)
+            ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="cross_attention", callback=trace.append)
+        pipe = xl_pipeline(ref)
+        quietly(pipe.invert, image=to_tensor(photo(), SIZE), num_inversion_steps=n, skip=f,
+                generator=torch.Generator().manual_seed(5), height=SIZE, width=SIZE)
+        assert inv.timesteps == pipe.inversion_steps.tolist()
+        assert torch.equal(inv.xts[:1], pipe.init_latents) and torch.equal(inv.zs, pipe.zs[:, 0])
+        theirs = oracle.leditspp_call(pipe, CONCEPTS, "cross_attention", inv.settings.steps)
     assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 
@@ -147,7 +150,7 @@ def test_ledits_unet_calls_equal_the_sdxl_unet(xl, monkeypatch):
         return out
     monkeypatch.setattr(sd.unet, "forward", spy)
     ledits.edit(sd, inv, target_prompt="a man", concepts=["glasses", "-beard"])
-    c, pooled = sd.text_embeddings(["", "a man", "glasses", "beard"])
+    c, pooled = sd.conditioning([""], ["a man"], ["glasses", "beard"])  # SEGA's groups
     assert len(calls) == 4
     for x, t, ctx, kw, out in calls:
         assert torch.equal(ctx, c) and torch.equal(kw["text_embeds"], pooled) and not ctx[0].any()
