@@ -62,6 +62,12 @@ class Branches:
         return cls(["", *tar, *(c.prompt for c in concepts)], slice(0, 1), slice(len(tar), len(tar) + 1),
                    slice(1 + len(tar), None))
 
+    @property
+    def groups(self) -> list[list[str]]:
+        """The prompts in SemanticStableDiffusionPipeline's embedding groups: each one before the concepts alone,
+        the concepts together (model.conditioning)."""
+        return [[p] for p in self.prompts[:self.c.start]] + [self.prompts[self.c]]
+
 
 def check(target_guidance, concepts, momentum_scale, momentum_beta, dtype=torch.float32) -> list[Concept]:
     """The concepts as Concept objects, after checking every edit option (ValueError, one line); numbers must
@@ -141,7 +147,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
     s_tar, guided = target_guidance, target_guidance > 1
     p = SegaParams.of(concepts, momentum_scale, momentum_beta, sd.device)
     b = Branches.of(target_prompt, concepts, guided)
-    context = sd.text_kv(sd.conditioning(*([p] for p in b.prompts[:b.c.start]), b.prompts[b.c]))  # SEGA's groups
+    context = sd.text_kv(sd.conditioning(*b.groups))  # the text, its keys and values: once for the whole edit
     x = inv.xts[:1].to(sd.device, sd.dtype)  # x_T: the noisiest latent the edit starts from (line 1)
     m = torch.zeros_like(x)                  # SEGA momentum
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):  # for t = T..1
