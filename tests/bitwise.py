@@ -61,7 +61,7 @@ def leditspp_steps(sd, ref, device):
     steps = int(n * (1 + f))
     pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref, copy_unet=False),
                                   to_tensor(bench.photo(), SIZE).to(device), "", n, f, seed=0)
-    trace, own = [], []
+    trace = []
     with sd.unet.attention_kernel(explicit_attention):
         inv = minledits.invert(sd, bench.photo(), sampler="dpmsolver++", steps=steps, skip=steps - n, seed=0,
                                size=SIZE, batch_size=1)
@@ -69,16 +69,9 @@ def leditspp_steps(sd, ref, device):
               d(inv.zs, pipe.zs[:, 0]))
         pipe.init_latents, pipe.zs = inv.xts[:1].clone().to(device), inv.zs[:, None].clone().to(device)
         ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)
-
-    def keep(p, i, t, tensors):
-        own.append(tensors["latents"].clone())
-        return {}
-    cs = [leditspp.concept(c) for c in CONCEPTS]
-    theirs = pipe(output_type="latent", editing_prompt=CONCEPTS, reverse_editing_direction=[c.reverse for c in cs],
-                  edit_guidance_scale=[c.scale for c in cs], edit_threshold=[c.threshold for c in cs],
-                  edit_warmup_steps=[c.warmup for c in cs], use_intersect_mask=True, callback_on_step_end=keep).images
+    theirs = oracle.leditspp_call(pipe, [leditspp.concept(c) for c in CONCEPTS], "intersect", steps)
     print("LEDITS++ edit of the same inversion:", d(ours, theirs), "| x_{t-1} at each step:",
-          [d(st.x_prev, own[st.i]) for st in trace])
+          [d(st.x_prev, pipe.own[st.i:st.i + 1]) for st in trace])
 
 
 def main():
