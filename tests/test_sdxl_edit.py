@@ -126,6 +126,26 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
     assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 
+
+def test_the_device_check_script_reads_zero_on_tiny_sdxl(xl, monkeypatch, capsys):
+    """tests/bitwise.py, the script a GPU loan runs (a broken one costs device time), on this tiny SDXL: every
+    comparison of ours with the reference it prints reads 0.00e+00 on CPU (the rows of a batch against their own
+    call, which it prints too, are left out: they compare one path with itself)."""
+    import re
+    import sys
+
+    from tests import bench, bitwise
+    ref, _ = xl
+    monkeypatch.setattr(bench, "model_folder", lambda kind: ref.folder)
+    monkeypatch.setattr(sys, "argv", ["bitwise", "--kind", "tiny-sdxl", "--size", str(SIZE)])
+    bitwise.main()
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if re.match(r"(VAE|CLIP|OpenCLIP|UNet|LEDITS)", line)]
+    against_ref = [part for line in lines for part in line.split(" | ") if "against its own call" not in part]
+    figures = [f for part in against_ref for f in re.findall(r"\d\.\d\de[+-]\d\d", part)]
+    assert len(lines) == 9 and len(figures) == 1 + 2 * 4 + 4 * 2 + 2 + 1 + 30, lines
+    assert set(figures) == {"0.00e+00"}, lines
+
 # ---- LEDITS -------------------------------------------------------------------------------------------------------
 def test_ledits_reconstructs_exactly_with_keep_last_noise(xl):
     ref, sd = xl
