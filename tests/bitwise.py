@@ -93,15 +93,10 @@ def networks(sd, ref, size, device):
 def leditspp_steps(sd, ref, size, device):
     n, f = 30, 0.15
     steps = int(n * (1 + f))
-    x = to_tensor(bench.photo(), size).to(device)
-    if ref.text_encoder_2 is None:
-        mask, pipe = "intersect", oracle.leditspp_invert(oracle.leditspp_pipeline(ref, copy_unet=False), x, "", n, f, 0)
-    else:
-        mask, pipe = "cross_attention", oracle.leditspp_xl_pipeline(ref, copy_unet=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe.invert(image=x, num_inversion_steps=n, skip=f, generator=torch.Generator().manual_seed(0),
-                        height=size, width=size)
+    xl = ref.text_encoder_2 is not None
+    mask = "cross_attention" if xl else "intersect"
+    pipe = (oracle.leditspp_xl_pipeline if xl else oracle.leditspp_pipeline)(ref, copy_unet=False)
+    oracle.leditspp_invert(pipe, to_tensor(bench.photo(), size).to(device), "", n, f, seed=0)
     trace = []
     with sd.unet.attention_kernel(explicit_attention):
         inv = minledits.invert(sd, bench.photo(), sampler="dpmsolver++", steps=steps, skip=steps - n, seed=0,

@@ -138,8 +138,8 @@ def leditspp_pipeline(ref, scheduler_config=None, scheduler=PNDMScheduler, fix=T
 
 
 def leditspp_invert(pipe, x, source_prompt, n, f, seed):
-    """pipe.invert on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it is). The
-    pipeline comes from leditspp_pipeline, whose fix makes invert guide eps_u + s (eps_src - eps_u) as
+    """pipe.invert (either pipeline's) on the preprocessed image x (in [-1, 1]: the pipeline warns and takes it as it
+    is). From leditspp_pipeline, whose fix makes invert guide eps_u + s (eps_src - eps_u) as
     ml-research/ledits_pp's own invert, LEDITS and minledits do (diffusers 0.42.1 swaps the pair)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the [-1, 1] tensor; the scheduler replacement

@@ -6,6 +6,8 @@ __call__ sums each concept's own tokens into its attention map (diffusers 0.42.1
 it sums tokens 1..75). Pictures are square here: the pipeline swaps height and width in its time_ids (invert sets
 size = (w * 8, h * 8) from latents [.., h, w]), ours are (H, W) as SDXL was trained; square sizes agree.
 """
+import re
+import sys
 import warnings
 
 import pytest
@@ -18,7 +20,7 @@ from minledits import ledits, leditspp
 from minledits.image import to_tensor
 from minledits.layers import TextKV, explicit_attention
 from minledits.sega import Concept
-from tests import hub, oracle
+from tests import bench, bitwise, hub, oracle
 from tests.helpers import SIZE, aligned, batch_dependent, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,15 +128,10 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
     assert torch.equal(torch.cat([st.x_prev for st in trace]), pipe.own) and torch.equal(ours, theirs)
 
 
-
 def test_the_device_check_script_reads_zero_on_tiny_sdxl(xl, monkeypatch, capsys):
     """tests/bitwise.py, the script a GPU loan runs (a broken one costs device time), on this tiny SDXL: every
     comparison of ours with the reference it prints reads 0.00e+00 on CPU (the rows of a batch against their own
     call, which it prints too, are left out: they compare one path with itself)."""
-    import re
-    import sys
-
-    from tests import bench, bitwise
     ref, _ = xl
     monkeypatch.setattr(bench, "model_folder", lambda kind: ref.folder)
     monkeypatch.setattr(sys, "argv", ["bitwise", "--kind", "tiny-sdxl", "--size", str(SIZE)])
@@ -145,6 +142,7 @@ def test_the_device_check_script_reads_zero_on_tiny_sdxl(xl, monkeypatch, capsys
     figures = [f for part in against_ref for f in re.findall(r"\d\.\d\de[+-]\d\d", part)]
     assert len(lines) == 9 and len(figures) == 1 + 2 * 4 + 4 * 2 + 2 + 1 + 30, lines
     assert set(figures) == {"0.00e+00"}, lines
+
 
 # ---- LEDITS -------------------------------------------------------------------------------------------------------
 def test_ledits_reconstructs_exactly_with_keep_last_noise(xl):
