@@ -16,6 +16,9 @@ probabilities; the others, and every layer when no controller is set, keep the U
 
 A cross-attention's keys and values, k = to_k(c) and v = to_v(c), depend on the text c alone, which an edit keeps
 for all its steps: `UNet.text_kv(c)` computes them once for every layer, and the resulting TextKV goes where c went.
+Where every v is 0 (SDXL's unconditional context: zeros, and no bias in to_v), softmax(q k^T) v = 0 whatever the
+probabilities, and the cross-attention is to_out's bias alone: no q, no attention (an inversion without a source
+prompt), bit for bit what the full computation gives.
 """
 import math
 from dataclasses import dataclass
@@ -94,13 +97,14 @@ class TextKV:
     context: torch.Tensor
     kv: dict
     repeats: int = 1
+    zero_v: bool = False  # every layer's v is exactly 0 (and needs no gradient): attn2 is to_out's bias
 
     def __len__(self):
         return len(self.context) * self.repeats
 
     def repeat_interleave(self, n: int, dim: int = 0) -> "TextKV":
         assert dim == 0, "rows only"
-        return TextKV(self.context, self.kv, self.repeats * n)
+        return TextKV(self.context, self.kv, self.repeats * n, self.zero_v)
 
     def keys_values(self, attn) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self.kv[attn]
@@ -168,14 +172,17 @@ class Attention(nn.Module):
     def forward(self, x, context=None, size=None):
         """x [B, N, dim], context [B, M, context_dim] or its TextKV (None: self-attention), size (h, w) of the
         N = h * w tokens."""
+        ctrl = self.controller
+        plain = ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size)
+        if plain and isinstance(context, TextKV) and context.zero_v:  # softmax(q k^T) 0 = 0: to_out(0) = its bias
+            return self.to_out[0].bias.expand(x.shape).clone()  # a fresh tensor: the caller adds into it
         q = self.to_q(x)  # before k and v, as diffusers: the order autograd sums x's three gradients in
         if isinstance(context, TextKV):
             k, v = context.keys_values(self)
         else:
             context = x if context is None else context
             k, v = self.to_k(context), self.to_v(context)
-        ctrl = self.controller
-        if ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size):
+        if plain:
             return self.to_out[0]((self.kernel or attention)(q, k, v, self.heads, upcast=self.upcast))  # no probs kept
         probs = attention_probs(q, k, self.heads, self.upcast)
         edited = ctrl(self.layer, size, probs)

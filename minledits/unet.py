@@ -202,9 +202,13 @@ class UNet(nn.Module):
 
     def text_kv(self, context) -> layers.TextKV:
         """context [R, M, D] with every cross-attention's keys and values computed from it: pass it as `context`
-        at every step that reuses the text (same outputs; each attn2 skips to_k and to_v)."""
-        return layers.TextKV(context, {m: (m.to_k(context), m.to_v(context)) for m in self.modules()
-                                       if isinstance(m, layers.Attention) and m.layer.cross})
+        at every step that reuses the text (same outputs; each attn2 skips to_k and to_v, and is to_out's bias
+        alone where every v is 0: SDXL's unconditional zeros)."""
+        kv = {m: (m.to_k(context), m.to_v(context)) for m in self.modules()
+              if isinstance(m, layers.Attention) and m.layer.cross}
+        vs = [v for _, v in kv.values()]  # all 0, and no gradient to the text to keep: attn2 may skip to its bias
+        return layers.TextKV(context, kv, zero_v=not any(v.requires_grad for v in vs) and not torch.stack(
+            [v.any() for v in vs]).any())
 
     def forward(self, x, t, context, *, text_embeds=None, time_ids=None):
         if hasattr(self, "add_embedding") != (text_embeds is not None) or (text_embeds is None) != (time_ids is None):

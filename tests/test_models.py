@@ -221,6 +221,34 @@ def test_text_keys_and_values_computed_once_change_nothing(kind, tmp_path):
     assert half and all(torch.equal(a, b) for a, b in zip(read[:half], read[half:]))
 
 
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sdxl"])
+def test_a_zero_text_skips_the_cross_attention_and_changes_nothing(kind, tmp_path):
+    """SDXL's unconditional context is zeros, and to_v has no bias: v = 0, so attn2 is to_out's bias whatever its
+    probabilities. With the zero context's TextKV no attn2 computes q, and the output is the reference's, which
+    computes them all, bit for bit; a controller that reads the probabilities still gets them."""
+    torch.set_num_threads(2)
+    ref = deep(kind, tmp_path)
+    unet = minledits.load(ref.folder).unet
+    torch.manual_seed(1)
+    x, c = torch.randn(2, 4, 16, 16), torch.zeros(1, 77, ref.unet.config.cross_attention_dim)
+    xl = xl_inputs(ref.unet.config, 2, 128) if kind == "tiny-sdxl" else {}
+    kv = unet.text_kv(c).repeat_interleave(2)
+    assert kv.zero_v and not unet.text_kv(c + 1e-3).zero_v and not unet.text_kv(c.clone().requires_grad_()).zero_v
+    queries = []
+    for m in unet.modules():
+        if isinstance(m, minledits.layers.Attention) and m.layer.cross:
+            m.to_q.register_forward_hook(lambda *_: queries.append(1))
+    read = []
+    reader = lambda layer, size, probs: read.append(probs)  # noqa: E731
+    reader.wants = lambda layer, size: layer.cross  # the self-attention keeps its fused kernel, as the reference's
+    with torch.no_grad():
+        theirs = ref.unet(x, 501, c.expand(2, -1, -1), added_cond_kwargs=xl or None).sample
+        assert torch.equal(unet(x, 501, kv, **xl), theirs) and not queries
+        with unet.attention_controller(reader):
+            assert torch.equal(unet(x, 501, kv, **xl), theirs)
+    assert read and queries and all(torch.all(p == 1 / 77) for p in read)
+
+
 def test_unet_gradients_match():
     """The in-place adds / SiLU are autograd-safe: input and weight gradients equal the reference's."""
     ref = perturbed(UNet2DConditionModel(**TINY_UNETS["sd2v-upcast-2layers"]))
