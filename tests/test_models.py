@@ -198,16 +198,23 @@ def test_unet_is_bit_identical_on_equal_inputs(kind, tmp_path):
         assert torch.equal(ours(x, 501, c, **xl), theirs)
 
 
-@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sdxl"])
-def test_text_keys_and_values_computed_once_change_nothing(kind, tmp_path):
-    """unet(x, t, unet.text_kv(c)) is unet(x, t, c) bit for bit - with rows repeated (the inversion's batches: one
-    row of text for several x_t) and with a controller reading the cross-attention probabilities from those keys."""
+def two_unets(kind, tmp_path, batch):
+    """The reference (deep copies, on two threads) and ours on its folder, x [batch, 4, 16, 16] (seed 1) and the
+    SDXL UNet's added inputs for it."""
     torch.set_num_threads(2)
     ref = deep(kind, tmp_path)
     unet = minledits.load(ref.folder).unet
     torch.manual_seed(1)
-    x, c = torch.randn(4, 4, 16, 16), torch.randn(2, 77, ref.unet.config.cross_attention_dim)
-    xl = xl_inputs(ref.unet.config, 4, 128) if kind == "tiny-sdxl" else {}
+    xl = xl_inputs(ref.unet.config, batch, 128) if kind == "tiny-sdxl" else {}
+    return ref, unet, torch.randn(batch, 4, 16, 16), xl
+
+
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sdxl"])
+def test_text_keys_and_values_computed_once_change_nothing(kind, tmp_path):
+    """unet(x, t, unet.text_kv(c)) is unet(x, t, c) bit for bit - with rows repeated (the inversion's batches: one
+    row of text for several x_t) and with a controller reading the cross-attention probabilities from those keys."""
+    ref, unet, x, xl = two_unets(kind, tmp_path, 4)
+    c = torch.randn(2, 77, ref.unet.config.cross_attention_dim)
     kv = unet.text_kv(c).repeat_interleave(2)
     assert len(kv) == 4 and all(k.shape[0] == 2 for k, v in kv.kv.values())
     outs, read = [], []
@@ -226,12 +233,8 @@ def test_a_zero_text_skips_the_cross_attention_and_changes_nothing(kind, tmp_pat
     """SDXL's unconditional context is zeros, and to_v has no bias: v = 0, so attn2 is to_out's bias whatever its
     probabilities. With the zero context's TextKV no attn2 computes q, and the output is the reference's, which
     computes them all, bit for bit; a controller that reads the probabilities still gets them."""
-    torch.set_num_threads(2)
-    ref = deep(kind, tmp_path)
-    unet = minledits.load(ref.folder).unet
-    torch.manual_seed(1)
-    x, c = torch.randn(2, 4, 16, 16), torch.zeros(1, 77, ref.unet.config.cross_attention_dim)
-    xl = xl_inputs(ref.unet.config, 2, 128) if kind == "tiny-sdxl" else {}
+    ref, unet, x, xl = two_unets(kind, tmp_path, 2)
+    c = torch.zeros(1, 77, ref.unet.config.cross_attention_dim)
     kv = unet.text_kv(c).repeat_interleave(2)
     assert kv.zero_v and not unet.text_kv(c + 1e-3).zero_v and not unet.text_kv(c.clone().requires_grad_()).zero_v
     queries = []
