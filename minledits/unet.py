@@ -206,9 +206,8 @@ class UNet(nn.Module):
         alone where every v is 0: SDXL's unconditional zeros)."""
         kv = {m: (m.to_k(context), m.to_v(context)) for m in self.modules()
               if isinstance(m, layers.Attention) and m.layer.cross}
-        vs = [v for _, v in kv.values()]  # all 0, and no gradient to the text to keep: attn2 may skip to its bias
-        return layers.TextKV(context, kv, zero_v=not any(v.requires_grad for v in vs) and not torch.stack(
-            [v.any() for v in vs]).any())
+        zero_v = not any(v.requires_grad or v.any() for _, v in kv.values())  # all 0, no gradient to keep
+        return layers.TextKV(context, kv, zero_v=zero_v)
 
     def forward(self, x, t, context, *, text_embeds=None, time_ids=None):
         if hasattr(self, "add_embedding") != (text_embeds is not None) or (text_embeds is None) != (time_ids is None):

@@ -68,11 +68,10 @@ def networks(sd, ref, size, device):
     g = torch.Generator().manual_seed(0)
     x3 = torch.randn(3, 4, size // 8, size // 8, generator=g).to(device)
     c3 = torch.randn(3, 77, ref.unet.config.cross_attention_dim, generator=g).to(device)
-    xl = ref.text_encoder_2 is not None
-    pooled = torch.randn(3, ref.text_encoder_2.config.projection_dim, generator=g).to(device) if xl else None
+    xl = bench.xl_inputs(ref.unet.config, 3, size, device) if ref.text_encoder_2 is not None else {}
 
     def added(n):  # SDXL's extra conditioning of n rows
-        return dict(text_embeds=pooled[:n], time_ids=sd.time_ids(size, size).expand(n, -1)) if xl else {}
+        return {k: v[:n] for k, v in xl.items()}
 
     def ours(n, c):
         return sd.unet(x3[:n], 501, c, **added(n))
