@@ -7,8 +7,8 @@
 """
 from .errors import InversionError, InversionFileError, LoadError, MinleditsError, SingleFileError
 from .inversion import Inversion, InversionSettings, invert
+from .io.load import load
 from .ledits import EditStep, edit
-from .load import load
 from .model import StableDiffusion, decode
 from .sega import Concept, Guidance, SegaParams, sega
 

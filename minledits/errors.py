@@ -28,3 +28,10 @@ class InversionError(MinleditsError, ValueError):
 
 class InversionFileError(InversionError):
     """An inversion file that cannot be used."""
+
+
+def shorten(text, limit: int = 60) -> str:
+    """User text as an error or warning quotes it: repr'd, and cut to its start and "…" past `limit` characters,
+    so that a message stays a line or two whatever the user typed."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .errors import InversionError, MinleditsError
-from .image import to_tensor
+from .io.image import to_tensor
 from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
 from .sampler import SAMPLERS
 
@@ -108,7 +108,7 @@ class Inversion:
     def w0(self) -> torch.Tensor:
         return self.xts[-1:]
 
-    def check(self, source: str = "the inversion") -> None:
+    def check_tensors(self, source: str = "the inversion") -> None:
         """Refuse tensors that disagree with each other or the settings, or hold inf / NaN (a damaged file)."""
         n, (H, W) = self.settings.steps - self.settings.skip, self.image.shape[-2:]
         if not (len(self.timesteps) == len(self.zs) == len(self.xts) - 1 == n and self.xts.ndim == 4

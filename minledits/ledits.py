@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import store
 from .errors import MinleditsError
 from .inversion import Inversion
+from .io import store
 from .model import StableDiffusion
 from .sega import Concept, Guidance, SegaParams, sega
 
@@ -69,7 +69,7 @@ class Branches:
         return [[p] for p in self.prompts[:self.c.start]] + [self.prompts[self.c]]
 
 
-def check(target_guidance, concepts, momentum_scale, momentum_beta, dtype=torch.float32) -> list[Concept]:
+def check_options(target_guidance, concepts, momentum_scale, momentum_beta, dtype=torch.float32) -> list[Concept]:
     """The concepts as Concept objects, after checking every edit option (ValueError, one line); numbers must
     also be finite in `dtype`, the dtype they are used in."""
     if isinstance(concepts, (str, dict, Concept)):  # one concept, not a sequence of them
@@ -118,7 +118,7 @@ def start(sd: StableDiffusion, inv) -> tuple[Inversion, object]:
     """(the inversion, a fresh sampler of its kind) for an edit: an Inversion or its file, checked in itself and
     against the model (weights, latent shape, timesteps)."""
     inv = as_inversion(inv)
-    inv.check()
+    inv.check_tensors()
     inv.check_model(sd)
     return inv, inv.settings.new_sampler(sd.schedule)
 
@@ -139,7 +139,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
          momentum_scale=0.3, momentum_beta=0.6, guidance=sega, callback=None) -> torch.Tensor:
     """The edited w0 [1, 4, h, w]. guidance(i, eps_u, eps_c, m, params) -> Guidance can be swapped;
     callback(EditStep) receives every intermediate tensor of every step."""
-    concepts = check(target_guidance, concepts, momentum_scale, momentum_beta, sd.dtype)
+    concepts = check_options(target_guidance, concepts, momentum_scale, momentum_beta, sd.dtype)
     inv, sampler = start(sd, inv)
     skip = inv.settings.skip
     for prompt, why in idle(concepts, len(inv.zs)).items():

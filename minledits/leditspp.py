@@ -35,28 +35,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .image import to_tensor
 from .inversion import Inversion
-from .layers import AttentionLayer
+from .io.image import to_tensor
 from .ledits import check_finite, start
 from .model import StableDiffusion
+from .nets.layers import AttentionLayer
 from .sega import Concept
 
-DEFAULTS = dict(scale=5.0, threshold=0.9, warmup=0)  # LEDITS++' concept defaults (SEGA's are 7, 0.95, 2)
-MASKS = ("intersect", "cross_attention", "noise")
+CONCEPT_DEFAULTS = dict(scale=5.0, threshold=0.9, warmup=0)  # LEDITS++' concept defaults (SEGA's are 7, 0.95, 2)
+MASK_MODES = ("intersect", "cross_attention", "noise")
 T_INTERSECT = 800  # "intersect" uses the attention mask alone at timesteps above this (as the pipeline)
 
 
 def concept(c) -> Concept:
     """A Concept from a Concept (as it is), a dict of its fields or a spec string (sega.Concept.parse), with
-    LEDITS++' DEFAULTS for the fields a dict or string leaves out."""
+    LEDITS++' CONCEPT_DEFAULTS for the fields a dict or string leaves out."""
     if isinstance(c, Concept):
         return c
     if isinstance(c, dict):
-        return Concept.of({**DEFAULTS, **c})
+        return Concept.of({**CONCEPT_DEFAULTS, **c})
     if isinstance(c, str):
         given = {o.partition("=")[0].strip() for o in c.partition(":")[2].split(",")}
-        return dataclasses.replace(Concept.parse(c), **{k: v for k, v in DEFAULTS.items() if k not in given})
+        return dataclasses.replace(Concept.parse(c), **{k: v for k, v in CONCEPT_DEFAULTS.items() if k not in given})
     return Concept.of(c)  # its ValueError
 
 
@@ -74,7 +74,7 @@ class EditStep:
     m_noise: torch.Tensor | None        # [C, 1, 4, h, w] (None: the mode does not use it)
     attn: torch.Tensor | None           # [C, h', w']: A~_c, the smoothed attention map
     m_attn: torch.Tensor | None         # [C, 1, 4, h, w]
-    mask: torch.Tensor                  # [C, 1, 4, h, w]: M_c, the mask applied (0 for inactive concepts)
+    M: torch.Tensor                     # [C, 1, 4, h, w]: M_c, the mask applied (0 for inactive concepts)
     eps: torch.Tensor
     z: torch.Tensor
     x_prev: torch.Tensor
@@ -167,14 +167,14 @@ def user_mask(picture, inv: Inversion) -> torch.Tensor:
     return F.interpolate(grey, size=tuple(inv.xts.shape[-2:]), mode="area")[0, 0]
 
 
-def check(concepts, mask, user_mask, guidance_rescale, latent_hw, unet_config) -> list[Concept]:
+def check_options(concepts, mask, user_mask, guidance_rescale, latent_hw, unet_config) -> list[Concept]:
     """The concepts as Concept objects after checking every option (one-line ValueError); unet_config None (no
     model yet, as in the CLI) skips the check that the UNet has cross-attention."""
     if isinstance(concepts, (str, dict, Concept)):
         concepts = [concepts]
     concepts = [concept(c) for c in concepts]
-    if mask not in MASKS:
-        raise ValueError(f"mask must be one of {', '.join(map(repr, MASKS))}, got {mask!r}")
+    if mask not in MASK_MODES:
+        raise ValueError(f"mask must be one of {', '.join(map(repr, MASK_MODES))}, got {mask!r}")
     blocks = [] if unet_config is None else unet_config["down_block_types"] + unet_config["up_block_types"]
     if unet_config is not None and concepts and mask != "noise" and not any(b.startswith("CrossAttn") for b in blocks):
         raise ValueError(f"mask {mask!r} needs cross-attention in the UNet's down or up blocks; use mask='noise'")
@@ -200,7 +200,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
     """The edited w0 [1, 4, h, w] by LEDITS++ on an inversion (an Inversion or its file); callback(EditStep)
     receives every intermediate tensor of every step. mask: "intersect" | "cross_attention" | "noise"."""
     inv, sampler = start(sd, inv)
-    concepts = check(concepts, mask, user_mask, guidance_rescale, tuple(inv.xts.shape[-2:]), sd.unet.config)
+    concepts = check_options(concepts, mask, user_mask, guidance_rescale, tuple(inv.xts.shape[-2:]), sd.unet.config)
     skip = inv.settings.skip
     C, lam, phi = len(concepts), [c.threshold for c in concepts], guidance_rescale
     per_c = (C, 1, 1, 1, 1)

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .clip import TextEncoder, TextEncoderWithProjection
 from .errors import LoadError, MinleditsError
-from .image import to_pil
+from .io.image import to_pil
+from .nets.clip import TextEncoder, TextEncoderWithProjection
+from .nets.tokenizer import Tokenizer
+from .nets.unet import UNet
+from .nets.vae import VAE
 from .schedule import Schedule
-from .tokenizer import Tokenizer
-from .unet import UNet
-from .vae import VAE
 
 # The dtypes a model runs in, by the names the CLI and load() take (load also accepts float32/float16/bfloat16).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

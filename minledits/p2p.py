@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from .errors import InversionError
 from .inversion import Inversion
-from .layers import AttentionLayer
 from .ledits import check_finite, start
 from .model import StableDiffusion
-from .tokenizer import CONTEXT_LENGTH, Tokenizer, byte_symbols
+from .nets.layers import AttentionLayer
+from .nets.tokenizer import CONTEXT_LENGTH, Tokenizer, byte_symbols
 
 SELF_MAX = 16 ** 2      # self-attention is replaced only in layers with at most this many queries
 THRESHOLD = 0.3         # LocalBlend's threshold on the normalised map
@@ -225,7 +225,7 @@ def level_size(config: dict, latent_hw, level: int):
 
 # ------------------------------------------------------------------------------------------------ the controller
 @dataclass(frozen=True)
-class Plan:
+class AttentionEdit:
     """Everything the controller does, decided before any UNet work (notation above)."""
     refine: bool                  # Refine (m, a) rather than Replace (M)
     M: torch.Tensor | None        # [77, 77]
@@ -247,11 +247,11 @@ class Control:
     target's conditional attention Q' from the source's P and keeps both conditional rows' cross-attention at the
     map size (after the edit) in `maps`, {layer name: [2, heads, n, 77]}."""
 
-    def __init__(self, plan: Plan, i: int):
-        self.plan, self.alpha, self.self_on, self.maps = plan, float(i < plan.cross_end), i < plan.self_end, {}
+    def __init__(self, edit: AttentionEdit, i: int):
+        self.edit, self.alpha, self.self_on, self.maps = edit, float(i < edit.cross_end), i < edit.self_end, {}
 
     def kept(self, layer: AttentionLayer, size) -> bool:
-        return layer.cross and layer.place != "mid" and tuple(size) == self.plan.map_size
+        return layer.cross and layer.place != "mid" and tuple(size) == self.edit.map_size
 
     def wants(self, layer: AttentionLayer, size) -> bool:
         if layer.cross:
@@ -263,7 +263,7 @@ class Control:
         if not layer.cross:
             return torch.cat([probs[:3], P[None]])
         if self.alpha == 1:
-            Q = self.plan.R(P, Q) * self.plan.W * self.alpha + (1 - self.alpha) * Q
+            Q = self.edit.R(P, Q) * self.edit.W * self.alpha + (1 - self.alpha) * Q
             probs = torch.cat([probs[:3], Q[None]])
         if self.kept(layer, size):
             self.maps[layer.name] = probs[2:]
@@ -279,7 +279,7 @@ def blend_mask(sums: list[torch.Tensor], B: torch.Tensor, size, hw) -> torch.Ten
     return (m[:1] | m[1:]).to(A.dtype)
 
 
-def check(src: str | None, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
+def check_options(src: str | None, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
           dtype=torch.float32) -> tuple:
     """(c_x, c_s, {word: weight}, [source words, target words] | None) after checking every option, one line each:
     InversionError without a source prompt, ValueError for the rest. src None (not known yet, as in the CLI with an
@@ -310,12 +310,13 @@ def check_levels(unet_config: dict) -> None:
                          "this UNet has none there")
 
 
-def plan(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cross_replace, self_replace, reweight,
-         local_blend, keep_maps: bool) -> Plan:
-    """The Plan of an edit, every option checked (check) and the UNet's levels too, before any UNet work."""
+def attention_edit(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cross_replace, self_replace,
+                   reweight, local_blend, keep_maps: bool) -> AttentionEdit:
+    """The AttentionEdit of an edit, every option checked (check_options) and the UNet's levels too, before any UNet
+    work."""
     src, N = inv.settings.source_prompt, inv.settings.steps
-    c_x, c_s, weights, words = check(src, target_prompt, target_guidance, cross_replace, self_replace, reweight,
-                                     local_blend, sd.dtype)
+    c_x, c_s, weights, words = check_options(src, target_prompt, target_guidance, cross_replace, self_replace,
+                                             reweight, local_blend, sd.dtype)
     if words:
         check_levels(sd.unet.config)
     hw, L = tuple(inv.xts.shape[-2:]), len(sd.unet.config["down_block_types"])
@@ -326,7 +327,7 @@ def plan(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cr
     tok, refine = sd.tokenizer, len(src.split(" ")) != len(target_prompt.split(" "))
     m, a = refine_mapper(tok, src, target_prompt) if refine else (None, None)
     on = dict(device=sd.device, dtype=sd.dtype)
-    return Plan(refine, None if refine else replace_mapper(tok, src, target_prompt).to(**on),
+    return AttentionEdit(refine, None if refine else replace_mapper(tok, src, target_prompt).to(**on),
                 m if m is None else m.to(sd.device), a if a is None else a.to(**on),
                 equalizer(tok, target_prompt, weights).to(**on), int(c_x * (N + 1)), int(N * c_s),
                 blend_weights(tok, [src, target_prompt], words).to(**on) if words else None,
@@ -347,7 +348,7 @@ class EditStep:
     z: torch.Tensor
     x_prev: torch.Tensor         # [2, 4, h, w], after LocalBlend
     attn: torch.Tensor | None    # [2, h', w', 77]: this step's cross-attention at the map size, mean of layers, heads
-    mask: torch.Tensor | None    # [1, 1, h, w]: LocalBlend's mask
+    blend: torch.Tensor | None   # [1, 1, h, w]: LocalBlend's mask
 
 
 @torch.inference_mode()
@@ -356,7 +357,7 @@ def edit(sd: StableDiffusion, inv: Inversion, target_prompt: str, target_guidanc
     """The target row's w0 [1, 4, h, w]. reweight: {word: weight} or "word=weight,..." (target words); local_blend:
     (source words, target words) or "src words,tar words"; callback(EditStep) receives every step."""
     inv, sampler = start(sd, inv)
-    p = plan(sd, inv, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
+    p = attention_edit(sd, inv, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
              callback is not None)
     skip, src = inv.settings.skip, inv.settings.source_prompt
     s = torch.tensor([inv.settings.source_guidance, target_guidance], device=sd.device).view(2, 1, 1, 1).to(sd.dtype)

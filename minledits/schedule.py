@@ -28,9 +28,10 @@ import math
 import torch
 
 # The scheduler config of Stable Diffusion 1.x / 2.x (scheduler/scheduler_config.json): what a missing key means.
-DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "steps_offset": 1, "set_alpha_to_one": False, "prediction_type": "epsilon", "timestep_spacing": "leading",
-            "trained_betas": None, "rescale_betas_zero_snr": False, "clip_sample": False, "thresholding": False}
+SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "set_alpha_to_one": False, "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "trained_betas": None, "rescale_betas_zero_snr": False, "clip_sample": False, "thresholding": False}
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -42,7 +43,7 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def check(ok: bool, key: str, expected: str, value) -> None:
+def require(ok: bool, key: str, expected: str, value) -> None:
     if not ok:
         got = f"{len(value)} values" if isinstance(value, (list, tuple)) else repr(value)[:60]
         raise ValueError(f"{key} must be {expected}, got {got}")
@@ -51,29 +52,30 @@ def check(ok: bool, key: str, expected: str, value) -> None:
 def validate(cfg: dict) -> None:
     """One-line ValueErrors naming the key, for the values minledits cannot use as diffusers' DDIMScheduler would."""
     T = cfg["num_train_timesteps"]
-    check(is_int(T) and T >= 1, "num_train_timesteps", "an integer >= 1", T)
+    require(is_int(T) and T >= 1, "num_train_timesteps", "an integer >= 1", T)
     betas = cfg["trained_betas"]
     if betas is None:
         for key in ("beta_start", "beta_end"):
-            check(is_number(cfg[key]) and 0 < cfg[key] < 1, key, "a number in (0, 1)", cfg[key])
-        check(cfg["beta_schedule"] in ("linear", "scaled_linear", "squaredcos_cap_v2"), "beta_schedule",
+            require(is_number(cfg[key]) and 0 < cfg[key] < 1, key, "a number in (0, 1)", cfg[key])
+        require(cfg["beta_schedule"] in ("linear", "scaled_linear", "squaredcos_cap_v2"), "beta_schedule",
               "'linear', 'scaled_linear' or 'squaredcos_cap_v2'", cfg["beta_schedule"])
     else:
-        check(isinstance(betas, (list, tuple)) and len(betas) == T, "trained_betas",
+        require(isinstance(betas, (list, tuple)) and len(betas) == T, "trained_betas",
               f"null or a list of num_train_timesteps ({T}) numbers", betas)
         bad = [b for b in betas if not (is_number(b) and 0 < b <= 1)]
-        check(not bad, "trained_betas", "numbers in (0, 1]", bad[0] if bad else None)
-    check(is_int(cfg["steps_offset"]) and cfg["steps_offset"] >= 0, "steps_offset", "an integer >= 0",
+        require(not bad, "trained_betas", "numbers in (0, 1]", bad[0] if bad else None)
+    require(is_int(cfg["steps_offset"]) and cfg["steps_offset"] >= 0, "steps_offset", "an integer >= 0",
           cfg["steps_offset"])
     for key in ("set_alpha_to_one", "rescale_betas_zero_snr"):
-        check(isinstance(cfg[key], bool), key, "true or false", cfg[key])
-    check(cfg["prediction_type"] in ("epsilon", "v_prediction"), "prediction_type",
+        require(isinstance(cfg[key], bool), key, "true or false", cfg[key])
+    require(cfg["prediction_type"] in ("epsilon", "v_prediction"), "prediction_type",
           "'epsilon' or 'v_prediction' (minledits does not support 'sample')", cfg["prediction_type"])
-    check(cfg["timestep_spacing"] in SPACINGS, "timestep_spacing", "'leading', 'trailing' or 'linspace'",
+    require(cfg["timestep_spacing"] in SPACINGS, "timestep_spacing", "'leading', 'trailing' or 'linspace'",
           cfg["timestep_spacing"])
     for key, what in (("clip_sample", "clip"), ("thresholding", "threshold")):
-        check(cfg[key] is False, key, f"false (minledits' DDPM step does not {what} xhat_0)", cfg[key])
-    check(not cfg["rescale_betas_zero_snr"] or T >= 2, "num_train_timesteps", "at least 2 with rescale_betas_zero_snr",
+        require(cfg[key] is False, key, f"false (minledits' DDPM step does not {what} xhat_0)", cfg[key])
+    require(not cfg["rescale_betas_zero_snr"] or T >= 2, "num_train_timesteps",
+            "at least 2 with rescale_betas_zero_snr",
           T)
 
 
@@ -106,12 +108,12 @@ def zero_snr(beta: torch.Tensor) -> torch.Tensor:
 class Schedule:
     """abar_t for the T training steps, and the N-step inference timesteps built from it.
 
-    `config` is the model's scheduler config (missing keys take DEFAULTS); it is kept as `self.config`.
+    `config` is the model's scheduler config (missing keys take SCHEDULER_DEFAULTS); it is kept as `self.config`.
     Keys of other schedulers (skip_prk_steps, solver_order, ...) do not change abar_t or the DDIM timesteps
     and are not read."""
 
     def __init__(self, config: dict):
-        self.config = cfg = {**DEFAULTS, **config}
+        self.config = cfg = {**SCHEDULER_DEFAULTS, **config}
         validate(cfg)
         self.T, self.offset, self.spacing = cfg["num_train_timesteps"], cfg["steps_offset"], cfg["timestep_spacing"]
         self.prediction_type, self.alpha_one = cfg["prediction_type"], cfg["set_alpha_to_one"]

@@ -109,7 +109,7 @@ class Guidance:
     E: torch.Tensor
     m: torch.Tensor
     g: torch.Tensor      # [C, B, 4, h, w]
-    mask: torch.Tensor   # [C, B, 4, h, w] bool: where gh_c = g_c
+    acts: torch.Tensor   # [C, B, 4, h, w] bool: where gh_c = g_c (where each concept acts)
     q: torch.Tensor      # [C, B, 4]
     G: torch.Tensor
 

@@ -202,7 +202,7 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
     dtype, meter = dtype_of(args.dtype), Meter(args.device)
     ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
     if is_xl(args.kind):  # one copy of SDXL's 10 GB: ours is filled with the reference's tensors
-        from minledits.load import build
+        from minledits.io.load import build
         ours = build("unet", dict(ref.config), "unet")
         ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     else:
@@ -263,7 +263,7 @@ def run_ours(args, folder, meter):
 
 def kernel(args, sd):
     """The UNet attention kernel --attention names, for the inversion and the edit (layers.explicit_attention)."""
-    from minledits.layers import explicit_attention
+    from minledits.nets.layers import explicit_attention
     return sd.unet.attention_kernel(explicit_attention if args.attention == "explicit" else None)
 
 
@@ -285,7 +285,7 @@ def run_ours_pp(args, folder, meter):
 
 def run_reference_pp(args, folder, meter):
     from minledits import leditspp
-    from minledits.image import to_tensor
+    from minledits.io.image import to_tensor
     from tests import oracle
 
     ref = meter.timed("load", reference_modules)(args, folder)
@@ -308,7 +308,7 @@ def run_reference_pp(args, folder, meter):
 
 def reference_decode(meter, vae, w0):
     """The reference's VAE decode, timed, in the VAE's dtype (the XL pipeline leaves an fp16 VAE upcast to fp32)."""
-    from minledits.image import to_pil
+    from minledits.io.image import to_pil
     with torch.no_grad():
         meter.timed("decode", lambda: to_pil(vae.decode(w0.to(vae.dtype) / vae.config.scaling_factor).sample))()
 
@@ -330,7 +330,7 @@ def reference_modules(args, folder):
 
 def run_reference(args, folder, meter):
     from minledits import Concept
-    from minledits.image import to_tensor
+    from minledits.io.image import to_tensor
     from tests import oracle
     if is_xl(args.kind):
         raise SystemExit("--method ledits on SDXL has no reference path (the LEDITS oracle is SD's): --paths ours")
@@ -376,7 +376,7 @@ def machine_figures(args) -> dict:
     """UNet FLOPs per evaluation (FlopCounterMode on the meta device) and a large fp32 matmul's GFLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from minledits.unet import UNet
+    from minledits.nets.unet import UNet
     config = json.loads((model_folder(args.kind) / "unet" / "config.json").read_text())
     with torch.device("meta"):
         unet, h = UNet(config), args.size // 8

@@ -23,8 +23,8 @@ import torch
 
 import minledits
 from minledits import leditspp
-from minledits.image import to_tensor
-from minledits.layers import explicit_attention
+from minledits.io.image import to_tensor
+from minledits.nets.layers import explicit_attention
 from tests import bench, oracle
 from tests.helpers import aligned
 

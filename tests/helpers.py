@@ -110,24 +110,41 @@ def run_both(ref, sd, inv, target_prompt, concepts, s_tar=7.5, forced=False):
 
 # --------------------------------------------------------------------------------------------- import graph
 PACKAGE = Path(minledits.__file__).parent
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
 
-def package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
-    """(module, node) for every import of a minledits module anywhere in `tree`."""
+def module_name(path: Path) -> str:
+    """minledits/nets/layers.py -> "nets.layers"; minledits/cli/__init__.py -> "cli"."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+FILES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p != PACKAGE / "__init__.py"}
+MODULES = sorted(FILES)
+
+
+def package_imports(tree: ast.AST, module: str) -> list[tuple[str, ast.AST]]:
+    """(module, node) for every import of a minledits module anywhere in `tree`, the tree of `module`."""
+    here = module.split(".")[:-1] if FILES[module].name != "__init__.py" else module.split(".")
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("minledits")):
-            base = (node.module or "").removeprefix("minledits").lstrip(".")
-            out += [(base, node)] if base else [(a.name, node) for a in node.names if a.name in MODULES]
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("minledits")):
+            if node.level:
+                base = here[:len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            else:
+                base = node.module.split(".")[1:]
+            for a in node.names:
+                name = ".".join(base + [a.name])
+                found = name if name in FILES else ".".join(base) if ".".join(base) in FILES else None
+                if found:
+                    out.append((found, node))
         elif isinstance(node, ast.Import):
-            out += [(a.name.split(".")[1], node) for a in node.names if a.name.startswith("minledits.")]
+            out += [(a.name.removeprefix("minledits."), node) for a in node.names if a.name.startswith("minledits.")]
     return out
 
 
 def graph() -> dict[str, set[str]]:
     """{module: the package modules it imports}."""
-    return {m: {name for name, _ in package_imports(ast.parse((PACKAGE / f"{m}.py").read_text()))} for m in MODULES}
+    return {m: {name for name, _ in package_imports(ast.parse(FILES[m].read_text()), m)} - {m} for m in MODULES}
 
 
 # --------------------------------------------------------------------------------------------- the command line

@@ -47,7 +47,7 @@ import torch
 KINDS = ("tiny-sd1", "tiny-sd2", "tiny-sd2v", "sd15", "sd21-base", "sd21", "tiny-sdxl", "sdxl")
 XL_KINDS = ("tiny-sdxl", "sdxl")
 TINY_KINDS = KINDS[:3]
-BPE_GZ = Path(__file__).resolve().parents[1] / "minledits" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_GZ = Path(__file__).resolve().parents[1] / "minledits" / "nets" / "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # 48,894 merges: lines 1..48894 of the open_clip file
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -13,8 +13,8 @@ from diffusers.models.attention_processor import Attention as ReferenceAttention
 from diffusers.models.attention_processor import AttnProcessor
 
 import minledits
-import minledits.layers
-from minledits.layers import Attention, AttentionLayer, attention_probs
+import minledits.nets.layers
+from minledits.nets.layers import Attention, AttentionLayer, attention_probs
 
 # A controlled layer computes softmax(q k^T / sqrt(d)) explicitly, the fused kernel computes the same maths blockwise:
 # one attention call differs by 4e-7..1.2e-6 of its output scale (fp32 ulps), and the tiny random UNets carry that
@@ -187,7 +187,7 @@ def test_attention_kernel_is_the_unets_and_comes_back(tiny_sd1):
 
     def kernel(q, k, v, heads, upcast=False):
         calls.append(heads)
-        return minledits.layers.explicit_attention(q, k, v, heads, upcast)
+        return minledits.nets.layers.explicit_attention(q, k, v, heads, upcast)
     with torch.no_grad():
         plain = sd.unet(x, t, context)
         with sd.unet.attention_kernel(kernel):
@@ -236,8 +236,8 @@ def test_unwanted_layers_keep_the_fused_path(tiny_sd2, monkeypatch):
     """wants() False: the controller is never called and layers.attention (the fused path) serves the layer."""
     sd = minledits.load(tiny_sd2.folder)
     x, t, context = inputs(tiny_sd2)
-    fused, original = [], minledits.layers.attention
-    monkeypatch.setattr(minledits.layers, "attention", lambda *a, **kw: fused.append(1) or original(*a, **kw))
+    fused, original = [], minledits.nets.layers.attention
+    monkeypatch.setattr(minledits.nets.layers, "attention", lambda *a, **kw: fused.append(1) or original(*a, **kw))
 
     class Only:
         def __init__(self, wanted):

@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from minledits import cli, cli_commands, store
-from minledits.image import to_pil
+from minledits import cli
+from minledits.cli import commands as cli_commands
+from minledits.io import store
+from minledits.io.image import to_pil
 from tests.helpers import console_script, run
 
 FAST = ["--steps", "6", "--skip", "2", "--size", "64", "-q"]
@@ -118,12 +120,12 @@ def test_trace(flow):
     from safetensors.torch import load_file
     t = load_file(flow.dir / "trace.safetensors")
     S, C = 4, 3
-    assert t["mask"].shape == (S, C, 1, 4, 8, 8) and t["mask"].dtype == torch.bool
+    assert t["acts"].shape == (S, C, 1, 4, 8, 8) and t["acts"].dtype == torch.bool
     assert t["x0_hat"].shape == t["x"].shape == (S, 1, 4, 8, 8) and t["eps_c"].shape == (S, C, 1, 4, 8, 8)
     assert t["t"].tolist() == store.load(flow.dir / "inv.safetensors").timesteps
     # thresholds 0.95 / 0.95 / 0.9 keep about 5% / 5% / 10% of each channel; "smile" stops at step 3 (cooldown)
-    kept = t["mask"][:3].float().mean(dim=(0, 2, 3, 4, 5))
-    assert 0 < kept[0] <= 0.1 and 0.05 < kept[2] <= 0.2 and not t["mask"][3, 2].any()
+    kept = t["acts"][:3].float().mean(dim=(0, 2, 3, 4, 5))
+    assert 0 < kept[0] <= 0.1 and 0.05 < kept[2] <= 0.2 and not t["acts"][3, 2].any()
     picture = Image.open(flow.dir / "trace.png")  # 4 steps in a row, x0 + 3 masks per step, 8 px tiles shown at 64
     assert picture.size == (4 * 66, (1 + C) * 66)
 
@@ -360,7 +362,7 @@ def test_leditspp_user_mask_and_trace(photo, tmp_path, capsys, monkeypatch):
                               np.asarray(minledits.decode(sd, leditspp.edit(sd, inv, concepts=concepts))))
     from safetensors.torch import load_file
     t, S, C = load_file(tmp_path / "t.safetensors"), 4, 2
-    assert t["mask"].shape == t["m_noise"].shape == t["g"].shape == (S, C, 1, 4, 8, 8)
+    assert t["M"].shape == t["m_noise"].shape == t["g"].shape == (S, C, 1, 4, 8, 8)
     assert t["attn"].shape[:2] == (S, C) and t["on"].shape == (S, C) and t["x"].shape == (S, 1, 4, 8, 8)
     assert not t["g"][..., 5:].any()  # the user mask zeroes the guidance on the right
     assert Image.open(tmp_path / "t.png").size == (S * 66, (1 + 3 * C) * 66)

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minledits import cli, cli_commands, cli_many, files, store
+from minledits import cli
+from minledits.cli import commands as cli_commands
+from minledits.cli import many as cli_many
+from minledits.io import files, store
 from tests.helpers import console_script, run
 
 TINY = ["--model", "random-tiny", "--steps", "6", "--skip", "2", "--size", "64", "-q"]

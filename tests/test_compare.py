@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import minledits
-from minledits import cli, cli_commands, p2p
+from minledits import cli, p2p
+from minledits.cli import commands as cli_commands
 from tests.helpers import photo, run
 
 FAST = ["--steps", "6", "--skip", "2", "--size", "64"]

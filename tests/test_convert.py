@@ -1,4 +1,4 @@
-"""Single-file (original LDM / CompVis) checkpoints: minledits.convert against diffusers' own single-file loader.
+"""Single-file (original LDM / CompVis) checkpoints: minledits.io.convert against diffusers' own single-file loader.
 
 The original-format files are written here from random diffusers-layout weights, by a mapping written in this
 file in the *other* direction (diffusers name -> original name, by regular expressions), independent of
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minledits
-from minledits import convert
-from minledits.load import LoadError
+from minledits.io import convert
+from minledits.io.load import LoadError
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -286,9 +286,9 @@ def test_sd2_v_prediction_upcasts_attention(original):
 def test_full_size_keys_map_one_to_one(kind):
     """Every key of the full original layout maps to exactly one of our parameters (OpenCLIP's fused
     in_proj: three disjoint row ranges), none left over, shapes equal; what is ignored is exactly the extras."""
-    from minledits.clip import TextEncoder
-    from minledits.unet import UNet
-    from minledits.vae import VAE
+    from minledits.nets.clip import TextEncoder
+    from minledits.nets.unet import UNet
+    from minledits.nets.vae import VAE
     from tests import hub
     ref, sd2 = hub.build(kind, device="meta"), kind != "sd15"
     sds = [{k: v for k, v in m.state_dict().items()} for m in (ref.unet, ref.vae, ref.text_encoder)]
@@ -443,7 +443,7 @@ def test_sd21_base_file_from_a_diffusers_folder_loads_like_the_folder(tmp_path):
 
 def test_skipped_keys_are_reported_at_debug_level_only(original, caplog):
     path, _, _, sd2 = original
-    with caplog.at_level(logging.DEBUG, logger="minledits.convert"):
+    with caplog.at_level(logging.DEBUG, logger="minledits.io.convert"):
         convert.read_single_file(path, "epsilon" if sd2 else None)
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert "model_ema" in caplog.text and "alphas_cumprod" in caplog.text and "cond_stage_model" in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minledits
-import minledits.layers
+import minledits.nets.layers
 from tests.helpers import MODULES, SIZE, SKIP, N, graph, photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def ablation_blocks() -> list[str]:
 
 
 def test_the_ablation_examples_run(tiny_sd1, monkeypatch):
-    monkeypatch.setattr(minledits.layers, "attention", minledits.layers.attention)  # put back, whatever happens
+    monkeypatch.setattr(minledits.nets.layers, "attention", minledits.nets.layers.attention)  # put back in any case
     sd = minledits.load(tiny_sd1.folder)
     inv = minledits.invert(sd, photo(), steps=N, skip=SKIP, size=SIZE)
     blocks = ablation_blocks()
@@ -54,7 +54,7 @@ def test_the_ablation_examples_run(tiny_sd1, monkeypatch):
     for name in ("no_mask", "fresh_noise", "top_k"):
         assert not torch.allclose(scope[name], plain, atol=1e-4), name
     torch.testing.assert_close(scope["fp64"], plain, atol=1e-4, rtol=1e-4)  # the same attention, more precise
-    assert minledits.layers.attention is scope["original"] and scope["maps"] == {}  # no 16x16 layer at 64 px
+    assert minledits.nets.layers.attention is scope["original"] and scope["maps"] == {}  # no 16x16 layer at 64 px
 
 
 @pytest.mark.parametrize("path", ["README.md", "docs/design.md", "weights/README.md"])

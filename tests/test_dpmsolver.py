@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minledits
-from minledits import store
-from minledits.image import to_tensor
-from minledits.layers import explicit_attention
+from minledits.io import store
+from minledits.io.image import to_tensor
+from minledits.nets.layers import explicit_attention
 from minledits.sampler import SAMPLERS, DPMSolverPP
 from minledits.schedule import Schedule
 from tests import hub, oracle

@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minledits
-from minledits import Concept, InversionError, InversionFileError, MinleditsError, store
-from minledits.image import to_tensor
+from minledits import Concept, InversionError, InversionFileError, MinleditsError
+from minledits.io import store
+from minledits.io.image import to_tensor
 from tests.helpers import SIZE, SKIP, N, photo
 
 
@@ -69,7 +70,7 @@ def test_edit_refuses_latents_of_another_shape(sd1, inv1, no_unet):
 
 
 def test_numbers_are_checked_in_the_dtype_they_are_used_in():
-    check = minledits.ledits.check
+    check = minledits.ledits.check_options
     assert check(7.5, ["x:scale=1e38"], 0.3, 0.6, torch.float32)  # fine in fp32 ...
     with pytest.raises(ValueError, match="scale 1e\\+38 overflows float16"):  # ... not in fp16
         check(7.5, ["x:scale=1e38"], 0.3, 0.6, torch.float16)

@@ -4,14 +4,15 @@ import ast
 import subprocess
 import sys
 
-from tests.helpers import MODULES, PACKAGE, graph, package_imports
+from tests.helpers import FILES, MODULES, PACKAGE, graph, package_imports
 
 
 def test_package_imports_are_at_module_level():
     for m in MODULES:
-        tree = ast.parse((PACKAGE / f"{m}.py").read_text())
+        tree = ast.parse(FILES[m].read_text())
         top = {id(node) for node in tree.body}
-        hidden = [f"{m}.py:{node.lineno} imports {name}" for name, node in package_imports(tree) if id(node) not in top]
+        hidden = [f"{FILES[m]}:{node.lineno} imports {name}" for name, node in package_imports(tree, m)
+                  if id(node) not in top]
         assert not hidden, hidden
 
 

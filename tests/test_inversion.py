@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import minledits
-from minledits.image import to_tensor
+from minledits.io.image import to_tensor
 from tests import oracle
 from tests.helpers import SIZE, SKIP, N, photo
 

@@ -12,9 +12,9 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as reference_module
 
 import minledits
-import minledits.layers
+import minledits.nets.layers
 from minledits import leditspp
-from minledits.image import to_tensor
+from minledits.io.image import to_tensor
 from minledits.sega import Concept
 from tests import hub, oracle
 from tests.helpers import SIZE, aligned, batch_dependent, deep, photo
@@ -61,7 +61,7 @@ def report(name, diffs):
     print(f"{name}: max abs diff {max(diffs):.3g}")
 
 
-@pytest.mark.parametrize("mask", leditspp.MASKS)
+@pytest.mark.parametrize("mask", leditspp.MASK_MODES)
 def test_masks_and_steps_equal_the_pipeline(deep_model, mask):
     """Teacher forced: each step's x_{t-1} and each concept's mask per step (the pipeline's activation_mask)
     equal. 1e-5: the estimates differ by float32 rounding of the UNet (~1e-6 of O(1) outputs), scaled by s_c
@@ -74,14 +74,14 @@ def test_masks_and_steps_equal_the_pipeline(deep_model, mask):
     for st in trace:
         for c in range(len(CONCEPTS)):
             if st.on[c]:
-                assert torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask)), (st.i, c)
+                assert torch.equal(st.M[c], pipe.activation_mask[st.i, c].to(st.M)), (st.i, c)
             else:
-                assert not st.mask[c].any()
+                assert not st.M[c].any()
     assert any(st.t > leditspp.T_INTERSECT for st in trace) and any(st.t <= leditspp.T_INTERSECT for st in trace)
     report(f"{ref.kind} {mask} forced", [(xs - pipe.own).abs().max().item()])
 
 
-@pytest.mark.parametrize("mask", leditspp.MASKS)
+@pytest.mark.parametrize("mask", leditspp.MASK_MODES)
 def test_free_runs_equal_the_pipeline(deep_model, mask):
     """Whole runs, each from its own latents. With the attention masks both sides run the down/up cross-attention
     explicitly but differ elsewhere (the pipeline's AttnProcessor computes every other layer's probabilities, we
@@ -97,7 +97,7 @@ def test_free_runs_equal_the_pipeline(deep_model, mask):
     ours, theirs, pipe, trace = run_both(ref, sd, inv, CONCEPTS, mask, forced=False)
     tol, diffs = 1e-4, []
     for st in trace:
-        flips = sum((st.mask[c] != pipe.activation_mask[st.i, c].to(st.mask)).sum().item()
+        flips = sum((st.M[c] != pipe.activation_mask[st.i, c].to(st.M)).sum().item()
                     for c in range(len(CONCEPTS)) if st.on[c])
         if flips:
             assert flips <= 2 * 4, (st.i, flips)  # positions x 4 latent channels
@@ -122,7 +122,7 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
     aligned(sd.unet)
     assert int(n * (1 + f)) == STEPS
     with batch_dependent(sd.text_encoder, ref.text_encoder):
-        with sd.unet.attention_kernel(minledits.layers.explicit_attention):
+        with sd.unet.attention_kernel(minledits.nets.layers.explicit_attention):
             inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=128, seed=5,
                                    batch_size=1)
             ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)
@@ -153,7 +153,7 @@ def test_attention_maps_come_from_the_coarsest_layers(tiny_sd1):
     assert trace[0].attn.shape == (2, 8, 8) and trace[0].m_attn.shape == (2, 1, 4, 8, 8)
 
 
-@pytest.mark.parametrize("mask", leditspp.MASKS)
+@pytest.mark.parametrize("mask", leditspp.MASK_MODES)
 def test_concepts_do_not_leak(deep_model, mask):
     """A concept's mask and guidance in a 2-concept call equal those of a call with it alone (same x_t: the
     one-concept runs are forced onto the two-concept run's latents through a patched sampler)."""
@@ -170,7 +170,7 @@ def test_concepts_do_not_leak(deep_model, mask):
         for a, b in zip(alone, both):
             assert torch.equal(a.x_t, b.x_t)
             torch.testing.assert_close(a.g[0], b.g[c], atol=1e-6, rtol=1e-5)
-            assert torch.equal(a.mask[0], b.mask[c]), (a.i, c)
+            assert torch.equal(a.M[0], b.M[c]), (a.i, c)
 
 
 def test_guidance_rescale_is_diffusers_rescale():
@@ -222,7 +222,7 @@ def test_user_mask_equals_the_pipeline(deep_model):
     u[:, :8], u[:, 8] = 1, 0.5
     _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", user_mask=u)
     torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask))
+    assert all(torch.equal(st.M[c], pipe.activation_mask[st.i, c].to(st.M))
                for st in trace for c in range(2) if st.on[c])
     assert not any(st.g[..., 9:].any() for st in trace)
 
@@ -234,7 +234,7 @@ def test_ddpm_inversion_equals_the_pipeline_with_ddim(deep_model):
     inv = minledits.invert(sd, photo(), sampler="ddpm", steps=STEPS, skip=SKIP, size=128, seed=5, keep_last_noise=True)
     _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect", scheduler=DDIMScheduler)
     torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask))
+    assert all(torch.equal(st.M[c], pipe.activation_mask[st.i, c].to(st.M))
                for st in trace for c in range(2) if st.on[c])
 
 
@@ -243,7 +243,7 @@ def test_guidance_rescale_applies_to_the_guided_estimate(tiny_sd1, sd1):
     inv, trace = invert(sd1, SIZE), []
     leditspp.edit(sd1, inv, concepts=CONCEPTS, mask="noise", guidance_rescale=0.7, callback=trace.append)
     for st in trace:
-        guided = st.eps_u + (st.mask * st.g).sum(0)
+        guided = st.eps_u + (st.M * st.g).sum(0)
         torch.testing.assert_close(st.eps, leditspp.rescale(guided, st.eps_c.mean(0), 0.7), atol=0, rtol=0)
     with pytest.raises(AttributeError, match="'tuple' object has no attribute 'mean'"):
         run_both(tiny_sd1, sd1, inv, CONCEPTS, "noise", forced=False, guidance_rescale=0.7)
@@ -254,7 +254,7 @@ def test_either_sampler(sd1, inv1):
     bit for bit; with them it runs every mask mode to finite latents."""
     plain = minledits.edit(sd1, inv1, target_guidance=1.0)
     assert torch.equal(leditspp.edit(sd1, inv1), plain)
-    for mask in leditspp.MASKS:
+    for mask in leditspp.MASK_MODES:
         out = leditspp.edit(sd1, inv1, concepts=CONCEPTS, mask=mask)
         assert out.isfinite().all() and not torch.allclose(out, plain)
 
@@ -268,7 +268,7 @@ def test_other_sizes(deep_model):
         _, _, pipe, trace = run_both(ref, sd, inv, CONCEPTS, "intersect")
         torch.testing.assert_close(torch.cat([st.x_prev for st in trace]), pipe.own, atol=1e-5, rtol=1e-5)
         assert trace[0].attn.shape[1:] == tuple(d // 4 for d in inv.xts.shape[-2:]) and all(
-            torch.equal(st.mask[c], pipe.activation_mask[st.i, c]) for st in trace for c in range(2) if st.on[c])
+            torch.equal(st.M[c], pipe.activation_mask[st.i, c]) for st in trace for c in range(2) if st.on[c])
 
 
 @pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
@@ -303,5 +303,5 @@ def test_full_size_sd15(tmp_path):
     report("sd15 intersect forced", [diff])
     torch.testing.assert_close(xs, pipe.own, atol=1e-4, rtol=1e-4)
     assert trace[0].attn.shape[1:] == (4, 4)
-    assert all(torch.equal(st.mask[c], pipe.activation_mask[st.i, c].to(st.mask))
+    assert all(torch.equal(st.M[c], pipe.activation_mask[st.i, c].to(st.M))
                for st in trace for c in range(2) if st.on[c])

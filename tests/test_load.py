@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from minledits.errors import LoadError, MinleditsError
-from minledits.load import NETWORKS, WEIGHT_STEM, fill, load, weight_file
+from minledits.io.load import NETWORKS, WEIGHT_STEM, fill, load, weight_file
 from minledits.model import StableDiffusion, dtype_of
-from minledits.tokenizer import Tokenizer
+from minledits.nets.tokenizer import Tokenizer
 from tests import hub
 from tests.helpers import fake_snapshot_download
 
@@ -202,7 +202,7 @@ def test_wrong_shape(tiny_sd1, tmp_path):
 def test_all_kinds_of_mismatch_in_one_message(tiny_sd1):
     ref = tiny_sd1
     with torch.device("meta"):
-        from minledits.vae import VAE
+        from minledits.nets.vae import VAE
         vae = VAE(ref.configs["vae"])
     getters = {k: (lambda v=v: v) for k, v in ref.vae.state_dict().items()}
     getters.pop("decoder.conv_out.weight")
@@ -221,7 +221,7 @@ def test_long_key_lists_are_shortened(tiny_sd1, tmp_path):
 
 def test_fill_casts_and_moves(tiny_sd2):
     with torch.device("meta"):
-        from minledits.clip import TextEncoder
+        from minledits.nets.clip import TextEncoder
         te = TextEncoder(tiny_sd2.configs["text_encoder"])
     getters = {"text_model." + k: (lambda v=v: v) for k, v in tiny_sd2.text_encoder.state_dict().items()}
     out = fill(te, getters, "x", torch.float16, "cpu")
@@ -392,7 +392,7 @@ def test_really_offline_with_an_empty_cache(tmp_path):
     """HF_HUB_OFFLINE=1 and nothing cached: the real snapshot_download fails, we print what to do."""
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     env.pop("MINLEDITS_WEIGHTS", None)
-    code = ("from minledits.load import LoadError, load\ntry: load('owner/not-cached')\n"
+    code = ("from minledits.io.load import LoadError, load\ntry: load('owner/not-cached')\n"
             "except LoadError as e: print('LoadError:', e)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)

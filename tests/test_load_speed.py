@@ -7,7 +7,7 @@ import sys
 import torch
 from tokenizers.models import BPE
 
-from minledits.tokenizer import Tokenizer, pad_token
+from minledits.nets.tokenizer import Tokenizer, pad_token
 
 
 def test_loading_neither_initialises_nor_imports_dynamo(tiny_sd1):

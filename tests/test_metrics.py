@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minledits import clipvision, metrics
+from minledits.nets import clipvision
+from minledits.tools import metrics
 from tests import clip_hub
 from tests.helpers import run
 

@@ -16,10 +16,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minledits
-import minledits.layers
-from minledits.clip import TextEncoder
-from minledits.unet import UNet
-from minledits.vae import VAE
+import minledits.nets.layers
+from minledits.nets.clip import TextEncoder
+from minledits.nets.unet import UNet
+from minledits.nets.vae import VAE
 from tests import hub
 from tests.bench import xl_inputs
 from tests.helpers import deep
@@ -239,7 +239,7 @@ def test_a_zero_text_skips_the_cross_attention_and_changes_nothing(kind, tmp_pat
     assert kv.zero_v and not unet.text_kv(c + 1e-3).zero_v and not unet.text_kv(c.clone().requires_grad_()).zero_v
     queries = []
     for m in unet.modules():
-        if isinstance(m, minledits.layers.Attention) and m.layer.cross:
+        if isinstance(m, minledits.nets.layers.Attention) and m.layer.cross:
             m.to_q.register_forward_hook(lambda *_: queries.append(1))
     read = []
     reader = lambda layer, size, probs: read.append(probs)  # noqa: E731
@@ -298,15 +298,15 @@ def test_clip_tiny_parity(act):
 def test_all_attention_goes_through_one_function(monkeypatch):
     """Swapping layers.attention reaches every attention of the three models; upcast computes in fp32."""
     calls = []
-    original = minledits.layers.attention
-    monkeypatch.setattr(minledits.layers, "attention", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    original = minledits.nets.layers.attention
+    monkeypatch.setattr(minledits.nets.layers, "attention", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
     unet, vae, clip = (UNet(TINY_UNETS["sd2v-upcast-2layers"]), VAE(vae_config(**TINY_VAES["2levels"])),
                        TextEncoder(TINY_CLIP))
     with torch.no_grad():
         unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 20))
         vae.decode(vae.encode(torch.randn(1, 3, 16, 16)))
         clip(torch.zeros(1, 77, dtype=torch.long))
-    transformers = sum(isinstance(m, minledits.layers.BasicTransformerBlock) for m in unet.modules())
+    transformers = sum(isinstance(m, minledits.nets.layers.BasicTransformerBlock) for m in unet.modules())
     assert len(calls) == 2 * transformers + 2 + TINY_CLIP["num_hidden_layers"]
     assert sum(kw.get("upcast", False) for kw in calls) == 2 * transformers
     q, k, v = torch.randn(3, 2, 5, 8, dtype=torch.bfloat16).unbind(0)

@@ -79,7 +79,7 @@ def test_edits_equal_the_reference(deep_model, case, monkeypatch):
     torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(steps[-1].x_prev[:1], theirs[:1], atol=1e-4, rtol=1e-4)
     if threshold and threshold > 0.3:
-        assert any(0 < st.mask.mean() < 1 for st in steps)  # the mask keeps some of the source and edits some
+        assert any(0 < st.blend.mean() < 1 for st in steps)  # the mask keeps some of the source and edits some
     print(f"{ref.kind} {case}: max abs diff {(ours - theirs[1:]).abs().max():.3g}")
 
 
@@ -93,7 +93,7 @@ def test_a_tall_picture(deep_model):
                     callback=steps.append)
     theirs = reference(ref, inv, target, 7.5, reweight={"dog": 2.0}, blend=blend)
     torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
-    assert steps[0].attn.shape == (2, 4, 2, 77) and steps[0].mask.shape == (1, 1, 16, 8)
+    assert steps[0].attn.shape == (2, 4, 2, 77) and steps[0].blend.shape == (1, 1, 16, 8)
 
 
 def test_the_cross_schedule_has_n_plus_1_rows(deep_model):
@@ -104,8 +104,9 @@ def test_the_cross_schedule_has_n_plus_1_rows(deep_model):
     theirs = reference(ref, inv, target, 7.5, cross=0.65)
     ours = p2p.edit(sd, inv, target, target_guidance=7.5, cross_replace=0.65)
     torch.testing.assert_close(ours, theirs[1:], atol=1e-4, rtol=1e-4)
-    plan = p2p.plan
-    with mock.patch.object(p2p, "plan", lambda *a: (lambda p: p.__class__(**{**p.__dict__, "cross_end": 6}))(plan(*a))):
+    attention_edit = p2p.attention_edit
+    with mock.patch.object(p2p, "attention_edit",
+                           lambda *a: (lambda p: p.__class__(**{**p.__dict__, "cross_end": 6}))(attention_edit(*a))):
         broken = p2p.edit(sd, inv, target, target_guidance=7.5, cross_replace=0.65)
     assert (broken - theirs[1:]).abs().max() > 1e-3
 
@@ -267,7 +268,7 @@ def test_cli_edit_is_p2p_edit(deep_model, tmp_path, capsys):
                     tmp_path / "inv.safetensors", "--trace", tmp_path / "tr", "-q")
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
-    inv = minledits.store.load(tmp_path / "inv.safetensors")
+    inv = minledits.io.store.load(tmp_path / "inv.safetensors")
     assert inv.settings.skip == p2p.SKIP
     w0 = p2p.edit(sd, inv, "a dog sitting on a mat", reweight="dog=2", local_blend="cat,dog")
     assert np.array_equal(np.asarray(minledits.decode(sd, w0)), np.asarray(Image.open(tmp_path / "out.png")))

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from minledits.sampler import DDPM
-from minledits.schedule import DEFAULTS, Schedule
+from minledits.schedule import SCHEDULER_DEFAULTS, Schedule
 
 CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
               steps_offset=1, set_alpha_to_one=False, clip_sample=False)
@@ -205,12 +205,12 @@ def test_steps_past_the_schedule_are_refused():
     assert reference({**CONFIG, "timestep_spacing": "trailing"}, 61).timesteps[-2:].tolist() == [15, -1]
 
 
-@pytest.mark.parametrize("config", [SD15, SD21, {}, DEFAULTS, dict(reference(CONFIG).config)],
+@pytest.mark.parametrize("config", [SD15, SD21, {}, SCHEDULER_DEFAULTS, dict(reference(CONFIG).config)],
                          ids=["sd15", "sd21", "empty", "defaults", "ddim-full"])
 def test_shipped_configs_load(config):
     """SD's own configs (clip_sample false, trained_betas null, other schedulers' keys), a config without keys,
-    DEFAULTS (what convert.py writes: every key a DDIMScheduler argument), and a diffusers 0.4x DDIM config."""
-    ours, ref = Schedule(config), reference({**DEFAULTS, **config}, 50)
+    SCHEDULER_DEFAULTS (what convert writes: every key a DDIMScheduler argument), and a diffusers 0.4x DDIM config."""
+    ours, ref = Schedule(config), reference({**SCHEDULER_DEFAULTS, **config}, 50)
     assert torch.equal(ours.a_bar, ref.alphas_cumprod) and ours.timesteps(50) == ref.timesteps.tolist()
     assert (ours.T, ours.offset, ours.alpha_one) == (1000, 1, False)
     assert ours.prediction_type == config.get("prediction_type", "epsilon")

@@ -15,10 +15,10 @@ from safetensors.torch import load_file as safetensors_load
 from safetensors.torch import save_file
 
 import minledits
-from minledits.clip import TextEncoder, TextEncoderWithProjection
-from minledits.load import build, load_file, read_json
+from minledits.io.load import build, load_file, read_json
 from minledits.model import StableDiffusionXL
-from minledits.unet import UNet
+from minledits.nets.clip import TextEncoder, TextEncoderWithProjection
+from minledits.nets.unet import UNet
 from tests import hub
 from tests.helpers import fake_snapshot_download
 
@@ -215,7 +215,7 @@ def test_sdxl_model_object(sdxl):
 
 # ---- VAE ----------------------------------------------------------------------------------------------------------
 def test_vae_key_tree_full_size(meta_sdxl):
-    from minledits.vae import VAE
+    from minledits.nets.vae import VAE
     with torch.device("meta"):
         ours = VAE(meta_sdxl.configs["vae"])
     assert shapes(ours) == shapes(meta_sdxl.vae) and ours.scaling_factor == 0.13025
@@ -418,7 +418,7 @@ def test_single_file_loads_the_tensors_of_diffusers_from_single_file(xl_file):
 
 def test_full_size_single_file_keys_map_one_to_one(meta_sdxl):
     """sd_xl_base_1.0's layout (from the meta reference's shapes): every tensor used once, configs inferred."""
-    from minledits import convert
+    from minledits.io import convert
     c = meta_sdxl.configs
     ckpt = original_xl(meta_sdxl.unet.state_dict(), c["unet"], meta_sdxl.vae.state_dict(),
                        meta_sdxl.text_encoder.state_dict(), meta_sdxl.text_encoder_2.state_dict(),

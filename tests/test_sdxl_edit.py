@@ -15,10 +15,10 @@ import torch
 
 import minledits
 import minledits.inversion
-import minledits.store
+import minledits.io.store
 from minledits import ledits, leditspp
-from minledits.image import to_tensor
-from minledits.layers import TextKV, explicit_attention
+from minledits.io.image import to_tensor
+from minledits.nets.layers import TextKV, explicit_attention
 from minledits.sega import Concept
 from tests import bench, bitwise, hub, oracle
 from tests.helpers import SIZE, aligned, batch_dependent, photo, run
@@ -98,8 +98,8 @@ def test_leditspp_equals_the_xl_pipeline(xl, sampler, mask):
     torch.testing.assert_close(xs, own, atol=1e-5, rtol=1e-5)
     for st in trace:
         for c in range(len(CONCEPTS)):
-            expected = pipe.activation_mask[st.i, c].to(st.mask) if st.on[c] else torch.zeros_like(st.mask[c])
-            assert torch.equal(st.mask[c], expected), (st.i, c)
+            expected = pipe.activation_mask[st.i, c].to(st.M) if st.on[c] else torch.zeros_like(st.M[c])
+            assert torch.equal(st.M[c], expected), (st.i, c)
     assert trace[0].attn.shape == (2, 2, 2)   # the maps at 1/4 of the 8x8 latent, as the pipeline reads them
     ours, theirs, *_ = run_both(ref, sd, inv, sampler, mask, forced=False)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
@@ -193,7 +193,7 @@ def test_command_line_on_sdxl(xl, tmp_path, capsys):
     assert rc == 0, err
     info = json.loads(Image.open(tmp_path / "pp.png").text["minledits"])
     assert info["zero_noise_steps"] == 3 and info["method"] == "leditspp"
-    stored = minledits.store.load(inv)
+    stored = minledits.io.store.load(inv)
     expected = minledits.decode(sd, leditspp.edit(sd, stored, concepts=[leditspp.concept("glasses")]))
     assert list(Image.open(tmp_path / "pp.png").getdata()) == list(expected.getdata())
     rc, _, err = run(capsys, "edit", tmp_path / "photo.png", "-o", tmp_path / "vae.png", "-e", "glasses",

@@ -21,7 +21,7 @@ def test_reverse_flips_the_guidance():
     m = torch.zeros_like(eps_u)
     add = sega(5, eps_u, eps_c, m, params(Concept("a", warmup=0)))
     remove = sega(5, eps_u, eps_c, m, params(Concept("a", warmup=0, reverse=True)))
-    assert torch.equal(remove.g, -add.g) and torch.equal(remove.mask, add.mask)
+    assert torch.equal(remove.g, -add.g) and torch.equal(remove.acts, add.acts)
     assert torch.equal(remove.E, -add.E) and add.E.abs().sum() > 0
 
 
@@ -29,7 +29,7 @@ def test_reverse_flips_the_guidance():
 def test_mask_keeps_one_minus_threshold(lam):
     eps_u, eps_c = estimates(C=1, shape=(1, 4, 32, 32))
     out = sega(0, eps_u, eps_c, torch.zeros_like(eps_u), params(Concept("a", threshold=lam)))
-    kept = out.mask.float().mean(dim=(-1, -2))  # per batch item and channel
+    kept = out.acts.float().mean(dim=(-1, -2))  # per batch item and channel
     assert torch.allclose(kept, torch.full_like(kept, 1 - lam), atol=1.5 / 1024)  # up to one entry of 1024 + ties
     assert torch.equal(out.q, torch.quantile(out.g.abs().flatten(-2), lam, dim=-1))
 
@@ -40,14 +40,14 @@ def test_warmup_cooldown_and_momentum():
                momentum_scale=0.5, momentum_beta=0.6)
     m = torch.zeros_like(eps_u)
     out = sega(1, eps_u, eps_c, m, p)  # only "a" is warm: its masked guidance, normalised weight 1, no momentum
-    g_hat = torch.where(out.mask, out.g, 0)
+    g_hat = torch.where(out.acts, out.g, 0)
     assert torch.allclose(out.E, g_hat[0])
     assert torch.allclose(out.G, 2 * g_hat[0] + 1 * g_hat[1])
     assert torch.allclose(out.m, 0.4 * out.G)  # m <- 0.6 * 0 + 0.4 G
     out3 = sega(3, eps_u, eps_c, out.m, p)  # both warm: E = G, with momentum
     assert torch.allclose(out3.E, out3.G) and torch.allclose(out3.G, 2 * g_hat[0] + g_hat[1] + 0.5 * out.m)
     out5 = sega(5, eps_u, eps_c, out3.m, p)  # "b" cooled down: no mask, no weight
-    assert not out5.mask[1].any() and torch.allclose(out5.G, 2 * g_hat[0] + 0.5 * out3.m)
+    assert not out5.acts[1].any() and torch.allclose(out5.G, 2 * g_hat[0] + 0.5 * out3.m)
     none_warm = sega(0, eps_u, eps_c, m, params(Concept("a", warmup=1), Concept("b", warmup=2)))
     assert torch.equal(none_warm.E, torch.zeros_like(eps_u)) and none_warm.m.abs().sum() > 0
 

@@ -12,7 +12,10 @@ import torch
 from PIL import Image
 
 import minledits
-from minledits import cli, cli_commands, cli_many, inversion, sweep
+from minledits import cli, inversion
+from minledits.cli import commands as cli_commands
+from minledits.cli import many as cli_many
+from minledits.tools import sweep
 from tests import clip_hub
 from tests.helpers import photo, run
 
@@ -131,7 +134,7 @@ def test_sheet_and_table(grid, image):
     assert labels["rows"] == ["skip=2", "skip=3"] and labels["columns"] == [
         "target_guidance=5.0", "target_guidance=7.5", "target_guidance=10.0"]
     a = np.asarray(sheet.convert("RGB"))
-    corner = np.asarray(minledits.image.to_pil(minledits.image.to_tensor(image, 64))[0])
+    corner = np.asarray(minledits.io.image.to_pil(minledits.io.image.to_tensor(image, 64))[0])
     assert np.array_equal(a[:64, :64], corner)
     for y, x in [(0, 64), (0, 128), (0, 192), (64, 0), (128, 0)]:  # label tiles: white with dark text
         tile = a[y:y + 64, x:x + 64]

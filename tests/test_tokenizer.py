@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from minledits.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer, pad_token
+from minledits.nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer, pad_token
 from tests import hub
 
 TRICKY = [

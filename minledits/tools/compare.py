@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from . import ledits, leditspp, p2p
-from .image import to_pil
-from .model import decode
+from .. import ledits, leditspp, p2p
+from ..io.image import to_pil
+from ..model import decode
 from .sweep import text_tile
 
 LABELS = {"input": "input", "reconstruction": "reconstruction", "ddpm": "DDPM inversion", "p2p": "DDPM + P2P",

@@ -33,10 +33,10 @@ from typing import NamedTuple
 
 from safetensors import safe_open
 
-from .errors import SingleFileError
+from ..errors import SingleFileError
+from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID
+from ..schedule import SCHEDULER_DEFAULTS
 from .files import refuse_pickle
-from .schedule import DEFAULTS
-from .tokenizer import SD1_PAD_ID, SD2_PAD_ID
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint")
     except (KeyError, ZeroDivisionError) as e:  # a tensor the shapes are read from is missing
         raise SingleFileError(f"{source} does not have the {family} layout (missing {e})") from None
     networks = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in out]
-    out |= {"scheduler": DEFAULTS | {"prediction_type": prediction_type}, "prediction_type": prediction_type,
+    out |= {"scheduler": SCHEDULER_DEFAULTS | {"prediction_type": prediction_type}, "prediction_type": prediction_type,
             "pad_id": SD2_PAD_ID if family == "sd2" else SD1_PAD_ID,  # SD2 pads with "!", SD1 with <|endoftext|>
             "pad_id_2": SD2_PAD_ID, "sd2": family == "sd2", "family": family, "networks": networks}
     used = {t.key for part in networks for t in out[part][1].values()}

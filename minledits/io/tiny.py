@@ -6,12 +6,12 @@ PyTorch's default init under a fixed seed, so two builds are identical and share
 """
 import torch
 
-from .clip import TextEncoder
-from .model import StableDiffusion
-from .schedule import DEFAULTS, Schedule
-from .tokenizer import SD1_PAD_ID, Tokenizer
-from .unet import UNet
-from .vae import VAE
+from ..model import StableDiffusion
+from ..nets.clip import TextEncoder
+from ..nets.tokenizer import SD1_PAD_ID, Tokenizer
+from ..nets.unet import UNet
+from ..nets.vae import VAE
+from ..schedule import SCHEDULER_DEFAULTS, Schedule
 
 NAME, FINGERPRINT = "random-tiny", "random-tiny-v1"
 UNET = dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
@@ -32,5 +32,5 @@ def random_tiny(device=None, dtype=None):
         nets = [m(c).eval().requires_grad_(False).to(device, dtype) for m, c in
                 [(TextEncoder, CLIP), (UNet, UNET), (VAE, VAE_)]]
     return StableDiffusion(tokenizer=Tokenizer.builtin(SD1_PAD_ID), text_encoder=nets[0], unet=nets[1], vae=nets[2],
-                           schedule=Schedule(DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device,
+                           schedule=Schedule(SCHEDULER_DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device,
                            dtype=dtype)

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from .clipvision import CLIP
-from .errors import MinleditsError
-from .image import open_rgb
-from .load import SkipInit, fill, safetensors_getters
-from .tokenizer import SD1_PAD_ID, Tokenizer
+from ..errors import MinleditsError
+from ..io.image import open_rgb
+from ..io.load import SkipInit, fill, safetensors_getters
+from ..nets.clipvision import CLIP
+from ..nets.tokenizer import SD1_PAD_ID, Tokenizer
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 CLIP_FILES = ["config.json", "model.safetensors"]

@@ -16,8 +16,16 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import compare, ledits, leditspp, metrics, ranks, store, sweep
-from .cli_commands import (
+from .. import ledits, leditspp
+from ..errors import MinleditsError
+from ..inversion import InversionSettings
+from ..io import store
+from ..io.files import atomic
+from ..io.image import to_pil, to_tensor
+from ..model import dtype_name
+from ..sega import Concept
+from ..tools import compare, metrics, ranks, sweep
+from .commands import (
     clip_of,
     cmd_edit,
     concepts_of,
@@ -34,13 +42,7 @@ from .cli_commands import (
     shown,
     spec,
 )
-from .cli_options import COMMON, EDIT, INVERT, dest, parser, resolve, to_argv
-from .errors import MinleditsError
-from .files import atomic
-from .image import to_pil, to_tensor
-from .inversion import InversionSettings
-from .model import dtype_name
-from .sega import Concept
+from .options import COMMON, EDIT, INVERT, dest, parser, resolve, to_argv
 
 
 # --------------------------------------------------------------------------------------------- batch
@@ -358,7 +360,7 @@ def compare_plan(args):
         raise ValueError(f"-o {out}: the comparison is a .png file")
     args.cmd = "edit"  # concepts_of parses concepts for edit only
     concepts, args.cmd = concepts_of(args), "compare"
-    pp_concepts = leditspp.check([leditspp.concept(c) for c in args.concepts or []], args.mask, None,
+    pp_concepts = leditspp.check_options([leditspp.concept(c) for c in args.concepts or []], args.mask, None,
                                  args.guidance_rescale, None, None)
     for p in (out, out.with_suffix(".json")):
         if p.exists() and not args.force:

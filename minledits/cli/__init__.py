@@ -9,9 +9,9 @@ import sys
 import traceback
 import warnings
 
-from .cli_commands import cmd_download, cmd_edit, cmd_invert, cmd_metrics, one_line
-from .cli_many import cmd_batch, cmd_compare, cmd_sweep
-from .cli_options import UsageError, parser
+from .commands import cmd_download, cmd_edit, cmd_invert, cmd_metrics, one_line
+from .many import cmd_batch, cmd_compare, cmd_sweep
+from .options import UsageError, parser
 
 HANDLERS = {"download": cmd_download, "invert": cmd_invert, "edit": cmd_edit, "reconstruct": cmd_edit,
             "batch": cmd_batch, "sweep": cmd_sweep, "compare": cmd_compare, "metrics": cmd_metrics}

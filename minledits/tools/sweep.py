@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic
-from .inversion import Inversion, noise_maps, source_context
+from ..inversion import Inversion, noise_maps, source_context
+from ..io.files import atomic
 
 FORMAT = "minledits.sweep"
 CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")

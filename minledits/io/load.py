@@ -40,16 +40,16 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from .clip import TextEncoder, TextEncoderWithProjection
+from ..errors import LoadError
+from ..model import StableDiffusion, StableDiffusionXL, dtype_of
+from ..nets.clip import TextEncoder, TextEncoderWithProjection
+from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
+from ..nets.unet import UNet
+from ..nets.vae import VAE
+from ..schedule import Schedule
 from .convert import read_single_file
-from .errors import LoadError
 from .files import PICKLES, refuse_pickle
-from .model import StableDiffusion, StableDiffusionXL, dtype_of
-from .schedule import Schedule
 from .tiny import random_tiny
-from .tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
-from .unet import UNet
-from .vae import VAE
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 NETWORKS = ("unet", "vae", "text_encoder")

@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
-from .errors import InversionError, InversionFileError
+from ..errors import InversionError, InversionFileError
+from ..inversion import Inversion, InversionSettings
+from ..model import StableDiffusion
+from ..sampler import SAMPLERS
 from .files import atomic
-from .inversion import Inversion, InversionSettings
-from .model import StableDiffusion
-from .sampler import SAMPLERS
 
 FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
@@ -87,7 +87,7 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} is a damaged minledits inversion file (its resolution "
                                  f"{meta.get('resolution')!r} disagrees with its image)")
     try:
-        inv.check(str(path))
+        inv.check_tensors(str(path))
     except InversionError as e:
         raise InversionFileError(str(e)) from None
     return inv

@@ -2,9 +2,9 @@
 
     trace = Trace(sd, inv); ledits.edit(sd, inv, ..., callback=trace)     (or leditspp.edit)
     trace.tensors()   every tensor of the method's EditStep stacked over the S steps (x_prev as "x", SEGA's
-                      g, mask, q, G, m, E by their names), plus "x0_hat", "mu" and "t": LEDITS {"eps_u",
-                      "eps_tar", "eps_c": [S, C, 1, 4, h, w], "mask", ...}; LEDITS++ {"eps_c", "g", "on", "attn":
-                      [S, C, h', w'], "m_noise", "m_attn", "mask", ...}
+                      g, acts, q, G, m, E by their names), plus "x0_hat", "mu" and "t": LEDITS {"eps_u",
+                      "eps_tar", "eps_c": [S, C, 1, 4, h, w], "acts", ...}; LEDITS++ {"eps_c", "g", "on", "attn":
+                      [S, C, h', w'], "m_noise", "m_attn", "M", ...}
     trace.picture()   per step (columns, 16 per band): the x0 prediction, then per concept (one row each) its
                       LEDITS++ attention map A~_c (scaled to its maximum) and noise mask if the edit made them, and
                       the mask that was applied (white where the concept acts, averaged over the 4 latent channels)
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save as save_bytes
 
-from .files import atomic
-from .image import to_pil
+from ..io.files import atomic
+from ..io.image import to_pil
 
-MASKS = ("attn", "m_noise", "mask")  # the per-concept rows of the picture, in this order, where present
+ROWS = ("attn", "m_noise", "M", "acts")  # the per-concept rows of the picture, in this order, where present
 
 
 def tensors_of(step) -> dict:
@@ -74,7 +74,7 @@ class Trace:
 
     def picture(self):
         x0 = latent_rgb(self.inv)(torch.cat(self.steps["x0_hat"]))           # [S, 3, h, w] in [0, 1]
-        per_concept = [tile(torch.stack(self.steps[name]), x0.shape[-2:]) for name in MASKS if name in self.steps]
+        per_concept = [tile(torch.stack(self.steps[name]), x0.shape[-2:]) for name in ROWS if name in self.steps]
         C = per_concept[0].shape[1] if per_concept else 0
         rows = [x0] + [m[:, c, None].expand_as(x0) for c in range(C) for m in per_concept]
         return grid(torch.stack(rows, 1))
@@ -128,7 +128,7 @@ class AttentionTrace(Trace):
 
     def __call__(self, st):
         row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), eps_u=st.eps_u, eps_c=st.eps_c, eps=st.eps,
-                   z=st.z, x=st.x_prev, mask=st.mask)
+                   z=st.z, x=st.x_prev, blend=st.blend)
         if st.attn is not None:  # [W, h', w']
             row["attn"] = torch.stack([st.attn[1, ..., p].sum(-1) for _, p in self.words])
         for k, v in row.items():

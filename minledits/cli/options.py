@@ -7,12 +7,13 @@ brings its own settings); resolve() then fills in the defaults shown in --help.
 import argparse
 import inspect
 
-from . import ledits, leditspp, metrics, p2p
-from .inversion import BATCH_SIZE, InversionSettings
-from .load import DEFAULT_MODEL
-from .model import DTYPES
-from .sampler import SAMPLERS
-from .sega import Concept
+from .. import ledits, leditspp, p2p
+from ..inversion import BATCH_SIZE, InversionSettings
+from ..io.load import DEFAULT_MODEL
+from ..model import DTYPES
+from ..sampler import SAMPLERS
+from ..sega import Concept
+from ..tools import metrics
 
 BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
 INV = InversionSettings()  # the defaults of the inversion options
@@ -60,7 +61,7 @@ EDIT = [
     (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
     (("--momentum-beta",), EDIT_DEFAULTS["momentum_beta"], "SEGA momentum beta", FLOAT),
     (("--mask",), "intersect", "leditspp: where a concept acts: intersect (cross-attention and noise masks), "
-     "cross_attention or noise", dict(choices=list(leditspp.MASKS))),
+     "cross_attention or noise", dict(choices=list(leditspp.MASK_MODES))),
     (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", dict(metavar="TEXT")),
     (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
     (("--user-mask",), None, "leditspp: a picture of the input's size, white where the concepts may act (black: "
@@ -96,6 +97,7 @@ EXAMPLES = """examples:
   minledits edit photo.jpg -o smoke.png --model random-tiny --size 128   # offline smoke test (noise)
 errors print one line and exit 1 (usage errors: 2); outputs are never overwritten without --force"""
 _C = Concept("")
+LEDITSPP_DEFAULTS = ", ".join(f"{k}={v:g}" for k, v in leditspp.CONCEPT_DEFAULTS.items())
 CONCEPT_HELP = f"""concepts (-e SPEC, repeatable):
   -e glasses    add "glasses"        -e -beard    remove "beard"
   -e "smile:scale=6,threshold=0.9,warmup=2,cooldown=40,weight=1"   with options; their defaults:
@@ -103,7 +105,7 @@ CONCEPT_HELP = f"""concepts (-e SPEC, repeatable):
     threshold={_C.threshold:<5g} act only where its guidance is in the top (1 - threshold) of each channel
     warmup={_C.warmup:<8} edit steps before it acts;   cooldown=none  edit step from which it stops
     weight={_C.weight:<8g} its weight among the concepts
-  with --method leditspp the defaults are {", ".join(f"{k}={v:g}" for k, v in leditspp.DEFAULTS.items())} (no weight)
+  with --method leditspp the defaults are {LEDITSPP_DEFAULTS} (no weight)
 An inversion file (from invert or --save-inversion) is known by its content, whatever its name: its settings
 (and, by default, model) are used."""
 

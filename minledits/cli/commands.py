@@ -19,16 +19,18 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import ledits, leditspp, metrics, p2p, store, tiny
-from .cli_options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
-from .errors import MinleditsError
-from .files import atomic
-from .image import open_rgb, to_pil
-from .inversion import InversionSettings, invert
-from .load import download, load
-from .model import DTYPES, decode, dtype_name
-from .sega import Concept
-from .trace import AttentionTrace, Trace, side_by_side
+from .. import ledits, leditspp, p2p
+from ..errors import MinleditsError
+from ..inversion import InversionSettings, invert
+from ..io import store, tiny
+from ..io.files import atomic
+from ..io.image import open_rgb, to_pil
+from ..io.load import download, load
+from ..model import DTYPES, decode, dtype_name
+from ..sega import Concept
+from ..tools import metrics
+from ..tools.trace import AttentionTrace, Trace, side_by_side
+from .options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
@@ -255,9 +257,9 @@ def concepts_of(args):
         return p2p_options(args)
     if args.method == "leditspp" and args.cmd == "edit":
         concepts = [leditspp.concept(c) for c in args.concepts or []]
-        return leditspp.check(concepts, args.mask, None, args.guidance_rescale, None, None)
+        return leditspp.check_options(concepts, args.mask, None, args.guidance_rescale, None, None)
     concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
-    ledits.check(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
+    ledits.check_options(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
     return concepts
 
 
@@ -270,7 +272,8 @@ def p2p_options(args) -> list:
     if not (Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input)):
         src = args.source_prompt or ""
         args.skip = p2p.SKIP if args.skip is None else args.skip
-    p2p.check(src, args.target_prompt, args.target_guidance, args.cross_replace, args.self_replace, args.reweight,
+    p2p.check_options(src, args.target_prompt, args.target_guidance, args.cross_replace, args.self_replace,
+                      args.reweight,
               args.local_blend)
     if args.local_blend is not None:
         args.model_checks = [lambda sd: p2p.check_levels(sd.unet.config)]

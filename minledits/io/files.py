@@ -6,7 +6,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LoadError
+from ..errors import LoadError
 
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.tmp")  # atomic()'s temporaries: .NAME.PID.tmp
