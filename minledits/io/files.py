@@ -6,7 +6,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import LoadError
+from ..errors import LoadError, MinleditsError
 
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.tmp")  # atomic()'s temporaries: .NAME.PID.tmp
@@ -17,6 +17,18 @@ def refuse_pickle(path) -> None:
     if Path(path).suffix in PICKLES:
         raise LoadError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
                         "minledits reads only .safetensors: get the model's safetensors files instead")
+
+
+def require_regular(path, what: str = "the input") -> Path:
+    """path, if it names a regular file (or a link to one); else a one-line error, before anything opens it: a named
+    pipe would block the reader for ever, a device or folder fail later and less clearly."""
+    path = Path(path)
+    if not path.exists():
+        raise MinleditsError(f"{what} {path} does not exist")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "a named pipe" if path.is_fifo() else "not a regular file"
+        raise MinleditsError(f"{what} {path} is {kind}: give a regular file")
+    return path
 
 
 def umask() -> int:
