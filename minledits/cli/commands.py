@@ -128,11 +128,11 @@ def inversion_of(args):
     # by content; a .safetensors suffix too, so that store.load says why such a file is not an inversion
     if Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input):
         inv = store.load(args.input)
-        store.check(inv, source=args.input, **given)
+        store.check_made_with(inv, source=args.input, **given)
         args.model = args.model or inv.model_id
         resolve(args, COMMON)
         sd = model_of(args)
-        store.check(inv, sd, source=args.input)
+        store.check_made_with(inv, sd, source=args.input)
         vars(args).update(inv.settings.dict())
         return sd, inv
     try:

@@ -93,7 +93,7 @@ def load(path) -> Inversion:
     return inv
 
 
-def check(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
+def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
     """Refuse an inversion made with other settings than those given (e.g. size=512), or with another model than sd."""
     H, W = inv.image.shape[-2:]
     for k, v in settings.items():
