@@ -4,7 +4,13 @@
     inv = minledits.invert(sd, "photo.jpg")
     w0 = minledits.edit(sd, inv, concepts=[minledits.Concept("glasses")])
     minledits.decode(sd, w0).save("edited.png")
+
+Reading order (each file opens with its notation): schedule -> sampler -> inversion -> sega -> ledits, then the other
+methods, leditspp (LEDITS++) and p2p (Prompt-to-Prompt); model (what the methods call: predict, encode, decode) and
+parity (what exists only to match a reference's rounding or to save work). The support sits below: nets/ (the
+networks), io/ (models, inversion files, pictures), tools/ (traces, sweeps, comparisons, metrics), cli/ (the command).
 """
+from . import ledits, leditspp, p2p, parity
 from .errors import InversionError, InversionFileError, LoadError, MinleditsError, SingleFileError
 from .inversion import Inversion, InversionSettings, invert
 from .io.load import load
@@ -14,4 +20,4 @@ from .sega import Concept, Guidance, SegaParams, sega
 
 __all__ = ["load", "StableDiffusion", "invert", "Inversion", "InversionSettings", "edit", "decode", "EditStep",
            "Concept", "sega", "SegaParams", "Guidance", "MinleditsError", "LoadError", "SingleFileError",
-           "InversionError", "InversionFileError"]
+           "InversionError", "InversionFileError", "ledits", "leditspp", "p2p", "parity"]

@@ -20,29 +20,20 @@ so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and 
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
 so a larger skip gives the same tensors, sliced.
 
-sampler="dpmsolver++" is the inversion of diffusers' LEditsPPPipelineStableDiffusion with the SDE-DPM-Solver++
-scheduler it puts in place of SD's own. Its invert(num_inversion_steps=n, skip=f) sets int(n * (1 + f)) timesteps
-and inverts the last n of them: it is ours with steps = int(n * (1 + f)), computed as Python does (n = 45, f = 0.4
-gives 62, not 63), and skip = steps - n. It draws one noise per inverted timestep from its generator, in ascending
-t: the same draws as ours for a generator seeded with `seed` (ours draws the skipped steps last). Its scheduler's
-history starts at k = skip, as ours. It feeds each UNet call the previous step's recomputed mu_k + C_k z_k (x_t up
-to float32 rounding), and so does ours at batch_size 1: xts[1:-1] then hold the recomputed latents, and with the
-attention kernel its invert sets (diffusers' AttnProcessor: sd.unet.attention_kernel(layers.explicit_attention))
-the maps are the pipeline's bit for bit (without a source prompt: ours evaluates eps_u and eps_src in one UNet
-call, the pipeline in two). At larger batch sizes ours feeds x_t itself, so that the x_t stay
-independent and the UNet calls batch (the maps differ by float32 rounding, up to 1e-5 at full size). With a source
-prompt, diffusers 0.42.1's invert guides eps_src + s_src (eps_u - eps_src) (it unpacks encode_prompt's pair in the
-wrong order); ml-research/ledits_pp's own invert and ours guide eps_u + s_src (eps_src - eps_u).
+sampler="dpmsolver++" is the inversion of diffusers' LEditsPPPipelineStableDiffusion (docs/references.md maps its
+num_inversion_steps and skip fraction to our steps and skip); the batching and the pipeline's recurrence at
+batch_size 1 are parity.batches and parity.feeds_back.
 """
 import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .errors import InversionError, MinleditsError
+from . import parity
+from .errors import InversionError, MinleditsError, shorten
 from .io.image import to_tensor
 from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
-from .sampler import SAMPLERS
+from .sampler import SAMPLERS, Sampler
 
 BATCH_SIZE = 4  # inversion timesteps per UNet call (README, Performance)
 
@@ -51,7 +42,8 @@ BATCH_SIZE = 4  # inversion timesteps per UNet call (README, Performance)
 class InversionSettings:
     """Everything besides the model and the image that decides an inversion's tensors."""
     steps: int = 100              # N
-    skip: int = 36                # steps skipped at the noisy end: more keeps more of the input
+    skip: int | None = None       # steps skipped at the noisy end (more keeps more of the input); None: the
+                                  # sampler's method's default for these steps (sampler.default_skip)
     seed: int = 0                 # of the noise eps_k
     size: int = 512               # side in pixels (the longest side with keep_aspect), a multiple of 64
     source_prompt: str = ""
@@ -64,11 +56,15 @@ class InversionSettings:
     def __post_init__(self):
         for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
             if not isinstance(getattr(self, name), kind) or kind is int and isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be {kind.__name__}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be {kind.__name__}, got {shorten(getattr(self, name))}")
         if not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
             raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not (isinstance(self.sampler, str) and self.sampler in SAMPLERS):
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {self.sampler!r}")
+        if self.skip is None:
+            object.__setattr__(self, "skip", SAMPLERS[self.sampler].default_skip(self.steps))
         if not (isinstance(self.skip, int) and 0 <= self.skip < self.steps):
             raise ValueError(f"skip must be an integer with 0 <= skip < steps ({self.steps}), got {self.skip!r}")
         if not (isinstance(self.source_guidance, (int, float)) and math.isfinite(self.source_guidance)):
@@ -78,18 +74,13 @@ class InversionSettings:
         z = self.zero_noise_steps
         if z is not None and not (type(z) is int and z >= 0):
             raise ValueError(f"zero_noise_steps must be an integer >= 0, got {self.zero_noise_steps!r}")
-        if not (isinstance(self.sampler, str) and self.sampler in SAMPLERS):
-            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {self.sampler!r}")
 
     def dict(self) -> dict:
         return asdict(self)
 
-    def new_sampler(self, schedule):
-        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule. With
-        keep_last_noise, dpmsolver++ ends its grid at sigma_min, so its last step has a noise map (exact)."""
-        if self.sampler == "dpmsolver++":
-            return SAMPLERS[self.sampler](schedule, self.steps, "sigma_min" if self.keep_last_noise else "zero")
-        return SAMPLERS[self.sampler](schedule, self.steps)
+    def new_sampler(self, schedule) -> Sampler:
+        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule."""
+        return SAMPLERS[self.sampler].for_inversion(schedule, self.steps, self.keep_last_noise)
 
 
 @dataclass
@@ -108,12 +99,17 @@ class Inversion:
     def w0(self) -> torch.Tensor:
         return self.xts[-1:]
 
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent pixel of the model it was made with (its image's height over its latents')."""
+        return max(self.image.shape[-2] // max(self.xts.shape[-2], 1), 1)
+
     def check_tensors(self, source: str = "the inversion") -> None:
         """Refuse tensors that disagree with each other or the settings, or hold inf / NaN (a damaged file)."""
-        n, (H, W) = self.settings.steps - self.settings.skip, self.image.shape[-2:]
+        n, (H, W), f = self.settings.steps - self.settings.skip, self.image.shape[-2:], self.latent_scale
         if not (len(self.timesteps) == len(self.zs) == len(self.xts) - 1 == n and self.xts.ndim == 4
-                and self.xts.shape[1:] == self.zs.shape[1:] and (H, W) == tuple(8 * d for d in self.xts.shape[-2:])
-                and max(H, W) == self.settings.size):
+                and self.xts.shape[1:] == self.zs.shape[1:] and (H, W) == tuple(f * d for d in self.xts.shape[-2:])
+                and f & (f - 1) == 0 and max(H, W) == self.settings.size):
             raise InversionError(f"{source} is damaged: its tensors (xts {list(self.xts.shape)}, zs "
                                  f"{list(self.zs.shape)}, image {list(self.image.shape)}) disagree with each other "
                                  f"or with its settings (steps {self.settings.steps}, skip {self.settings.skip})")
@@ -126,6 +122,9 @@ class Inversion:
         if self.xts.shape[1] != sd.vae.config["latent_channels"]:
             raise InversionError(f"{source} holds {self.xts.shape[1]}-channel latents; this model's take "
                                  f"{sd.vae.config['latent_channels']}: invert again with this model")
+        if self.latent_scale != sd.latent_scale:
+            raise InversionError(f"{source} has latents 1/{self.latent_scale} of its image's size; this model's VAE "
+                                 f"makes 1/{sd.latent_scale}: invert again with this model")
         if self.fingerprint != str(sd.fingerprint):
             same = " (same name, other weights: another variant or dtype, or the files changed)" \
                 if self.model_id == str(sd.model_id) else ""
@@ -144,28 +143,24 @@ def noisy_latents(sampler, w0: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def source_context(sd, s: InversionSettings):
-    """The inversion's text rows with their keys and values: "" and the source prompt if any, each embedded alone
-    (as the references do; model.conditioning)."""
-    return sd.text_kv(sd.conditioning([""], [s.source_prompt] if s.source_prompt else []))
+    """The inversion's text: "" and the source prompt if any, with their keys and values."""
+    return parity.text_kv(sd, parity.embed(sd, [""], [s.source_prompt] if s.source_prompt else []))
 
 
 def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, callback=None) -> torch.Tensor:
-    """z_k for k = skip .. N-1 (xts[j] is x_{tau_{skip+j}}), up to batch_size timesteps per UNet call. The batches
-    end at N - j batch_size, whatever the skip: the inversion at a larger skip batches its steps as the one at a
-    smaller skip does, but for its first, partial batch (float rounding depends on the batch), the only partial one."""
+    """z_k for k = skip .. N-1 (xts[j] is x_{tau_{skip+j}}), up to batch_size timesteps per UNet call: the x_t are
+    independent, so batching changes only rounding and speed (parity.batches says where the batches end)."""
     zs, n, c = [], len(xts) - 1, rows(context)  # c = 1, or 2 with a source prompt
-    edges = sorted({0, *range(n % batch_size, n + 1, batch_size)})
-    for a, e in zip(edges, edges[1:]):
-        b = e - a
-        k, x = slice(skip + a, skip + a + b), xts[a:a + b]
+    for a, e in parity.batches(n, batch_size):
+        k, x = slice(skip + a, skip + e), xts[a:e]
         t = torch.tensor(sampler.timesteps[k] * c, device=x.device)
-        out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), t, repeat_rows(context, b)).chunk(c)
+        out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), t, repeat_rows(context, e - a)).chunk(c)
         out = out_u + source_guidance * (out_src[0] - out_u) if out_src else out_u
-        zs.append(sampler.noise_map(k, x, xts[a + 1:a + b + 1], out).to(x.dtype))
-        if batch_size == 1 and sampler.feeds_back and e < n:  # the pipeline's recurrence (module doc)
+        zs.append(sampler.noise_map(k, x, xts[a + 1:e + 1], out).to(x.dtype))
+        if parity.feeds_back(sampler, batch_size) and e < n:
             xts[e] = sampler.step(skip + a, x, out, zs[-1])
         if callback:
-            callback(a + b, n)
+            callback(e, n)
     return torch.cat(zs)
 
 
@@ -183,11 +178,11 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
 
     settings: the fields of InversionSettings (steps, skip, seed, size, source_prompt, source_guidance,
     keep_last_noise, keep_aspect, sampler, zero_noise_steps; size defaults to sd.default_size, 512 for SD and 1024
-    for SDXL; the module docstring maps diffusers' LEDITS++ steps and skip to ours). keep_last_noise=True makes the
+    for SDXL; skip to the sampler's method's default for the steps). keep_last_noise=True makes the
     inversion exact: regenerating it without guidance returns w0 (DDPM keeps z_{N-1}; dpmsolver++ ends its grid at
     sigma_min instead of the pipeline's 0, where the last step lands on its x0 prediction whatever the noise).
     batch_size: timesteps per UNet call (the x_t are independent: batching only changes float rounding and speed;
-    at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: see the module docstring).
+    at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: parity.feeds_back).
     callback(done, total) reports progress of the UNet work.
     """
     s = with_zero_noise_steps(InversionSettings(**{"size": sd.default_size, **settings}), sd)

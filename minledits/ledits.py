@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MinleditsError
+from . import parity
+from .errors import MinleditsError, shorten
 from .inversion import Inversion
 from .io import store
 from .model import StableDiffusion
@@ -65,7 +66,7 @@ class Branches:
     @property
     def groups(self) -> list[list[str]]:
         """The prompts in SemanticStableDiffusionPipeline's embedding groups: each one before the concepts alone,
-        the concepts together (model.conditioning)."""
+        the concepts together (parity.embed)."""
         return [[p] for p in self.prompts[:self.c.start]] + [self.prompts[self.c]]
 
 
@@ -83,7 +84,7 @@ def check_options(target_guidance, concepts, momentum_scale, momentum_beta, dtyp
                          f"{target_guidance!r}: guidance is off at <= 1")
     SegaParams.of(concepts, momentum_scale, momentum_beta)
     numbers = [("target guidance", target_guidance), ("momentum scale", momentum_scale)] + \
-        [(f"concept {c.prompt!r}: {k}", getattr(c, k)) for c in concepts for k in ("scale", "weight")]
+        [(f"concept {shorten(c.prompt)}: {k}", getattr(c, k)) for c in concepts for k in ("scale", "weight")]
     big = torch.finfo(dtype).max
     for name, v in numbers:
         if abs(v) > big:
@@ -143,11 +144,11 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
     inv, sampler = start(sd, inv)
     skip = inv.settings.skip
     for prompt, why in idle(concepts, len(inv.zs)).items():
-        warnings.warn(f"concept {prompt!r} never acts ({why}): the edit ignores it", stacklevel=3)
+        warnings.warn(f"concept {shorten(prompt)} never acts ({why}): the edit ignores it", stacklevel=3)
     s_tar, guided = target_guidance, target_guidance > 1
     p = SegaParams.of(concepts, momentum_scale, momentum_beta, sd.device)
     b = Branches.of(target_prompt, concepts, guided)
-    context = sd.text_kv(sd.conditioning(*b.groups))  # the text, its keys and values: once for the whole edit
+    context = parity.text_kv(sd, parity.embed(sd, *b.groups))  # the text, its keys and values: once for the edit
     x = inv.xts[:1].to(sd.device, sd.dtype)  # x_T: the noisiest latent the edit starts from (line 1)
     m = torch.zeros_like(x)                  # SEGA momentum
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):  # for t = T..1

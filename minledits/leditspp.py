@@ -20,7 +20,7 @@ Notation (code name -> symbol); sampler symbols in sampler.py; C concepts, i the
                       means to; its tokenizer call reports the padded length 77, so it sums tokens 1..75)
     A_s        A~_c = K * reflect_pad(A_c)                    3x3 Gaussian K (kernel())                [C, h', w']
     m_attn     M^a_c = up(A~_c >= quantile(A~_c, lambda_c))   nearest-neighbour to (h, w)             [C, 1, 4, h, w]
-    M          M_c  = M^a_c M^n_c  ("intersect"; M^a_c alone at t > T_INTERSECT), M^a_c ("cross_attention"),
+    M          M_c  = M^a_c M^n_c  ("intersect"; SD: M^a_c alone at t > T_INTERSECT), M^a_c ("cross_attention"),
                       M^n_c ("noise"); times a_c
     eps        eps  = eps_u + sum_c M_c g_c
     phi        phi                 guidance rescale: eps <- phi eps std(eps_bar_c) / std(eps) + (1 - phi) eps,
@@ -35,16 +35,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import parity
+from .errors import shorten
 from .inversion import Inversion
 from .io.image import to_tensor
 from .ledits import check_finite, start
-from .model import StableDiffusion
+from .model import StableDiffusion, StableDiffusionXL
 from .nets.layers import AttentionLayer
-from .sega import Concept
+from .sega import Concept, quantile
 
 CONCEPT_DEFAULTS = dict(scale=5.0, threshold=0.9, warmup=0)  # LEDITS++' concept defaults (SEGA's are 7, 0.95, 2)
 MASK_MODES = ("intersect", "cross_attention", "noise")
-T_INTERSECT = 800  # "intersect" uses the attention mask alone at timesteps above this (as the pipeline)
+T_INTERSECT = 800  # SD's pipeline: "intersect" takes the attention mask alone above this t (SDXL's: at no t)
 
 
 def concept(c) -> Concept:
@@ -116,8 +118,8 @@ def attention_map(maps: CrossAttentionMaps, tokens: list[int]) -> torch.Tensor:
 
 
 def quantile_mask(a: torch.Tensor, lam: list[float]) -> torch.Tensor:
-    """[a_c >= quantile(a_c, lambda_c)] over the last two dims, per leading index, as 1.0 / 0.0 (fp32 quantile)."""
-    q = torch.stack([torch.quantile(a_c.flatten(-2).float(), l_c, dim=-1) for a_c, l_c in zip(a, lam)]).to(a.dtype)
+    """[a_c >= quantile(a_c, lambda_c)] over the last two dims, per leading index, as 1.0 / 0.0 (sega.quantile)."""
+    q = quantile(a, lam)
     return (a >= q[..., None, None]).to(a.dtype)
 
 
@@ -139,13 +141,14 @@ def rescale(eps: torch.Tensor, eps_bar: torch.Tensor, phi: float) -> torch.Tenso
     return phi * (eps * (eps_bar.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))) + (1 - phi) * eps
 
 
-def combine(mask: str, t: int, m_noise, m_attn, g: torch.Tensor) -> torch.Tensor:
-    """M_c before a_c: the mode's mask(s); 0 without concepts."""
+def combine(mask: str, t: int, m_noise, m_attn, g: torch.Tensor, attention_only_above=T_INTERSECT) -> torch.Tensor:
+    """M_c before a_c: the mode's mask(s), "intersect" the attention mask alone at t > attention_only_above (None:
+    at no t); 0 without concepts."""
     if not len(g):
         return torch.zeros_like(g)
     if mask == "noise":
         return m_noise
-    if mask == "cross_attention" or t > T_INTERSECT:
+    if mask == "cross_attention" or attention_only_above is not None and t > attention_only_above:
         return m_attn
     return m_noise * m_attn
 
@@ -182,7 +185,7 @@ def check_options(concepts, mask, user_mask, guidance_rescale, latent_hw, unet_c
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
     for c in concepts:
         if c.weight != 1:
-            raise ValueError(f"concept {c.prompt!r}: LEDITS++ has no concept weights (got weight {c.weight})")
+            raise ValueError(f"concept {shorten(c.prompt)}: LEDITS++ has no concept weights (got weight {c.weight})")
     if user_mask is not None:
         shape = tuple(getattr(user_mask, "shape", ()))
         if not (isinstance(user_mask, torch.Tensor) and 2 <= len(shape) <= 4 and shape[-2:] == latent_hw
@@ -208,7 +211,8 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
     u = 1 if user_mask is None else user_mask.to(sd.device, sd.dtype)
     tokens = token_counts(sd, concepts)
     use_attn, use_noise = C and mask != "noise", C and mask != "cross_attention"
-    context = sd.text_kv(sd.conditioning([negative_prompt], [c.prompt for c in concepts]))  # the pipeline's groups
+    above = None if isinstance(sd, StableDiffusionXL) else T_INTERSECT  # each family's pipeline
+    context = parity.text_kv(sd, parity.embed(sd, [negative_prompt], [c.prompt for c in concepts]))
     x = inv.xts[:1].to(sd.device, sd.dtype)
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):
         t = sampler.timesteps[k]
@@ -222,7 +226,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
         m_noise = noise_mask(g, lam) if use_noise else None
         A_s = attention_map(maps, tokens) if use_attn else None
         m_attn = attention_mask(A_s, lam, g) if use_attn else None
-        M = combine(mask, t, m_noise, m_attn, g) * on.view(per_c).to(g.dtype)
+        M = combine(mask, t, m_noise, m_attn, g, above) * on.view(per_c).to(g.dtype)
         eps = eps_u + (M * g).sum(0)
         if C and phi > 0:
             eps = rescale(eps, eps_c.mean(0), phi)

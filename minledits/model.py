@@ -2,13 +2,10 @@
 every method does with them - embed prompts, encode an image to latents, decode latents to an image.
 
     sd.text_embeddings(["", "a cat"])   -> c [B, 77, D]      CLIP's last hidden states
-    sd.conditioning([""], ["a", "b"])   -> the same rows, one text encoder call per group (the references' groups)
     sd.encode(x)                        -> w0 [B, 4, h, w]   f E(x): the scaled VAE posterior mean (f: scaling factor)
     sd.decode(w0)                       -> x [B, 3, H, W]    D(w0 / f), in about [-1, 1]
     sd.unet(x_t, t, c)                  -> eps or v          (sd.schedule.prediction_type says which)
     sd.predict(x_t, t, c)               -> the same for any model: what the methods call, c from text_embeddings
-    sd.text_kv(c)                       -> c with the UNet's text keys and values computed once: what an edit
-                                           passes to predict at every step (same outputs, less work per step)
 Build one with minledits.load (load.py), or minledits.load("random-tiny") for an offline smoke test.
 
 StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to a pair, and its UNet takes more:
@@ -84,22 +81,9 @@ class StableDiffusion:
         """CLIP last hidden states [B, 77, D] of the prompts."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
-    def conditioning(self, *groups: list[str]):
-        """text_embeddings of each non-empty group of prompts, one call per group, joined in order. A row's rounding
-        can depend on the batch it is computed in (on CUDA, cuBLAS picks kernels by shape: up to 7.6e-6 for SD 1.5's
-        CLIP on an H100; on CPU, a one-row product such as SDXL's pooled projection), so the methods embed in their
-        reference's groups: the unconditional prompt alone, a target or source prompt alone, the concepts together.
-        Their bit-for-bit mode holds there too."""
-        parts = [self.text_embeddings(g) for g in groups if g]
-        return tuple(map(torch.cat, zip(*parts))) if isinstance(parts[0], tuple) else torch.cat(parts)
-
     def predict(self, x: torch.Tensor, t, c) -> torch.Tensor:
         """The UNet's output for latents x [B, 4, h, w] at t, conditioned on c (text_embeddings' rows, B of them)."""
         return self.unet(x, t, c)
-
-    def text_kv(self, c):
-        """c (text_embeddings' output) with every cross-attention's keys and values computed from it (UNet.text_kv)."""
-        return self.unet.text_kv(c)
 
     @property
     def latent_scale(self) -> int:
@@ -138,12 +122,9 @@ class StableDiffusionXL(StableDiffusion):
 
     def predict(self, x: torch.Tensor, t, c: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The UNet's output for latents x [B, 4, h, w] at t, conditioned on c = (c, pooled) (B rows each) and the
-        time_ids of the picture x decodes to (h * 8, w * 8 pixels, uncropped)."""
+        time_ids of the picture x decodes to (h, w times latent_scale pixels, uncropped)."""
         time_ids = self.time_ids(self.latent_scale * x.shape[-2], self.latent_scale * x.shape[-1])
         return self.unet(x, t, c[0], text_embeds=c[1], time_ids=time_ids.expand(x.shape[0], -1))
-
-    def text_kv(self, c: tuple[torch.Tensor, torch.Tensor]):
-        return self.unet.text_kv(c[0]), c[1]
 
     def time_ids(self, height: int, width: int) -> torch.Tensor:
         """[6] float: original size (H, W), crop top-left (0, 0), target size (H, W), in pixels, the model's dtype."""

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InversionError
+from . import parity
+from .errors import InversionError, shorten
 from .inversion import Inversion
 from .ledits import check_finite, start
 from .model import StableDiffusion
@@ -50,6 +51,11 @@ SELF_MAX = 16 ** 2      # self-attention is replaced only in layers with at most
 THRESHOLD = 0.3         # LocalBlend's threshold on the normalised map
 MAP_LEVEL = 2           # LocalBlend's maps come from UNet level 2: (h/4, w/4), 16 x 16 at 512 px
 SKIP = 12               # the reference's example skip for this mode at N = 100 (its README: --skip=12 --cfg_tar=9)
+
+
+def default_skip(N: int) -> int:
+    """The reference's example skip for this mode, 12 of N = 100 steps (its README: --skip=12), in proportion."""
+    return round(12 * N / 100)
 
 
 # ------------------------------------------------------------------------------------------------ words and tokens
@@ -96,7 +102,8 @@ def replace_mapper(tok: Tokenizer, src: str, tar: str) -> torch.Tensor:
     ws, wt, ts, tt = src.split(" "), tar.split(" "), token_texts(tok, src), token_texts(tok, tar)
     swaps = [(word_tokens(ts, ws, {n}), word_tokens(tt, wt, {n})) for n in range(len(wt)) if ws[n] != wt[n]]
     if any(not a or not b for a, b in swaps):
-        raise ValueError(f"a swapped word of {src!r} -> {tar!r} has no CLIP tokens (two spaces in a row?)")
+        raise ValueError(f"a swapped word of {shorten(src)} -> {shorten(tar)} has no CLIP tokens (two spaces in a "
+                         "row?)")
     M, L = torch.zeros(CONTEXT_LENGTH, CONTEXT_LENGTH), CONTEXT_LENGTH
     i = j = c = 0
     while i < L and j < L:
@@ -174,13 +181,13 @@ def reweight_of(reweight) -> dict[str, float]:
     if isinstance(reweight, str):
         pairs = [p.partition("=") for p in reweight.split(",")]
         if any(not w.strip() or not eq for w, eq, _ in pairs):
-            raise ValueError(f"reweight must read word=weight[,word=weight...], got {reweight!r}")
+            raise ValueError(f"reweight must read word=weight[,word=weight...], got {shorten(reweight)}")
         try:
             return {w.strip(): float(v) for w, _, v in pairs}
         except ValueError:
-            raise ValueError(f"reweight: a weight of {reweight!r} is not a number") from None
+            raise ValueError(f"reweight: a weight of {shorten(reweight)} is not a number") from None
     if not isinstance(reweight, dict):
-        raise ValueError(f"reweight must be a dict {{word: weight}} or 'word=weight', got {reweight!r}")
+        raise ValueError(f"reweight must be a dict {{word: weight}} or 'word=weight', got {shorten(reweight)}")
     return dict(reweight)
 
 
@@ -192,7 +199,7 @@ def blend_of(local_blend) -> list[list[str]] | None:
     sides = local_blend.split(",") if isinstance(local_blend, str) else list(local_blend)
     if len(sides) != 2 or not all(isinstance(s, (str, list, tuple)) for s in sides):
         raise ValueError(f"local_blend takes the source's and the target's words, as 'cat,dog' or (\"cat\", \"dog\"); "
-                         f"got {local_blend!r}")
+                         f"got {shorten(local_blend)}")
     words = [s.split() if isinstance(s, str) else list(s) for s in sides]
     if not any(words):
         raise ValueError("local_blend names no word")
@@ -208,8 +215,8 @@ def check_fraction(name: str, v) -> float:
 def check_words(what: str, prompt: str, words) -> None:
     missing = [w for w in words if not isinstance(w, str) or w not in prompt.split(" ")]
     if missing:
-        raise ValueError(f"{what} word {missing[0]!r} is not a word of the prompt {prompt!r} (words are split at "
-                         f"spaces: {prompt.split(' ')})")
+        raise ValueError(f"{what} word {shorten(missing[0])} is not a word of the prompt {shorten(prompt)} (words "
+                         "are split at spaces)")
 
 
 def level_size(config: dict, latent_hw, level: int):
@@ -235,7 +242,7 @@ class AttentionEdit:
     cross_end: int                # alpha_i = 1 for i < cross_end
     self_end: int                 # self-attention replaced for i < self_end
     blend: torch.Tensor | None    # [2, 77] LocalBlend's word weights (None: no LocalBlend)
-    map_size: tuple | None        # (h', w') of the cross-attention maps kept (LocalBlend, callback); None: none
+    map_size: tuple | None        # (h', w') of the cross-attention maps kept (LocalBlend, EditStep.attn); None: none
 
     def R(self, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         """R(P): the source's cross-attention [heads, n, 77] carried to the target's tokens."""
@@ -262,8 +269,8 @@ class Control:
         P, Q = probs[2], probs[3]
         if not layer.cross:
             return torch.cat([probs[:3], P[None]])
-        if self.alpha == 1:
-            Q = self.edit.R(P, Q) * self.edit.W * self.alpha + (1 - self.alpha) * Q
+        if self.alpha == 1:  # Q' = alpha R(P) W + (1 - alpha) Q
+            Q = self.edit.R(P, Q) * self.edit.W
             probs = torch.cat([probs[:3], Q[None]])
         if self.kept(layer, size):
             self.maps[layer.name] = probs[2:]
@@ -288,7 +295,7 @@ def check_options(src: str | None, target_prompt, target_guidance, cross_replace
         raise InversionError("Prompt-to-Prompt needs the inversion's source prompt: invert with source_prompt= "
                              "(--source-prompt) describing the photo")
     if not isinstance(target_prompt, str) or not target_prompt.strip():
-        raise ValueError(f"Prompt-to-Prompt needs a target prompt, got {target_prompt!r}")
+        raise ValueError(f"Prompt-to-Prompt needs a target prompt, got {shorten(target_prompt)}")
     big = torch.finfo(dtype).max
     if not (isinstance(target_guidance, (int, float)) and abs(target_guidance) < big):
         raise ValueError(f"target guidance must be finite, got {target_guidance!r}")
@@ -311,7 +318,7 @@ def check_levels(unet_config: dict) -> None:
 
 
 def attention_edit(sd: StableDiffusion, inv: Inversion, target_prompt, target_guidance, cross_replace, self_replace,
-                   reweight, local_blend, keep_maps: bool) -> AttentionEdit:
+                   reweight, local_blend) -> AttentionEdit:
     """The AttentionEdit of an edit, every option checked (check_options) and the UNet's levels too, before any UNet
     work."""
     src, N = inv.settings.source_prompt, inv.settings.steps
@@ -322,7 +329,7 @@ def attention_edit(sd: StableDiffusion, inv: Inversion, target_prompt, target_gu
     hw, L = tuple(inv.xts.shape[-2:]), len(sd.unet.config["down_block_types"])
     size = level_size(sd.unet.config, hw, MAP_LEVEL)
     levels = [n for n in range(L) if level_size(sd.unet.config, hw, n)]
-    if size is None and keep_maps and levels:  # for the callback: the level nearest to MAP_LEVEL
+    if size is None and levels:  # the level nearest to MAP_LEVEL (the maps are kept whether or not a callback reads)
         size = level_size(sd.unet.config, hw, min(levels, key=lambda n: abs(n - MAP_LEVEL)))
     tok, refine = sd.tokenizer, len(src.split(" ")) != len(target_prompt.split(" "))
     m, a = refine_mapper(tok, src, target_prompt) if refine else (None, None)
@@ -331,7 +338,7 @@ def attention_edit(sd: StableDiffusion, inv: Inversion, target_prompt, target_gu
                 m if m is None else m.to(sd.device), a if a is None else a.to(**on),
                 equalizer(tok, target_prompt, weights).to(**on), int(c_x * (N + 1)), int(N * c_s),
                 blend_weights(tok, [src, target_prompt], words).to(**on) if words else None,
-                size if words or keep_maps else None)
+                size)
 
 
 # ------------------------------------------------------------------------------------------------ the edit
@@ -357,11 +364,10 @@ def edit(sd: StableDiffusion, inv: Inversion, target_prompt: str, target_guidanc
     """The target row's w0 [1, 4, h, w]. reweight: {word: weight} or "word=weight,..." (target words); local_blend:
     (source words, target words) or "src words,tar words"; callback(EditStep) receives every step."""
     inv, sampler = start(sd, inv)
-    p = attention_edit(sd, inv, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
-             callback is not None)
+    p = attention_edit(sd, inv, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend)
     skip, src = inv.settings.skip, inv.settings.source_prompt
     s = torch.tensor([inv.settings.source_guidance, target_guidance], device=sd.device).view(2, 1, 1, 1).to(sd.dtype)
-    context = sd.text_kv(sd.text_embeddings(["", "", src, target_prompt]))
+    context = parity.text_kv(sd, sd.text_embeddings(["", "", src, target_prompt]))
     x, sums = inv.xts[:1].to(sd.device, sd.dtype).expand(2, -1, -1, -1), {}
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):
         t, ctrl = sampler.timesteps[k], Control(p, i)

@@ -20,11 +20,32 @@ DDPM (the posterior step: DDIM's formulas with eta = 1); schedule symbols as in 
     step     x_{t-1}           mu_t + sigma_t z
     noise_map  z               (x_{t-1} - mu_t) / sigma_t
 """
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
 from .schedule import Schedule
+
+
+class Sampler(Protocol):
+    """What the methods use of a sampler; DDPM and DPMSolverPP are the two, SAMPLERS holds them by name."""
+    name: str                # its key in SAMPLERS (inversion files record it)
+    N: int                   # inference steps
+    timesteps: list[int]     # tau_k, k = 0..N-1, descending
+
+    @classmethod
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "Sampler":
+        """A fresh sampler for an inversion (keep_last_noise: one whose last step has a noise map)."""
+
+    @staticmethod
+    def default_skip(N: int) -> int:
+        """The skip its method's reference uses, in proportion to N."""
+
+    def add_noise(self, k, x0, noise): ...
+    def x0_hat(self, k, x, out): ...
+    def mu(self, k, x, out): ...
+    def step(self, k, x, out, z): ...
+    def noise_map(self, k, x, x_prev, out): ...
 
 
 class Step(NamedTuple):
@@ -38,7 +59,6 @@ class Step(NamedTuple):
 class DDPM:
     """The DDPM posterior step over N inference steps of `schedule`, and its inverse."""
     name = "ddpm"
-    feeds_back = False  # LEDITS' inversion feeds each UNet call its x_t as drawn (inversion.noise_maps)
 
     def __init__(self, schedule: Schedule, N: int):
         """ValueError (one line) for N outside 1..T, and for a step the posterior is undefined at."""
@@ -65,6 +85,15 @@ class DDPM:
                                  "float32 rounding by sqrt(abar_prev / abar_t) > 100; use 'leading' spacing")
             self.steps.append(Step(t, a_bar[t].item(), a_prev.item(), var.sqrt().item()))
         self.timesteps = [s.t for s in self.steps]
+
+    @classmethod
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "DDPM":
+        return cls(schedule, N)  # its last step always has a noise map
+
+    @staticmethod
+    def default_skip(N: int) -> int:
+        """LEDITS' 36 of 100 steps."""
+        return round(36 * N / 100)
 
     def at(self, k, like: torch.Tensor | None = None) -> Step:
         """The scalars of step k (an int), or of steps k (a slice) as float32 columns on like's device."""
@@ -154,7 +183,6 @@ class DPMSolverPP:
     maps them in order: the inversion's x_t are independent, so their UNet outputs can be batched first.
     """
     name = "dpmsolver++"
-    feeds_back = True  # the pipeline's inversion feeds each UNet call mu_k + C_k z_k (inversion.noise_maps)
 
     def __init__(self, schedule: Schedule, N: int, final: str = "zero"):
         """ValueError (one line) for N outside 1..T-2 and for scheduler options this solver does not implement.
@@ -182,6 +210,16 @@ class DPMSolverPP:
         h = [lam[k + 1] - lam[k] for k in range(N)]
         self.steps = [self.scalars(k, alpha, sigma, h) for k in range(N)]
         self.reset()
+
+    @classmethod
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "DPMSolverPP":
+        return cls(schedule, N, "sigma_min" if keep_last_noise else "zero")
+
+    @staticmethod
+    def default_skip(N: int) -> int:
+        """LEditsPPPipelineStableDiffusion's skip=0.15: its invert(num_inversion_steps=n) sets int(n * 1.15) steps and
+        skips all but n; for N steps, the largest n that fits."""
+        return N - max(n for n in range(1, N + 1) if int(n * (1 + 0.15)) <= N)
 
     def scalars(self, k, alpha, sigma, h) -> DPMStep:
         """Step k's scalars from the float32 0-d tensors alpha_k, sigma_k (k = 0..N) and h_k (k = 0..N-1)."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .errors import shorten
+
 
 @dataclass(frozen=True)
 class Concept:
@@ -34,13 +36,13 @@ class Concept:
 
     def __post_init__(self):
         if not math.isfinite(self.scale):
-            raise ValueError(f"concept {self.prompt!r}: scale must be finite, got {self.scale}")
+            raise ValueError(f"concept {shorten(self.prompt)}: scale must be finite, got {self.scale}")
         if not 0 <= self.threshold < 1:
-            raise ValueError(f"concept {self.prompt!r}: threshold must be in [0, 1), got {self.threshold}")
+            raise ValueError(f"concept {shorten(self.prompt)}: threshold must be in [0, 1), got {self.threshold}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"concept {self.prompt!r}: weight must be finite and >= 0, got {self.weight}")
+            raise ValueError(f"concept {shorten(self.prompt)}: weight must be finite and >= 0, got {self.weight}")
         if self.warmup < 0 or (self.cooldown is not None and self.cooldown < 0):
-            raise ValueError(f"concept {self.prompt!r}: warmup and cooldown must be >= 0")
+            raise ValueError(f"concept {shorten(self.prompt)}: warmup and cooldown must be >= 0")
 
     @classmethod
     def of(cls, c) -> "Concept":
@@ -67,14 +69,14 @@ class Concept:
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, eq, value = item.partition("=")
             if key.strip() not in kinds or not eq:
-                raise ValueError(f"bad concept option {item!r} in {spec!r}: use key=value with key one of "
-                                 f"{', '.join(kinds)}")
+                raise ValueError(f"bad concept option {shorten(item)} in {shorten(spec)}: use key=value with key one "
+                                 f"of {', '.join(kinds)}")
             try:
                 kw[key.strip()] = kinds[key.strip()](value)
             except ValueError:
-                raise ValueError(f"bad value {value!r} for {key.strip()} in concept {spec!r}") from None
+                raise ValueError(f"bad value {shorten(value)} for {key.strip()} in concept {shorten(spec)}") from None
         if not prompt.strip():
-            raise ValueError(f"empty concept prompt in {spec!r}")
+            raise ValueError(f"empty concept prompt in {shorten(spec)}")
         return cls(prompt.strip(), reverse=reverse, **kw)
 
 
@@ -115,7 +117,8 @@ class Guidance:
 
 
 def quantile(a: torch.Tensor, lam: list[float]) -> torch.Tensor:
-    """q_c = the lambda_c-quantile of a_c over H*W (linear interpolation, in fp32): [C, B, 4, h, w] -> [C, B, 4]."""
+    """q_c = the lambda_c-quantile of a_c over its last two dims (H*W; linear interpolation, in fp32), per leading
+    index: [C, B, 4, h, w] -> [C, B, 4]."""
     q = [torch.quantile(a_c.flatten(-2).float(), lam_c, dim=-1) for a_c, lam_c in zip(a, lam)]
     return torch.stack(q).to(a.dtype)
 

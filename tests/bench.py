@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from minledits.model import ALIASES, dtype_of
+from minledits.parity import explicit_attention, unet_text_kv
 
 CACHE = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "minledits-bench"
 PHASES = ("load", "encode", "inversion", "edit", "decode")
@@ -194,7 +195,7 @@ class Meter:
 def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
     """Seconds per image-evaluation of both UNets (same weights, one process), calls alternating so that both see
     the same machine: the median of `repeats` after a warm-up, per batch size. {"ours": {b: s}, "reference": {...},
-    KV_ONCE: {...}} - the last with the text's keys and values computed before (UNet.text_kv), as
+    KV_ONCE: {...}} - the last with the text's keys and values computed before (parity.unet_text_kv), as
     our methods run every step but the first; diffusers' UNet recomputes them at every call."""
     from diffusers import UNet2DConditionModel
 
@@ -214,7 +215,7 @@ def unets_interleaved(args, folder, batches=(1, 4), repeats=5) -> dict:
         for b in batches:
             x = torch.randn(b, 4, h, h, generator=g).to(args.device, dtype)
             c = torch.randn(b, 77, ours.config["cross_attention_dim"], generator=g).to(args.device, dtype)
-            t, kw, kv = torch.full((b,), 501, device=args.device), xl(b), ours.text_kv(c)
+            t, kw, kv = torch.full((b,), 501, device=args.device), xl(b), unet_text_kv(ours, c)
             calls = {"ours": lambda: ours(x, t, c, **kw),
                      KV_ONCE: lambda: ours(x, t, kv, **kw),  # as in an edit: kv once for every step
                      "reference": lambda: ref(x, t, encoder_hidden_states=c, added_cond_kwargs=kw).sample}
@@ -262,8 +263,7 @@ def run_ours(args, folder, meter):
 
 
 def kernel(args, sd):
-    """The UNet attention kernel --attention names, for the inversion and the edit (layers.explicit_attention)."""
-    from minledits.nets.layers import explicit_attention
+    """The UNet attention kernel --attention names, for the inversion and the edit (parity.explicit_attention)."""
     return sd.unet.attention_kernel(explicit_attention if args.attention == "explicit" else None)
 
 

@@ -24,7 +24,7 @@ import torch
 import minledits
 from minledits import leditspp
 from minledits.io.image import to_tensor
-from minledits.nets.layers import explicit_attention
+from minledits.parity import explicit_attention, unet_text_kv
 from tests import bench, oracle
 from tests.helpers import aligned
 
@@ -85,7 +85,7 @@ def networks(sd, ref, size, device):
             for b in (1, 3):
                 r = theirs(b)
                 print(f"UNet, {name} kernel, batch {b}: {d(ours(b, c3[:b]), r)}, with the text K/V once "
-                      f"{d(ours(b, sd.unet.text_kv(c3[:b])), r)} | row 0 against its own call: ours "
+                      f"{d(ours(b, unet_text_kv(sd.unet, c3[:b])), r)} | row 0 against its own call: ours "
                       f"{d(ours(b, c3[:b])[:1], ours(1, c3[:1]))}, the reference's {d(r[:1], theirs(1))}")
 
 

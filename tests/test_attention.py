@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import minledits
 import minledits.nets.layers
+import minledits.parity
 from minledits.nets.layers import Attention, AttentionLayer, attention_probs
 
 # A controlled layer computes softmax(q k^T / sqrt(d)) explicitly, the fused kernel computes the same maths blockwise:
@@ -187,7 +188,7 @@ def test_attention_kernel_is_the_unets_and_comes_back(tiny_sd1):
 
     def kernel(q, k, v, heads, upcast=False):
         calls.append(heads)
-        return minledits.nets.layers.explicit_attention(q, k, v, heads, upcast)
+        return minledits.parity.explicit_attention(q, k, v, heads, upcast)
     with torch.no_grad():
         plain = sd.unet(x, t, context)
         with sd.unet.attention_kernel(kernel):

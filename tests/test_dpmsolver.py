@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minledits
+from minledits import parity
 from minledits.io import store
 from minledits.io.image import to_tensor
-from minledits.nets.layers import explicit_attention
 from minledits.sampler import SAMPLERS, DPMSolverPP
 from minledits.schedule import Schedule
 from tests import hub, oracle
@@ -225,7 +225,7 @@ def test_at_batch_size_one_with_the_pipelines_kernel_the_maps_are_bit_identical(
     ref = request.getfixturevalue(kind)
     sd, n, f = minledits.load(ref.folder), 6, 0.5
     aligned(sd.unet)
-    with sd.unet.attention_kernel(explicit_attention):
+    with parity.pipeline_attention(sd):
         inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=int(n * (1 + f)), skip=int(n * (1 + f)) - n,
                                seed=7, size=SIZE, batch_size=1)
     pipe = oracle.leditspp_invert(oracle.leditspp_pipeline(ref), to_tensor(photo(), SIZE), "", n, f, seed=7)

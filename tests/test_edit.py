@@ -68,7 +68,7 @@ def test_ablation_swaps_the_guidance_function(sd1, inv1):
     """Replace SEGA by plain (unthresholded) concept guidance in a few lines."""
     def plain(i, eps_u, eps_c, m, p):
         g = p.scale.view(-1, 1, 1, 1, 1) * (eps_c - eps_u)
-        return minledits.Guidance(E=g.sum(0), m=m, g=g, mask=torch.ones_like(g, dtype=torch.bool), q=None, G=g.sum(0))
+        return minledits.Guidance(E=g.sum(0), m=m, g=g, acts=torch.ones_like(g, dtype=torch.bool), q=None, G=g.sum(0))
     a = minledits.edit(sd1, inv1, target_guidance=7.5, concepts=CONCEPTS[:1], guidance=plain)
     b = minledits.edit(sd1, inv1, target_guidance=7.5, concepts=CONCEPTS[:1])
     assert a.shape == b.shape and not torch.allclose(a, b)

@@ -52,3 +52,11 @@ def test_every_module_imports_on_its_own():
             "        del sys.modules[name]\n"
             "    importlib.import_module('minledits.' + m)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+
+
+def test_the_method_modules_are_attributes_of_the_package():
+    """import minledits; minledits.leditspp.edit(...) works, as do minledits.ledits, p2p and parity."""
+    code = ("import minledits as m\n"
+            "print(all(callable(x.edit) for x in (m.ledits, m.leditspp, m.p2p)), callable(m.parity.embed))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert out.stdout.split() == ["True", "True"]

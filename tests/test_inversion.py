@@ -1,8 +1,12 @@
 """Edit-friendly DDPM inversion against an oracle built from diffusers primitives (tests/oracle.py)."""
+import shutil
+
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 import minledits
+from minledits import InversionError
 from minledits.io.image import to_tensor
 from tests import oracle
 from tests.helpers import SIZE, SKIP, N, photo
@@ -69,3 +73,37 @@ def test_bad_parameters_fail_before_any_unet_work(sd1, monkeypatch, bad):
     monkeypatch.setattr(sd1, "vae", None)  # nor the VAE
     with pytest.raises(ValueError):
         minledits.invert(sd1, photo(), **{**dict(steps=N, skip=SKIP, size=SIZE), **bad})
+
+
+def test_a_vae_that_downscales_by_2(tiny_sd1, sd1, tmp_path):
+    """diffusers' own tiny test pipelines use a two-level VAE (latent = image / 2): such a model inverts and edits,
+    the shape check reading the factor from the inversion itself; an inversion of another factor is refused by name."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sd1.folder, folder, ignore=shutil.ignore_patterns("vae"))
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1,
+                  sample_size=SIZE).save_pretrained(folder / "vae")
+    sd = minledits.load(folder)
+    assert sd.latent_scale == 2
+    inv = minledits.invert(sd, photo(), steps=N, skip=SKIP, size=SIZE, seed=1, source_prompt="a cat")
+    assert inv.xts.shape[-2:] == (SIZE // 2, SIZE // 2) and inv.latent_scale == 2
+    for w0 in (minledits.edit(sd, inv, concepts="glasses"), minledits.p2p.edit(sd, inv, "a dog", cross_replace=0.5)):
+        assert w0.shape == inv.w0.shape and w0.isfinite().all()
+    with pytest.raises(InversionError, match="latents 1/2 of its image's size; this model's VAE makes 1/8"):
+        minledits.edit(sd1, inv)
+
+
+@pytest.mark.parametrize("sampler, steps, skip", [("ddpm", 100, 36), ("ddpm", 10, 4), ("ddpm", 50, 18),
+                                                  ("dpmsolver++", 57, 7), ("dpmsolver++", 10, 1)])
+def test_skip_none_keeps_the_methods_proportion(sampler, steps, skip):
+    """skip=None (the default) is LEDITS' 36 of 100 steps for ddpm, and for dpmsolver++ LEDITS++' skip fraction 0.15
+    as the pipeline reads it (int(n * 1.15) steps, all but n skipped); a given skip stays a count."""
+    assert minledits.InversionSettings(steps=steps, sampler=sampler).skip == skip
+    assert minledits.InversionSettings(steps=steps, sampler=sampler, skip=3).skip == 3
+    assert minledits.p2p.default_skip(100) == 12 and minledits.p2p.default_skip(10) == 1
+
+
+def test_steps_without_skip_invert(sd1):
+    inv = minledits.invert(sd1, photo(), steps=10, size=SIZE)
+    assert inv.settings.skip == 4 and len(inv.zs) == 6

@@ -116,13 +116,13 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
     the masks do not read) and batch_size 1 (the pipeline's recurrence, inversion.py), each path inverts the photo
     and edits it: the noise maps, every step and the final latents are equal bit for bit. Also where a prompt's
     embedding depends on its batch, as on CUDA (helpers.batch_dependent): both embed the empty prompt alone and
-    the concepts together (model.conditioning)."""
+    the concepts together (parity.embed)."""
     ref, _ = deep_model
     sd, (n, f), trace = minledits.load(ref.folder), (STEPS - SKIP, 0.12), []
     aligned(sd.unet)
     assert int(n * (1 + f)) == STEPS
     with batch_dependent(sd.text_encoder, ref.text_encoder):
-        with sd.unet.attention_kernel(minledits.nets.layers.explicit_attention):
+        with minledits.parity.pipeline_attention(sd):
             inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=STEPS, skip=SKIP, size=128, seed=5,
                                    batch_size=1)
             ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="intersect", callback=trace.append)

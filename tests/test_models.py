@@ -20,6 +20,7 @@ import minledits.nets.layers
 from minledits.nets.clip import TextEncoder
 from minledits.nets.unet import UNet
 from minledits.nets.vae import VAE
+from minledits.parity import unet_text_kv
 from tests import hub
 from tests.bench import xl_inputs
 from tests.helpers import deep
@@ -185,7 +186,7 @@ def test_unet_is_bit_identical_on_equal_inputs(kind, tmp_path):
     """The same kernels on the same memory layouts: SD 1.x's 1x1 proj_out conv gets a contiguous input, as diffusers
     gives it (a channels-last view took another oneDNN kernel, 1.3e-6 off). So LEDITS++ with the noise mask equals
     the pipeline exactly (tests/test_leditspp.py), and with attention masks too once the pipeline's attention kernel
-    is swapped in (layers.explicit_attention).
+    is swapped in (parity.explicit_attention).
     Two threads: on one, both conv kernels happened to round alike (the fixture restores the count)."""
     torch.set_num_threads(2)
     ref = deep(kind, tmp_path)
@@ -211,11 +212,12 @@ def two_unets(kind, tmp_path, batch):
 
 @pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sdxl"])
 def test_text_keys_and_values_computed_once_change_nothing(kind, tmp_path):
-    """unet(x, t, unet.text_kv(c)) is unet(x, t, c) bit for bit - with rows repeated (the inversion's batches: one
-    row of text for several x_t) and with a controller reading the cross-attention probabilities from those keys."""
+    """unet(x, t, parity.unet_text_kv(unet, c)) is unet(x, t, c) bit for bit - with rows repeated (the inversion's
+    batches: one row of text for several x_t) and with a controller reading the cross-attention probabilities from
+    those keys."""
     ref, unet, x, xl = two_unets(kind, tmp_path, 4)
     c = torch.randn(2, 77, ref.unet.config.cross_attention_dim)
-    kv = unet.text_kv(c).repeat_interleave(2)
+    kv = unet_text_kv(unet, c).repeat_interleave(2)
     assert len(kv) == 4 and all(k.shape[0] == 2 for k, v in kv.kv.values())
     outs, read = [], []
     with torch.no_grad():
@@ -235,8 +237,9 @@ def test_a_zero_text_skips_the_cross_attention_and_changes_nothing(kind, tmp_pat
     computes them all, bit for bit; a controller that reads the probabilities still gets them."""
     ref, unet, x, xl = two_unets(kind, tmp_path, 2)
     c = torch.zeros(1, 77, ref.unet.config.cross_attention_dim)
-    kv = unet.text_kv(c).repeat_interleave(2)
-    assert kv.zero_v and not unet.text_kv(c + 1e-3).zero_v and not unet.text_kv(c.clone().requires_grad_()).zero_v
+    kv = unet_text_kv(unet, c).repeat_interleave(2)
+    assert kv.zero_v and not unet_text_kv(unet, c + 1e-3).zero_v
+    assert not unet_text_kv(unet, c.clone().requires_grad_()).zero_v
     queries = []
     for m in unet.modules():
         if isinstance(m, minledits.nets.layers.Attention) and m.layer.cross:

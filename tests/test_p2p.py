@@ -96,6 +96,18 @@ def test_a_tall_picture(deep_model):
     assert steps[0].attn.shape == (2, 4, 2, 77) and steps[0].blend.shape == (1, 1, 16, 8)
 
 
+def test_a_callback_changes_nothing(deep_model):
+    """The result is the same bits with and without a callback, with and without LocalBlend: the layers whose maps
+    EditStep.attn shows compute their probabilities explicitly either way."""
+    _, sd, inv = deep_model
+    for blend in (None, ("cat", "dog")):
+        plain = p2p.edit(sd, inv, "a dog sitting on a mat", target_guidance=7.5, local_blend=blend)
+        steps = []
+        traced = p2p.edit(sd, inv, "a dog sitting on a mat", target_guidance=7.5, local_blend=blend,
+                          callback=steps.append)
+        assert torch.equal(plain, traced) and steps[0].attn is not None
+
+
 def test_the_cross_schedule_has_n_plus_1_rows(deep_model):
     """cross_replace 0.65 at N = 10: the reference replaces for cur_step < int(0.65 * 11) = 7 (its table has N + 1
     rows), not int(0.65 * 10) = 6; ours equals it, and one step less is caught by the tolerance."""

@@ -16,9 +16,9 @@ import torch
 import minledits
 import minledits.inversion
 import minledits.io.store
-from minledits import ledits, leditspp
+from minledits import ledits, leditspp, parity
 from minledits.io.image import to_tensor
-from minledits.nets.layers import TextKV, explicit_attention
+from minledits.parity import TextKV
 from minledits.sega import Concept
 from tests import bench, bitwise, hub, oracle
 from tests.helpers import SIZE, aligned, batch_dependent, photo, run
@@ -83,16 +83,17 @@ def run_both(ref, sd, inv, sampler, mask, forced):
     return ours, theirs, trace, pipe.own, pipe
 
 
-@pytest.mark.parametrize("sampler, mask", [("dpmsolver++", "intersect"), ("ddpm", "cross_attention")])
-def test_leditspp_equals_the_xl_pipeline(xl, sampler, mask):
+@pytest.mark.parametrize("sampler, mask, skip", [("dpmsolver++", "intersect", 2), ("dpmsolver++", "intersect", 0),
+                                               ("ddpm", "cross_attention", 2)])
+def test_leditspp_equals_the_xl_pipeline(xl, sampler, mask, skip):
     """Teacher forced, each step's x_{t-1} and each concept's mask equal the pipeline's (1e-5: UNet rounding ~1e-6
     scaled by s_c <= 5); free running, the final latents within 1e-4 (the pipeline computes every layer's attention
-    probabilities explicitly, we keep the fused kernel where no mask reads them). Only t <= 800 here (skip 2): above
-    it the SD pipeline and ours take the attention mask alone in the intersect mode (leditspp.T_INTERSECT), the XL
-    pipeline of diffusers 0.42.1 intersects at every t."""
+    probabilities explicitly, we keep the fused kernel where no mask reads them). At skip 0 the edit starts above
+    t = 800, where the SD pipeline's intersect mode takes the attention mask alone (leditspp.T_INTERSECT) and the XL
+    pipeline intersects: ours follows each family's."""
     ref, sd = xl
-    inv = minledits.invert(sd, photo(), sampler=sampler, steps=10, skip=2, size=SIZE, seed=5)
-    assert max(inv.timesteps) <= leditspp.T_INTERSECT
+    inv = minledits.invert(sd, photo(), sampler=sampler, steps=10, skip=skip, size=SIZE, seed=5)
+    assert (max(inv.timesteps) > leditspp.T_INTERSECT) == (skip == 0)
     ours, _, trace, own, pipe = run_both(ref, sd, inv, sampler, mask, forced=True)
     xs = torch.cat([st.x_prev for st in trace])
     torch.testing.assert_close(xs, own, atol=1e-5, rtol=1e-5)
@@ -115,7 +116,7 @@ def test_from_the_photo_with_the_pipelines_kernel_and_batch_1_both_are_bit_ident
     sd, (n, f), trace = minledits.load(ref.folder), (8, 0.25), []
     aligned(sd.unet)
     with batch_dependent(sd.text_encoder, sd.text_encoder_2, ref.text_encoder, ref.text_encoder_2):
-        with sd.unet.attention_kernel(explicit_attention):
+        with parity.pipeline_attention(sd):
             inv = minledits.invert(sd, photo(), sampler="dpmsolver++", steps=10, skip=2, size=SIZE, seed=5,
                                    batch_size=1)
             ours = leditspp.edit(sd, inv, concepts=CONCEPTS, mask="cross_attention", callback=trace.append)
@@ -168,7 +169,7 @@ def test_ledits_unet_calls_equal_the_sdxl_unet(xl, monkeypatch):
         return out
     monkeypatch.setattr(sd.unet, "forward", spy)
     ledits.edit(sd, inv, target_prompt="a man", concepts=["glasses", "-beard"])
-    c, pooled = sd.conditioning([""], ["a man"], ["glasses", "beard"])  # SEGA's groups
+    c, pooled = parity.embed(sd, [""], ["a man"], ["glasses", "beard"])  # SEGA's groups
     assert len(calls) == 4
     for x, t, ctx, kw, out in calls:
         assert torch.equal(ctx, c) and torch.equal(kw["text_embeds"], pooled) and not ctx[0].any()

@@ -2,8 +2,7 @@
 
 Every attribute is named like the official diffusers key, so weights load with no renaming.
 All attention of the package goes through `attention()`: replace `layers.attention` to swap it everywhere, or set
-the UNet's alone with `UNet.attention_kernel(kernel)` (`explicit_attention` is the same math with the probabilities
-materialised, as diffusers' AttnProcessor).
+the UNet's alone with `UNet.attention_kernel(kernel)`.
 
 An attention controller reads and may replace the attention probabilities of UNet layers (Prompt-to-Prompt,
 LEDITS++ masks); it is set with `UNet.attention_controller(ctrl)`. It is any callable
@@ -14,11 +13,8 @@ with N = h * w image tokens and M keys (the 77 text tokens for cross-attention, 
 optional `ctrl.wants(layer, size) -> bool` (absent: every layer). Only the layers it wants compute explicit
 probabilities; the others, and every layer when no controller is set, keep the UNet's kernel (`attention()`).
 
-A cross-attention's keys and values, k = to_k(c) and v = to_v(c), depend on the text c alone, which an edit keeps
-for all its steps: `UNet.text_kv(c)` computes them once for every layer, and the resulting TextKV goes where c went.
-Where every v is 0 (SDXL's unconditional context: zeros, and no bias in to_v), softmax(q k^T) v = 0 whatever the
-probabilities, and the cross-attention is to_out's bias alone: no q, no attention (an inversion without a source
-prompt), bit for bit what the full computation gives.
+A cross-attention's context may come with its keys and values computed once for a whole edit (parity.TextKV:
+`keys_values(attn)`, and `zero_v` where every value is 0, making the attention to_out's bias alone).
 """
 import math
 from dataclasses import dataclass
@@ -38,19 +34,6 @@ def attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(B, N, C).to(dtype)
 
-
-fused_attention = attention  # what `attention` is, whatever it is swapped for
-
-
-def explicit_attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
-    """attention() with its probabilities materialised: attend(attention_probs(q, k), v), as diffusers' AttnProcessor
-    computes it, the processor LEditsPPPipelineStableDiffusion puts in every UNet layer for its invert and its edit.
-    The same math, other rounding, slower: with `sd.unet.attention_kernel(explicit_attention)` and batch_size=1
-    (inversion.py) a LEDITS++ inversion and edit are that pipeline's bit for bit (tests/test_leditspp.py). Causal
-    attention (CLIP's) stays fused."""
-    if causal:
-        return fused_attention(q, k, v, heads, upcast, causal)
-    return attend(attention_probs(q, k, heads, upcast), v).to(q.dtype)
 
 
 def attention_probs(q, k, heads: int, upcast: bool = False):
@@ -72,9 +55,8 @@ def attention_probs(q, k, heads: int, upcast: bool = False):
 def attend(probs, v):
     """probs [B, heads, N, M] @ v [B, M, C] per head -> [B, N, C], in v's dtype.
 
-    As diffusers' AttnProcessor: in fp16 the probabilities are fp16 here (the fused kernel keeps them in fp32), so an
-    SD 1.5 UNet with every layer controlled moved by 1.4e-3 of its output scale (H200); in fp32 by ~1e-6 (rounding).
-    """
+    As diffusers' AttnProcessor: in fp16 the probabilities are fp16 here, where the fused kernel keeps them in fp32
+    (docs/benchmarks.md: how far that moves a UNet whose every layer is controlled)."""
     v = v.unflatten(-1, (probs.shape[1], -1)).transpose(1, 2)  # [B, heads, M, d]
     return (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
 
@@ -88,27 +70,6 @@ class AttentionLayer:
     place: str
     block: int
     cross: bool
-
-
-@dataclass(frozen=True)
-class TextKV:
-    """A text context c [R, M, D] with every cross-attention's k, v [R, M, inner] computed from it: kv[attn2] = (k, v).
-    repeat_interleave(n, 0) repeats its rows as the tensor's does (model.repeat_rows), without copying until used."""
-    context: torch.Tensor
-    kv: dict
-    repeats: int = 1
-    zero_v: bool = False  # every layer's v is exactly 0 (and needs no gradient): attn2 is to_out's bias
-
-    def __len__(self):
-        return len(self.context) * self.repeats
-
-    def repeat_interleave(self, n: int, dim: int = 0) -> "TextKV":
-        assert dim == 0, "rows only"
-        return TextKV(self.context, self.kv, self.repeats * n, self.zero_v)
-
-    def keys_values(self, attn) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.kv[attn]
-        return kv if self.repeats == 1 else tuple(x.repeat_interleave(self.repeats, 0) for x in kv)
 
 
 def _every(layer, size):  # the default `wants` of a controller
@@ -170,14 +131,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
     def forward(self, x, context=None, size=None):
-        """x [B, N, dim], context [B, M, context_dim] or its TextKV (None: self-attention), size (h, w) of the
+        """x [B, N, dim], context [B, M, context_dim] or its parity.TextKV (None: self-attention), size (h, w) of the
         N = h * w tokens."""
         ctrl = self.controller
         plain = ctrl is None or not getattr(ctrl, "wants", _every)(self.layer, size)
-        if plain and isinstance(context, TextKV) and context.zero_v:  # softmax(q k^T) 0 = 0: to_out(0) = its bias
+        if plain and getattr(context, "zero_v", False):  # softmax(q k^T) 0 = 0: to_out(0) = its bias (parity.py)
             return self.to_out[0].bias.expand(x.shape).clone()  # a fresh tensor: the caller adds into it
         q = self.to_q(x)  # before k and v, as diffusers: the order autograd sums x's three gradients in
-        if isinstance(context, TextKV):
+        if hasattr(context, "keys_values"):  # computed once for the edit (parity.TextKV)
             k, v = context.keys_values(self)
         else:
             context = x if context is None else context

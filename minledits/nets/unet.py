@@ -138,7 +138,7 @@ def attention_layer(name: str) -> layers.AttentionLayer:
 
 class UNet(nn.Module):
     """eps (or v) prediction: unet(x [B, C, h, w], t (int, 0-d or [B]), context [B, 77, D]) -> [B, C_out, h, w];
-    context may be the TextKV of text_kv(context), which saves recomputing its keys and values at every step.
+    context may be a parity.TextKV, its keys and values computed once for all steps.
     SDXL (text_time) also takes text_embeds [B, P] (pooled text) and time_ids [B, 6] by keyword."""
 
     def __init__(self, config: dict):
@@ -184,8 +184,8 @@ class UNet(nn.Module):
         return self._every_attention("controller", ctrl)
 
     def attention_kernel(self, kernel):
-        """`with unet.attention_kernel(layers.explicit_attention):` every attention of the UNet that no controller
-        reads computes with kernel(q, k, v, heads, upcast) (None: layers.attention, fused); these nest too."""
+        """`with unet.attention_kernel(kernel):` every attention of the UNet that no controller reads computes with
+        kernel(q, k, v, heads, upcast) (None: layers.attention, fused); these nest too (parity.pipeline_attention)."""
         return self._every_attention("kernel", kernel)
 
     @contextlib.contextmanager
@@ -199,15 +199,6 @@ class UNet(nn.Module):
         finally:
             for m, p in zip(modules, previous):
                 object.__setattr__(m, name, p)
-
-    def text_kv(self, context) -> layers.TextKV:
-        """context [R, M, D] with every cross-attention's keys and values computed from it: pass it as `context`
-        at every step that reuses the text (same outputs; each attn2 skips to_k and to_v, and is to_out's bias
-        alone where every v is 0: SDXL's unconditional zeros)."""
-        kv = {m: (m.to_k(context), m.to_v(context)) for m in self.modules()
-              if isinstance(m, layers.Attention) and m.layer.cross}
-        zero_v = not any(v.requires_grad or v.any() for _, v in kv.values())  # all 0, no gradient to keep
-        return layers.TextKV(context, kv, zero_v=zero_v)
 
     def forward(self, x, t, context, *, text_embeds=None, time_ids=None):
         if hasattr(self, "add_embedding") != (text_embeds is not None) or (text_embeds is None) != (time_ids is None):
