@@ -80,9 +80,8 @@ def test_a_causal_vision_tower_would_be_caught(ours, theirs, monkeypatch):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = theirs[0](pixel_values=x).image_embeds
-    causal = lambda self, h: self.out_proj(clipvision.layers.attention(self.q_proj(h), self.k_proj(h),  # noqa: E731
-                                                                        self.v_proj(h), self.heads, causal=True))
-    monkeypatch.setattr(clipvision.VisionAttention, "forward", causal)
+    for layer in ours.model.vision_model.encoder.layers:  # the text tower's encoder, as the image tower uses it
+        monkeypatch.setattr(layer.self_attn, "causal", True)
     assert (ours.model.image_embeds(x) - ref).abs().max() > 1e-2
 
 

@@ -18,19 +18,21 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.g
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, causal=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal  # causal: a token sees only those before it (text, not images)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(layers.attention(q, k, v, self.heads, causal=True))
+        return self.out_proj(layers.attention(q, k, v, self.heads, causal=self.causal))
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, dim, hidden, act):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"CLIP hidden_act {act!r} is not supported ({list(ACTIVATIONS)})")
         self.act = ACTIVATIONS[act]
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -40,10 +42,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
         dim, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-5)
-        self.self_attn = CLIPAttention(dim, cfg["num_attention_heads"])
+        self.self_attn = CLIPAttention(dim, cfg["num_attention_heads"], causal)
         self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
         self.mlp = CLIPMLP(dim, cfg["intermediate_size"], cfg.get("hidden_act", "quick_gelu"))
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
@@ -64,9 +66,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg["num_hidden_layers"]))
 
     def forward(self, x, n=None):
         """The first n layers (None: all)."""
@@ -92,8 +94,6 @@ class TextEncoder(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
-        if self.config.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {self.config['hidden_act']!r} is not supported ({list(ACTIVATIONS)})")
         self.text_model = CLIPTextTransformer(self.config)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

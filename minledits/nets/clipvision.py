@@ -8,42 +8,18 @@ Notation (code name -> symbol)
     e_img    image embedding = W_v LN_post(LN_pre-encoder(h)[:, 0])      [B, P] (W_v: visual_projection, no bias)
     e_txt    text embedding  = W_t text_model(ids)[b, eot_b]             [B, P] (eot_b: position of <|endoftext|>,
                                the largest id, so argmax(ids) as CLIP's own code; W_t: text_projection, no bias)
-The encoder layers are clip.py's (pre-norm attention + MLP) without the causal mask. "pre_layrnorm" is the
+The encoder is clip.py's (pre-norm attention + MLP) without the causal mask. "pre_layrnorm" is the
 official key's spelling. ViT-L/14 (openai/clip-vit-large-patch14): 24 layers, 1024 wide, 16 heads, P = 768.
 """
 import torch
 from torch import nn
 
-from . import layers
-from .clip import ACTIVATIONS, CLIPAttention, CLIPEncoderLayer, CLIPTextTransformer
+from .clip import CLIPEncoder, CLIPTextTransformer
 
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                      num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-
-class VisionAttention(CLIPAttention):
-    def forward(self, x):  # every patch sees every patch: no causal mask
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(layers.attention(q, k, v, self.heads))
-
-
-class VisionEncoderLayer(CLIPEncoderLayer):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.self_attn = VisionAttention(cfg["hidden_size"], cfg["num_attention_heads"])
-
-
-class VisionEncoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
-
-    def forward(self, h):
-        for layer in self.layers:
-            h = layer(h)
-        return h
 
 
 class VisionEmbeddings(nn.Module):
@@ -66,7 +42,7 @@ class VisionTransformer(nn.Module):
         D, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
         self.embeddings = VisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(D, eps=eps)
-        self.encoder = VisionEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg, causal=False)  # every patch sees every patch
         self.post_layernorm = nn.LayerNorm(D, eps=eps)
 
     def forward(self, x):
@@ -74,23 +50,15 @@ class VisionTransformer(nn.Module):
         return self.post_layernorm(h[:, 0])  # the class token
 
 
-def configs(config: dict) -> tuple[dict, dict, int]:
-    """(vision, text, projection dim) of a CLIPModel config.json, transformers' defaults filled in."""
-    vision = {**VISION_DEFAULTS, **config.get("vision_config", {})}
-    text = {**TEXT_DEFAULTS, **config.get("text_config", {})}
-    for cfg in (vision, text):
-        if cfg["hidden_act"] not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {cfg['hidden_act']!r} is not supported ({list(ACTIVATIONS)})")
-    return vision, text, config.get("projection_dim", 512)
-
-
 class CLIP(nn.Module):
     """image_embeds(pixels) -> e_img [B, P], text_embeds(ids) -> e_txt [B, P] (not normalised)."""
 
     def __init__(self, config: dict):
         super().__init__()
-        self.config = dict(config)
-        vision, text, P = configs(self.config)
+        self.config = dict(config)  # a CLIPModel config.json; what it leaves out is transformers' default
+        vision = {**VISION_DEFAULTS, **config.get("vision_config", {})}
+        text = {**TEXT_DEFAULTS, **config.get("text_config", {})}
+        P = config.get("projection_dim", 512)
         self.image_size = vision["image_size"]
         self.vision_model = VisionTransformer(vision)
         self.text_model = CLIPTextTransformer(text)
