@@ -25,8 +25,6 @@ from safetensors.torch import save as save_bytes
 from ..io.files import atomic
 from ..io.image import to_pil
 
-ROWS = ("attn", "m_noise", "M", "acts")  # the per-concept rows of the picture, in this order, where present
-
 
 def tensors_of(step) -> dict:
     """The tensors of an EditStep by name, a nested dataclass's (SEGA's Guidance) by theirs; x_prev as "x"
@@ -43,6 +41,7 @@ def tensors_of(step) -> dict:
 
 class Trace:
     """An edit callback that keeps a CPU copy of every tensor of every step, plus xhat_0 and mu_t (sampler.py)."""
+    ROWS = ("attn", "m_noise", "M", "acts")  # the per-concept rows of the picture, in this order, where present
 
     def __init__(self, sd, inv):
         # its own sampler, called in the edit's order of k (a multistep sampler keeps a history)
@@ -50,11 +49,14 @@ class Trace:
         self.steps = defaultdict(list)
 
     def __call__(self, st):
-        row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), mu=self.sampler.mu(st.k, st.x_t, st.eps),
-                   **tensors_of(st))
-        for k, v in row.items():
+        for k, v in self.row(st).items():
             self.steps[k].append(v.detach().to("cpu", copy=True))
         self.steps["t"].append(torch.tensor(st.t))
+
+    def row(self, st) -> dict:
+        """The tensors kept of one step, by name."""
+        return dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), mu=self.sampler.mu(st.k, st.x_t, st.eps),
+                    **tensors_of(st))
 
     def tensors(self) -> dict:
         return {k: torch.stack(v) for k, v in self.steps.items()}
@@ -65,18 +67,24 @@ class Trace:
         base = Path(name).with_suffix("") if Path(name).suffix in (".safetensors", ".png") else Path(name)
         return [base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".png")]
 
-    def save(self, tensors_path, picture_path, concepts: list[str]):
-        """The tensors (metadata: the concepts, in the order of the C axis) and the picture, each written atomically."""
+    def save(self, tensors_path, picture_path, concepts=()):
+        """The tensors (metadata: the names along their C axis, `labels`) and the picture, each written atomically."""
         with atomic(tensors_path) as tmp:
-            tmp.write_bytes(save_bytes(self.tensors(), {"concepts": json.dumps(concepts)}))
+            tmp.write_bytes(save_bytes(self.tensors(), self.labels(concepts)))
         with atomic(picture_path) as tmp:
             self.picture().save(tmp, format="PNG")
 
+    def labels(self, concepts) -> dict:
+        """The concepts, in the order of the C axis."""
+        return {"concepts": json.dumps(list(concepts))}
+
     def picture(self):
-        x0 = latent_rgb(self.inv)(torch.cat(self.steps["x0_hat"]))           # [S, 3, h, w] in [0, 1]
-        per_concept = [tile(torch.stack(self.steps[name]), x0.shape[-2:]) for name in ROWS if name in self.steps]
-        C = per_concept[0].shape[1] if per_concept else 0
-        rows = [x0] + [m[:, c, None].expand_as(x0) for c in range(C) for m in per_concept]
+        """Per step (columns): the x0 prediction of the edited row (P2P: the target), then one row per concept (or
+        word) of each of its maps in ROWS."""
+        x0 = latent_rgb(self.inv)(torch.stack(self.steps["x0_hat"])[:, -1])  # [S, 3, h, w] in [0, 1]
+        maps = [tile(torch.stack(self.steps[name]), x0.shape[-2:]) for name in self.ROWS if name in self.steps]
+        C = maps[0].shape[1] if maps else 0
+        rows = [x0] + [m[:, c, None].expand_as(x0) for c in range(C) for m in maps]
         return grid(torch.stack(rows, 1))
 
 
@@ -121,34 +129,18 @@ class AttentionTrace(Trace):
     """A Prompt-to-Prompt edit's callback (p2p.py): every tensor of both rows [source, target] per step, and per
     step the target row's cross-attention map of each word (its tokens summed; p2p.EditStep.attn: the mean over
     the layers at the map size and their heads). words: (word, token positions) of the target prompt."""
+    ROWS = ("attn",)
 
     def __init__(self, sd, inv, words: list[tuple[str, list[int]]]):
         super().__init__(sd, inv)
         self.words = words
 
-    def __call__(self, st):
-        row = dict(x0_hat=self.sampler.x0_hat(st.k, st.x_t, st.eps), eps_u=st.eps_u, eps_c=st.eps_c, eps=st.eps,
-                   z=st.z, x=st.x_prev, blend=st.blend)
+    def row(self, st) -> dict:
+        row = super().row(st)
         if st.attn is not None:  # [W, h', w']
             row["attn"] = torch.stack([st.attn[1, ..., p].sum(-1) for _, p in self.words])
-        for k, v in row.items():
-            if v is not None:
-                self.steps[k].append(v.detach().to("cpu", copy=True))
-        self.steps["t"].append(torch.tensor(st.t))
+        return row
 
-    def save(self, tensors_path, picture_path, concepts=()):
-        """The tensors (metadata: the words, in the order of the attention maps' axis) and the picture."""
-        with atomic(tensors_path) as tmp:
-            tmp.write_bytes(save_bytes(self.tensors(), {"words": json.dumps([w for w, _ in self.words])}))
-        with atomic(picture_path) as tmp:
-            self.picture().save(tmp, format="PNG")
-
-    def picture(self):
-        """Per step (columns): the target's x0 prediction, then each target word's map (white: its maximum in that
-        step), one row per word, enlarged to the latent size."""
-        x0 = latent_rgb(self.inv)(torch.stack(self.steps["x0_hat"])[:, 1])   # [S, 3, h, w]
-        rows = [x0]
-        if "attn" in self.steps:
-            A = tile(torch.stack(self.steps["attn"]), x0.shape[-2:])          # [S, W, h, w]
-            rows += [A[:, w, None].expand_as(x0) for w in range(A.shape[1])]
-        return grid(torch.stack(rows, 1))
+    def labels(self, concepts=()) -> dict:
+        """The words, in the order of the attention maps' axis."""
+        return {"words": json.dumps([w for w, _ in self.words])}
