@@ -110,6 +110,14 @@ def test_truncation_warns_with_dropped_text(ours, clip_tokenizer_sd1):
     assert torch.equal(ids, reference_ids(clip_tokenizer_sd1, [prompt]))
 
 
+def test_truncation_warning_quotes_a_long_prompt_shortened(ours):
+    """A 10,000-character prompt: the warning quotes the start of what is dropped, and stays one short line."""
+    with pytest.warns(UserWarning, match="dropped") as record:
+        ours["sd1"]("word " * 2000)
+    message = str(record[0].message)
+    assert message.endswith("…") and len(message) < 160 and "\n" not in message, message
+
+
 def test_exactly_75_tokens_no_warning(ours):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

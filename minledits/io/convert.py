@@ -22,21 +22,20 @@ and skipped. Our modules carry diffusers / transformers names (docs/design.md §
     the folder's 23, all kept. Any other count is refused: the layer to stop at is not in the file.
 No key table is written out: per network, a few lines generate the *block* names from the network's shape
 (levels, layers per block), and a short table renames what sits *inside* a block.
-The configs are inferred from tensor shapes; `plan()` works on shapes alone, `read_single_file()` adds
+The configs are inferred from tensor shapes; `parts_from_shapes()` works on shapes alone, `read_single_file()` adds
 lazy tensor-by-tensor getters over one open file.
 """
 import logging
 from collections import Counter
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 from safetensors import safe_open
 
-from ..errors import SingleFileError
+from ..errors import SingleFileError, shorten
 from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID
 from ..schedule import SCHEDULER_DEFAULTS
-from .files import refuse_pickle
+from .files import refuse_pickle, require_regular
 
 log = logging.getLogger(__name__)
 
@@ -313,11 +312,11 @@ def _prediction(sd2: bool, prediction_type: str | None, source: str) -> str:
                               "weights: pass --prediction-type (Python: prediction_type=) epsilon for 2.x-base "
                               "(512 px) or v_prediction for the 768 px models")
     if prediction_type not in (None,) + PREDICTION_TYPES:
-        raise SingleFileError(f"prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        raise SingleFileError(f"prediction type {shorten(prediction_type)} is not one of {', '.join(PREDICTION_TYPES)}")
     return prediction_type or "epsilon"
 
 
-def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint") -> dict:
+def parts_from_shapes(shapes, prediction_type: str | None = None, source: str = "checkpoint") -> dict:
     """From {original key: shape}: per component (config, {our key: Take}), the scheduler config, pad ids, family
     ("networks": the components present; SDXL adds text_encoder_2 and pad_id_2)."""
     family = _family(shapes, source)
@@ -342,15 +341,15 @@ def plan(shapes, prediction_type: str | None = None, source: str = "checkpoint")
 
 
 def read_single_file(path, prediction_type: str | None = None) -> dict:
-    """`plan()` for a file, each Take turned into a lazy getter over one open file (low memory)."""
-    path = Path(path)
+    """`parts_from_shapes()` for a file, each Take turned into a lazy getter over one open file (low memory)."""
+    path = require_regular(path, "the checkpoint", SingleFileError)
     refuse_pickle(path)
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # a text file, a truncated download, ...
         raise SingleFileError(f"{path} is not a readable safetensors file ({e})") from None
     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    out = plan(shapes, prediction_type, str(path))
+    out = parts_from_shapes(shapes, prediction_type, str(path))
     for part in out["networks"]:
         config, takes = out[part]
         out[part] = config, {name: partial(take.read, f) for name, take in takes.items()}

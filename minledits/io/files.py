@@ -19,15 +19,15 @@ def refuse_pickle(path) -> None:
                         "minledits reads only .safetensors: get the model's safetensors files instead")
 
 
-def require_regular(path, what: str = "the input") -> Path:
-    """path, if it names a regular file (or a link to one); else a one-line error, before anything opens it: a named
+def require_regular(path, what: str = "the input", error: type[MinleditsError] = MinleditsError) -> Path:
+    """path, if it names a regular file (or a link to one); else a one-line `error`, before anything opens it: a named
     pipe would block the reader for ever, a device or folder fail later and less clearly."""
     path = Path(path)
     if not path.exists():
-        raise MinleditsError(f"{what} {path} does not exist")
+        raise error(f"{what} {path} does not exist")
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "a named pipe" if path.is_fifo() else "not a regular file"
-        raise MinleditsError(f"{what} {path} is {kind}: give a regular file")
+        raise error(f"{what} {path} is {kind}: give a regular file")
     return path
 
 

@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .files import require_regular
+
 ACCEPTED = "a path, a binary file object, a PIL image, or an H x W x 3 (or H x W, H x W x 4) uint8 numpy array"
 
 
@@ -16,6 +18,8 @@ def open_rgb(image) -> Image.Image:
                             f"{' x '.join(map(str, image.shape))} {image.dtype}")
         im = Image.fromarray(image)
     elif isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+        if not hasattr(image, "read") and os.path.exists(image):  # a named pipe would block open() for ever
+            require_regular(image, "the image")
         im = Image.open(image)
     elif isinstance(image, Image.Image):
         im = image

@@ -40,7 +40,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from ..errors import LoadError
+from ..errors import LoadError, shorten
 from ..model import StableDiffusion, StableDiffusionXL, dtype_of
 from ..nets.clip import TextEncoder, TextEncoderWithProjection
 from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
@@ -131,7 +131,7 @@ def _read(f, key: str, squeeze: bool = False) -> torch.Tensor:
 
 class SkipInit(torch.overrides.TorchFunctionMode):
     """Skip torch.nn.init on meta tensors: they hold no values to initialise, and the first meta normal_
-    (nn.Embedding's) imports torch._dynamo, 1.5-4 s of a first load. fill() fills every tensor and checks it."""
+    (nn.Embedding's) imports torch._dynamo, seconds of a first load. fill() fills every tensor and checks it."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         tensor = args[0] if args else (kwargs or {}).get("tensor")
@@ -223,7 +223,7 @@ def make_schedule(config: dict, source: str, prediction_type: str | None = None)
     """The Schedule of a scheduler config; `prediction_type` overrides the config's."""
     config = dict(config, prediction_type=prediction_type or config.get("prediction_type", "epsilon"))
     if config["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise LoadError(f"{source}: prediction_type {config['prediction_type']!r} is not supported "
+        raise LoadError(f"{source}: prediction_type {shorten(config['prediction_type'])} is not supported "
                         "(epsilon or v_prediction)")
     try:
         return Schedule(config)
@@ -298,7 +298,7 @@ def _hub(fn, repo_id: str, **kwargs):
         msg = (f"{repo_id} is not a local folder, not in {weights_dir() / name}, and not a Hub repo: check the "
                "name (a private repo also needs HF_TOKEN or `hf auth login`)")
     except RevisionNotFoundError:
-        msg = f"{repo_id} has no revision {kwargs.get('revision')!r} on the Hub: check the branch, tag or commit"
+        msg = f"{repo_id} has no revision {shorten(kwargs.get('revision'))} on the Hub: check the branch, tag or commit"
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         msg = (f"{repo_id} is not in the Hugging Face cache and {why}: go online and run "
@@ -327,10 +327,10 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, v
     variant = variant or ("fp16" if dtype == torch.float16 else None)
     vae_folder = vae_location(vae) if vae is not None else None   # a bad --vae fails before any loading
     path, sha = locate(os.fspath(model), variant, revision)
-    if path.is_file():
-        sd = _single_file(path, os.fspath(model), device, dtype, prediction_type)
-    else:
+    if path.is_dir():
         sd = _folder(path, os.fspath(model), sha, variant, dtype, device, prediction_type)
+    else:  # a file: a named pipe or device is refused before anything opens it
+        sd = _single_file(path, os.fspath(model), device, dtype, prediction_type)
     return swap_vae(sd, vae_folder, variant) if vae_folder else sd
 
 
@@ -392,7 +392,6 @@ def swap_vae(sd: StableDiffusion, folder: Path, variant=None) -> StableDiffusion
 
 def _single_file(path: Path, model_id: str, device, dtype, prediction_type) -> StableDiffusion:
     """An original-format checkpoint: convert.read_single_file gives configs and getters (key renaming)."""
-    refuse_pickle(path)
     parts = read_single_file(path, prediction_type)
     xl = parts["family"] == "sdxl"
     dtypes = {c: dtype for c in parts["networks"]} | {"vae": upcast_vae_dtype(parts["vae"][0], dtype, xl)}

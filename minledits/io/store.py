@@ -7,31 +7,31 @@ An inversion file is one safetensors file:
               image [1, 3, H, W]        the preprocessed input in [-1, 1] (for --compare and --trace)
     metadata  format, version, model_id, fingerprint, dtype, resolution ("WxH" pixels) and the inversion
               settings (the fields of inversion.InversionSettings), each value JSON-encoded (safetensors
-              metadata holds strings only). Settings added since version 1 are optional: a file without
-              one was made with the value in ADDED (no "sampler": "ddpm", the only sampler then).
-              Version 2: keep_last_noise with sampler dpmsolver++ means its sigma_min grid (exact); a version 1
-              file with both was made on the zero grid, which this version no longer runs, and is refused.
+              metadata holds strings only). A file of another version is refused: invert again.
 """
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
-from ..errors import InversionError, InversionFileError
+from ..errors import InversionError, InversionFileError, shorten
 from ..inversion import Inversion, InversionSettings
 from ..model import StableDiffusion
 from ..sampler import SAMPLERS
-from .files import atomic
+from .files import atomic, require_regular
 
 FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
-ADDED = {"sampler": "ddpm", "zero_noise_steps": 1}  # settings newer than version 1, what a file without them means
 
 
 def is_inversion(path) -> bool:
-    """Whether path is a minledits inversion file, by its content (safetensors metadata), whatever its name."""
+    """Whether path is a minledits inversion file, by its content (safetensors metadata), whatever its name.
+    Only a regular file is opened (a named pipe would block the reader)."""
+    if not Path(path).is_file():
+        return False
     try:
         with safe_open(str(path), "pt") as f:
             return json.loads((f.metadata() or {}).get("format", "null")) == FORMAT
@@ -53,6 +53,7 @@ def save(inv: Inversion, path) -> None:
 
 def load(path) -> Inversion:
     """Read an inversion file."""
+    require_regular(path, "the inversion file", InversionFileError)
     try:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
@@ -65,18 +66,14 @@ def load(path) -> Inversion:
         meta = {}
     if meta.get("format") != FORMAT:
         raise InversionFileError(f"{path} is a safetensors file but not a minledits inversion (no '{FORMAT}' metadata)")
-    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-        raise InversionFileError(f"{path} has inversion format version {meta.get('version')!r}; "
-                                 f"this minledits reads <= {VERSION}")
-    if meta.get("sampler", ADDED["sampler"]) not in SAMPLERS:
-        raise InversionFileError(f"{path} was made with sampler {meta['sampler']!r}, which this minledits does not "
-                                 f"have ({', '.join(SAMPLERS)}): invert again")
-    if meta["version"] < 2 and meta.get("sampler") == "dpmsolver++" and meta.get("keep_last_noise") is True:
-        raise InversionFileError(f"{path} is a version 1 dpmsolver++ inversion with keep_last_noise, whose grid "
-                                 "this minledits no longer runs (it is exact now): invert again")
+    if meta.get("version") != VERSION:
+        raise InversionFileError(f"{path} was made by another minledits version (inversion format version "
+                                 f"{quoted(meta.get('version'))}; this one reads {VERSION}): invert again")
+    if "sampler" in meta and meta["sampler"] not in SAMPLERS:
+        raise InversionFileError(f"{path} was made with sampler {shorten(meta['sampler'])}, which this minledits "
+                                 f"does not have ({', '.join(SAMPLERS)}): invert again")
     try:
-        given = {**ADDED, **meta}
-        settings = InversionSettings(**{k: given[k] for k in SETTINGS})
+        settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
         inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
     except KeyError as e:
@@ -85,7 +82,7 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} is a damaged minledits inversion file ({e})") from e
     if meta.get("resolution") != "{1}x{0}".format(*inv.image.shape[-2:]):
         raise InversionFileError(f"{path} is a damaged minledits inversion file (its resolution "
-                                 f"{meta.get('resolution')!r} disagrees with its image)")
+                                 f"{shorten(meta.get('resolution'))} disagrees with its image)")
     try:
         inv.check_tensors(str(path))
     except InversionError as e:
@@ -97,8 +94,13 @@ def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="t
     """Refuse an inversion made with other settings than those given (e.g. size=512), or with another model than sd."""
     H, W = inv.image.shape[-2:]
     for k, v in settings.items():
-        if v != getattr(inv.settings, k):
-            raise InversionFileError(f"{source} was made with {k}={getattr(inv.settings, k)!r} ({W}x{H} px), "
-                                     f"not {v!r}: leave the option out, or invert again")
+        if v != (made := getattr(inv.settings, k)):
+            raise InversionFileError(f"{source} was made with {k}={quoted(made)} ({W}x{H} px), not {quoted(v)}: "
+                                     "leave the option out, or invert again")
     if sd is not None:
         inv.check_model(sd, source)
+
+
+def quoted(value) -> str:
+    """A value as a message quotes it: a number as itself, anything else shortened (errors.shorten)."""
+    return repr(value) if value is None or isinstance(value, (int, float)) else shorten(value)

@@ -30,6 +30,8 @@ from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
+from ..errors import shorten
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 77                            # BOS + 75 tokens + EOS
 SD1_PAD_ID, SD2_PAD_ID = 49407, 0
@@ -50,8 +52,8 @@ class Tokenizer:
     """``tok(prompts) -> LongTensor [B, 77]``; one prompt (str) or a list of them."""
 
     def __init__(self, vocab: dict[str, int] | str, merges: list[tuple[str, str]] | str, pad_id: int = SD1_PAD_ID):
-        """vocab and merges: as dict and list, or the paths of vocab.json and merges.txt (then read in Rust, which
-        is 2x quicker than reading them in Python and handing them over)."""
+        """vocab and merges: as dict and list, or the paths of vocab.json and merges.txt (then read in Rust, quicker
+        than reading them in Python and handing them over)."""
         bpe = BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token=EOS)
         self.backend = _Backend(bpe)
         self.pad_id, self.bos_id, self.eos_id = pad_id, self.token_id(BOS), self.token_id(EOS)
@@ -104,7 +106,8 @@ class Tokenizer:
         ids, keep = enc.ids, CONTEXT_LENGTH - 2
         if len(ids) > keep:
             dropped = prompt[enc.offsets[keep][0]:]
-            warnings.warn(f"prompt longer than {keep} CLIP tokens ({len(ids)}); dropped: {dropped!r}", stacklevel=3)
+            warnings.warn(f"prompt longer than {keep} CLIP tokens ({len(ids)}); dropped: {shorten(dropped)}",
+                          stacklevel=3)
             ids = ids[:keep]
         ids = [self.bos_id, *ids, self.eos_id]
         return ids + [self.pad_id] * (CONTEXT_LENGTH - len(ids))
