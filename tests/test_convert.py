@@ -295,7 +295,7 @@ def test_full_size_keys_map_one_to_one(kind):
     ckpt = to_original(sds[0], ref.configs["unet"], sds[1], ref.configs["vae"], sds[2], sd2,
                        make=lambda shape: torch.empty(shape, device="meta"))
     shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
-    parts = convert.plan(shapes, ref.prediction_type if sd2 else None)
+    parts = convert.parts_from_shapes(shapes, ref.prediction_type if sd2 else None)
     used = {}
     for name, cls in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder)):
         config, takes = parts[name]
@@ -336,9 +336,9 @@ def test_sd1_clip_keys_without_the_text_model_level():
                        make=lambda shape: torch.empty(shape, device="meta"))
     shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
     old = {k.replace(".transformer.text_model.", ".transformer."): v for k, v in shapes.items()}
-    new_plan, old_plan = convert.plan(shapes)["text_encoder"], convert.plan(old)["text_encoder"]
-    assert old_plan[0] == new_plan[0] and old_plan[1].keys() == new_plan[1].keys()
-    assert all(t.key.startswith("cond_stage_model.transformer.encoder.") for k, t in old_plan[1].items()
+    new_parts, old_parts = (convert.parts_from_shapes(s)["text_encoder"] for s in (shapes, old))
+    assert old_parts[0] == new_parts[0] and old_parts[1].keys() == new_parts[1].keys()
+    assert all(t.key.startswith("cond_stage_model.transformer.encoder.") for k, t in old_parts[1].items()
                if ".layers." in k)
 
 
@@ -378,9 +378,10 @@ def script_output(ref, files):
 @pytest.mark.parametrize("kind, resblocks", [("sd15", None), ("sd21-base", 23), ("sd21-base", 24)])
 def test_full_size_file_from_a_diffusers_folder_reads_the_folder_tensors(kind, resblocks):
     """Shapes only (meta): in what the script writes from a full-size folder (and, SD 2.x, the same with the 24th
-    layer and the head added, as the original release holds them), convert.plan reads each of our parameters from
-    exactly the tensor the script wrote for the folder's parameter of that name (fused q/k/v: its row third). Our
-    folder loader reads that name as it is, so the file loads to the folder's tensors; the test below loads both."""
+    layer and the head added, as the original release holds them), convert.parts_from_shapes reads each of our
+    parameters from exactly the tensor the script wrote for the folder's parameter of that name (fused q/k/v: its row
+    third). Our folder loader reads that name as it is, so the file loads to the folder's tensors; the test below
+    loads both."""
     from tests import hub
     ref, sd2 = hub.build(kind, device="meta"), resblocks is not None
     folder = hub_files(ref)
@@ -388,7 +389,7 @@ def test_full_size_file_from_a_diffusers_folder_reads_the_folder_tensors(kind, r
     if resblocks == 24:
         ckpt = tower_top(ckpt, make=lambda shape: torch.empty(shape, device="meta"))
     shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
-    parts = convert.plan(shapes, ref.prediction_type if sd2 else None)
+    parts = convert.parts_from_shapes(shapes, ref.prediction_type if sd2 else None)
     unet_cfg, levels = ref.configs["unet"], len(ref.configs["vae"]["block_out_channels"])
     L, up_attn = unet_cfg["layers_per_block"], ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
     width = ref.configs["text_encoder"]["hidden_size"]
@@ -420,8 +421,7 @@ def test_sd21_base_file_from_a_diffusers_folder_loads_like_the_folder(tmp_path):
     """Full size, real tensors: a random SD 2.1-base folder in the Hub layout (fp16 files, the text encoder's storing
     position_ids, as the Hub's do) and the single file the script writes from it with --half (23 text layers; the
     script casts position_ids to fp16 too) load to bit-equal tensors. Uniform random fp16 values instead of a
-    network init: 2.6 GB of tensors at a time (peak RSS about 6.3 GB, counting the two files' mapped pages),
-    5.2 GB on disk (removed at the end), about 50 s."""
+    network init; the files are removed at the end."""
     from tests import hub
     try:
         ref, gen = hub.build("sd21-base", device="meta"), torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ def test_loading_neither_initialises_nor_imports_dynamo(tiny_sd1):
     code = ("import sys, minledits; before = 'torch._dynamo' in sys.modules; minledits.load(sys.argv[1]); "
             "print(before, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(tiny_sd1.folder)], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"], "importing torch._dynamo costs 1.5-4 s of a first load"
+    assert out.stdout.split() == ["False", "False"], "importing torch._dynamo costs seconds of a first load"
 
 
 def test_tokenizer_read_in_rust_is_the_one_built_in_python(tiny_sd1, tiny_sd2):

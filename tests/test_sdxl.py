@@ -424,7 +424,7 @@ def test_full_size_single_file_keys_map_one_to_one(meta_sdxl):
                        meta_sdxl.text_encoder.state_dict(), meta_sdxl.text_encoder_2.state_dict(),
                        lambda shape: torch.empty(shape, device="meta"))
     shapes_ = {k: tuple(v.shape) for k, v in ckpt.items()}
-    parts = convert.plan(shapes_)
+    parts = convert.parts_from_shapes(shapes_)
     assert parts["family"] == "sdxl" and parts["networks"] == ["unet", "vae", "text_encoder", "text_encoder_2"]
     used = [t.key for n in parts["networks"] for t in parts[n][1].values()]
     assert sorted(set(used)) == sorted(k for k in shapes_ if not k.endswith(("logit_scale", "sigmas")))
@@ -468,7 +468,7 @@ def test_hub_fetches_only_the_needed_files(tiny_sdxl, tmp_path, monkeypatch):
                            + [f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in tok])
 
 
-# ---- full size (slow: 10 GB of fp32 weights per process) ----------------------------------------------------------
+# ---- full size (slow: the fp32 weights of the full-size SDXL UNet per process) -----------------------------------
 REFERENCE_UNET = """
 import sys, torch
 from diffusers import UNet2DConditionModel
@@ -493,8 +493,7 @@ torch.save({"x": x, "context": context, "pooled": pooled, "time_ids": time_ids, 
 def test_full_size_sdxl_unet_at_128px(tmp_path):
     """The SDXL base UNet at full size (2.6 B parameters, random weights) at 128 px (16x16 latents), batch 2: the
     reference runs in its own process and writes its weights in the Hub layout and its output; then ours loads the
-    file and runs. One copy of the weights in memory at a time (about 10.3 GB, fp32; peak RSS 10.6 GB, about 3.5
-    minutes on 2 cores): the one full-size SDXL test of the default run."""
+    file and runs. One copy of the weights in memory at a time: the one full-size SDXL test of the default run."""
     import subprocess
     import sys
     from pathlib import Path

@@ -1,6 +1,7 @@
 """The Stable Diffusion VAE (diffusers' AutoencoderKL), built from vae/config.json.
 
-encode: image [B, 3, H, W] in [-1, 1] -> posterior mean [B, 4, H/8, W/8] (unscaled; multiply by scaling_factor)
+encode: image [B, 3, H, W] in [-1, 1] -> posterior mean [B, 4, H/f, W/f] (unscaled; multiply by scaling_factor),
+        f = 2 ** (levels - 1): one halving per level but the last (SD's 4 levels: f = 8)
 decode: unscaled latents -> image in about [-1, 1]
 """
 import torch
