@@ -16,6 +16,7 @@ StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to
     sdxl.predict(x_t, t, (c, pooled))   -> that, with time_ids from x_t's size in pixels (crop 0, target = original)
 """
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,6 @@ from PIL import Image
 
 from .errors import LoadError, MinleditsError
 from .io.image import to_pil
-from .nets.clip import TextEncoder, TextEncoderWithProjection
-from .nets.tokenizer import Tokenizer
-from .nets.unet import UNet
-from .nets.vae import VAE
 from .schedule import Schedule
 
 # The dtypes a model runs in, by the names the CLI and load() take (load also accepts float32/float16/bfloat16).
@@ -50,11 +47,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class StableDiffusion:
-    """The networks and noise schedule of one Stable Diffusion model, on one device in one dtype."""
-    tokenizer: Tokenizer
-    text_encoder: TextEncoder
-    unet: UNet
-    vae: VAE
+    """The networks and noise schedule of one Stable Diffusion model, on one device in one dtype. The networks are
+    any modules with the official models' interfaces (nets/ holds ours; io/load.py builds them from the weights)."""
+    tokenizer: Callable             # prompts -> token ids [B, 77]                   (nets/tokenizer.py)
+    text_encoder: torch.nn.Module   # ids -> c [B, 77, D]                            (nets/clip.py)
+    unet: torch.nn.Module           # (x_t, t, c) -> eps or v; .config, .attention_controller (nets/unet.py)
+    vae: torch.nn.Module            # .encode(x), .decode(w), .scaling_factor, .conv_dtype, .config (nets/vae.py)
     schedule: Schedule              # from scheduler_config.json: abar_t, timesteps, prediction_type
     model_id: str                   # as given (repo id, folder or file)
     fingerprint: str                # identifies the weights: Hub commit sha, or "sha256-..." (load.content_hash)
@@ -104,8 +102,8 @@ class StableDiffusion:
 @dataclass
 class StableDiffusionXL(StableDiffusion):
     """SDXL: StableDiffusion's fields plus the second tokenizer and text encoder (OpenCLIP ViT-bigG, projected)."""
-    tokenizer_2: Tokenizer
-    text_encoder_2: TextEncoderWithProjection
+    tokenizer_2: Callable
+    text_encoder_2: torch.nn.Module  # .penultimate_and_pooled(ids) -> (h [B, 77, D2], pooled [B, P])
     force_zeros_for_empty_prompt: bool = True   # model_index.json: "" embeds to zeros (the unconditional branch)
     default_size = 1024
 
