@@ -188,8 +188,8 @@ def weight_file(folder: Path, component: str, variant: str | None = None, stem: 
 
 
 def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=NETWORKS) -> tuple[dict, list[Path]]:
-    """{component: filled module} for the networks of a folder, and the files read. dtype: one, or {component: one}."""
-    check_folder(folder, networks)
+    """{component: filled module} for the networks of a folder (require_subfolders), and the files read. dtype: one,
+    or {component: one}."""
     nets, files = {}, []
     for component in networks:
         config_path = folder / component / "config.json"
@@ -336,10 +336,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, v
 
 def _folder(path: Path, model_id: str, sha, variant, dtype, device, prediction_type) -> StableDiffusion:
     xl = is_xl(path)
-    check_folder(path, XL_NETWORKS if xl else NETWORKS)
+    networks = require_subfolders(path, XL_NETWORKS if xl else NETWORKS)
     vae_dtype = upcast_vae_dtype(read_json(path / "vae" / "config.json"), dtype, xl)
-    nets, files = load_networks(path, variant, {**{c: dtype for c in XL_NETWORKS}, "vae": vae_dtype}, device,
-                                XL_NETWORKS if xl else NETWORKS)
+    nets, files = load_networks(path, variant, {**{c: dtype for c in networks}, "vae": vae_dtype}, device, networks)
     schedule = make_schedule(read_json(path / "scheduler" / "scheduler_config.json"), str(path / "scheduler"),
                              prediction_type)
     tokenizers = [folder_tokenizer(path, read_json(path / t.replace("tokenizer", "text_encoder") / "config.json"), t)
@@ -356,11 +355,13 @@ def _folder(path: Path, model_id: str, sha, variant, dtype, device, prediction_t
                              bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
-def check_folder(folder: Path, networks) -> None:
+def require_subfolders(folder: Path, networks: tuple) -> tuple:
+    """networks, if folder has a subfolder for each of them and scheduler/; else a one-line LoadError."""
     if absent := [f"{c}/" for c in (*networks, "scheduler") if not (folder / c).is_dir()]:
         tokenizers = ", ".join(f"{t}/" for t in TOKENIZERS[:len(networks) - 2])
         raise LoadError(f"{folder} has no {', '.join(absent)}: a diffusers-layout model folder holds "
                         f"{', '.join(f'{c}/' for c in networks)}, scheduler/ (and {tokenizers})")
+    return networks
 
 
 def upcast_vae_dtype(config: dict, dtype: torch.dtype, xl: bool) -> torch.dtype:

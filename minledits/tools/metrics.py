@@ -44,15 +44,17 @@ def pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(open_rgb(image), dtype=np.float64)).permute(2, 0, 1)
 
 
-def same_size(a: torch.Tensor, b: torch.Tensor) -> None:
+def pixel_pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels() of two pictures of one size (else a one-line ValueError)."""
+    a, b = pixels(a), pixels(b)
     if a.shape != b.shape:
         raise ValueError(f"the two pictures differ in size ({a.shape[-1]}x{a.shape[-2]} and "
                          f"{b.shape[-1]}x{b.shape[-2]} px): fidelity compares pictures of one size")
+    return a, b
 
 
 def psnr(a, b, data_range: float = 255.0) -> float:
-    a, b = pixels(a), pixels(b)
-    same_size(a, b)
+    a, b = pixel_pair(a, b)
     mse = (a - b).square().mean().item()
     return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
 
@@ -71,8 +73,7 @@ def local_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a, b, data_range: float = 255.0) -> float:
-    a, b = pixels(a), pixels(b)
-    same_size(a, b)
+    a, b = pixel_pair(a, b)
     w = gaussian()
     if min(a.shape[-2:]) < len(w):
         raise ValueError(f"SSIM needs pictures of at least {len(w)}x{len(w)} px, got {a.shape[-1]}x{a.shape[-2]}")
