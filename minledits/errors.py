@@ -30,8 +30,10 @@ class InversionFileError(InversionError):
     """An inversion file that cannot be used."""
 
 
-def shorten(text, limit: int = 60) -> str:
-    """User text as an error or warning quotes it: repr'd, and cut to its start and "…" past `limit` characters,
-    so that a message stays a line or two whatever the user typed."""
-    text = str(text)
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"
+def shorten(value, limit: int = 60) -> str:
+    """A value as an error or warning quotes it: its repr (a string in quotes, a number as itself), a string cut to
+    its first `limit` characters and "…", so that a message stays a line or two whatever the user typed."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit] + "…"
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"

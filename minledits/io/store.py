@@ -68,7 +68,7 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} is a safetensors file but not a minledits inversion (no '{FORMAT}' metadata)")
     if meta.get("version") != VERSION:
         raise InversionFileError(f"{path} was made by another minledits version (inversion format version "
-                                 f"{quoted(meta.get('version'))}; this one reads {VERSION}): invert again")
+                                 f"{shorten(meta.get('version'))}; this one reads {VERSION}): invert again")
     if "sampler" in meta and meta["sampler"] not in SAMPLERS:
         raise InversionFileError(f"{path} was made with sampler {shorten(meta['sampler'])}, which this minledits "
                                  f"does not have ({', '.join(SAMPLERS)}): invert again")
@@ -95,12 +95,7 @@ def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="t
     H, W = inv.image.shape[-2:]
     for k, v in settings.items():
         if v != (made := getattr(inv.settings, k)):
-            raise InversionFileError(f"{source} was made with {k}={quoted(made)} ({W}x{H} px), not {quoted(v)}: "
+            raise InversionFileError(f"{source} was made with {k}={shorten(made)} ({W}x{H} px), not {shorten(v)}: "
                                      "leave the option out, or invert again")
     if sd is not None:
         inv.check_model(sd, source)
-
-
-def quoted(value) -> str:
-    """A value as a message quotes it: a number as itself, anything else shortened (errors.shorten)."""
-    return repr(value) if value is None or isinstance(value, (int, float)) else shorten(value)
