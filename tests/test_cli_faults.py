@@ -19,6 +19,7 @@ from PIL import Image
 from minledits import cli
 from minledits.cli import commands as cli_commands
 from minledits.cli import many as cli_many
+from minledits.errors import shorten
 from minledits.io import files, store
 from tests.helpers import console_script, run
 
@@ -48,7 +49,7 @@ def inv(photo, tmp_path_factory) -> Path:
 def no_work(monkeypatch):
     """Loading a model fails the test: what it guards must be refused before any work."""
     for module in (cli_commands, cli_many):
-        monkeypatch.setattr(module, "model_of", lambda args: (_ for _ in ()).throw(NO_WORK))
+        monkeypatch.setattr(module, "model_of", lambda *a: (_ for _ in ()).throw(NO_WORK))
 
 
 def one_error(rc, err, *words):
@@ -175,11 +176,11 @@ def test_batch_checks_every_job_before_the_first_runs(photo, tmp_path, capsys):
     rc, out, err = batch(capsys, tmp_path, jobs)
     lines = err.strip().splitlines()
     assert rc == 1 and "0 done, 0 skipped (output exists), 6 failed" in out and len(lines) == 6
-    assert lines[0] == 'minledits: job 1 failed: "input" must be a file name (a string), not 5'
-    assert lines[1] == 'minledits: job 2 failed: "input" must be a file name (a string), not ["a.png"]'
+    assert lines[0] == 'minledits: job 1 failed: "input" must be a file name (a string), not a number'
+    assert lines[1] == 'minledits: job 2 failed: "input" must be a file name (a string), not a list'
     assert lines[2] == 'minledits: job 3 failed: "input" must be a file name (a string), not null'
-    assert lines[3].endswith('"output" must be a file name (a string), not 7')
-    assert lines[4].endswith('"trace" must be a file name (a string), not true')
+    assert lines[3].endswith('"output" must be a file name (a string), not a number')
+    assert lines[4].endswith('"trace" must be a file name (a string), not a boolean')
     assert lines[5].startswith(f"minledits: job 0 ({photo}) failed:") and "size" in lines[5]
 
 
@@ -211,7 +212,7 @@ def test_output_that_is_no_file_is_refused_before_work(output, photo, tmp_path, 
 def test_non_utf8_prompt_is_refused_before_work(argv, photo, tmp_path, capsys, no_work):
     out = tmp_path / ("i.safetensors" if argv[0] == "invert" else "o.png")
     rc, _, err = run(capsys, argv[0], photo, "-o", out, *argv[1:], *TINY)
-    one_error(rc, err, argv[1], "a\\xff is not UTF-8 text")
+    one_error(rc, err, argv[1], "'a\\udcff' is not UTF-8 text")
 
 
 def test_non_utf8_input_path(photo, tmp_path, capsys):
@@ -334,8 +335,8 @@ def test_more_faults_of_a_new_user(photo, inv, tmp_path, capsys):
     if console_script():  # through the process: pytest itself would catch the warning
         done = subprocess.run([console_script(), "edit", str(inv), "-o", str(tmp_path / "b.png"), "--target-prompt",
                                "cat " * 100, "-q"], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and done.stderr.strip().splitlines() == [
-            f"minledits: warning: prompt longer than 75 CLIP tokens (100); dropped: '{'cat ' * 25}'"], done.stderr
+        warning = f"minledits: warning: prompt longer than 75 CLIP tokens (100); dropped: {shorten('cat ' * 25)}"
+        assert done.returncode == 0 and done.stderr.strip().splitlines() == [warning], done.stderr
     (tmp_path / "nojobs.json").write_text("{}")
     rc, _, err = run(capsys, "batch", tmp_path / "nojobs.json", "--outdir", tmp_path / "out", "-q")
     one_error(rc, err, "nojobs.json: expected [job, ...]")

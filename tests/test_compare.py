@@ -74,7 +74,7 @@ def test_each_panel_equals_its_own_command(result, tiny_sd1, image, tmp_path, ca
 def test_the_p2p_panel_equals_p2p_edit_on_the_same_inversion(result, tiny_sd1, image):
     sd = minledits.load(tiny_sd1.folder)
     inv = minledits.invert(sd, image, steps=6, skip=2, size=64, source_prompt="a photo")
-    mine = np.asarray(minledits.decode(sd, p2p.edit(sd, inv, "a cat", callback=lambda step: None)))
+    mine = np.asarray(minledits.decode(sd, p2p.edit(sd, inv, "a cat")))
     assert np.array_equal(np.asarray(Image.open(result.out).convert("RGB"))[16:, 3 * 64:4 * 64], mine)
 
 
@@ -109,8 +109,8 @@ def test_outputs_are_not_overwritten(tiny_sd1, image, tmp_path, capsys):
 
 
 def test_the_p2p_panel_follows_the_edit_commands_path(image, tmp_path, capsys):
-    """random-tiny at 8 steps: a p2p.edit without a callback differed from `edit --method p2p` by one grey level
-    (the command's progress callback makes p2p keep its attention maps); the panel follows the command."""
+    """random-tiny at 8 steps: the panel (p2p.edit without a callback) equals `edit --method p2p` (with its progress
+    bar's callback), pixel for pixel."""
     tiny = ["--model", "random-tiny", "--steps", "8", "--skip", "2", "--size", "64", "-q", "--source-prompt", "a photo",
             "--target-prompt", "a cat"]
     assert run(capsys, "compare", image, "-o", tmp_path / "c.png", *tiny, "-e", "hat", "--clip-model", "none")[0] == 0

@@ -2,14 +2,13 @@
 
 Errors print one line and exit 1 (usage errors exit 2); --verbose adds the traceback. Every input is
 checked before the work starts; outputs are written to a temporary file then renamed, never overwritten
-without --force. The options and the parser are in cli_options.py, the commands on one picture in
-cli_commands.py, those of many edits (batch, sweep, compare) in cli_many.py.
+without --force. The options and the parser are in options.py, the commands on one picture in
+commands.py, those of many edits (batch, sweep, compare) in many.py.
 """
 import sys
-import traceback
 import warnings
 
-from .commands import cmd_download, cmd_edit, cmd_invert, cmd_metrics, one_line
+from .commands import cmd_download, cmd_edit, cmd_invert, cmd_metrics, report
 from .many import cmd_batch, cmd_compare, cmd_sweep
 from .options import UsageError, parser
 
@@ -29,15 +28,13 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help
         return e.code or 0
-    args.cache = {}
     try:
         return HANDLERS[args.cmd](args) or 0
     except KeyboardInterrupt:
         print("minledits: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        print(traceback.format_exc() if args.verbose else "", end="", file=sys.stderr)
-        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+        report(e, args.verbose)
         return 1
 
 

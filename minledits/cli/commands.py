@@ -1,8 +1,7 @@
 """The commands on one picture - download, invert, edit and reconstruct, metrics - and what every command
 shares: the model and inversion of the arguments, the outputs checked before any work, the edit run with
-progress bars, the PNG with its parameters, an error as one line.
-
-Outputs are written to a temporary file then renamed, never overwritten without --force.
+progress bars, the PNG with its parameters, a failure reported in one line. Outputs are written to a temporary
+file then renamed, never overwritten without --force; `cache` (a dict) keeps a run's models and inversions.
 """
 import errno
 import json
@@ -11,6 +10,7 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -20,14 +20,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import ledits, leditspp, p2p
-from ..errors import MinleditsError
+from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings, invert
 from ..io import store, tiny
-from ..io.files import atomic
+from ..io.files import atomic, require_regular
 from ..io.image import open_rgb, to_pil
 from ..io.load import download, load
 from ..model import DTYPES, decode, dtype_name
-from ..sega import Concept
 from ..tools import metrics
 from ..tools.trace import AttentionTrace, Trace, side_by_side
 from .options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
@@ -41,60 +40,62 @@ def bar(args, desc, total):
     return tqdm(total=total, desc=desc, unit="step", disable=args.quiet, leave=False, file=sys.stderr)
 
 
-def model_of(args):
-    """The model of args, on --device in --dtype (cached per run: a batch loads it once)."""
-    device = args.device
+def model_of(args, cache: dict, model=None):
+    """The model `model` (by default --model's) on --device in --dtype, kept in `cache` for the rest of the run."""
+    resolve(args, COMMON)
+    model, device = model or args.model, args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
-    key = (args.model, args.revision, args.variant, args.prediction_type, args.vae, device, dtype)
-    if key not in args.cache and args.model == tiny.NAME and not args.quiet:
+    key = (model, args.revision, args.variant, args.prediction_type, args.vae, device, dtype)
+    if key not in cache and model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
-    if key not in args.cache:
-        args.cache[key] = load(args.model, device, dtype=dtype, variant=args.variant, revision=args.revision,
-                               prediction_type=args.prediction_type, vae=args.vae)
-    return args.cache[key]
+    if key not in cache:
+        cache[key] = load(model, device, dtype=dtype, variant=args.variant, revision=args.revision,
+                          prediction_type=args.prediction_type, vae=args.vae)
+    return cache[key]
 
 
-def label(args, key) -> str:
-    """An output in the user's words: its option, or its key in a batch job."""
-    return f'"{key}"' if getattr(args, "job", None) is not None else OUTPUTS[key]
+def is_inversion_file(path) -> bool:
+    """Whether the input `path` is an inversion file: by its content, or by a .safetensors name (store.load then
+    says why such a file is not one). What is not a regular file is refused first: a named pipe would hang."""
+    require_regular(path)
+    return Path(path).suffix == ".safetensors" or store.is_inversion(path)
 
 
-def file_name(args, key) -> Path:
+def file_name(args, key, names=OUTPUTS) -> Path:
     """The output `key` of args as a path. "", "dir/" and "." are refused here: Path would drop the slash."""
     name = getattr(args, key)
     if not name:
-        raise MinleditsError(f"{label(args, key)} is empty: give a file name")
+        raise MinleditsError(f"{names[key]} is empty: give a file name")
     if name.replace(os.sep, "/").rsplit("/", 1)[-1] in ("", ".", ".."):
-        raise MinleditsError(f"{label(args, key)} {name} names a folder, not a file: add a file name, "
+        raise MinleditsError(f"{names[key]} {name} names a folder, not a file: add a file name, "
                              f"e.g. {os.path.join(name, 'out.png')}")
     return Path(name)
 
 
-def outputs(args) -> list[tuple[str, Path]]:
+def outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
     """(key, path) of every file the command writes, the main output first; refused before any work: names that
     are no file names, folders, an inversion not named *.safetensors, two outputs that are one file (one would be
-    lost)."""
-    named = [("output", file_name(args, "output"))]
+    lost). names: how messages name each output (its option; a batch job's key)."""
+    named = [("output", file_name(args, "output", names))]
     if getattr(args, "compare", None):
         named.append(("compare", named[0][1].with_name(named[0][1].stem + "-compare.png")))
     if getattr(args, "trace", None) is not None:
-        named += [("trace", p) for p in Trace.files(file_name(args, "trace"))]
+        named += [("trace", p) for p in Trace.files(file_name(args, "trace", names))]
     if getattr(args, "save_inversion", None) is not None:
-        named.append(("save_inversion", file_name(args, "save_inversion")))
+        named.append(("save_inversion", file_name(args, "save_inversion", names)))
     seen = {}
     for key, p in named:
         if p.is_dir():
-            raise MinleditsError(f"{label(args, key)} {p} is a folder: give a file name, e.g. {p / 'out.png'}")
+            raise MinleditsError(f"{names[key]} {p} is a folder: give a file name, e.g. {p / 'out.png'}")
         other = seen.setdefault(p.resolve(), key)  # resolve(): "a/../b", symbolic links
         if other != key:
-            raise MinleditsError(f"{label(args, other)} and {label(args, key)} both name {p}: "
-                                 "give them different names")
+            raise MinleditsError(f"{names[other]} and {names[key]} both name {p}: give them different names")
         if (key == "save_inversion" or args.cmd == "invert") and p.suffix != ".safetensors":
-            raise MinleditsError(f"{label(args, key)} {p}: an inversion file is named *.safetensors "
+            raise MinleditsError(f"{names[key]} {p}: an inversion file is named *.safetensors "
                                  f"(e.g. {p.with_suffix('.safetensors')})")
     return named
 
@@ -110,9 +111,9 @@ def refuse_existing(args, named) -> None:
         raise MinleditsError(f"{p} exists: add --force to overwrite it")
 
 
-def check_outputs(args) -> list[tuple[str, Path]]:
+def check_outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
     """Before any work: outputs() and refuse_existing(), and each folder takes a new file. Returns outputs()."""
-    named = outputs(args)
+    named = outputs(args, names)
     refuse_existing(args, named)
     for _, p in named:
         try:
@@ -122,40 +123,41 @@ def check_outputs(args) -> list[tuple[str, Path]]:
     return named
 
 
-def inversion_of(args):
-    """(model, Inversion) for args.input: an inversion file is read and checked, an image is inverted."""
-    given = {k: getattr(args, k) for k in store.SETTINGS if getattr(args, k) is not None}
-    # by content; a .safetensors suffix too, so that store.load says why such a file is not an inversion
-    if Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input):
+def inversion_settings(args, default_size: int) -> InversionSettings:
+    """The inversion options of args (resolved) as settings. Not given: the size is the model's, the skip the
+    method's share of the steps (the sampler's, InversionSettings; Prompt-to-Prompt's own)."""
+    s = {k: getattr(args, k) for k in store.SETTINGS}
+    if s["skip"] is None and getattr(args, "method", None) == "p2p":
+        s["skip"] = p2p.default_skip(s["steps"])
+    return InversionSettings(**{**s, "size": s["size"] or default_size})
+
+
+def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
+    """(model, Inversion) of args.input: an inversion file is read and checked; an image is inverted with `settings`
+    (by default inversion_settings'), after check_model(model) (an edit's checks that need the model)."""
+    if is_inversion_file(args.input):
         inv = store.load(args.input)
-        store.check_made_with(inv, source=args.input, **given)
-        args.model = args.model or inv.model_id
-        resolve(args, COMMON)
-        sd = model_of(args)
+        store.check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
+                                                           if getattr(args, k) is not None})
+        sd = model_of(args, cache, args.model or inv.model_id)
         store.check_made_with(inv, sd, source=args.input)
-        vars(args).update(inv.settings.dict())
         return sd, inv
     try:
         image = open_rgb(args.input)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
-    size_given = args.size is not None
-    resolve(args, INVERT + COMMON)
-    settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
+    resolve(args, INVERT)
     if args.batch_size < 1:
         raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
-    sd = model_of(args)
-    for check in getattr(args, "model_checks", ()):  # a method's checks that need the model, before the inversion
-        check(sd)
-    if not size_given and args.size != sd.default_size:  # SDXL: 1024 unless --size says otherwise
-        args.size = sd.default_size
-        settings = InversionSettings(**{k: getattr(args, k) for k in store.SETTINGS})
+    sd = model_of(args, cache)
+    settings = settings or inversion_settings(args, sd.default_size)
+    check_model(sd)
     key = (id(sd), str(args.input), settings)
-    if key not in args.cache:  # a batch inverts an image once for all its edits
-        with bar(args, "invert", args.steps - args.skip) as b:
-            args.cache[key] = invert(sd, image, batch_size=args.batch_size,
-                                     callback=lambda done, total: b.update(done - b.n), **settings.dict())
-    return sd, args.cache[key]
+    if key not in cache:
+        with bar(args, "invert", settings.steps - settings.skip) as b:
+            cache[key] = invert(sd, image, batch_size=args.batch_size,
+                                callback=lambda done, total: b.update(done - b.n), **settings.dict())
+    return sd, cache[key]
 
 
 def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", user_mask=None):
@@ -179,7 +181,7 @@ def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", us
     return im
 
 
-def spec(c: Concept) -> str:
+def spec(c) -> str:
     """A concept in the -e syntax, every option spelt out."""
     opts = [f"{k}={getattr(c, k)}" for k in ("scale", "threshold", "warmup", "cooldown", "weight")]
     return ("-" if c.reverse else "") + c.prompt + ":" + ",".join(o for o in opts if not o.endswith("=None"))
@@ -193,13 +195,28 @@ def shown(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def made_with(args, sd, inv) -> dict:
+    """What decides a picture's pixels besides the method: the model, device, dtype (--vae) and inversion."""
+    vae = {"vae": str(args.vae)} if getattr(args, "vae", None) else {}
+    return dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict(), **vae)
+
+
+def write_png(im, path, record: dict, argv: list | None = None) -> None:
+    """im as a PNG at path, atomically, with `record` as JSON ("minledits") and, given argv, the command line that
+    makes it again ("parameters": `minledits ARGV`, a non-UTF-8 file name's odd bytes as \\xNN)."""
+    info = PngInfo()
+    info.add_text("minledits", json.dumps(record))
+    if argv is not None:
+        info.add_text("parameters", shown("minledits " + shlex.join(argv)))
+    with atomic(path) as tmp:
+        im.save(tmp, format="PNG", pnginfo=info)
+
+
 def save_png(im, path, args, sd, inv, concepts, idle=None):
-    """PNG with every parameter that decides its pixels (not where it was written), as JSON ("minledits")
-    and as a command line ("parameters"). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its
-    "input"); the command line shows its odd bytes as \\xNN. idle: {concept: why it never acted}, JSON only."""
-    p = dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict())
-    if getattr(args, "vae", None):
-        p["vae"] = str(args.vae)
+    """The PNG of an edit (a reconstruction where concepts is None) with every parameter that decides its pixels
+    (not where it was written). A non-UTF-8 input name round-trips in the JSON (os.fsencode of its "input").
+    idle: {concept: why it never acted}, JSON only."""
+    command, p = "reconstruct" if concepts is None else "edit", made_with(args, sd, inv)
     if concepts is not None and args.method == "p2p":
         p.update(method="p2p", target_prompt=args.target_prompt, target_guidance=args.target_guidance,
                  cross_replace=args.cross_replace, self_replace=args.self_replace, reweight=args.reweight,
@@ -212,16 +229,12 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
         p.update(target_prompt=args.target_prompt, target_guidance=args.target_guidance,
                  concepts=[spec(c) for c in concepts], momentum_scale=args.momentum_scale,
                  momentum_beta=args.momentum_beta)
-    info = PngInfo()
-    info.add_text("minledits", json.dumps(dict(command=args.cmd, input=str(args.input), fingerprint=sd.fingerprint,
-                                               **p, **({"idle_concepts": idle} if idle else {}))))
-    info.add_text("parameters", shown("minledits " + shlex.join([args.cmd, str(args.input), *to_argv(p)])))
-    with atomic(path) as tmp:
-        im.save(tmp, format="PNG", pnginfo=info)
+    write_png(im, path, dict(command=command, input=str(args.input), fingerprint=sd.fingerprint, **p,
+                             **({"idle_concepts": idle} if idle else {})), [command, str(args.input), *to_argv(p)])
 
 
-def finish(args, start, text):
-    noise = " (random-tiny: noise)" if args.model == tiny.NAME else ""
+def finish(start, text, model=None):
+    noise = " (random-tiny: noise)" if model == tiny.NAME else ""
     print(shown(f"{text} in {time.time() - start:.1f} s{noise}"))
 
 
@@ -231,10 +244,16 @@ def one_line(e: BaseException) -> str:
     elif isinstance(e, OSError) and e.filename:
         text = f"{e.filename}: {e.strerror}"
     elif isinstance(e, (MinleditsError, ValueError, UsageError)):
-        text = str(e).splitlines()[-1].split(": error: ")[-1] if isinstance(e, UsageError) else str(e)
+        text = str(e).split(": error: ")[-1] if isinstance(e, UsageError) else str(e)
     else:
         text = f"{type(e).__name__}: {e} (unexpected: --verbose shows where)"
     return " ".join(text.split())
+
+
+def report(e: BaseException, verbose: bool, what: str = "error") -> None:
+    """A failure on stderr: `minledits: WHAT: its message` in one line, after its traceback with --verbose."""
+    print("".join(traceback.format_exception(e)) if verbose else "", end="", file=sys.stderr)
+    print(f"minledits: {what}: {one_line(e)}", file=sys.stderr)
 
 
 def check_text(args):
@@ -244,39 +263,26 @@ def check_text(args):
         try:
             (text or "").encode("utf-8")
         except UnicodeEncodeError:
-            raise MinleditsError(f"{flag} {shown(text)} is not UTF-8 text: write it in UTF-8") from None
+            raise MinleditsError(f"{flag} {shorten(text)} is not UTF-8 text: write it in UTF-8") from None
 
 
 def concepts_of(args):
-    """The concepts of an edit (None for reconstruct), the edit options checked."""
+    """The concepts of an edit (Prompt-to-Prompt: none; reconstruct: None), every option checked before any work;
+    for --method p2p on an image, its source prompt too (an inversion file's is checked when it is read)."""
     resolve(args, EDIT)
     check_text(args)
-    if args.user_mask is not None and not (args.method == "leditspp" and args.cmd == "edit"):
+    if args.cmd == "reconstruct":
+        return None
+    if args.user_mask is not None and args.method != "leditspp":
         raise MinleditsError("--user-mask is an option of edit --method leditspp")
-    if args.method == "p2p" and args.cmd == "edit":
-        return p2p_options(args)
-    if args.method == "leditspp" and args.cmd == "edit":
-        concepts = [leditspp.concept(c) for c in args.concepts or []]
-        return leditspp.check_options(concepts, args.mask, None, args.guidance_rescale, None, None)
-    concepts = [Concept.parse(c) for c in args.concepts or []] if args.cmd == "edit" else None
-    ledits.check_options(args.target_guidance, concepts or [], args.momentum_scale, args.momentum_beta)
-    return concepts
-
-
-def p2p_options(args) -> list:
-    """--method p2p (no concepts): its options checked before any work; on an image input its default --skip, and
-    --source-prompt required (an inversion file's own is checked when it is read, before the edit's UNet work)."""
+    if args.method == "leditspp":
+        return leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
+    if args.method == "ledits":
+        return ledits.check_options(args.target_guidance, args.concepts or [], args.momentum_scale, args.momentum_beta)
     if args.concepts:
         raise MinleditsError("--method p2p takes no concepts (-e): it edits by --target-prompt")
-    src = None
-    if not (Path(args.input).suffix == ".safetensors" or store.is_inversion(args.input)):
-        src = args.source_prompt or ""
-        args.skip = p2p.SKIP if args.skip is None else args.skip
-    p2p.check_options(src, args.target_prompt, args.target_guidance, args.cross_replace, args.self_replace,
-                      args.reweight,
-              args.local_blend)
-    if args.local_blend is not None:
-        args.model_checks = [lambda sd: p2p.check_levels(sd.unet.config)]
+    p2p.check_options(None if is_inversion_file(args.input) else args.source_prompt or "", args.target_prompt,
+                      args.target_guidance, args.cross_replace, args.self_replace, args.reweight, args.local_blend)
     return []
 
 
@@ -285,11 +291,11 @@ def read_user_mask(args):
     if args.user_mask is None:
         return None
     try:
-        picture = open_rgb(args.user_mask)
+        picture = open_rgb(require_regular(args.user_mask, "--user-mask"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MinleditsError(f"cannot read --user-mask {args.user_mask}: {getattr(e, 'strerror', None) or e}") from e
     try:
-        image_size = None if store.is_inversion(args.input) else open_rgb(args.input).size
+        image_size = None if is_inversion_file(args.input) else open_rgb(args.input).size
     except (OSError, ValueError, Image.DecompressionBombError):
         image_size = None  # inversion_of says why the input cannot be read
     if image_size not in (None, picture.size):
@@ -325,34 +331,36 @@ def cmd_download(args):
     finally:
         if args.quiet and bars_were_on:
             enable_progress_bars()
-    finish(args, start, f"downloaded {args.model} -> {folder}")
+    finish(start, f"downloaded {args.model} -> {folder}")
 
 
 def cmd_invert(args):
     start = time.time()
     check_text(args)
     check_outputs(args)
-    sd, inv = inversion_of(args)
+    sd, inv = inversion_of(args, {})
     store.save(inv, args.output)
-    finish(args, start, f"inverted {args.input} -> {args.output} ({args.steps - args.skip} steps)")
+    finish(start, f"inverted {args.input} -> {args.output} ({len(inv.zs)} steps)", sd.model_id)
 
 
-def cmd_edit(args):
-    """edit and reconstruct: everything is checked before the work starts; the main output is written last."""
+def cmd_edit(args, cache=None, names=OUTPUTS):
+    """edit and reconstruct: everything is checked before the work starts; the main output is written last.
+    A batch passes its cache, and names: how messages name the outputs (its jobs' keys)."""
     start = time.time()
     concepts = concepts_of(args)
-    named = check_outputs(args)
+    named = check_outputs(args, names)
     out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
     trace_files = [p for key, p in named if key == "trace"]
     picture = read_user_mask(args)
-    sd, inv = inversion_of(args)
+    levels = p2p.check_levels if args.method == "p2p" and args.local_blend else lambda config: None  # --local-blend's
+    sd, inv = inversion_of(args, {} if cache is None else cache, check_model=lambda sd: levels(sd.unet.config))
     try:
         user_mask = None if picture is None else leditspp.user_mask(picture, inv)
     except ValueError as e:
         raise MinleditsError(f"--user-mask {args.user_mask}: {e}") from None
     idle = ledits.idle(concepts or [], len(inv.zs))
     for prompt, why in idle.items():
-        print(shown(f"minledits: warning: concept {prompt!r} never acts ({why}): the edit ignores it"), file=sys.stderr)
+        print(f"minledits: warning: concept {shorten(prompt)} never acts ({why}): the edit ignores it", file=sys.stderr)
     if args.save_inversion is not None:
         store.save(inv, args.save_inversion)
     trace = None if not trace_files else AttentionTrace(sd, inv, p2p.word_positions(sd.tokenizer, args.target_prompt)) \
@@ -364,15 +372,15 @@ def cmd_edit(args):
     if trace:
         trace.save(*trace_files, concepts=[spec(c) for c in concepts])
     save_png(im, out, args, sd, inv, concepts, idle)
-    finish(args, start, f"{args.cmd}: {args.input} -> {out}")
+    finish(start, f"{args.cmd}: {args.input} -> {out}", sd.model_id)
 
 
 def cmd_metrics(args):
     try:  # bad input is a usage error: one line, exit 2, before CLIP is loaded
-        a, b = open_rgb(args.a), open_rgb(args.b)
+        a, b = (open_rgb(require_regular(p, "the picture")) for p in (args.a, args.b))
         found = metrics.measure(a, b)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        print(f"minledits: error: {one_line(e)}", file=sys.stderr)
+    except (MinleditsError, OSError, ValueError, Image.DecompressionBombError) as e:
+        report(e, args.verbose)
         return 2
     if clip := clip_of(args):
         found = metrics.measure(a, b, args.text, clip)

@@ -1,16 +1,19 @@
 """The `minledits` command line's options: three tables (model and run, inversion, edit) that every command
-draws from, each command's own arguments, and the parser built from them (cli.py runs the commands).
+draws from, each command's own arguments, and the parser built from them (__init__.py runs the commands).
 
 In the tables argparse keeps None as the default, so that "not given" can be told apart (an inversion file
 brings its own settings); resolve() then fills in the defaults shown in --help.
 """
 import argparse
 import inspect
+import re
 
 from .. import ledits, leditspp, p2p
+from ..errors import shorten
 from ..inversion import BATCH_SIZE, InversionSettings
+from ..io import tiny
 from ..io.load import DEFAULT_MODEL
-from ..model import DTYPES
+from ..model import DTYPES, StableDiffusionXL
 from ..sampler import SAMPLERS
 from ..sega import Concept
 from ..tools import metrics
@@ -37,10 +40,12 @@ INVERT = [
     (("--source-prompt",), "", "text describing the input image (optional)", dict(metavar="TEXT")),
     (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
     (("--steps",), INV.steps, "diffusion steps N", INT),
-    (("--skip",), INV.skip, "steps skipped at the noisy end: more keeps more of the input", INT),
+    (("--skip",), None, "steps skipped at the noisy end: more keeps more of the input (default: the method's share of "
+     f"N: {SAMPLERS['ddpm'].default_skip(100)} of 100; --method p2p: {p2p.default_skip(100)} of 100; --sampler "
+     f"dpmsolver++: {SAMPLERS['dpmsolver++'].default_skip(100)} of 100, diffusers' skip=0.15)", INT),
     (("--seed",), INV.seed, "seed of the inversion noise", INT),
-    (("--size",), INV.size, "side in pixels (the longest with --keep-aspect), a multiple of 64; SDXL's default: "
-     "1024", INT),
+    (("--size",), None, "side in pixels (the longest with --keep-aspect), a multiple of 64 (default: the model's, "
+     f"{INV.size}; SDXL: {StableDiffusionXL.default_size}; random-tiny: {tiny.RandomTiny.default_size})", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
     (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
@@ -51,8 +56,7 @@ INVERT = [
 EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
      "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion: needs --source-prompt and "
-     f"--target-prompt; its default --skip is {p2p.SKIP}, the reference's at N = 100)",
-     dict(choices=["ledits", "leditspp", "p2p"])),
+     "--target-prompt)", dict(choices=["ledits", "leditspp", "p2p"])),
     (("--target-prompt",), "", "text describing the edited image (optional; ledits)", dict(metavar="TEXT")),
     (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
      FLOAT),
@@ -94,7 +98,7 @@ EXAMPLES = """examples:
   minledits edit photo.jpg -o glasses.png -e glasses
   minledits invert photo.jpg -o photo.safetensors            # invert once ...
   minledits edit photo.safetensors -o old.png --target-prompt "an old man" -e -beard   # ... edit often
-  minledits edit photo.jpg -o smoke.png --model random-tiny --size 128   # offline smoke test (noise)
+  minledits edit photo.jpg -o smoke.png --model random-tiny   # offline smoke test (noise), in seconds
 errors print one line and exit 1 (usage errors: 2); outputs are never overwritten without --force"""
 _C = Concept("")
 LEDITSPP_DEFAULTS = ", ".join(f"{k}={v:g}" for k, v in leditspp.CONCEPT_DEFAULTS.items())
@@ -115,8 +119,10 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{self.format_usage()}{self.prog}: error: {message}")
+    def error(self, message):  # one line: argparse quotes user text whole ('...'), and lists unknown arguments
+        message = re.sub(r"'[^']{60,}'", lambda m: shorten(m[0][1:-1]), message)
+        message = message if len(message) < 300 else message[:300] + "…"
+        raise UsageError(f"{self.prog}: error: {message} (usage: {self.prog} --help)")
 
 
 def dest(flags, options) -> str:

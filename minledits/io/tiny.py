@@ -1,8 +1,8 @@
 """`--model random-tiny`: a tiny Stable Diffusion with random weights, built from our own modules.
 
-Nothing is downloaded and it runs in seconds, so every command can be tried offline. Its pictures are noise.
-Same architecture families as SD 1.x (2-level UNet, 4-level VAE so latents are image / 8, 2-layer CLIP);
-PyTorch's default init under a fixed seed, so two builds are identical and share one fingerprint.
+Nothing is downloaded and, at its default size of 64 px, a command runs in seconds, so every command can be
+tried offline. Its pictures are noise. Same architecture families as SD 1.x (2-level UNet, 4-level VAE,
+2-layer CLIP); PyTorch's default init under a fixed seed, so two builds are identical and share one fingerprint.
 """
 import torch
 
@@ -24,13 +24,18 @@ CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attentio
             max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
+class RandomTiny(StableDiffusion):
+    """random-tiny: its pictures are noise whatever their size, so it defaults to the smallest."""
+    default_size = 64
+
+
 def random_tiny(device=None, dtype=None):
-    """A StableDiffusion (model.py) with seeded random weights and the SD 1.x schedule."""
+    """A StableDiffusion (model.py) with seeded random weights and the SD 1.x schedule, 64 px by default."""
     device, dtype = torch.device(device or "cpu"), dtype or torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         nets = [m(c).eval().requires_grad_(False).to(device, dtype) for m, c in
                 [(TextEncoder, CLIP), (UNet, UNET), (VAE, VAE_)]]
-    return StableDiffusion(tokenizer=Tokenizer.builtin(SD1_PAD_ID), text_encoder=nets[0], unet=nets[1], vae=nets[2],
-                           schedule=Schedule(SCHEDULER_DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device,
-                           dtype=dtype)
+    return RandomTiny(tokenizer=Tokenizer.builtin(SD1_PAD_ID), text_encoder=nets[0], unet=nets[1], vae=nets[2],
+                      schedule=Schedule(SCHEDULER_DEFAULTS), model_id=NAME, fingerprint=FINGERPRINT, device=device,
+                      dtype=dtype)

@@ -45,8 +45,8 @@ def unet_rows(unet):
         hook.remove()
 
 
-def plans(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list, momentum_scale: float,
-          momentum_beta: float, pp_concepts: list, **pp) -> tuple[dict, dict]:
+def method_edits(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list,
+                 momentum_scale: float, momentum_beta: float, pp_concepts: list, **pp) -> tuple[dict, dict]:
     """({method: function(sd, inv) -> w0}, {method: why it is left out}). concepts: LEDITS' (sega.Concept),
     pp_concepts: the same with LEDITS++' defaults (leditspp.concept); pp: leditspp.edit's mask, negative_prompt,
     guidance_rescale."""
@@ -57,9 +57,7 @@ def plans(source_prompt: str, target_prompt: str, target_guidance: float, concep
     else:
         left_out["ddpm"] = "it edits by the target prompt alone: give --target-prompt"
     if source_prompt and target_prompt:
-        # with a callback, as `edit --method p2p` calls it (its progress bar): p2p then keeps the attention maps,
-        # which changes the float rounding of the attention
-        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, callback=lambda step: None)
+        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance)
     else:
         left_out["p2p"] = "it maps the source prompt's words to the target's: give --source-prompt and --target-prompt"
     if concepts:

@@ -1,6 +1,6 @@
 """Parameter sweeps: a grid of edits of one input, each option varied over a list of values (the LEDITS paper's
 Figure 5 is skip x target guidance), with one contact sheet, one PNG per cell and a table of settings, times and
-metrics. The command line wiring is cli_many.py's; this module holds the plan and the pictures.
+metrics. The command line wiring is cli/many.py's; this module holds the grid and the pictures.
 
     cells     the Cartesian product of the --vary lists; the first key gives the rows, the second the columns,
               the others one sheet per combination of their values (a 1-D sweep is one row)
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import shorten
 from ..inversion import Inversion, noise_maps, source_context
 from ..io.files import atomic
 
@@ -33,7 +34,7 @@ CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
 CONCEPT_KEY = re.compile(r"concept\.(\d+)\.(\w+)")
 
 
-# --------------------------------------------------------------------------------------------- the plan
+# --------------------------------------------------------------------------------------------- the grid
 def parse_vary(texts: list[str], types: dict) -> list[tuple[str, list]]:
     """["skip=12,24", "concept.0.scale=3,7"] -> [("skip", [12, 24]), ("concept.0.scale", [3.0, 7.0])]. types: option
     name -> function from text to value. A list given as JSON ('target_prompt=["a, b", "c"]') may hold commas."""
@@ -44,22 +45,19 @@ def parse_vary(texts: list[str], types: dict) -> list[tuple[str, list]]:
         m = CONCEPT_KEY.fullmatch(key)
         if not sep or not (key in types or m and m[2] in CONCEPT_KEYS):
             known = ", ".join(sorted(types)) + ", concept.I." + "|".join(CONCEPT_KEYS)
-            raise ValueError(f"--vary {text!r}: unknown option {key!r} (KEY=v1,v2,...; keys: {known})")
+            raise ValueError(f"--vary {shorten(text)}: unknown option {shorten(key)} (KEY=v1,v2,...; keys: {known})")
         if key in (k for k, _ in vary):
             raise ValueError(f"--vary {key} is given twice: give its values once")
         items = json.loads(values) if values.lstrip().startswith("[") else values.split(",")
         if not items or any(str(v).strip() == "" for v in items):
-            raise ValueError(f"--vary {text!r}: give a list of values, e.g. {key}=1,2,3")
-        convert = types.get(key, concept_value(m[2]) if m else str)
+            raise ValueError(f"--vary {shorten(text)}: give a list of values, e.g. {key}=1,2,3")
+        convert = types.get(key, str)  # a concept option's values stay text: Concept.parse checks each cell's
         try:
             vary.append((key, [convert(str(v).strip()) for v in items]))
         except ValueError as e:
-            raise ValueError(f"--vary {text!r}: {e}") from None
+            raise ValueError(f"--vary {shorten(text)}: {e}") from None
     return vary
 
-
-def concept_value(key: str):
-    return (lambda v: None if v.lower() == "none" else int(v)) if key in ("warmup", "cooldown") else float
 
 
 def grid_cells(vary: list[tuple[str, list]]) -> list[dict]:

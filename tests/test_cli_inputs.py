@@ -1,0 +1,179 @@
+"""What a new user types, taken as typed: --steps without --skip keeps each method's share of the steps, random-tiny's
+defaults make a first try quick, 10,000 characters of text give a short message, a named pipe is refused instead of
+read for ever, and a command adds nothing to the arguments it is given (what it needs it is passed)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import minledits
+from minledits import cli
+from minledits.cli.options import COMMON, EDIT, INVERT, dest, parser
+from tests.helpers import photo, run
+
+TINY = ["--model", "random-tiny", "-q"]
+LONG = "cat " * 2500  # 10,000 characters
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    photo(size=(80, 64)).save(path := tmp_path_factory.mktemp("input") / "photo.png")
+    return path
+
+
+def parameters(path) -> str:
+    return Image.open(path).text["parameters"]
+
+
+# --------------------------------------------------------------------------------------------- --steps, --skip
+@pytest.mark.parametrize("method, extra, skip", [
+    ("ledits", ["-e", "hat"], 4),                                               # 36 of 100: round(3.6)
+    ("p2p", ["--source-prompt", "a photo", "--target-prompt", "a cat"], 1),     # 12 of 100: round(1.2)
+    ("leditspp", ["--sampler", "dpmsolver++", "-e", "hat"], 1),                 # diffusers' 0.15: int(9 * 1.15) = 10
+])
+def test_steps_without_skip_keep_the_methods_share(image, tmp_path, capsys, method, extra, skip):
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "a.png", *TINY, "--steps", "10", "--method", method,
+                     *extra)
+    assert rc == 0, err
+    assert f" --steps=10 --skip={skip} " in parameters(tmp_path / "a.png")
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "b.png", *TINY, "--steps", "10", "--skip", "3",
+                     "--method", method, *extra)
+    assert rc == 0 and " --steps=10 --skip=3 " in parameters(tmp_path / "b.png"), err
+
+
+def test_steps_without_skip_in_invert_sweep_and_help(image, tmp_path, capsys):
+    rc, out, err = run(capsys, "invert", image, "-o", tmp_path / "i.safetensors", *TINY, "--steps", "10")
+    assert rc == 0 and "(6 steps)" in out, err
+    rc, _, err = run(capsys, "sweep", image, "-o", tmp_path / "g.png", *TINY, "--vary", "steps=5,20", "--clip-model",
+                     "none")
+    assert rc == 0, err
+    cells = json.loads((tmp_path / "g.json").read_text())["cells"]
+    assert [(c["settings"]["steps"], c["settings"]["skip"]) for c in cells] == [(5, 2), (20, 7)]
+    help_text = " ".join(run(capsys, "edit", "--help")[1].split())
+    assert "the method's share of N: 36 of 100; --method p2p: 12 of 100; --sampler dpmsolver++: 13 of 100" in help_text
+
+
+# --------------------------------------------------------------------------------------------- random-tiny
+def test_random_tiny_defaults_fit_a_first_try(image, tmp_path, capsys):
+    """The README's offline try, `edit photo -o out.png -e glasses --model random-tiny`: 64 px, not 512."""
+    sd = minledits.load("random-tiny")
+    assert sd.default_size == 64 and minledits.invert(sd, photo(), steps=4).image.shape[-2:] == (64, 64)
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "e.png", "-e", "glasses", *TINY)
+    assert rc == 0, err
+    meta = json.loads(Image.open(tmp_path / "e.png").text["minledits"])
+    assert Image.open(tmp_path / "e.png").size == (64, 64) and (meta["size"], meta["steps"]) == (64, 100)
+    assert "random-tiny: 64" in " ".join(run(capsys, "edit", "--help")[1].split())
+
+
+# --------------------------------------------------------------------------------------------- long text
+LONG_TEXT = {  # argv after the command and its input/output: each quotes user text in a warning or an error
+    "target prompt": ["edit", "--target-prompt", LONG],
+    "concept": ["edit", "-e", LONG],
+    "bad concept": ["edit", "-e", LONG + ":scale=x"],
+    "concept value": ["edit", "-e", "hat:scale=" + "x" * 10_000],
+    "source prompt": ["invert", "--source-prompt", LONG],
+    "p2p source prompt": ["edit", "--method", "p2p", "--source-prompt", LONG, "--target-prompt", "a dog"],
+    "p2p word": ["edit", "--method", "p2p", "--source-prompt", "a cat", "--target-prompt", "a dog", "--reweight",
+                 "x" * 10_000 + "=2"],
+    "p2p blend": ["edit", "--method", "p2p", "--source-prompt", "a cat", "--target-prompt", "a dog", "--local-blend",
+                  "x" * 10_000 + ",dog"],
+    "number": ["edit", "--steps", "x" * 10_000],
+    "unknown option": ["edit", "--colour=" + "x" * 10_000],
+    "vary value": ["sweep", "--vary", "skip=2," + "x" * 10_000],
+    "vary number": ["sweep", "--vary", "target_guidance=2," + "x" * 10_000],
+    "vary key": ["sweep", "--vary", "x" * 10_000 + "=2"],
+    "vary choice": ["sweep", "--vary", "mask=" + "x" * 10_000],
+    "compare": ["compare", "--source-prompt", LONG, "--target-prompt", LONG, "-e", LONG],
+}
+
+
+def run_apart(cases: dict, cwd: Path, timeout: int = 300) -> dict:
+    """{name: [exit code, stderr]} of `minledits ARGV` for each case, in one other process (warnings reach stderr
+    there, shown once per case as in a process of its own); a hang fails them all (subprocess.TimeoutExpired)
+    instead of stopping the tests."""
+    script = ("import contextlib, io, json, sys, warnings\nfrom minledits import cli\nfound = {}\n"
+              "for name, argv in json.load(sys.stdin).items():\n"
+              "    warnings.simplefilter('default')  # a new filter: each warning is shown again\n"
+              "    with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+              "        found[name] = [cli.main(argv), err.getvalue()]\n"
+              "print(json.dumps(found))\n")
+    root = str(Path(minledits.__file__).parents[1])  # the package this test imported, not another install
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(cases), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_ten_thousand_characters_give_a_short_message(image, tmp_path):
+    fast, found = [*TINY, "--steps", "6", "--skip", "2"], {}
+    cases = {name: [command, str(image), "-o", "i.safetensors" if command == "invert" else f"{n}.png", *fast, *argv,
+                    *(["--clip-model", "none"] if command in ("sweep", "compare") else [])]
+             for n, (name, (command, *argv)) in enumerate(LONG_TEXT.items())}
+    jobs = [{"input": str(image), "concepts": [LONG + ":scale=x"]}, {"input": str(image), "colour": LONG},
+            {"input": [LONG]}, {"input": str(image), "target_prompt": LONG, "steps": 6, "skip": 2}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    cases["batch"] = ["batch", "jobs.json", "--outdir", "out", *TINY]
+    for name, (rc, err) in run_apart(cases, tmp_path).items():
+        found[name] = len(err.splitlines()), len(err)
+        assert 1 <= found[name][0] <= (4 if name == "batch" else 3) and len(err) < 1000, (name, err[:3000])
+    assert found["batch"][0] == 4  # three jobs fail, the fourth warns of its long prompt
+
+
+# --------------------------------------------------------------------------------------------- named pipes
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_is_refused_in_one_line(image, tmp_path):
+    for name in ("pipe.png", "pipe.safetensors", "jobs.json"):
+        os.mkfifo(tmp_path / name)
+    Image.open(image).save(tmp_path / "photo.png")
+    (tmp_path / "pipe-job.json").write_text(json.dumps([{"input": "pipe.png"}]))
+    tiny = ["--model", "random-tiny", "--steps", "4", "--skip", "1", "-q"]
+    cases = {"edit": ["edit", "pipe.png", "-o", "a.png", *tiny, "-e", "hat"],
+             "inversion file": ["edit", "pipe.safetensors", "-o", "b.png", "-q"],
+             "p2p": ["edit", "pipe.png", "-o", "c.png", *tiny, "--method", "p2p", "--source-prompt", "a",
+                     "--target-prompt", "b"],
+             "invert": ["invert", "pipe.png", "-o", "i.safetensors", *tiny],
+             "reconstruct": ["reconstruct", "pipe.png", "-o", "d.png", *tiny],
+             "user mask": ["edit", "photo.png", "-o", "e.png", *tiny, "--method", "leditspp", "-e", "hat",
+                           "--user-mask", "pipe.png"],
+             "sweep": ["sweep", "pipe.png", "-o", "g.png", *tiny, "--vary", "skip=1,2"],
+             "compare": ["compare", "pipe.png", "-o", "h.png", *tiny],
+             "jobs file": ["batch", "jobs.json", "--outdir", "out", "-q"],
+             "job input": ["batch", "pipe-job.json", "--outdir", "out", "--model", "random-tiny", "-q"],
+             "metrics": ["metrics", "photo.png", "pipe.png"]}
+    for name, (rc, err) in run_apart(cases, tmp_path).items():
+        assert rc in (1, 2) and len(err.splitlines()) == 1, (name, err)
+        assert "is a named pipe: give a regular file" in err, (name, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.json", "out", "photo.png", "pipe-job.json",
+                                                          "pipe.png", "pipe.safetensors"]
+
+
+# --------------------------------------------------------------------------------------------- the arguments
+@pytest.mark.parametrize("argv", [
+    ["edit", "{image}", "-o", "{d}/a.png", "-e", "hat", "--method", "p2p"],  # refused: p2p takes no concepts
+    ["edit", "{image}", "-o", "{d}/b.png", "--method", "p2p", "--source-prompt", "a cat", "--target-prompt", "a dog",
+     "--local-blend", "cat,dog", "--steps", "4"],
+    ["reconstruct", "{inv}", "-o", "{d}/c.png"],
+    ["compare", "{image}", "-o", "{d}/d.png", "-e", "hat", "--steps", "4", "--clip-model", "none"],
+    ["sweep", "{inv}", "-o", "{d}/e.png", "-e", "hat", "--vary", "concept.0.scale=2,4", "--clip-model", "none"],
+])
+def test_a_command_writes_nothing_into_its_arguments(argv, image, tmp_path, capsys):
+    inv = tmp_path / "inv.safetensors"
+    assert run(capsys, "invert", image, "-o", inv, *TINY, "--steps", "4")[0] == 0
+    args = parser().parse_args([a.format(image=image, inv=inv, d=tmp_path) for a in argv] + TINY)
+    given = dict(vars(args))
+    try:
+        cli.HANDLERS[args.cmd](args)
+    except Exception:
+        pass  # refused or not: either way
+    options = {dest(flags, o) for flags, _, _, o in COMMON + INVERT + EDIT}  # resolve() fills in their defaults
+    assert set(vars(args)) <= set(given) | options and args.cmd == given["cmd"]
+    assert all(vars(args)[k] == v for k, v in given.items() if v is not None)  # what was given stays as given
