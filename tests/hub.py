@@ -15,6 +15,7 @@ Kinds (see ``KINDS``):
     tiny-sd1    SD1-style: conv proj_in/out, one head count for all blocks, quick_gelu CLIP, pads with 49407
     tiny-sd2    SD2-style: linear proj, per-block head list, gelu CLIP, pads with id 0 (pad_token "!")
     tiny-sd2v   tiny-sd2 + upcast_attention + v_prediction
+    tiny-vae2   tiny-sd1 with the 2-level VAE of diffusers' own tiny test pipelines (latent = image / 2)
     sd15, sd21-base, sd21   the official full-size configs (as on the Hub)
     tiny-sdxl   SDXL-shaped: 3 levels (no attention at the first, then 1 and 2 transformer layers), text_time,
                 two text encoders (CLIPTextModel + CLIPTextModelWithProjection, widths 32 + 32 -> context 64),
@@ -44,7 +45,7 @@ from typing import Iterable
 
 import torch
 
-KINDS = ("tiny-sd1", "tiny-sd2", "tiny-sd2v", "sd15", "sd21-base", "sd21", "tiny-sdxl", "sdxl")
+KINDS = ("tiny-sd1", "tiny-sd2", "tiny-sd2v", "sd15", "sd21-base", "sd21", "tiny-sdxl", "sdxl", "tiny-vae2")
 XL_KINDS = ("tiny-sdxl", "sdxl")
 TINY_KINDS = KINDS[:3]
 BPE_GZ = Path(__file__).resolve().parents[1] / "minledits" / "nets" / "bpe_simple_vocab_16e6.txt.gz"
@@ -189,6 +190,12 @@ def configs(kind: str) -> dict:
         return _tiny_sdxl()
     if kind == "tiny-sd1":
         return _tiny(_SD15)  # 4 heads in every block (head size 8 then 16)
+    if kind == "tiny-vae2":  # one downsampling: each latent pixel is 2x2 pixels
+        c = _tiny(_SD15)
+        c["vae"].update(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32, sample_size=128)
+        c["unet"]["sample_size"] = 32
+        return c
     if kind in ("tiny-sd2", "tiny-sd2v"):
         c = _tiny(_sd21() if kind == "tiny-sd2v" else _sd21_base())
         c["unet"]["attention_head_dim"] = [2, 4]  # heads per block (head size 16), as SD2's [5,10,20,20]
