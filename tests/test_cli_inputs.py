@@ -53,7 +53,7 @@ def test_steps_without_skip_in_invert_sweep_and_help(image, tmp_path, capsys):
                      "none")
     assert rc == 0, err
     cells = json.loads((tmp_path / "g.json").read_text())["cells"]
-    assert [(c["settings"]["steps"], c["settings"]["skip"]) for c in cells] == [(5, 2), (20, 7)]
+    assert [tuple(c["settings"][k] for k in ("steps", "skip", "size")) for c in cells] == [(5, 2, 64), (20, 7, 64)]
     help_text = " ".join(run(capsys, "edit", "--help")[1].split())
     assert "the method's share of N: 36 of 100; --method p2p: 12 of 100; --sampler dpmsolver++: 13 of 100" in help_text
 
@@ -148,11 +148,17 @@ def test_a_named_pipe_is_refused_in_one_line(image, tmp_path):
              "compare": ["compare", "pipe.png", "-o", "h.png", *tiny],
              "jobs file": ["batch", "jobs.json", "--outdir", "out", "-q"],
              "job input": ["batch", "pipe-job.json", "--outdir", "out", "--model", "random-tiny", "-q"],
-             "metrics": ["metrics", "photo.png", "pipe.png"]}
+             "metrics": ["metrics", "photo.png", "pipe.png"],
+             "an output": ["edit", "photo.png", "-o", "f.png", *tiny, "--save-inversion", "pipe.safetensors"],
+             "a sweep's record": ["sweep", "photo.png", "-o", "pipe.png", *tiny, "--vary", "skip=1,2"]}
+    (tmp_path / "pipe").mkdir()
+    os.mkfifo(tmp_path / "pipe" / "000.json")
+    Image.new("RGB", (8, 8)).save(tmp_path / "pipe" / "000.png")
     for name, (rc, err) in run_apart(cases, tmp_path).items():
         assert rc in (1, 2) and len(err.splitlines()) == 1, (name, err)
-        assert "is a named pipe: give a regular file" in err, (name, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.json", "out", "photo.png", "pipe-job.json",
+        assert ("exists" if name in ("an output", "a sweep's record") else "is a named pipe: give a regular file") \
+            in err, (name, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.json", "out", "photo.png", "pipe", "pipe-job.json",
                                                           "pipe.png", "pipe.safetensors"]
 
 

@@ -127,8 +127,9 @@ def table_paths(out: Path) -> dict[str, Path]:
 
 
 def read_json(path: Path):
+    """The JSON in path; None where it is no regular file (a named pipe would block the read) or not JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError):
         return None
 
