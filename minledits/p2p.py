@@ -50,7 +50,6 @@ from .nets.tokenizer import CONTEXT_LENGTH, Tokenizer, byte_symbols
 SELF_MAX = 16 ** 2      # self-attention is replaced only in layers with at most this many queries
 THRESHOLD = 0.3         # LocalBlend's threshold on the normalised map
 MAP_LEVEL = 2           # LocalBlend's maps come from UNet level 2: (h/4, w/4), 16 x 16 at 512 px
-SKIP = 12               # the reference's example skip for this mode at N = 100 (its README: --skip=12 --cfg_tar=9)
 
 
 def default_skip(N: int) -> int:

@@ -273,22 +273,23 @@ def cli_edit(folder, tmp_path, *extra):
 
 
 def test_cli_edit_is_p2p_edit(deep_model, tmp_path, capsys):
-    """edit --method p2p writes the decoded p2p.edit of its inversion (read back from --save-inversion); its default
-    skip is 12; the PNG records the method's options; --trace writes the tensors and the per-word maps."""
+    """edit --method p2p writes the decoded p2p.edit of its inversion (read back from --save-inversion); without
+    --skip, the method's share of the steps; the PNG records the method's options; --trace writes the tensors and
+    the per-word maps."""
     ref, sd, _ = deep_model
     argv = cli_edit(ref.folder, tmp_path, "--reweight", "dog=2", "--local-blend", "cat,dog", "--save-inversion",
                     tmp_path / "inv.safetensors", "--trace", tmp_path / "tr", "-q")
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     inv = minledits.io.store.load(tmp_path / "inv.safetensors")
-    assert inv.settings.skip == p2p.SKIP
+    assert inv.settings.skip == p2p.default_skip(16) == 2
     w0 = p2p.edit(sd, inv, "a dog sitting on a mat", reweight="dog=2", local_blend="cat,dog")
     assert np.array_equal(np.asarray(minledits.decode(sd, w0)), np.asarray(Image.open(tmp_path / "out.png")))
     said = json.loads(Image.open(tmp_path / "out.png").text["minledits"])
     assert said["method"] == "p2p" and said["reweight"] == "dog=2" and said["local_blend"] == "cat,dog"
     tensors = safetensors.torch.load_file(tmp_path / "tr.safetensors")
-    assert tensors["attn"].shape == (16 - p2p.SKIP, 6, 2, 2) and tensors["x"].shape[1] == 2
-    assert Image.open(tmp_path / "tr.png").size == (4 * 66, 7 * 66)  # 4 steps; x0 + 6 words; 8x8 tiles x8 + frame
+    assert tensors["attn"].shape == (16 - 2, 6, 2, 2) and tensors["x"].shape[1] == 2
+    assert Image.open(tmp_path / "tr.png").size == (14 * 66, 7 * 66)  # 14 steps; x0 + 6 words; 8x8 tiles x8 + frame
 
 
 def test_cli_png_command_reproduces_the_p2p_edit(tiny_sd1, tmp_path, capsys):
@@ -296,7 +297,7 @@ def test_cli_png_command_reproduces_the_p2p_edit(tiny_sd1, tmp_path, capsys):
     rc, _, err = run(capsys, *cli_edit(tiny_sd1.folder, tmp_path, "--reweight", "dog=2", "--cross-replace", 0.5, "-q"))
     assert rc == 0, err
     argv = shlex.split(Image.open(tmp_path / "out.png").text["parameters"])[1:]
-    assert "--method=p2p" in argv and "--skip=12" in argv and "--cross-replace=0.5" in argv
+    assert "--method=p2p" in argv and "--skip=2" in argv and "--cross-replace=0.5" in argv
     assert run(capsys, *argv, "--device", "cpu", "-o", tmp_path / "again.png", "-q")[0] == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out.png")))
 
@@ -321,7 +322,7 @@ def test_cli_help_states_the_p2p_defaults(capsys):
     if console_script():  # the installed command says the same
         assert " ".join(subprocess.run([console_script(), "edit", "--help"], capture_output=True,
                                        text=True).stdout.split()) == text
-    assert rc == 0 and f"its default --skip is {p2p.SKIP}, the reference's at N = 100" in text
+    assert rc == 0 and f"--method p2p: {p2p.default_skip(100)} of 100" in text and p2p.default_skip(100) == 12
     assert "--cross-replace X p2p: fraction of all N steps" in text and "(default: 0.6)" in text
 
 
