@@ -22,27 +22,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .errors import LoadError, MinleditsError
+from .errors import MinleditsError
 from .io.image import to_pil
 from .schedule import Schedule
-
-# The dtypes a model runs in, by the names the CLI and load() take (load also accepts float32/float16/bfloat16).
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-def dtype_of(dtype) -> torch.dtype:
-    """A torch dtype from a torch dtype, None (float32) or one of the names of DTYPES / ALIASES."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype or torch.float32
-    if isinstance(dtype, str) and (name := ALIASES.get(dtype.lower(), dtype.lower())) in DTYPES:
-        return DTYPES[name]
-    raise LoadError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *ALIASES])}")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """fp32 / fp16 / bf16."""
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 @dataclass

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from minledits.model import ALIASES, dtype_of
+from minledits.io.load import ALIASES, dtype_of
 from minledits.parity import explicit_attention, unet_text_kv
 
 CACHE = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "minledits-bench"

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from minledits.errors import LoadError, MinleditsError
-from minledits.io.load import NETWORKS, WEIGHT_STEM, fill, load, weight_file
-from minledits.model import StableDiffusion, dtype_of
+from minledits.io.load import NETWORKS, WEIGHT_STEM, dtype_of, fill, load, weight_file
+from minledits.model import StableDiffusion
 from minledits.nets.tokenizer import Tokenizer
 from tests import hub
 from tests.helpers import fake_snapshot_download

@@ -25,8 +25,8 @@ from ..inversion import InversionSettings, invert
 from ..io import store, tiny
 from ..io.files import atomic, require_regular
 from ..io.image import open_rgb, to_pil
-from ..io.load import download, load
-from ..model import DTYPES, decode, dtype_name
+from ..io.load import DTYPES, download, dtype_name, load
+from ..model import decode
 from ..tools import metrics
 from ..tools.trace import AttentionTrace, Trace, side_by_side
 from .options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv

@@ -12,8 +12,8 @@ from .. import ledits, leditspp, p2p
 from ..errors import shorten
 from ..inversion import BATCH_SIZE, InversionSettings
 from ..io import tiny
-from ..io.load import DEFAULT_MODEL
-from ..model import DTYPES, StableDiffusionXL
+from ..io.load import DEFAULT_MODEL, DTYPES
+from ..model import StableDiffusionXL
 from ..sampler import SAMPLERS
 from ..sega import Concept
 from ..tools import metrics

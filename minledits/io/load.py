@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import LoadError, shorten
-from ..model import StableDiffusion, StableDiffusionXL, dtype_of
+from ..model import StableDiffusion, StableDiffusionXL
 from ..nets.clip import TextEncoder, TextEncoderWithProjection
 from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
 from ..nets.unet import UNet
@@ -72,6 +72,26 @@ RENAMES = {
     "text_encoder_2": [                                       # the same, beside SDXL's text_projection
         (r"^(?!text_model\.|text_projection\.)", "text_model."), (r"^text_model\.embeddings\.position_ids$", None)],
 }
+
+
+# --------------------------------------------------------------------------------------------- dtypes
+# The dtypes a model runs in, by the names the CLI and load() take (load also accepts float32/float16/bfloat16).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def dtype_of(dtype) -> torch.dtype:
+    """A torch dtype from a torch dtype, None (float32) or one of the names of DTYPES / ALIASES."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype or torch.float32
+    if isinstance(dtype, str) and (name := ALIASES.get(dtype.lower(), dtype.lower())) in DTYPES:
+        return DTYPES[name]
+    raise LoadError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *ALIASES])}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32 / fp16 / bf16."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 # --------------------------------------------------------------------------------------------- filling
