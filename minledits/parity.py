@@ -26,16 +26,14 @@ from .nets.layers import Attention, attend, attention, attention_probs
 
 
 def embed(sd, *groups: list[str]):
-    """sd.text_embeddings of each non-empty group of prompts, one call per group, joined in order."""
     parts = [sd.text_embeddings(g) for g in groups if g]
     return tuple(map(torch.cat, zip(*parts))) if isinstance(parts[0], tuple) else torch.cat(parts)
 
 
 @dataclass(frozen=True)
 class TextKV:
-    """A text context c [R, M, D] with every cross-attention's k, v [R, M, inner] computed from it: kv[attn2] = (k, v).
-    It goes where c went (the UNet's layers.Attention reads keys_values and zero_v). repeat_interleave(n, 0) repeats
-    its rows as the tensor's does (model.repeat_rows), without copying until used."""
+    """c [R, M, D] with each cross-attention's k, v [R, M, inner]: kv[attn2] = (k, v); goes where c went (read by
+    layers.Attention); repeat_interleave(n, 0) repeats the rows as the tensor's does, without copying until used."""
     context: torch.Tensor
     kv: dict
     repeats: int = 1
@@ -54,37 +52,31 @@ class TextKV:
 
 
 def unet_text_kv(unet, context: torch.Tensor) -> TextKV:
-    """context [R, M, D] with the keys and values of every cross-attention of the UNet computed from it."""
     kv = {m: (m.to_k(context), m.to_v(context)) for m in unet.modules() if isinstance(m, Attention) and m.layer.cross}
     zero_v = not any(v.requires_grad or v.any() for _, v in kv.values())  # all 0, no gradient to keep
     return TextKV(context, kv, zero_v=zero_v)
 
 
-def text_kv(sd, c):
-    """c (text_embeddings' output, or SDXL's pair (c, pooled)) with its text keys and values computed once."""
+def text_kv(sd, c):  # c: text_embeddings' output, or SDXL's pair (c, pooled)
     return (unet_text_kv(sd.unet, c[0]), c[1]) if isinstance(c, tuple) else unet_text_kv(sd.unet, c)
 
 
-def batches(n: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) of each UNet batch over n inversion steps: ends at n, n - size, n - 2 size, ... and 0."""
+def batches(n: int, size: int) -> list[tuple[int, int]]:  # (start, end) of each batch
     edges = sorted({0, *range(n % size, n + 1, size)})
     return list(zip(edges, edges[1:]))
 
 
 def feeds_back(sampler, batch_size: int) -> bool:
-    """Whether the inversion's next UNet call takes the recomputed latent (the LEDITS++ pipeline's recurrence)."""
     return batch_size == 1 and sampler.name == "dpmsolver++"
 
 
 def explicit_attention(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
-    """layers.attention with its probabilities materialised, attend(attention_probs(q, k), v): the same math,
-    diffusers' AttnProcessor's rounding (the processor LEditsPPPipelineStableDiffusion sets for its invert and edit).
-    Causal attention (CLIP's) stays fused."""
+    """attend(attention_probs(q, k), v): the processor LEditsPPPipelineStableDiffusion sets for its invert and edit;
+    causal attention (CLIP's) stays fused."""
     if causal:
         return attention(q, k, v, heads, upcast, causal)
     return attend(attention_probs(q, k, heads, upcast), v).to(q.dtype)
 
 
-def pipeline_attention(sd):
-    """`with pipeline_attention(sd):` the UNet's attention kernel is explicit_attention (UNet.attention_kernel)."""
+def pipeline_attention(sd):  # UNet.attention_kernel
     return sd.unet.attention_kernel(explicit_attention)

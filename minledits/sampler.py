@@ -33,14 +33,10 @@ class Sampler(Protocol):
     N: int                   # inference steps
     timesteps: list[int]     # tau_k, k = 0..N-1, descending
 
-    @classmethod
-    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "Sampler":
-        """A fresh sampler for an inversion (keep_last_noise: one whose last step has a noise map)."""
-
-    @staticmethod
-    def default_skip(N: int) -> int:
-        """The skip its method's reference uses, in proportion to N."""
-
+    @classmethod  # a fresh sampler for an inversion; keep_last_noise: one whose last step has a noise map
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "Sampler": ...
+    @staticmethod  # the skip its method's reference uses, in proportion to N
+    def default_skip(N: int) -> int: ...
     def add_noise(self, k, x0, noise): ...
     def x0_hat(self, k, x, out): ...
     def mu(self, k, x, out): ...
