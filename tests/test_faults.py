@@ -138,6 +138,42 @@ def test_tampered_metadata_is_refused(inv1, tmp_path, change, words):
         store.load(tampered(inv1, tmp_path, **change))
 
 
+def other(inv, name, change):
+    """{name: inv's tensor `name` changed}"""
+    t = torch.tensor(inv.timesteps) if name == "timesteps" else getattr(inv, name)
+    return {name: change(t).contiguous()}
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("zs", lambda t: t > 0, r"its zs is \[7, 4, 8, 8\] bool, not \[7, 4, 8, 8\] float32"),
+    ("xts", lambda t: t.to(torch.int32), r"its xts is \[8, 4, 8, 8\] int32, not \[8, C, h, w\] float32"),
+    ("xts", lambda t: t.half(), r"its xts is \[8, 4, 8, 8\] float16, not \[8, C, h, w\] float32"),
+    ("image", lambda t: t[:, :1], r"its image is \[1, 1, 64, 64\] float32, not \[1, 3, H, W\] float32"),
+    ("image", lambda t: t[0], r"its image is \[3, 64, 64\] float32, not \[1, 3, H, W\] float32"),
+    ("zs", lambda t: t[None], r"its zs is \[1, 7, 4, 8, 8\] float32, not \[7, 4, 8, 8\] float32"),
+    ("zs", lambda t: t[:, :, :4], r"its zs is \[7, 4, 4, 8\] float32, not \[7, 4, 8, 8\]"),
+    ("timesteps", lambda t: t.to(torch.int32), r"its timesteps is \[7\] int32, not \[7\] int64"),
+    ("timesteps", lambda t: t.flip(0), "its timesteps are not descending"),
+    ("timesteps", lambda t: t - 1000, "its timesteps are not descending whole numbers from 0"),
+    ("timesteps", lambda t: t[:-1], r"its timesteps is \[6\] int64, not \[7\] int64"),
+])
+def test_every_tensor_of_an_inversion_file_is_checked_by_name(inv1, no_unet, tmp_path, name, change, words):
+    path = tampered(inv1, tmp_path, tensors=other(inv1, name, change))
+    with pytest.raises(InversionFileError, match=words) as e:
+        minledits.edit(minledits.load(inv1.model_id), path, concepts="glasses")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tensors, meta, words", [
+    ({"extra": torch.zeros(1)}, {}, "a tensor 'extra' that the format does not have"),
+    ({}, {"dtype": "int8"}, "dtype 'int8' is not one of float32, float16, bfloat16"),
+    ({}, {"dtype": ["float32"]}, "dtype .* is not one of"),
+])
+def test_an_inversion_file_holds_the_format_s_tensors_only(inv1, tmp_path, tensors, meta, words):
+    with pytest.raises(InversionFileError, match=words):
+        store.load(tampered(inv1, tmp_path, tensors=tensors, **meta))
+
+
 def test_nan_in_an_inversion_file_is_refused(inv1, tmp_path):
     zs = inv1.zs.clone()
     zs[1, 0, 0, 0] = math.nan

@@ -22,9 +22,14 @@ from ..inversion import Inversion, InversionSettings
 from ..model import StableDiffusion
 from ..sampler import SAMPLERS
 from .files import atomic, require_regular
+from .load import DTYPES
 
 FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
+# Each tensor of the format: its shape (an int: that size, from the settings; a letter: the same size wherever it
+# appears; "n" = steps - skip) and its dtype ("dtype": the float dtype the metadata names).
+TENSORS = {"xts": (("n+1", "C", "h", "w"), "dtype"), "zs": (("n", "C", "h", "w"), "dtype"),
+           "timesteps": (("n",), torch.int64), "image": ((1, 3, "H", "W"), torch.float32)}
 
 
 def is_inversion(path) -> bool:
@@ -74,8 +79,11 @@ def load(path) -> Inversion:
                                  f"does not have ({', '.join(SAMPLERS)}): invert again")
     try:
         settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
+        check_format(path, tensors, settings, meta["dtype"])
         inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
+    except InversionFileError:
+        raise
     except KeyError as e:
         raise InversionFileError(f"{path} is a damaged minledits inversion file (missing {e})") from e
     except (TypeError, ValueError) as e:
@@ -88,6 +96,34 @@ def load(path) -> Inversion:
     except InversionError as e:
         raise InversionFileError(str(e)) from None
     return inv
+
+
+def check_format(path, tensors: dict, settings: InversionSettings, dtype) -> None:
+    """Refuse, naming the tensor, any tensor that the format (TENSORS) does not have, or of another rank, size or
+    dtype, and timesteps that are not descending from below 2**31: before anything is built from them."""
+    floats = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+    if not (isinstance(dtype, str) and dtype in floats):
+        raise InversionFileError(f"{path} is a damaged minledits inversion file (dtype {shorten(dtype)} is not one "
+                                 f"of {', '.join(floats)})")
+    if extra := sorted(set(tensors) - set(TENSORS)):
+        raise InversionFileError(f"{path} is a damaged minledits inversion file (it holds a tensor "
+                                 f"{shorten(extra[0])} that the format does not have)")
+    n, sizes = settings.steps - settings.skip, {}
+    for name, (shape, kind) in TENSORS.items():
+        t = tensors[name]
+        want_dtype = floats[dtype] if kind == "dtype" else kind
+        want = [{"n": n, "n+1": n + 1}.get(d, d) for d in shape]
+        ok = t.dtype == want_dtype and t.ndim == len(want) and all(
+            sizes.setdefault(d, s) == s if isinstance(d, str) else d == s for d, s in zip(want, t.shape))
+        if not ok:
+            expected = ", ".join(str(sizes.get(d, d)) for d in want)
+            raise InversionFileError(f"{path} is a damaged minledits inversion file: its {name} is "
+                                     f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}, not [{expected}] "
+                                     f"{str(want_dtype).removeprefix('torch.')}: invert again")
+    ts = tensors["timesteps"]
+    if not (bool((ts[:-1] > ts[1:]).all()) and (len(ts) == 0 or 0 <= int(ts[-1]) and int(ts[0]) < 2**31)):
+        raise InversionFileError(f"{path} is a damaged minledits inversion file: its timesteps are not descending "
+                                 "whole numbers from 0 to 2**31 - 1: invert again")
 
 
 def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
