@@ -128,7 +128,8 @@ class Inversion:
         if self.fingerprint != str(sd.fingerprint):
             same = " (same name, other weights: another variant or dtype, or the files changed)" \
                 if self.model_id == str(sd.model_id) else ""
-            raise InversionError(f"{source} was made with model {self.model_id} (fingerprint {self.fingerprint}), "
+            raise InversionError(f"{source} was made with model {shorten(self.model_id)} (fingerprint "
+                                 f"{shorten(self.fingerprint)}), "
                                  f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: "
                                  "invert again with this model")
         if self.settings.new_sampler(sd.schedule).timesteps[self.settings.skip:] != list(self.timesteps):
