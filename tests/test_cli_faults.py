@@ -296,8 +296,9 @@ def test_stale_temporaries_are_cleaned(tmp_path, photo, capsys):
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        names = {f".a.png.{dead.pid}.tmp": False, f".b.safetensors.{live.pid}.tmp": True,
-                 f".c.png.{os.getpid()}.tmp": True, ".d.png.tmp": True, ".e.png.12x.tmp": True, "f.1.tmp": True}
+        names = {f".a.png.minledits-{dead.pid}.tmp": False, f".b.safetensors.minledits-{live.pid}.tmp": True,
+                 f".c.png.minledits-{os.getpid()}.tmp": True, ".d.png.tmp": True, ".e.png.minledits-12x.tmp": True,
+                 "f.minledits-1.tmp": True, f".g.png.{dead.pid}.tmp": True}
         for name in names:
             (tmp_path / name).write_bytes(b"half")
         with files.atomic(tmp_path / "new.txt") as tmp:
@@ -307,8 +308,8 @@ def test_stale_temporaries_are_cleaned(tmp_path, photo, capsys):
         live.kill()
         live.wait()
     # the same through the command line: the next write into the folder cleans it
-    (tmp_path / f".x.png.{dead.pid}.tmp").write_bytes(b"half")
-    (tmp_path / f".y.png.{live.pid}.tmp").write_bytes(b"half")  # now dead too
+    (tmp_path / f".x.png.minledits-{dead.pid}.tmp").write_bytes(b"half")
+    (tmp_path / f".y.png.minledits-{live.pid}.tmp").write_bytes(b"half")  # now dead too
     assert run(capsys, "edit", photo, "-o", tmp_path / "o.png", "-e", "x", *TINY)[0] == 0
     assert not list(tmp_path.glob(".[xy].png.*.tmp")) and (tmp_path / "o.png").exists()
 

@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -23,7 +22,7 @@ from .. import ledits, leditspp, p2p
 from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings, invert
 from ..io import store, tiny
-from ..io.files import atomic, require_regular
+from ..io.files import all_or_none, atomic, refuse_output, require_regular, require_writable
 from ..io.image import open_rgb, to_pil
 from ..io.load import DTYPES, download, dtype_name, load
 from ..model import decode
@@ -100,26 +99,34 @@ def outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
     return named
 
 
-def refuse_existing(args, named) -> None:
-    """No output is overwritten without --force. An inversion saved by an interrupted run is offered as the input."""
+def inputs_of(args) -> list:
+    """The files a command reads, which it never writes over: its input, a user mask, a batch's jobs file."""
+    return [getattr(args, key, None) for key in ("input", "user_mask", "jobs")]
+
+
+def protect(args, named, names=OUTPUTS) -> None:
+    """What no output may be, even with --force (refuse_output): one of the inputs, or no regular file."""
     for key, p in named:
-        if args.force or not p.exists():
-            continue
-        if key == "save_inversion" and store.is_inversion(p):
+        refuse_output(p, True, inputs_of(args), names[key])
+
+
+def refuse_existing(args, named, names=OUTPUTS) -> None:
+    """protect(), and no output is overwritten without --force. An inversion saved by an interrupted run is offered
+    as the input."""
+    protect(args, named, names)
+    for key, p in named:
+        if key == "save_inversion" and not args.force and p.exists() and store.is_inversion(p):
             raise MinleditsError(f"{p} exists (an inversion saved earlier): use it as the input "
                                  f"(minledits edit {p} ...), or add --force to overwrite it")
-        raise MinleditsError(f"{p} exists: add --force to overwrite it")
+        refuse_output(p, args.force, name=names[key])
 
 
 def check_outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
     """Before any work: outputs() and refuse_existing(), and each folder takes a new file. Returns outputs()."""
     named = outputs(args, names)
-    refuse_existing(args, named)
-    for _, p in named:
-        try:
-            tempfile.TemporaryFile(dir=p.parent).close()
-        except OSError as e:
-            raise MinleditsError(f"cannot write {p}: {p.parent} is not a writable folder ({e.strerror})") from e
+    refuse_existing(args, named, names)
+    for key, p in named:
+        require_writable(p, names[key])
     return named
 
 
@@ -361,17 +368,18 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
     idle = ledits.idle(concepts or [], len(inv.zs))
     for prompt, why in idle.items():
         print(f"minledits: warning: concept {shorten(prompt)} never acts ({why}): the edit ignores it", file=sys.stderr)
-    if args.save_inversion is not None:
-        store.save(inv, args.save_inversion)
-    trace = None if not trace_files else AttentionTrace(sd, inv, p2p.word_positions(sd.tokenizer, args.target_prompt)) \
-        if args.method == "p2p" else Trace(sd, inv)
-    im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd, user_mask)
-    if compare:
-        recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
-        save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts, idle)
-    if trace:
-        trace.save(*trace_files, concepts=[spec(c) for c in concepts])
-    save_png(im, out, args, sd, inv, concepts, idle)
+    with all_or_none([p for _, p in named], [p for key, p in named if key == "save_inversion"]):
+        if args.save_inversion is not None:
+            store.save(inv, args.save_inversion)
+        trace = None if not trace_files else AttentionTrace(sd, inv, p2p.word_positions(
+            sd.tokenizer, args.target_prompt)) if args.method == "p2p" else Trace(sd, inv)
+        im = run_edit(args, sd, inv, args.target_prompt, concepts or [], trace, args.cmd, user_mask)
+        if compare:
+            recon = run_edit(args, sd, inv, "", [], desc="reconstruct")
+            save_png(side_by_side([to_pil(inv.image)[0], recon, im]), compare, args, sd, inv, concepts, idle)
+        if trace:
+            trace.save(*trace_files, concepts=[spec(c) for c in concepts])
+        save_png(im, out, args, sd, inv, concepts, idle)
     finish(start, f"{args.cmd}: {args.input} -> {out}", sd.model_id)
 
 

@@ -17,7 +17,7 @@ from .. import ledits, leditspp
 from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings
 from ..io import store
-from ..io.files import require_regular
+from ..io.files import refuse_output, require_regular, require_writable
 from ..io.image import to_pil, to_tensor
 from ..sega import Concept
 from ..tools import compare, metrics, ranks, sweep
@@ -28,6 +28,7 @@ from .commands import (
     concepts_of,
     file_name,
     finish,
+    inputs_of,
     inversion_of,
     inversion_settings,
     is_inversion_file,
@@ -35,6 +36,7 @@ from .commands import (
     model_of,
     one_line,
     outputs,
+    protect,
     refuse_existing,
     report,
     run_edit,
@@ -68,19 +70,23 @@ def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
     job.update({k: os.path.join(outdir, job[k]) for k in ("save_inversion", "trace") if job.get(k) is not None})
     batch = {dest(flags, o): getattr(base, dest(flags, o)) for flags, _, _, o in COMMON}
     try:
-        return parser().parse_args(["edit", str(inp), "-o", out, *to_argv({**batch, **job, "force": base.force})])
+        job_ns = parser().parse_args(["edit", str(inp), "-o", out, *to_argv({**batch, **job, "force": base.force})])
     except SystemExit as e:  # "help": true printed the help; a batch goes on
         raise MinleditsError('"help" is not an option of a job') from e
+    job_ns.jobs = base.jobs  # an input of every job: never written over
+    return job_ns
 
 
 def check_job(args, outdir: Path, allow_outside: bool):
-    """(outputs, skip) of a parsed job, checked before the batch starts: skip if its main output exists (a rerun
-    resumes); else its input, options and the rest of its outputs must be fine."""
+    """(outputs, skip) of a parsed job, checked before the batch starts: no output is an input or no regular file
+    (a failure, even where the main output exists); skip if its main output exists (a rerun resumes); else its
+    input, options and the rest of its outputs must be fine."""
     named = outputs(args, JOB_KEYS)
     for key, p in named:  # resolve(): after "..", symbolic links
         if not (allow_outside or p.resolve().is_relative_to(outdir.resolve())):
             raise MinleditsError(f"{JOB_KEYS[key]} {p} is outside --outdir {outdir}: write inside it, "
                                  "or add --allow-outside-outdir")
+    protect(args, named, JOB_KEYS)
     if named[0][1].exists() and not args.force:
         return named, True
     try:
@@ -88,7 +94,7 @@ def check_job(args, outdir: Path, allow_outside: bool):
     except OSError as e:
         raise MinleditsError(f"cannot read input {args.input}: {e.strerror}") from e
     concepts_of(args)
-    refuse_existing(args, named)
+    refuse_existing(args, named, JOB_KEYS)
     return named, False
 
 
@@ -230,6 +236,8 @@ def sweep_grid(args, cache):
         c = sweep_cell(args, cell)
         settings, key = sweep_settings(c, from_file, default_size)
         cells.append((n, c, settings, key))
+        for p in sweep.cell_paths(out, n):
+            refuse_output(p, True, inputs_of(args))
         state = sweep.state(*sweep.cell_paths(out, n), settings)
         if state == "foreign" and not args.force:
             raise ValueError(f"{sweep.cell_paths(out, n)[0]} exists and was not made by this sweep: add --force, "
@@ -238,10 +246,24 @@ def sweep_grid(args, cache):
             todo.append(cells[-1])
     old = sweep.read_json(sweep.table_paths(out)["json"])
     mine = isinstance(old, dict) and old.get("format") == sweep.FORMAT
-    for p in [*sweep.sheet_paths(out, 1), *sweep.table_paths(out).values()]:
+    rows, cols = sheet_shape(vary)
+    summary = [*sweep.sheet_paths(out, len(cells) // (rows * cols)), *sweep.table_paths(out).values()]
+    for p in summary:
+        refuse_output(p, True, inputs_of(args))
         if p.exists() and not (mine or args.force):
             raise ValueError(f"{p} exists and is not a sweep's: add --force, or choose another -o")
+    cell_folder = out.with_suffix("")
+    if os.path.lexists(cell_folder) and not cell_folder.is_dir():
+        raise ValueError(f"{cell_folder} (the cells' folder) exists and is not a folder: choose another -o")
+    for p in (out, *sweep.cell_paths(out, 0)[:1 if cell_folder.is_dir() else 0]):
+        require_writable(p)
     return vary, out, cells, sorted(todo, key=lambda t: str(t[3]))
+
+
+def sheet_shape(vary) -> tuple[int, int]:
+    """(rows, columns) of a contact sheet: the values of the first two varied keys (one key: one row)."""
+    counts = [len(values) for _, values in vary]
+    return (counts[0], counts[1]) if len(counts) > 1 else (1, counts[0])
 
 
 def sweep_text(c, concepts):
@@ -280,8 +302,7 @@ def sweep_group(args, cache, out, items, skips, clip):
 
 def sweep_assemble(args, vary, out, cells):
     """Process 0, when every cell is written: the sheets, the table, the plot."""
-    keys, values = [k for k, _ in vary], dict(vary)
-    R, C = (len(values[keys[0]]), len(values[keys[1]])) if len(keys) > 1 else (1, len(values[keys[0]]))
+    keys, (R, C) = [k for k, _ in vary], sheet_shape(vary)
     first = cells[0][2]
     corner = to_pil(store.load(args.input).image if "size" not in first else
                     to_tensor(args.input, first["size"], first["keep_aspect"]))[0]
@@ -357,10 +378,10 @@ def compare_inputs(args):
         raise ValueError(f"-o {out}: the comparison is a .png file")
     concepts = concepts_of(args)  # LEDITS' (--method is refused above: its default)
     pp_concepts = leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
-    for p in (out, out.with_suffix(".json")):
-        if p.exists() and not args.force:
-            raise ValueError(f"{p} exists: add --force to overwrite it")
     require_regular(args.input)
+    for p in (out, out.with_suffix(".json")):
+        refuse_output(p, args.force, inputs_of(args))
+        require_writable(p)
     return out, out.with_suffix(".json"), concepts, pp_concepts
 
 
