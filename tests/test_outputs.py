@@ -164,7 +164,8 @@ def test_no_command_writes_over_its_own_inputs(photo, inv, tmp_path, capsys, no_
                  ["edit", inv, "-o", tmp_path / "e.png", "--save-inversion", hard, "-e", "x"],
                  ["edit", inv, "-o", tmp_path / "e.png", "--user-mask", photo, "--trace", photo.with_suffix(""),
                   "--method", "leditspp", "-e", "x"],
-                 ["edit", inv, "-o", tmp_path / "e.png", "--save-inversion", inv, "-e", "x"]):
+                 ["edit", inv, "-o", tmp_path / "e.png", "--save-inversion", inv, "-e", "x"],
+                 ["edit", inv, "-o", tmp_path / "e.png", "--trace", inv.with_suffix(""), "-e", "x"]):
         one_error(*run(capsys, *argv, *force)[::2], "is also an input")
     for argv in (["compare", photo, "-o", photo, "-e", "x"], ["compare", photo, "-o", link, "-e", "x"],
                  ["sweep", photo, "-o", photo, "--vary", "seed=1,2", "--size", "64"],
@@ -184,6 +185,18 @@ def test_a_batch_job_naming_an_input_as_output_is_a_failure(inv, tmp_path, capsy
     assert rc == 1 and err.count("is also an input") == 2, err
     assert "0 skipped" in out and "2 failed" in out, out
     assert jobs.read_text() == text and (tmp_path / "in.safetensors").read_bytes() == inv.read_bytes()
+
+
+def test_no_batch_job_writes_over_another_jobs_input(inv, tmp_path, capsys, no_work):
+    (tmp_path / "in.safetensors").write_bytes(inv.read_bytes())
+    (tmp_path / "other.safetensors").write_bytes(inv.read_bytes())
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"input": "in.safetensors", "output": "o.png", "save_inversion": "other.safetensors",
+                                 "concepts": ["x"]},
+                                {"input": "other.safetensors", "output": "p.png", "concepts": ["x"]}]))
+    rc, _, err = run(capsys, "batch", jobs, "--outdir", tmp_path, "--force", "-q")
+    assert rc == 1 and "job 0" in err and "is also an input" in err, err
+    assert (tmp_path / "other.safetensors").read_bytes() == inv.read_bytes()
 
 
 # --------------------------------------------------------------------------------------------- 3. temporaries
@@ -244,3 +257,28 @@ def test_a_batch_redoes_only_the_failed_job_without_force(inv, tmp_path, capsys,
     rc, printed, err = run(capsys, "batch", jobs, "--outdir", out, "-q")
     assert rc == 0 and "1 done, 1 skipped" in printed, err
     assert (out / "a.png").read_bytes() == a and (out / "b.png").exists() and (out / "tb.png").exists()
+
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_compare_that_fails_part_way_leaves_nothing(inv, tmp_path, capsys, monkeypatch):
+    argv = ["compare", inv, "-o", tmp_path / "c.png", "-e", "x", "--clip-model", "none", "-q"]
+    monkeypatch.setattr(cli_many.sweep, "write_json", full)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and "disk is full" in err and list(tmp_path.iterdir()) == [], err
+    monkeypatch.undo()
+    assert run(capsys, *argv)[0] == 0 and (tmp_path / "c.json").exists()
+
+
+def test_a_sweep_whose_table_fails_reruns_without_force(inv, tmp_path, capsys, monkeypatch):
+    argv = ["sweep", inv, "-o", tmp_path / "g.png", "--vary", "concept.0.scale=1,2", "-e", "hat",
+            "--clip-model", "none", "-q"]
+    monkeypatch.setattr(cli_many.sweep, "write_table", full)
+    assert run(capsys, *argv)[0] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # the cells are kept: the rerun uses them
+    monkeypatch.undo()
+    rc, printed, err = run(capsys, *argv)
+    assert rc == 0 and "0 cells done, 2 kept" in printed, err
+    assert (tmp_path / "g.png").exists() and (tmp_path / "g.csv").exists()

@@ -100,8 +100,9 @@ def outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
 
 
 def inputs_of(args) -> list:
-    """The files a command reads, which it never writes over: its input, a user mask, a batch's jobs file."""
-    return [getattr(args, key, None) for key in ("input", "user_mask", "jobs")]
+    """The files a command reads, which it never writes over: its input, a user mask, and for a batch's job
+    (`reads`) the jobs file and every job's inputs."""
+    return [args.input, getattr(args, "user_mask", None), *getattr(args, "reads", ())]
 
 
 def protect(args, named, names=OUTPUTS) -> None:

@@ -17,7 +17,7 @@ from .. import ledits, leditspp
 from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings
 from ..io import store
-from ..io.files import refuse_output, require_regular, require_writable
+from ..io.files import all_or_none, refuse_output, require_regular, require_writable
 from ..io.image import to_pil, to_tensor
 from ..sega import Concept
 from ..tools import compare, metrics, ranks, sweep
@@ -73,7 +73,6 @@ def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
         job_ns = parser().parse_args(["edit", str(inp), "-o", out, *to_argv({**batch, **job, "force": base.force})])
     except SystemExit as e:  # "help": true printed the help; a batch goes on
         raise MinleditsError('"help" is not an option of a job') from e
-    job_ns.jobs = base.jobs  # an input of every job: never written over
     return job_ns
 
 
@@ -105,10 +104,16 @@ def job_name(i, job) -> str:
 
 def check_jobs(args, jobs, defaults):
     """Every job checked before the first one runs: ([(i, args, skip)], {i: why it cannot run})."""
-    ready, failed, owners = [], {}, {}
+    ready, failed, owners, parsed = [], {}, {}, {}
     for i, job in enumerate(jobs):
         try:
-            job_ns = job_args(i, job, defaults, args, Path(args.jobs).parent, Path(args.outdir))
+            parsed[i] = job_args(i, job, defaults, args, Path(args.jobs).parent, Path(args.outdir))
+        except Exception as e:
+            failed[i] = e
+    read = [args.jobs, *(p for job_ns in parsed.values() for p in inputs_of(job_ns))]
+    for i, job_ns in parsed.items():
+        job_ns.reads = read  # the batch's inputs: the jobs file and every job's, never written over by any job
+        try:
             named, skip = check_job(job_ns, Path(args.outdir), args.allow_outside_outdir)
         except Exception as e:
             failed[i] = e
@@ -246,9 +251,7 @@ def sweep_grid(args, cache):
             todo.append(cells[-1])
     old = sweep.read_json(sweep.table_paths(out)["json"])
     mine = isinstance(old, dict) and old.get("format") == sweep.FORMAT
-    rows, cols = sheet_shape(vary)
-    summary = [*sweep.sheet_paths(out, len(cells) // (rows * cols)), *sweep.table_paths(out).values()]
-    for p in summary:
+    for p in summary_paths(vary, out, len(cells)):
         refuse_output(p, True, inputs_of(args))
         if p.exists() and not (mine or args.force):
             raise ValueError(f"{p} exists and is not a sweep's: add --force, or choose another -o")
@@ -264,6 +267,12 @@ def sheet_shape(vary) -> tuple[int, int]:
     """(rows, columns) of a contact sheet: the values of the first two varied keys (one key: one row)."""
     counts = [len(values) for _, values in vary]
     return (counts[0], counts[1]) if len(counts) > 1 else (1, counts[0])
+
+
+def summary_paths(vary, out: Path, count: int) -> list[Path]:
+    """The files a sweep of `count` cells writes besides its cells: its sheets, its table, its plot."""
+    rows, cols = sheet_shape(vary)
+    return [*sweep.sheet_paths(out, count // (rows * cols)), *sweep.table_paths(out).values()]
 
 
 def sweep_text(c, concepts):
@@ -356,7 +365,8 @@ def cmd_sweep(args):
                                   [t[2].get("skip") for t in groups[key]], clip))
     failed = {n: why for part in ranks.gather(failed) for n, why in part.items()}
     if rank == 0:
-        note = sweep_assemble(args, vary, out, cells)
+        with all_or_none(summary_paths(vary, out, len(cells))):
+            note = sweep_assemble(args, vary, out, cells)
         if not args.quiet:
             print(f"minledits: {note}", file=sys.stderr)
         finish(start, f"sweep: {len(todo) - len(failed)} cells done, {len(cells) - len(todo)} kept, "
@@ -417,8 +427,9 @@ def cmd_compare(args):
     rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
              "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(
                  found[0].image, x.image, text, clip).items()}} for x in found]
-    write_png(compare.picture(found), out, dict(command="compare", input=str(args.input), **p),
-              ["compare", str(args.input), *to_argv(p)])
-    sweep.write_json(record, {"input": str(args.input), "settings": p, "inversion_unet_evaluations": inversion_rows,
-                              "left_out": left_out, "panels": rows})
+    with all_or_none([out, record]):
+        write_png(compare.picture(found), out, dict(command="compare", input=str(args.input), **p),
+                  ["compare", str(args.input), *to_argv(p)])
+        sweep.write_json(record, {"input": str(args.input), "settings": p,
+                                  "inversion_unet_evaluations": inversion_rows, "left_out": left_out, "panels": rows})
     finish(start, f"compare: {', '.join(compare.LABELS[x.method] for x in found)} -> {out}", sd.model_id)
