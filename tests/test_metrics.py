@@ -1,6 +1,7 @@
 """Metrics: PSNR and SSIM against scikit-image on fixed arrays, CLIP's towers and preprocessing against transformers
 on random weights in the official layout (tests/clip_hub.py), and `minledits metrics`."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -157,3 +158,36 @@ def test_cli_refuses_pictures_too_small_for_ssim(tmp_path, capsys):
         Image.fromarray(x).save(tmp_path / f"{name}.png")
     rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "b.png", "--clip-model", "none")
     assert rc == 2 and out == "" and err == "minledits: error: SSIM needs pictures of at least 11x11 px, got 8x8\n"
+
+
+def test_json_holds_no_infinity():
+    found = metrics.measure(*[Image.fromarray(PAIRS[0][0])] * 2)
+    text = metrics.to_json(found)
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert found["psnr"] == float("inf") and strict["psnr"] is None and "identical" in strict["notes"]["psnr"]
+    assert "notes" not in json.loads(metrics.to_json(metrics.measure(*map(Image.fromarray, PAIRS[0]))))
+
+
+def bad_pictures(d):
+    """name -> (a picture file that cannot be measured, words of its one-line error)."""
+    Image.fromarray(PAIRS[0][0]).save(d / "ok.png")
+    data = (d / "ok.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_text("hello")
+    Image.new("1", (9400, 9400)).save(d / "huge.png")      # 88 megapixels in a few kB
+    Image.new("1", (20000, 20000)).save(d / "bomb.png")    # past Pillow's own bomb limit
+    return {"truncated.png": "is truncated or damaged", "empty.png": r"is empty \(0 bytes\)",
+            "text.png": "is not a picture Pillow can read",
+            "bomb.png": r"has more pixels than Pillow opens \(a decompression bomb\)",
+            "huge.png": r"is 9400x9400 px \(88 megapixels\), over the limit"}
+
+
+def test_cli_names_each_unreadable_picture_before_decoding_it(tmp_path, capsys, monkeypatch):
+    bad, decoded = bad_pictures(tmp_path), []
+    monkeypatch.setattr(Image.Image, "load", lambda im, f=Image.Image.load: decoded.append(im.size) or f(im))
+    for name, words in bad.items():
+        rc, out, err = run(capsys, "metrics", tmp_path / "ok.png", tmp_path / name, "--clip-model", "none")
+        assert rc == 2 and out == "" and len(err.splitlines()) == 1, (name, err)
+        assert re.search(f"^minledits: error: '{re.escape(str(tmp_path / name))}' {words}", err), err
+    assert (9400, 9400) not in decoded and (20000, 20000) not in decoded

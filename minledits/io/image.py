@@ -3,11 +3,50 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import MinleditsError, shorten
 from .files import require_regular
 
 ACCEPTED = "a path, a binary file object, a PIL image, or an H x W x 3 (or H x W, H x W x 4) uint8 numpy array"
+MAX_PIXELS = 2**25  # width x height of any picture read (33.5 megapixels: 8K UHD fits), checked before decoding
+
+
+class PictureError(MinleditsError, ValueError):
+    """A picture that cannot be read: empty, not a picture, truncated, or over MAX_PIXELS."""
+
+
+def check_pixels(width: int, height: int, name="the picture") -> None:
+    """Refuse a picture of no pixels or of more than MAX_PIXELS, from its size alone (a header, before decoding)."""
+    if width * height == 0:
+        raise PictureError(f"{name} is {width}x{height} px: a picture has pixels")
+    if width * height > MAX_PIXELS:
+        raise PictureError(f"{name} is {width}x{height} px ({width * height / 1e6:.0f} megapixels), over the limit "
+                           f"of {MAX_PIXELS / 1e6:.1f} megapixels for any picture read (a decompression bomb, or a "
+                           "picture to scale down first)")
+
+
+def decode(image) -> Image.Image:
+    """A picture file (path or binary file object) opened and decoded, after check_pixels on its header; an empty,
+    unreadable, truncated or oversized file is one PictureError line naming it."""
+    name = shorten(str(image), 500) if isinstance(image, (str, os.PathLike)) else "the picture"
+    try:
+        im = Image.open(image)
+        check_pixels(*im.size, name)
+        im.load()  # a truncated or corrupt file fails here, not later
+    except PictureError:
+        raise
+    except Image.DecompressionBombError:
+        raise PictureError(f"{name} has more pixels than Pillow opens (a decompression bomb), over the limit of "
+                           f"{MAX_PIXELS / 1e6:.1f} megapixels for any picture read") from None
+    except UnidentifiedImageError:
+        empty = isinstance(image, (str, os.PathLike)) and os.path.getsize(image) == 0
+        raise PictureError(f"{name} is {'empty (0 bytes)' if empty else 'not a picture Pillow can read'}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, OSError) and e.filename:  # cannot be opened at all (missing, unreadable): as it is
+            raise
+        raise PictureError(f"{name} is truncated or damaged ({' '.join(str(e).split())}): save it again") from None
+    return im
 
 
 def open_rgb(image) -> Image.Image:
@@ -16,16 +55,18 @@ def open_rgb(image) -> Image.Image:
         if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (3, 4)):
             raise TypeError(f"an image array must be H x W x 3 (or H x W, H x W x 4) uint8, got "
                             f"{' x '.join(map(str, image.shape))} {image.dtype}")
+        check_pixels(image.shape[1], image.shape[0], "the image array")
         im = Image.fromarray(image)
     elif isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
         if not hasattr(image, "read") and os.path.exists(image):  # a named pipe would block open() for ever
             require_regular(image, "the image")
-        im = Image.open(image)
+        im = decode(image)
     elif isinstance(image, Image.Image):
+        check_pixels(*image.size, "the PIL image")
         im = image
     else:
         raise TypeError(f"an image is {ACCEPTED}; got {type(image).__name__}")
-    im.load()  # a truncated or corrupt file fails here, not later
+    im.load()
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: keep the top 8 bits of a 16-bit range
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))

@@ -153,6 +153,15 @@ class Clip:
         return (e[0] * e[1]).sum().item()
 
 
+def to_json(found: dict) -> str:
+    """measure()'s dict as strict JSON: a value that is not a JSON number (psnr's inf for identical pictures) is
+    null, and "notes" says why."""
+    bad = {k: v for k, v in found.items() if isinstance(v, float) and not math.isfinite(v)}
+    notes = {k: f"{v} (the pictures are identical)" if k == "psnr" and v == math.inf else str(v)
+             for k, v in bad.items()}
+    return json.dumps({**found, **dict.fromkeys(bad), **({"notes": notes} if notes else {})}, allow_nan=False)
+
+
 def measure(source, edited, text: str | None = None, clip: Clip | None = None) -> dict:
     """{psnr, ssim, clip_score, clip_image} of an edit against its source (CLIP's None without clip; clip_score None
     without text)."""
