@@ -282,3 +282,21 @@ def test_a_sweep_whose_table_fails_reruns_without_force(inv, tmp_path, capsys, m
     rc, printed, err = run(capsys, *argv)
     assert rc == 0 and "0 cells done, 2 kept" in printed, err
     assert (tmp_path / "g.png").exists() and (tmp_path / "g.csv").exists()
+
+
+# --------------------------------------------------------------------------------------------- 5. before any work
+@pytest.mark.parametrize("command", ["edit", "sweep", "compare"])
+def test_a_folder_that_takes_no_file_is_found_before_any_work(inv, tmp_path, capsys, no_work, monkeypatch, command):
+    def read_only(*args, **kwargs):  # as root a chmod would not stop the writes
+        raise PermissionError(errno.EACCES, "Permission denied", str(kwargs["dir"] / ".tmpx"))
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
+    extra = {"edit": ["-e", "x"], "sweep": ["--vary", "concept.0.scale=1,2", "-e", "x"], "compare": ["-e", "x"]}
+    rc, _, err = run(capsys, command, inv, "-o", tmp_path / "o.png", *extra[command], "-q")
+    one_error(rc, err, f"{tmp_path} is not a writable folder", "Permission denied", code=1 if command == "edit" else 2)
+    assert ".tmp" not in err
+
+
+@pytest.mark.parametrize("name", ["o.jpg", "o.JPEG", "o.webp", "o.tif"])
+def test_an_output_named_for_another_format_is_refused(inv, tmp_path, capsys, no_work, name):
+    one_error(*run(capsys, "edit", inv, "-o", tmp_path / name, "-e", "x")[::2], name, "PNG", "o.png")
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ from ..tools.trace import AttentionTrace, Trace, side_by_side
 from .options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+OTHER_PICTURES = {ext for ext, kind in Image.registered_extensions().items() if kind != "PNG"}  # -o a.jpg: refused
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
 
@@ -93,6 +94,9 @@ def outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
         other = seen.setdefault(p.resolve(), key)  # resolve(): "a/../b", symbolic links
         if other != key:
             raise MinleditsError(f"{names[other]} and {names[key]} both name {p}: give them different names")
+        if key in ("output", "compare") and args.cmd != "invert" and p.suffix.lower() in OTHER_PICTURES:
+            raise MinleditsError(f"{names[key]} {p}: minledits writes PNG files (the settings travel in their text): "
+                                 f"name it {p.with_suffix('.png')}")
         if (key == "save_inversion" or args.cmd == "invert") and p.suffix != ".safetensors":
             raise MinleditsError(f"{names[key]} {p}: an inversion file is named *.safetensors "
                                  f"(e.g. {p.with_suffix('.safetensors')})")
