@@ -186,6 +186,8 @@ def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback
     at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: parity.feeds_back).
     callback(done, total) reports progress of the UNet work.
     """
+    if not (type(batch_size) is int and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {shorten(batch_size)}")
     s = with_zero_noise_steps(InversionSettings(**{"size": sd.default_size, **settings}), sd)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)

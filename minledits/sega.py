@@ -71,6 +71,8 @@ class Concept:
             if key.strip() not in kinds or not eq:
                 raise ValueError(f"bad concept option {shorten(item)} in {shorten(spec)}: use key=value with key one "
                                  f"of {', '.join(kinds)}")
+            if key.strip() in kw:
+                raise ValueError(f"concept option {key.strip()} given twice in {shorten(spec)}: give it once")
             try:
                 kw[key.strip()] = kinds[key.strip()](value)
             except ValueError:

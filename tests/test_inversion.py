@@ -1,13 +1,15 @@
 """Edit-friendly DDPM inversion against an oracle built from diffusers primitives (tests/oracle.py)."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 
 import minledits
 from minledits import InversionError
-from minledits.io.image import to_tensor
+from minledits.io.image import fit_size, to_tensor
 from tests import oracle
 from tests.helpers import SIZE, SKIP, N, photo
 
@@ -67,12 +69,19 @@ def test_only_the_first_batch_may_be_partial(sd1, monkeypatch, skip, batch_size)
 
 
 @pytest.mark.parametrize("bad", [dict(skip=10), dict(skip=-1), dict(steps=0), dict(source_guidance=float("nan")),
-                                 dict(size=100)])
+                                 dict(size=100), dict(batch_size=0), dict(batch_size=-2), dict(batch_size=1.5),
+                                 dict(image=np.zeros((0, 0, 3), np.uint8)), dict(image=np.zeros((64, 0, 3), np.uint8)),
+                                 dict(image=Image.new("RGB", (4096, 64)), keep_aspect=True)])
 def test_bad_parameters_fail_before_any_unet_work(sd1, monkeypatch, bad):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
-    monkeypatch.setattr(sd1, "vae", None)  # nor the VAE
-    with pytest.raises(ValueError):
-        minledits.invert(sd1, photo(), **{**dict(steps=N, skip=SKIP, size=SIZE), **bad})
+    if "image" in bad:  # a picture is read after the model's size check (which reads the VAE's config)
+        monkeypatch.setattr(sd1, "encode", lambda *a: pytest.fail("the VAE ran"))
+    else:
+        monkeypatch.setattr(sd1, "vae", None)  # nor the VAE
+    image = bad.pop("image", photo())
+    with pytest.raises(ValueError) as e:
+        minledits.invert(sd1, image, **{**dict(steps=N, skip=SKIP, size=SIZE), **bad})
+    assert "\n" not in str(e.value)
 
 
 def test_a_vae_that_downscales_by_2(tiny_sd1, sd1, tmp_path):
@@ -107,3 +116,14 @@ def test_skip_none_keeps_the_methods_proportion(sampler, steps, skip):
 def test_steps_without_skip_invert(sd1):
     inv = minledits.invert(sd1, photo(), steps=10, size=SIZE)
     assert inv.settings.skip == 4 and len(inv.zs) == 6
+
+
+@pytest.mark.parametrize("picture, size, fitted", [((4096, 64), 64, None), ((64, 4096), 512, None),
+                                                   ((3000, 2000), 512, (512, 320)), ((1000, 100), 512, (512, 64)),
+                                                   ((600, 400), 128, (128, 64)), ((3000, 2000), 64, (64, 64))])
+def test_keep_aspect_refuses_to_stretch_a_picture(picture, size, fitted):
+    if fitted:
+        assert fit_size(*picture, size, True) == fitted
+    else:
+        with pytest.raises(ValueError, match=f"a {picture[0]}x{picture[1]} px picture cannot keep its aspect ratio"):
+            fit_size(*picture, size, True)

@@ -65,10 +65,17 @@ def test_bad_concept_parameters(bad):
         Concept("a", **bad)
 
 
-@pytest.mark.parametrize("spec", ["a:scale", "a:foo=1", "a:scale=x", ":scale=1", "-", "a:threshold=1"])
+@pytest.mark.parametrize("spec", ["a:scale", "a:foo=1", "a:scale=x", ":scale=1", "-", "a:threshold=1",
+                                  "hat:scale=1,scale=2", "hat:warmup=1, warmup =1"])
 def test_bad_concept_specs(spec):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as e:
         Concept.parse(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_a_concept_option_given_twice_is_named():
+    with pytest.raises(ValueError, match="concept option scale given twice in 'hat:scale=1,scale=2': give it once"):
+        Concept.parse("hat:scale=1,scale=2")
 
 
 def test_concept_specs_and_dicts():

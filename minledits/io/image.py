@@ -9,6 +9,7 @@ from ..errors import MinleditsError, shorten
 from .files import require_regular
 
 ACCEPTED = "a path, a binary file object, a PIL image, or an H x W x 3 (or H x W, H x W x 4) uint8 numpy array"
+MAX_STRETCH = 1.5  # the most keep_aspect may stretch a picture's aspect ratio (sides rounded to multiples of 64)
 MAX_PIXELS = 2**25  # width x height of any picture read (33.5 megapixels: 8K UHD fits), checked before decoding
 
 
@@ -78,11 +79,17 @@ def open_rgb(image) -> Image.Image:
 
 
 def fit_size(width: int, height: int, size: int, keep_aspect: bool) -> tuple[int, int]:
-    """The (w, h) the image is resized to: size x size, or the longest side = size, sides multiples of 64."""
+    """The (w, h) the image is resized to: size x size, or the longest side = size, sides multiples of 64 (refused
+    where that stretches its aspect ratio more than MAX_STRETCH times)."""
     if not keep_aspect:
         return size, size
     scale = size / max(width, height)
-    return tuple(max(64, round(side * scale / 64) * 64) for side in (width, height))
+    w, h = (max(64, round(side * scale / 64) * 64) for side in (width, height))
+    if max(stretch := (w / h) / (width / height), 1 / stretch) > MAX_STRETCH:
+        raise PictureError(f"a {width}x{height} px picture cannot keep its aspect ratio at size {size}: it would be "
+                           f"{w}x{h} (sides are multiples of 64), stretched {max(stretch, 1 / stretch):.1f} times: "
+                           "give a larger size, or leave out keep-aspect to centre-crop")
+    return w, h
 
 
 def to_tensor(image, size: int = 512, keep_aspect: bool = False) -> torch.Tensor:
