@@ -35,7 +35,7 @@ from .io.image import to_tensor
 from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
 from .sampler import SAMPLERS, Sampler
 
-BATCH_SIZE = 4  # inversion timesteps per UNet call (README, Performance)
+BATCH_SIZE = 4  # inversion timesteps per UNet call (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,9 @@ def flow(tiny_sd1, photo, tmp_path_factory):
     d, model = tmp_path_factory.mktemp("flow"), ["--model", tiny_sd1.folder]
     concepts = ["-e", "glasses", "-e", "-beard", "-e", "smile:scale=5,threshold=0.9,warmup=1,cooldown=3,weight=2"]
     assert cli.main(map(str, ["invert", photo, "-o", d / "inv.safetensors", *model, *FAST, "--seed", 3])) == 0
-    assert cli.main(map(str, ["edit", d / "inv.safetensors", "-o", d / "edit.png", *concepts, "--target-prompt",
-                              "a man", "--trace", d / "trace", "--compare", "-q"])) == 0
-    assert cli.main(map(str, ["reconstruct", d / "inv.safetensors", "-o", d / "rec.png", "-q"])) == 0
+    assert cli.main(map(str, ["edit", d / "inv.safetensors", *model, "-o", d / "edit.png", *concepts,
+                              "--target-prompt", "a man", "--trace", d / "trace", "--compare", "-q"])) == 0
+    assert cli.main(map(str, ["reconstruct", d / "inv.safetensors", *model, "-o", d / "rec.png", "-q"])) == 0
     return types.SimpleNamespace(dir=d, model=model, concepts=concepts)
 
 
@@ -209,6 +209,12 @@ def _foreign(d: Path) -> Path:
     return d / "foreign.safetensors"
 
 
+def existing(path):
+    """path, after writing a file there."""
+    path.write_bytes(b"x")
+    return path
+
+
 ERRORS = {  # name: (argv builder (d, photo, inv, model) -> argv, words the message must contain)
     "truncated image": (lambda d, p, i, m: ["edit", _truncated_png(d), *m], ["cannot read image", "truncated"]),
     "not an image": (lambda d, p, i, m: ["invert", (d / "x.jpg", (d / "x.jpg").write_text("hi"))[0], *m],
@@ -216,26 +222,28 @@ ERRORS = {  # name: (argv builder (d, photo, inv, model) -> argv, words the mess
     "missing image": (lambda d, p, i, m: ["edit", d / "nope.jpg", *m], ["nope.jpg", "does not exist"]),
     "missing model": (lambda d, p, i, m: ["edit", p, "--model", d / "no-model"], ["no-model", "does not exist"]),
     "model folder without unet": (lambda d, p, i, m: ["edit", p, "--model", d], ["unet"]),
-    "bad concept syntax": (lambda d, p, i, m: ["edit", i, "-e", "smile:scale"], ["bad concept option", "smile:scale"]),
-    "bad concept value": (lambda d, p, i, m: ["edit", i, "-e", "smile:warmup=soon"], ["warmup", "soon"]),
-    "concept threshold out of range": (lambda d, p, i, m: ["edit", i, "-e", "a:threshold=1.5"], ["threshold"]),
+    "bad concept syntax": (lambda d, p, i, m: ["edit", i, *m, "-e", "smile:scale"],
+                           ["bad concept option", "smile:scale"]),
+    "bad concept value": (lambda d, p, i, m: ["edit", i, *m, "-e", "smile:warmup=soon"], ["warmup", "soon"]),
+    "concept threshold out of range": (lambda d, p, i, m: ["edit", i, *m, "-e", "a:threshold=1.5"], ["threshold"]),
     "skip out of range": (lambda d, p, i, m: ["edit", p, *m, "--steps", "6", "--skip", "6"], ["skip"]),
     "size not a multiple of 64": (lambda d, p, i, m: ["invert", p, *m, "--size", "100"], ["size", "64"]),
-    "momentum beta out of range": (lambda d, p, i, m: ["edit", i, "--momentum-beta", "2"], ["momentum"]),
-    "concepts without guidance": (lambda d, p, i, m: ["edit", i, "-e", "a", "--target-guidance", "1"],
+    "momentum beta out of range": (lambda d, p, i, m: ["edit", i, *m, "--momentum-beta", "2"], ["momentum"]),
+    "concepts without guidance": (lambda d, p, i, m: ["edit", i, *m, "-e", "a", "--target-guidance", "1"],
                                   ["target-guidance"]),
-    "unwritable output folder": (lambda d, p, i, m: ["edit", i, "-o", p / "out.png"], ["not a writable folder"]),
-    "output exists": (lambda d, p, i, m: ["reconstruct", i, "-o", (d / "old.png", (d / "old.png").write_bytes(b"x"))[0]],
-                      ["exists", "--force"]),
+    "unwritable output folder": (lambda d, p, i, m: ["edit", i, *m, "-o", p / "out.png"], ["not a writable folder"]),
+    "output exists": (lambda d, p, i, m: ["reconstruct", i, *m, "-o", existing(d / "old.png")], ["exists", "--force"]),
+    "inversion of a model not named": (lambda d, p, i, m: ["edit", i, "-e", "glasses"],
+                                       ["was made with model", "loads only a model you name: add --model"]),
     "inversion of another model": (lambda d, p, i, m: ["edit", i, "--model", "random-tiny"],
                                    ["was made with model", "random-tiny"]),
-    "inversion at another resolution": (lambda d, p, i, m: ["edit", i, "--size", "128"], ["size=64", "not 128"]),
+    "inversion at another resolution": (lambda d, p, i, m: ["edit", i, *m, "--size", "128"], ["size=64", "not 128"]),
     "corrupt inversion file": (lambda d, p, i, m: ["edit", (d / "c.safetensors", (d / "c.safetensors")
                                                             .write_bytes(i.read_bytes()[:300]))[0]],
                                ["not a readable inversion file"]),
     "foreign safetensors": (lambda d, p, i, m: ["reconstruct", _foreign(d)], ["not a minledits inversion"]),
-    "no such device": (lambda d, p, i, m: ["edit", i, "--device", "mps"] if not torch.backends.mps.is_available()
-                       else ["edit", i, "--device", "cuda"], ["no such device"]),
+    "no such device": (lambda d, p, i, m: ["edit", i, *m, "--device", "mps"] if not torch.backends.mps.is_available()
+                       else ["edit", i, *m, "--device", "cuda"], ["no such device"]),
 }
 
 

@@ -31,16 +31,18 @@ def test_every_command_on_a_vae_that_downscales_by_2(tiny_vae2, image, tmp_path,
     rc, _, err = run(capsys, "invert", image, "-o", inv, *model, *FAST, "--source-prompt", "a photo")
     assert rc == 0, err
     assert store.load(inv).xts.shape[-2:] == (32, 32)
-    for name, argv in [("ledits", ["edit", inv, "-e", "hat", "--target-prompt", "a cat", "--trace", tmp_path / "t"]),
-                       ("leditspp", ["edit", inv, "--method", "leditspp", "-e", "hat"]),
-                       ("p2p", ["edit", inv, "--method", "p2p", "--target-prompt", "a cat"]),
-                       ("reconstruct", ["reconstruct", inv]),
+    for name, argv in [("ledits", ["edit", inv, *model, "-e", "hat", "--target-prompt", "a cat", "--trace",
+                                   tmp_path / "t"]),
+                       ("leditspp", ["edit", inv, *model, "--method", "leditspp", "-e", "hat"]),
+                       ("p2p", ["edit", inv, *model, "--method", "p2p", "--target-prompt", "a cat"]),
+                       ("reconstruct", ["reconstruct", inv, *model]),
                        ("image", ["edit", image, *model, *FAST, "-e", "hat", "--save-inversion",
                                   tmp_path / "saved.safetensors", "--compare"])]:
         rc, _, err = run(capsys, *argv, "-o", tmp_path / f"{name}.png", "-q")
         assert rc == 0 and err == "", (name, err)
         assert Image.open(tmp_path / f"{name}.png").size == (64, 64), name
-    rc, _, err = run(capsys, "edit", tmp_path / "saved.safetensors", "-o", tmp_path / "again.png", "-e", "hat", "-q")
+    rc, _, err = run(capsys, "edit", tmp_path / "saved.safetensors", *model, "-o", tmp_path / "again.png", "-e", "hat",
+                     "-q")
     assert rc == 0, err
     pixels = [np.asarray(Image.open(tmp_path / name)) for name in ("again.png", "image.png")]
     assert np.array_equal(*pixels)

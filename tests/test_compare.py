@@ -123,8 +123,8 @@ def test_from_an_inversion_file(result, tiny_sd1, image, tmp_path, capsys):
     inv = tmp_path / "inv.safetensors"
     assert run(capsys, "invert", image, "-o", inv, "--model", tiny_sd1.folder, *FAST, "--source-prompt", "a photo",
                "-q")[0] == 0
-    assert run(capsys, "compare", inv, "-o", tmp_path / "c.png", "--target-prompt", "a cat", *CONCEPTS,
-               "--clip-model", "none", "-q")[0] == 0
+    assert run(capsys, "compare", inv, "--model", tiny_sd1.folder, "-o", tmp_path / "c.png", "--target-prompt", "a cat",
+               *CONCEPTS, "--clip-model", "none", "-q")[0] == 0
     record = json.loads((tmp_path / "c.json").read_text())
     assert record["inversion_unet_evaluations"] == 0 and len(record["panels"]) == 6
     assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(Image.open(result.out)))

@@ -515,7 +515,8 @@ def test_cli_edits_a_single_file_end_to_end(original, tmp_path):
     if sd2:
         assert cli.main(["invert", str(photo), "-o", str(inv), *common]) == 1 and not inv.exists()
     assert cli.main(["invert", str(photo), "-o", str(inv), *common, *pred, "--source-prompt", "a photo"]) == 0
-    assert cli.main(["edit", str(inv), "-o", str(out), "-e", "glasses", "-e", "-beard", *pred, "-q"]) == 0
+    assert cli.main(["edit", str(inv), "--model", str(path), "-o", str(out), "-e", "glasses", "-e", "-beard",
+                     *pred]) == 0
     sd = minledits.load(path, prediction_type="v_prediction" if sd2 else None)
     w0 = minledits.edit(sd, minledits.invert(sd, photo, source_prompt="a photo", steps=6, skip=2, size=64),
                         concepts=["glasses", "-beard"])

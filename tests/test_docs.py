@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 REPO_MAP = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
 DOCS = ["README.md", "weights/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
-SETUP = ['python -m venv .venv && . .venv/bin/activate && pip install torch && pip install -e ".[test]" && pytest',
-         "minledits edit photo.jpg -o edited.png -e glasses --model random-tiny"]
+SETUP = ['python -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[test]" '
+         '&& pytest',
+         "minledits edit examples/photo.jpg -o edited.png -e glasses --model random-tiny"]
 
 
 def section(text: str, heading: str) -> str:

@@ -277,7 +277,7 @@ def test_exactly_invertible_option(request, kind):
     Each step lands on the next x_t up to the rounding of mu + C z (~2 ulp), which the random UNet carries on:
     seen <= 6e-6 after 9 steps. batch_size=1 makes the inversion's UNet calls the edit's shape (a batch of 4 runs
     other kernels: ~1e-7 relative more per call, seen 1.3e-5). The pipeline's grid (the default) ends with
-    sigma 0, where the last step lands on the x0 prediction, so no noise map makes it exact (README)."""
+    sigma 0, where the last step lands on the x0 prediction, so no noise map makes it exact (docs/references.md)."""
     sd = minledits.load(request.getfixturevalue(kind).folder)
     errors = {}
     for exact in (False, True):

@@ -131,6 +131,9 @@ def test_cli(clip_folder, tmp_path, capsys):
     found = json.loads(out)
     assert rc == 0 and err == "" and found["psnr"] == pytest.approx(metrics.psnr(a, b))
     assert set(found) == {"psnr", "ssim", "clip_score", "clip_image"} and found["clip_score"] is not None
+    rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "a.png", "--clip-model", "/no/such/clip",
+                       "--json")
+    assert rc == 0 and "Infinity" not in out and json.loads(out)["psnr"] is None and "identical" in out
     rc, out, err = run(capsys, "metrics", tmp_path / "a.png", tmp_path / "b.png", "--clip-model", "/no/such/clip")
     assert rc == 0 and out.startswith("psnr ") and "clip" not in out
     assert err.startswith("minledits: note: CLIP metrics left out") and len(err.splitlines()) == 1

@@ -328,7 +328,7 @@ def test_cli_help_states_the_p2p_defaults(capsys):
 
 def test_the_references_patch_finds_nothing_on_todays_diffusers(tiny_sd1):
     """The reference's register_attention_control patches the modules whose class is named "CrossAttention"
-    (diffusers 0.8.0); diffusers 0.42.1 has none, so its controller would never be called (README)."""
+    (diffusers 0.8.0); diffusers 0.42.1 has none, so its controller would never be called (docs/references.md)."""
     names = {type(m).__name__ for m in tiny_sd1.unet.modules()}
     assert "CrossAttention" not in names and "Attention" in names
 

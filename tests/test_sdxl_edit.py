@@ -190,7 +190,8 @@ def test_command_line_on_sdxl(xl, tmp_path, capsys):
     inv = tmp_path / "inv.safetensors"
     common = ["--model", ref.folder, "--device", "cpu", "--steps", 6, "--skip", 1, "--size", SIZE, "-q"]
     assert run(capsys, "invert", tmp_path / "photo.png", "-o", inv, *common, "--sampler", "dpmsolver++")[0] == 0
-    rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "pp.png", "--method", "leditspp", "-e", "glasses", "-q")
+    rc, _, err = run(capsys, "edit", inv, "--model", ref.folder, "-o", tmp_path / "pp.png", "--method", "leditspp",
+                     "-e", "glasses", "-q")
     assert rc == 0, err
     info = json.loads(Image.open(tmp_path / "pp.png").text["minledits"])
     assert info["zero_noise_steps"] == 3 and info["method"] == "leditspp"

@@ -197,9 +197,11 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tiny_sd1, image, tmp_p
 def test_an_inversion_file_varies_edit_options_only(tiny_sd1, image, tmp_path, capsys):
     inv = tmp_path / "inv.safetensors"
     assert run(capsys, "invert", image, "-o", inv, "--model", tiny_sd1.folder, *FAST, "-q")[0] == 0
-    rc, _, err = run(capsys, "sweep", inv, "-o", tmp_path / "g.png", "--vary", "seed=1,2", "--clip-model", "none")
+    rc, _, err = run(capsys, "sweep", inv, "--model", tiny_sd1.folder, "-o", tmp_path / "g.png", "--vary", "seed=1,2",
+                     "--clip-model", "none")
     assert rc == 2 and "an inversion file fixes the inversion options" in err
-    rc, _, _ = run(capsys, "sweep", inv, "-o", tmp_path / "g.png", "--vary", "concept.0.scale=2,4", "-e", "hat",
+    rc, _, _ = run(capsys, "sweep", inv, "--model", tiny_sd1.folder, "-o", tmp_path / "g.png",
+                   "--vary", "concept.0.scale=2,4", "-e", "hat",
                    "--clip-model", "none", "-q")
     assert rc == 0 and Image.open(tmp_path / "g.png").size == (3 * 64, 2 * 64)  # 1-D: one row
     assert json.loads(Image.open(tmp_path / "g.png").text["minledits"])["rows"] == [""]

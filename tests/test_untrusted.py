@@ -5,7 +5,8 @@ import pytest
 
 import minledits
 from minledits import InversionError, InversionFileError
-from minledits.io import load, store, tiny
+from minledits.cli import commands
+from minledits.io import load, tiny
 
 
 @pytest.mark.parametrize("recorded", ["/etc/secret-model", "someone/any-hub-repo", "a\nb"])
@@ -13,20 +14,20 @@ def test_the_model_an_inversion_file_names_is_a_suggestion_not_a_load(inv1, reco
     inv = dataclasses.replace(inv1, model_id=recorded)
     with pytest.raises(InversionFileError, match="was made with model .*minledits loads only a model you name: "
                                                  "add --model ") as e:
-        store.model_to_load(inv, None, "x.safetensors")
+        commands.model_to_load(inv, None, "x.safetensors")
     assert "\n" not in str(e.value)
-    assert store.model_to_load(inv, "mine", "x.safetensors") == "mine"
+    assert commands.model_to_load(inv, "mine", "x.safetensors") == "mine"
 
 
 def test_the_suggestion_is_a_shell_word():
     inv = dataclasses.replace(minledits.Inversion([], None, None, None, None), model_id="my model")
     with pytest.raises(InversionFileError, match="add --model 'my model' if you trust it"):
-        store.model_to_load(inv)
+        commands.model_to_load(inv)
 
 
 @pytest.mark.parametrize("recorded", [load.DEFAULT_MODEL, tiny.NAME])
 def test_minledits_own_models_need_no_option(inv1, recorded):
-    assert store.model_to_load(dataclasses.replace(inv1, model_id=recorded)) == recorded
+    assert commands.model_to_load(dataclasses.replace(inv1, model_id=recorded)) == recorded
 
 
 def test_a_recorded_name_is_quoted_short_when_it_is_checked(sd1, inv1):

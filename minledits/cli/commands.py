@@ -19,12 +19,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import ledits, leditspp, p2p
-from ..errors import MinleditsError, shorten
+from ..errors import InversionFileError, MinleditsError, shorten
 from ..inversion import InversionSettings, invert
 from ..io import store, tiny
 from ..io.files import all_or_none, atomic, refuse_output, require_regular, require_writable
 from ..io.image import open_rgb, to_pil
-from ..io.load import DTYPES, download, dtype_name, load
+from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, load
 from ..model import decode
 from ..tools import metrics
 from ..tools.trace import AttentionTrace, Trace, side_by_side
@@ -144,6 +144,19 @@ def inversion_settings(args, default_size: int) -> InversionSettings:
     return InversionSettings(**{**s, "size": s["size"] or default_size})
 
 
+def model_to_load(inv, given=None, source="the inversion") -> str:
+    """The model to read for `inv`: the one the user named (given), else minledits' own default or random-tiny when
+    the inversion was made with one of them. The name recorded in a file is never read by itself (a file from
+    someone else could name any local path or Hub repository): it is a check (check_made_with) and a suggestion."""
+    if given:
+        return given
+    if inv.model_id in (DEFAULT_MODEL, tiny.NAME):
+        return inv.model_id
+    named = shlex.quote(inv.model_id) if len(inv.model_id) <= 200 and inv.model_id.isprintable() else "MODEL"
+    raise InversionFileError(f"{source} was made with model {shorten(inv.model_id)}; minledits loads only a model "
+                             f"you name: add --model {named} if you trust it")
+
+
 def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
     """(model, Inversion) of args.input: an inversion file is read and checked; an image is inverted with `settings`
     (by default inversion_settings'), after check_model(model) (an edit's checks that need the model)."""
@@ -151,7 +164,7 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
         inv = store.load(args.input)
         store.check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
                                                            if getattr(args, k) is not None})
-        sd = model_of(args, cache, args.model or inv.model_id)
+        sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         store.check_made_with(inv, sd, source=args.input)
         return sd, inv
     try:
@@ -398,5 +411,5 @@ def cmd_metrics(args):
     if clip := clip_of(args):
         found = metrics.measure(a, b, args.text, clip)
     if args.json:
-        return print(json.dumps(found))
+        return print(metrics.to_json(found))
     print(", ".join(f"{k} {v:.4f}" for k, v in found.items() if v is not None))

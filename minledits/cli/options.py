@@ -52,7 +52,7 @@ INVERT = [
      "with dpmsolver++, as diffusers' LEDITS++ XL pipeline)", INT),
     (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM) or dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M)",
      dict(choices=list(SAMPLERS))),
-    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: README, Performance)", INT)]
+    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: docs/benchmarks.md)", INT)]
 EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
      "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion: needs --source-prompt and "

@@ -10,7 +10,6 @@ An inversion file is one safetensors file:
               metadata holds strings only). A file of another version is refused: invert again.
 """
 import json
-import shlex
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from ..inversion import Inversion, InversionSettings
 from ..model import StableDiffusion
 from ..sampler import SAMPLERS
 from .files import atomic, require_regular
-from .load import DEFAULT_MODEL, DTYPES
-from .tiny import NAME as TINY
 
 FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
@@ -103,7 +100,7 @@ def load(path) -> Inversion:
 def check_format(path, tensors: dict, settings: InversionSettings, dtype) -> None:
     """Refuse, naming the tensor, any tensor that the format (TENSORS) does not have, or of another rank, size or
     dtype, and timesteps that are not descending from below 2**31: before anything is built from them."""
-    floats = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+    floats = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16")}
     if not (isinstance(dtype, str) and dtype in floats):
         raise InversionFileError(f"{path} is a damaged minledits inversion file (dtype {shorten(dtype)} is not one "
                                  f"of {', '.join(floats)})")
@@ -126,19 +123,6 @@ def check_format(path, tensors: dict, settings: InversionSettings, dtype) -> Non
     if not (bool((ts[:-1] > ts[1:]).all()) and (len(ts) == 0 or 0 <= int(ts[-1]) and int(ts[0]) < 2**31)):
         raise InversionFileError(f"{path} is a damaged minledits inversion file: its timesteps are not descending "
                                  "whole numbers from 0 to 2**31 - 1: invert again")
-
-
-def model_to_load(inv: Inversion, given=None, source="the inversion") -> str:
-    """The model to read for `inv`: the one the user named (given), else minledits' own default or random-tiny when
-    the inversion was made with one of them. The name recorded in a file is never read by itself (a file from
-    someone else could name any local path or Hub repository): it is a check (check_made_with) and a suggestion."""
-    if given:
-        return given
-    if inv.model_id in (DEFAULT_MODEL, TINY):
-        return inv.model_id
-    named = shlex.quote(inv.model_id) if len(inv.model_id) <= 200 and inv.model_id.isprintable() else "MODEL"
-    raise InversionFileError(f"{source} was made with model {shorten(inv.model_id)}; minledits loads only a model "
-                             f"you name: add --model {named} if you trust it")
 
 
 def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
