@@ -3,10 +3,12 @@ defaults make a first try quick, 10,000 characters of text give a short message,
 read for ever, and a command adds nothing to the arguments it is given (what it needs it is passed)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,6 +30,10 @@ def image(tmp_path_factory):
 
 def parameters(path) -> str:
     return Image.open(path).text["parameters"]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 # --------------------------------------------------------------------------------------------- --steps, --skip
@@ -56,6 +62,31 @@ def test_steps_without_skip_in_invert_sweep_and_help(image, tmp_path, capsys):
     assert [tuple(c["settings"][k] for k in ("steps", "skip", "size")) for c in cells] == [(5, 2, 64), (20, 7, 64)]
     help_text = " ".join(run(capsys, "edit", "--help")[1].split())
     assert "the method's share of N: 36 of 100; --method p2p: 12 of 100; --sampler dpmsolver++: 13 of 100" in help_text
+
+
+# --------------------------------------------------------------------------------------------- the parameters line
+def rerun_parameters(capsys, png: Path, out: Path) -> list:
+    """The PNG's `parameters` line run again, to `out`: its argv."""
+    argv = shlex.split(parameters(png))
+    assert argv[0] == "minledits"
+    rc, _, err = run(capsys, *argv[1:], "-o", out, "-q")
+    assert rc == 0, err
+    return argv
+
+
+def test_the_parameters_line_carries_the_batch_size(image, tmp_path, capsys):
+    """--batch-size changes pixels (the inversion's UNet calls group timesteps): the line that remakes the file
+    names it; from an inversion file it changes nothing and is left out."""
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "a.png", *TINY, "--steps", "6", "--batch-size", "1",
+                     "-e", "hat", "--save-inversion", tmp_path / "i.safetensors")
+    assert rc == 0, err
+    assert "--batch-size=1" in rerun_parameters(capsys, tmp_path / "a.png", tmp_path / "b.png")
+    assert (pixels(tmp_path / "a.png") == pixels(tmp_path / "b.png")).all()
+    assert json.loads(Image.open(tmp_path / "a.png").text["minledits"])["batch_size"] == 1
+    assert run(capsys, "edit", tmp_path / "i.safetensors", "-o", tmp_path / "c.png", *TINY, "-e", "hat")[0] == 0
+    argv = rerun_parameters(capsys, tmp_path / "c.png", tmp_path / "d.png")
+    assert not any(a.startswith("--batch-size") for a in argv)
+    assert (pixels(tmp_path / "c.png") == pixels(tmp_path / "d.png")).all()
 
 
 # --------------------------------------------------------------------------------------------- random-tiny

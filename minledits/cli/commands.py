@@ -32,6 +32,7 @@ from .options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 OTHER_PICTURES = {ext for ext, kind in Image.registered_extensions().items() if kind != "PNG"}  # -o a.jpg: refused
+MODEL_OPTIONS = ("revision", "variant", "prediction_type", "vae")  # the weights model_of loads besides --model
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
 
@@ -49,7 +50,7 @@ def model_of(args, cache: dict, model=None):
     elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
-    key = (model, args.revision, args.variant, args.prediction_type, args.vae, device, dtype)
+    key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), device, dtype)
     if key not in cache and model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
     if key not in cache:
@@ -221,9 +222,13 @@ def shown(text: str) -> str:
 
 
 def made_with(args, sd, inv) -> dict:
-    """What decides a picture's pixels besides the method: the model, device, dtype (--vae) and inversion."""
-    vae = {"vae": str(args.vae)} if getattr(args, "vae", None) else {}
-    return dict(model=sd.model_id, device=sd.device.type, dtype=dtype_name(sd.dtype), **inv.settings.dict(), **vae)
+    """What decides a picture's pixels besides the method: the model (and the weights' --revision, --variant,
+    --prediction-type and --vae where given), device, dtype, the inversion's settings, and --batch-size where this
+    run inverts an image (an inversion file's tensors are made already)."""
+    weights = {k: str(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
+    batch = {} if is_inversion_file(args.input) else {"batch_size": args.batch_size}
+    return dict(model=sd.model_id, **weights, device=sd.device.type, dtype=dtype_name(sd.dtype),
+                **inv.settings.dict(), **batch)
 
 
 def write_png(im, path, record: dict, argv: list | None = None) -> None:
