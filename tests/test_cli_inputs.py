@@ -14,6 +14,7 @@ from PIL import Image
 
 import minledits
 from minledits import cli
+from minledits.cli import commands
 from minledits.cli.options import COMMON, EDIT, INVERT, dest, parser
 from tests.helpers import photo, run
 
@@ -87,6 +88,32 @@ def test_the_parameters_line_carries_the_batch_size(image, tmp_path, capsys):
     argv = rerun_parameters(capsys, tmp_path / "c.png", tmp_path / "d.png")
     assert not any(a.startswith("--batch-size") for a in argv)
     assert (pixels(tmp_path / "c.png") == pixels(tmp_path / "d.png")).all()
+
+
+# --------------------------------------------------------------------------------------------- --user-mask
+@pytest.mark.parametrize("size, keep_aspect, says", [
+    ((64, 64), False, None),                                                  # the inversion's picture: silent
+    ((1, 1), False, "is 1x1 px, the inversion's picture 64x64: it is centre-cropped and resized"),
+    ((64, 4096), False, "is 64x4096 px, the inversion's picture 64x64: it is centre-cropped and resized"),
+    ((80, 64), False, "is 80x64 px, the inversion's picture 64x64"),           # the image it was made from
+    ((1, 1), True, "is 1x1 px, the inversion's picture 128x128: it is resized"),
+    ((64, 4096), True, "m.png is 64x4096 px, which cannot line up with the inversion's picture, 128x128 px (made "
+                       "with --keep-aspect)"),
+])
+def test_a_user_mask_of_another_size_than_an_inversion_is_not_taken_silently(image, tmp_path, capsys, monkeypatch,
+                                                                             size, keep_aspect, says):
+    inv = tmp_path / "i.safetensors"
+    keep = ["--keep-aspect", "--size", "128"] if keep_aspect else []
+    assert run(capsys, "invert", image, "-o", inv, *TINY, "--steps", "6", "--sampler", "dpmsolver++", *keep)[0] == 0
+    Image.new("L", size, 255).save(tmp_path / "m.png")
+    refused = "cannot" in (says or "")
+    if refused:  # before the model is loaded
+        monkeypatch.setattr(commands, "model_of", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / "e.png", *TINY, "--method", "leditspp", "-e", "hat",
+                     "--user-mask", tmp_path / "m.png")
+    assert rc == (1 if refused else 0) and err.count("\n") == (says is not None), err
+    assert says is None or says in err and err.startswith("minledits: "), err
+    assert (tmp_path / "e.png").exists() != refused
 
 
 # --------------------------------------------------------------------------------------------- random-tiny

@@ -317,7 +317,9 @@ def concepts_of(args):
 
 
 def read_user_mask(args):
-    """The --user-mask picture (None without one), checked against an input image's size before any work."""
+    """The --user-mask picture (None without one), checked against the input's size before any work: an image's
+    size, refused otherwise; an inversion file's picture (preprocessed: the image it was made from may be of another
+    size, and then lines up too) warned of in one line otherwise."""
     if args.user_mask is None:
         return None
     try:
@@ -325,13 +327,32 @@ def read_user_mask(args):
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MinleditsError(f"cannot read --user-mask {args.user_mask}: {getattr(e, 'strerror', None) or e}") from e
     try:
-        image_size = None if is_inversion_file(args.input) else open_rgb(args.input).size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        image_size = None  # inversion_of says why the input cannot be read
-    if image_size not in (None, picture.size):
-        raise MinleditsError(f"--user-mask {args.user_mask} is {picture.width}x{picture.height} px, the input "
-                             f"{image_size[0]}x{image_size[1]}: draw the mask on the input image")
+        inversion = store.load(args.input) if is_inversion_file(args.input) else None
+        size = open_rgb(args.input).size if inversion is None else tuple(inversion.image.shape[:-3:-1])
+    except (OSError, ValueError, Image.DecompressionBombError, MinleditsError):
+        return picture  # inversion_of says why the input cannot be read
+    mask = f"--user-mask {args.user_mask} is {picture.width}x{picture.height} px"
+    if size == picture.size:
+        return picture
+    if inversion is None:
+        raise MinleditsError(f"{mask}, the input {size[0]}x{size[1]}: draw the mask on the input image")
+    user_mask_of(args, picture, inversion)
+    how = "resized" if inversion.settings.keep_aspect else "centre-cropped and resized"
+    print(f"minledits: warning: {mask}, the inversion's picture {size[0]}x{size[1]}: it is {how} to that, which "
+          "lines up only if it was drawn on the image the inversion was made from", file=sys.stderr)
     return picture
+
+
+def user_mask_of(args, picture, inv):
+    """The --user-mask picture as the mask of an edit of inv (leditspp.user_mask), or one line why it cannot line up
+    with the inversion's picture."""
+    try:
+        return leditspp.user_mask(picture, inv)
+    except ValueError:
+        keep = " (made with --keep-aspect)" if inv.settings.keep_aspect else ""
+        raise MinleditsError(f"--user-mask {args.user_mask} is {picture.width}x{picture.height} px, which cannot line "
+                             f"up with the inversion's picture, {inv.image.shape[-1]}x{inv.image.shape[-2]} px{keep}: "
+                             "draw the mask on the input image") from None
 
 
 def clip_of(args):
@@ -384,10 +405,7 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
     picture = read_user_mask(args)
     levels = p2p.check_levels if args.method == "p2p" and args.local_blend else lambda config: None  # --local-blend's
     sd, inv = inversion_of(args, {} if cache is None else cache, check_model=lambda sd: levels(sd.unet.config))
-    try:
-        user_mask = None if picture is None else leditspp.user_mask(picture, inv)
-    except ValueError as e:
-        raise MinleditsError(f"--user-mask {args.user_mask}: {e}") from None
+    user_mask = None if picture is None else user_mask_of(args, picture, inv)
     idle = ledits.idle(concepts or [], len(inv.zs))
     for prompt, why in idle.items():
         print(f"minledits: warning: concept {shorten(prompt)} never acts ({why}): the edit ignores it", file=sys.stderr)
