@@ -248,6 +248,25 @@ def test_console_script_non_utf8_paths(photo, tmp_path):
     assert os.fsencode(meta["input"]) == folder + b"/in-\xff.png" and os.path.exists(folder + b"/out-\xff-compare.png")
 
 
+def test_ascii_locale_non_ascii_names_and_prompts(photo, tmp_path):
+    """Under LC_ALL=C (ASCII stdout, file names and arguments as surrogates): a non-ASCII output name is written and
+    printed as \\xNN with exit 0 (it used to fail once written), UTF-8 prompts are taken as typed, and a refusal
+    naming the file is one line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), LC_ALL="C", PYTHONUTF8="0")
+    env.pop("PYTHONIOENCODING", None)
+    cmd = [sys.executable, "-m", "minledits", "edit", str(photo), "-o", "édit.png", *TINY, "-e", "hé",
+           "--target-prompt", "un café"]
+    runs = [subprocess.run([os.fsencode(a) for a in cmd], capture_output=True, env=env, cwd=tmp_path, timeout=300)
+            for _ in range(2)]
+    assert runs[0].returncode == 0 and b"-> \\xe9dit.png in " in runs[0].stdout, runs[0]
+    assert os.listdir(tmp_path) == ["édit.png"], runs[0]
+    text = Image.open(tmp_path / "édit.png").text
+    assert "'--target-prompt=un café'" in text["parameters"]
+    assert json.loads(text["minledits"])["concepts"][0].startswith("hé:")
+    assert runs[1].returncode == 1, runs[1]
+    assert runs[1].stderr == b"minledits: error: -o \\xe9dit.png exists: add --force to overwrite it\n"
+
+
 def test_inversion_recognised_by_content(inv, tmp_path, capsys):
     shutil.copy(inv, tmp_path / "renamed.dat")
     rc, out, err = run(capsys, "reconstruct", tmp_path / "renamed.dat", "-o", tmp_path / "r.png", "-q")

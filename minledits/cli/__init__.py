@@ -5,8 +5,10 @@ checked before the work starts; outputs are written to a temporary file then ren
 without --force. The options and the parser are in options.py, the commands on one picture in
 commands.py, those of many edits (batch, sweep, compare) in many.py.
 """
+import io
 import sys
 import warnings
+from contextlib import contextmanager
 
 from .commands import cmd_download, cmd_edit, cmd_invert, cmd_metrics, report
 from .many import cmd_batch, cmd_compare, cmd_sweep
@@ -17,6 +19,25 @@ HANDLERS = {"download": cmd_download, "invert": cmd_invert, "edit": cmd_edit, "r
 
 
 def main(argv=None) -> int:
+    with escaped_output():
+        return run_command(argv)
+
+
+@contextmanager
+def escaped_output():
+    """stdout and stderr write what their encoding lacks as \\xNN (a non-ASCII file name under LC_ALL=C: ASCII)
+    instead of failing once the work is done; as they were after."""
+    streams = [(s, s.errors) for s in (sys.stdout, sys.stderr) if isinstance(s, io.TextIOWrapper)]
+    for s, _ in streams:
+        s.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        for s, errors in streams:
+            s.reconfigure(errors=errors)
+
+
+def run_command(argv) -> int:
     argv, it = [], iter(sys.argv[1:] if argv is None else argv)
     for a in map(str, it):  # `-e -beard`: argparse would take "-beard" for an option
         argv.append(f"--concept={next(it, '')}" if a in ("-e", "--concept") else a)
@@ -36,7 +57,6 @@ def main(argv=None) -> int:
     except Exception as e:
         report(e, args.verbose)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -283,12 +283,13 @@ def one_line(e: BaseException) -> str:
 def report(e: BaseException, verbose: bool, what: str = "error") -> None:
     """A failure on stderr: `minledits: WHAT: its message` in one line, after its traceback with --verbose."""
     print("".join(traceback.format_exception(e)) if verbose else "", end="", file=sys.stderr)
-    print(f"minledits: {what}: {one_line(e)}", file=sys.stderr)
+    print(shown(f"minledits: {what}: {one_line(e)}"), file=sys.stderr)
 
 
 def check_text(args):
     """Prompts are text: a byte that is not UTF-8 (from the shell) would fail in the tokenizer, after the loading."""
-    texts = [("--source-prompt", args.source_prompt), ("--target-prompt", getattr(args, "target_prompt", None))]
+    texts = [("--source-prompt", args.source_prompt), ("--target-prompt", getattr(args, "target_prompt", None)),
+             ("--negative-prompt", getattr(args, "negative_prompt", None))]
     for flag, text in texts + [("-e", c) for c in getattr(args, "concepts", None) or []]:
         try:
             (text or "").encode("utf-8")

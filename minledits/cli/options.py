@@ -6,6 +6,7 @@ brings its own settings); resolve() then fills in the defaults shown in --help.
 """
 import argparse
 import inspect
+import os
 import re
 
 from .. import ledits, leditspp, p2p
@@ -18,7 +19,19 @@ from ..sampler import SAMPLERS
 from ..sega import Concept
 from ..tools import metrics
 
-BOOL, INT, FLOAT = dict(action="store_true"), dict(type=int), dict(type=float)
+
+def text(value: str) -> str:
+    """Text from the command line as typed: under an ASCII locale (LC_ALL=C) the bytes of UTF-8 text arrive as
+    surrogates (os.fsdecode's), and are decoded here; bytes that are not UTF-8 stay surrogates (then refused)."""
+    if not any("\udc80" <= c <= "\udcff" for c in value):
+        return value
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+BOOL, INT, FLOAT, TEXT = dict(action="store_true"), dict(type=int), dict(type=float), dict(metavar="TEXT", type=text)
 INV = InversionSettings()  # the defaults of the inversion options
 EDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(ledits.edit).parameters.items()}
 
@@ -37,7 +50,7 @@ COMMON = [
     (("-q", "--quiet"), False, "no progress bars or notes", BOOL),
     (("-v", "--verbose"), False, "show the traceback of an error", BOOL)]
 INVERT = [
-    (("--source-prompt",), "", "text describing the input image (optional)", dict(metavar="TEXT")),
+    (("--source-prompt",), "", "text describing the input image (optional)", TEXT),
     (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
     (("--steps",), INV.steps, "diffusion steps N", INT),
     (("--skip",), None, "steps skipped at the noisy end: more keeps more of the input (default: the method's share of "
@@ -57,16 +70,16 @@ EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
      "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion: needs --source-prompt and "
      "--target-prompt)", dict(choices=["ledits", "leditspp", "p2p"])),
-    (("--target-prompt",), "", "text describing the edited image (optional; ledits)", dict(metavar="TEXT")),
+    (("--target-prompt",), "", "text describing the edited image (optional; ledits)", TEXT),
     (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
      FLOAT),
     (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
-     dict(action="append", dest="concepts", metavar="SPEC")),
+     dict(action="append", dest="concepts", metavar="SPEC", type=text)),
     (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
     (("--momentum-beta",), EDIT_DEFAULTS["momentum_beta"], "SEGA momentum beta", FLOAT),
     (("--mask",), "intersect", "leditspp: where a concept acts: intersect (cross-attention and noise masks), "
      "cross_attention or noise", dict(choices=list(leditspp.MASK_MODES))),
-    (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", dict(metavar="TEXT")),
+    (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", TEXT),
     (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
     (("--user-mask",), None, "leditspp: a picture of the input's size, white where the concepts may act (black: "
      "not; grey: partly)", dict(metavar="M.png")),
@@ -74,9 +87,9 @@ EDIT = [
      "cross-attention (counted from the first step after --skip)", FLOAT),
     (("--self-replace",), 0.2, "p2p: the same for self-attention (layers of <= 16x16 queries)", FLOAT),
     (("--reweight",), None, "p2p: scale the attention of target words, e.g. dog=2 or dog=2,grass=0.5",
-     dict(metavar="WORD=W,...")),
+     dict(metavar="WORD=W,...", type=text)),
     (("--local-blend",), None, "p2p: edit only where these words attend: source words,target words (each side "
-     "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR")),
+     "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR", type=text)),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
@@ -149,7 +162,7 @@ def to_argv(options: dict) -> list[str]:
 def add_metrics_arguments(s):
     s.add_argument("a", metavar="A.png", help="the source picture")
     s.add_argument("b", metavar="B.png", help="the edited picture (same size)")
-    s.add_argument("--text", help="prompt for B's CLIP score")
+    s.add_argument("--text", type=text, help="prompt for B's CLIP score")
     s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights: Hub repo id or folder, or none "
                    f"(default: {metrics.CLIP_MODEL})")
     s.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
