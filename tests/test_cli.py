@@ -231,7 +231,7 @@ ERRORS = {  # name: (argv builder (d, photo, inv, model) -> argv, words the mess
     "momentum beta out of range": (lambda d, p, i, m: ["edit", i, *m, "--momentum-beta", "2"], ["momentum"]),
     "concepts without guidance": (lambda d, p, i, m: ["edit", i, *m, "-e", "a", "--target-guidance", "1"],
                                   ["target-guidance"]),
-    "unwritable output folder": (lambda d, p, i, m: ["edit", i, *m, "-o", p / "out.png"], ["not a writable folder"]),
+    "output folder a file": (lambda d, p, i, m: ["edit", i, *m, "-o", p / "out.png"], ["photo.jpg is not a folder"]),
     "output exists": (lambda d, p, i, m: ["reconstruct", i, *m, "-o", existing(d / "old.png")], ["exists", "--force"]),
     "inversion of a model not named": (lambda d, p, i, m: ["edit", i, "-e", "glasses"],
                                        ["was made with model", "loads only a model you name: add --model"]),

@@ -285,15 +285,50 @@ def test_a_sweep_whose_table_fails_reruns_without_force(inv, tmp_path, capsys, m
 
 
 # --------------------------------------------------------------------------------------------- 5. before any work
-@pytest.mark.parametrize("command", ["edit", "sweep", "compare"])
-def test_a_folder_that_takes_no_file_is_found_before_any_work(inv, tmp_path, capsys, no_work, monkeypatch, command):
+READ_ONLY = {  # argv after the command, its input and the folder `ro` that takes no file; what names the folder
+    "edit": ["edit", "{inv}", "-o", "{ro}/o.png", "-e", "x"],
+    "edit --trace": ["edit", "{inv}", "-o", "{d}/o.png", "--trace", "{ro}/t", "-e", "x"],
+    "edit --save-inversion": ["edit", "{photo}", "-o", "{d}/o.png", "--save-inversion", "{ro}/i.safetensors"],
+    "invert": ["invert", "{photo}", "-o", "{ro}/i.safetensors"],
+    "reconstruct": ["reconstruct", "{inv}", "-o", "{ro}/o.png"],
+    "batch --outdir": ["batch", "{d}/jobs.json", "--outdir", "{ro}"],
+    "sweep": ["sweep", "{inv}", "-o", "{ro}/o.png", "--vary", "concept.0.scale=1,2", "-e", "x"],
+    "compare": ["compare", "{inv}", "-o", "{ro}/o.png", "-e", "x"],
+}
+
+
+@pytest.mark.parametrize("case", READ_ONLY)
+def test_a_folder_that_takes_no_file_is_found_before_any_work(photo, inv, tmp_path, capsys, no_work, monkeypatch,
+                                                              case):
+    ro, make_file = tmp_path / "ro", files.tempfile.TemporaryFile
+    ro.mkdir()
+
     def read_only(*args, **kwargs):  # as root a chmod would not stop the writes
-        raise PermissionError(errno.EACCES, "Permission denied", str(kwargs["dir"] / ".tmpx"))
+        if Path(kwargs["dir"]) == ro:
+            raise PermissionError(errno.EACCES, "Permission denied", str(kwargs["dir"] / ".tmpx"))
+        return make_file(*args, **kwargs)
     monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
-    extra = {"edit": ["-e", "x"], "sweep": ["--vary", "concept.0.scale=1,2", "-e", "x"], "compare": ["-e", "x"]}
-    rc, _, err = run(capsys, command, inv, "-o", tmp_path / "o.png", *extra[command], "-q")
-    one_error(rc, err, f"{tmp_path} is not a writable folder", "Permission denied", code=1 if command == "edit" else 2)
-    assert ".tmp" not in err
+    (tmp_path / "jobs.json").write_text(json.dumps([{"input": str(inv), "concepts": ["x"]}]))
+    argv = [a.format(inv=inv, photo=photo, ro=ro, d=tmp_path) for a in READ_ONLY[case]]
+    rc, printed, err = run(capsys, *argv, "-q")
+    words = (f"{ro} is not a writable folder", "Permission denied")
+    if case == "batch --outdir":  # the job fails, the batch says so
+        assert rc == 1 and "1 failed (job 0)" in printed and err.startswith("minledits: job 0 ("), (rc, printed, err)
+        assert err.count("\n") == 1 and all(w in err for w in words), err
+    else:
+        one_error(rc, err, *words, code=2 if case in ("sweep", "compare") else 1)
+    assert ".tmp" not in err and list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["edit", "invert", "reconstruct"])
+@pytest.mark.parametrize("folder, says", [("nope", "does not exist"), ("photo.png", "is not a folder")])
+def test_an_output_folder_that_is_missing_or_a_file_is_named(photo, inv, tmp_path, capsys, no_work, command, folder,
+                                                             says):
+    (tmp_path / "photo.png").write_bytes(photo.read_bytes())
+    out = tmp_path / folder / ("o.safetensors" if command == "invert" else "o.png")
+    extra = ["-e", "x"] if command == "edit" else []
+    rc, _, err = run(capsys, command, photo if command == "invert" else inv, "-o", out, *extra, "-q")
+    one_error(rc, err, f"cannot write -o {out}: {tmp_path / folder} {says}: name an existing folder")
 
 
 @pytest.mark.parametrize("name", ["o.jpg", "o.JPEG", "o.webp", "o.tif"])

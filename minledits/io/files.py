@@ -75,12 +75,14 @@ def refuse_output(path, force: bool = True, inputs=(), name: str = "") -> bool:
 def require_writable(path, name: str = "") -> None:
     """A one-line MinleditsError, before any work, unless the folder of the output `path` takes a new file; it names
     the folder (not a temporary)."""
-    folder = Path(path).parent
+    folder, label = Path(path).parent, f"{name} {path}" if name else str(path)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise MinleditsError(f"cannot write {label}: {folder} {what}: name an existing folder")
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise MinleditsError(f"cannot write {name + ' ' if name else ''}{path}: {folder} is not a writable folder "
-                             f"({e.strerror})") from e
+        raise MinleditsError(f"cannot write {label}: {folder} is not a writable folder ({e.strerror})") from e
 
 
 def identity(path):
