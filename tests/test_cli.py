@@ -379,7 +379,7 @@ def test_leditspp_user_mask_and_trace(photo, tmp_path, capsys, monkeypatch):
     Image.new("L", (64, 64)).save(tmp_path / "small.png")
     for extra, words in [(["--user-mask", tmp_path / "small.png"], "is 64x64 px, the input 80x96"),
                          (["--user-mask", tmp_path / "nope.png"], "nope.png does not exist"),
-                         (["--method", "ledits", "--user-mask", tmp_path / "m.png"], "--user-mask is an option of")]:
+                         (["--method", "ledits", "--user-mask", tmp_path / "m.png"], "ledits takes no --user-mask")]:
         rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "c.png", *TINY, "--method", "leditspp", "-e", "x",
                          *extra)
         assert rc == 1 and words in err and err.count("\n") == 1 and not (tmp_path / "c.png").exists(), err

@@ -116,6 +116,49 @@ def test_a_user_mask_of_another_size_than_an_inversion_is_not_taken_silently(ima
     assert (tmp_path / "e.png").exists() != refused
 
 
+# --------------------------------------------------------------------------------------------- options ignored
+P2P = ["--source-prompt", "a cat", "--target-prompt", "a dog"]
+
+
+@pytest.mark.parametrize("method, option", [
+    ("ledits", ["--mask", "noise"]), ("ledits", ["--negative-prompt", "x"]), ("ledits", ["--guidance-rescale", "0.5"]),
+    ("ledits", ["--cross-replace", "0.3"]), ("ledits", ["--self-replace", "0.3"]), ("ledits", ["--reweight", "hat=2"]),
+    ("ledits", ["--local-blend", "cat,dog"]), ("ledits", ["--user-mask", "m.png"]),
+    ("leditspp", ["--momentum-scale", "0.9"]), ("leditspp", ["--momentum-beta", "0.1"]),
+    ("leditspp", ["--target-prompt", "a dog"]), ("leditspp", ["--target-guidance", "3"]),
+    ("p2p", ["--momentum-scale", "0.9"]), ("p2p", ["--mask", "noise"]), ("p2p", ["-e", "hat"]),
+])
+def test_an_option_of_another_method_is_refused_before_any_work(image, tmp_path, capsys, monkeypatch, method, option):
+    """edit --method M with an option only another method takes: it used to be ignored without a word."""
+    monkeypatch.setattr(commands, "model_of", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    extra = P2P if method == "p2p" else [] if option[0] == "-e" else ["-e", "hat"]
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "o.png", *TINY, "--method", method, *extra, *option)
+    what = "concepts (-e)" if option[0] == "-e" else option[0]
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"error: --method {method} takes no {what}: it is an option of --method " in err, err
+
+
+def test_options_at_their_defaults_and_the_methods_own_are_taken(image, tmp_path, capsys):
+    for i, argv in enumerate([["--method", "leditspp", "-e", "hat", "--target-guidance", "15", "--mask", "noise"],
+                              ["--method", "p2p", *P2P, "--reweight", "dog=2", "--mask", "intersect"],
+                              ["--target-prompt", "a dog", "--momentum-scale", "0.3", "--negative-prompt", ""]]):
+        rc, _, err = run(capsys, "edit", image, "-o", tmp_path / f"{i}.png", *TINY, "--steps", "4", *argv)
+        assert rc == 0, err
+
+
+def test_size_zero_is_refused_not_the_default(image, tmp_path, capsys):
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "o.png", *TINY, "--size", "0", "-e", "hat")
+    assert rc == 1 and "size must be a multiple of 64 (at least 64), got 0" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, says", [([], "no -e, no --target-prompt"), (["--method", "leditspp"], "no -e"),
+                                        (["-e", "hat"], None), (["--target-prompt", "a dog"], None)])
+def test_an_edit_with_nothing_to_edit_says_so(image, tmp_path, capsys, argv, says):
+    rc, printed, err = run(capsys, "edit", image, "-o", tmp_path / "o.png", *TINY, "--steps", "4", *argv)
+    assert rc == 0 and printed.count("\n") == 1, err
+    assert (f"(nothing to edit: {says}: a reconstruction)" in printed) if says else "(nothing to" not in printed
+
+
 # --------------------------------------------------------------------------------------------- random-tiny
 def test_random_tiny_defaults_fit_a_first_try(image, tmp_path, capsys):
     """The README's offline try, `edit photo -o out.png -e glasses --model random-tiny`: 64 px, not 512."""

@@ -28,7 +28,7 @@ from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, load
 from ..model import decode
 from ..tools import metrics
 from ..tools.trace import AttentionTrace, Trace, side_by_side
-from .options import COMMON, EDIT, INVERT, UsageError, resolve, to_argv
+from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, UsageError, dest, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 OTHER_PICTURES = {ext for ext, kind in Image.registered_extensions().items() if kind != "PNG"}  # -o a.jpg: refused
@@ -142,7 +142,7 @@ def inversion_settings(args, default_size: int) -> InversionSettings:
     s = {k: getattr(args, k) for k in store.SETTINGS}
     if s["skip"] is None and getattr(args, "method", None) == "p2p":
         s["skip"] = p2p.default_skip(s["steps"])
-    return InversionSettings(**{**s, "size": s["size"] or default_size})
+    return InversionSettings(**{**s, "size": default_size if s["size"] is None else s["size"]})
 
 
 def model_to_load(inv, given=None, source="the inversion") -> str:
@@ -297,6 +297,18 @@ def check_text(args):
             raise MinleditsError(f"{flag} {shorten(text)} is not UTF-8 text: write it in UTF-8") from None
 
 
+def check_method_options(args) -> None:
+    """An option of another method than --method's (METHOD_OPTIONS), given otherwise than its default, is refused
+    before any work: it would be ignored without a word."""
+    for flags, default, _, options in EDIT:
+        key, value = dest(flags, options), getattr(args, dest(flags, options), None)
+        owners = [m for m, keys in METHOD_OPTIONS.items() if key in keys]
+        if owners and args.method not in owners and value is not None and value != default:
+            what = "concepts (-e)" if key == "concepts" else flags[-1]
+            raise MinleditsError(f"--method {args.method} takes no {what}: it is an option of --method "
+                                 f"{' and '.join(owners)}; leave it out")
+
+
 def concepts_of(args):
     """The concepts of an edit (Prompt-to-Prompt: none; reconstruct: None), every option checked before any work;
     for --method p2p on an image, its source prompt too (an inversion file's is checked when it is read)."""
@@ -304,14 +316,12 @@ def concepts_of(args):
     check_text(args)
     if args.cmd == "reconstruct":
         return None
-    if args.user_mask is not None and args.method != "leditspp":
-        raise MinleditsError("--user-mask is an option of edit --method leditspp")
+    if args.cmd == "edit":
+        check_method_options(args)
     if args.method == "leditspp":
         return leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
     if args.method == "ledits":
         return ledits.check_options(args.target_guidance, args.concepts or [], args.momentum_scale, args.momentum_beta)
-    if args.concepts:
-        raise MinleditsError("--method p2p takes no concepts (-e): it edits by --target-prompt")
     p2p.check_options(None if is_inversion_file(args.input) else args.source_prompt or "", args.target_prompt,
                       args.target_guidance, args.cross_replace, args.self_replace, args.reweight, args.local_blend)
     return []
@@ -422,7 +432,10 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
         if trace:
             trace.save(*trace_files, concepts=[spec(c) for c in concepts])
         save_png(im, out, args, sd, inv, concepts, idle)
-    finish(start, f"{args.cmd}: {args.input} -> {out}", sd.model_id)
+    nothing = args.cmd == "edit" and not concepts and not (args.method != "leditspp" and args.target_prompt)
+    what = "-e" if args.method == "leditspp" else "-e, no --target-prompt"
+    finish(start, f"{args.cmd}: {args.input} -> {out}" + (f" (nothing to edit: no {what}: a reconstruction)"
+                                                          if nothing else ""), sd.model_id)
 
 
 def cmd_metrics(args):

@@ -94,6 +94,12 @@ EDIT = [
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
     (("--compare",), False, "also write OUT-compare.png: input | reconstruction | edit", BOOL)]
+# The edit options of each method (--method, the outputs: every method's); edit refuses another method's (given
+# otherwise than its default): it would be ignored without a word
+METHOD_OPTIONS = {"ledits": {"target_prompt", "target_guidance", "concepts", "momentum_scale", "momentum_beta"},
+                  "leditspp": {"concepts", "mask", "negative_prompt", "guidance_rescale", "user_mask"},
+                  "p2p": {"target_prompt", "target_guidance", "cross_replace", "self_replace", "reweight",
+                          "local_blend"}}
 COMMANDS = {
     "download": "fetch a model from the Hub (into the Hugging Face cache, or --local-dir)",
     "invert": "IMAGE -> inversion file (latents, noise maps, timesteps, settings)",
