@@ -159,6 +159,32 @@ def test_an_edit_with_nothing_to_edit_says_so(image, tmp_path, capsys, argv, say
     assert (f"(nothing to edit: {says}: a reconstruction)" in printed) if says else "(nothing to" not in printed
 
 
+def test_keep_last_noise_with_zero_noise_steps_is_refused(image, tmp_path, capsys):
+    """--keep-last-noise zeroes no noise map: --zero-noise-steps beside it used to be ignored without a word."""
+    rc, _, err = run(capsys, "invert", image, "-o", tmp_path / "i.safetensors", *TINY, "--steps", "4",
+                     "--keep-last-noise", "--zero-noise-steps", "2")
+    assert rc == 1 and "--zero-noise-steps and --keep-last-noise" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--clip-model", "none", "--text", "a cat"], "--text is for the CLIP score, which --clip-model none leaves out"),
+    (["--clip-model", "none", "--device", "gpu"], "argument --device: invalid choice: 'gpu'")])
+def test_metrics_refuses_what_it_would_ignore(image, capsys, argv, says):
+    rc, printed, err = run(capsys, "metrics", image, image, *argv)
+    assert rc == 2 and printed == "" and says in err and err.count("\n") == 1, err
+
+
+def test_an_output_name_too_long_for_the_folder_is_refused_before_any_work(image, tmp_path, capsys, monkeypatch):
+    """A name the folder takes, but not with the temporary's 20-odd bytes more, used to fail once the work was done."""
+    monkeypatch.setattr(commands, "model_of", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    most = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    name = "x" * (most - 8) + ".png"
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / name, *TINY, "-e", "hat")
+    assert rc == 1 and f"its name is {most - 4} bytes, and {tmp_path} takes names up to {most} bytes" in err, err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------- random-tiny
 def test_random_tiny_defaults_fit_a_first_try(image, tmp_path, capsys):
     """The README's offline try, `edit photo -o out.png -e glasses --model random-tiny`: 64 px, not 512."""

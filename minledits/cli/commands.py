@@ -140,6 +140,9 @@ def inversion_settings(args, default_size: int) -> InversionSettings:
     """The inversion options of args (resolved) as settings. Not given: the size is the model's, the skip the
     method's share of the steps (the sampler's, InversionSettings; Prompt-to-Prompt's own)."""
     s = {k: getattr(args, k) for k in store.SETTINGS}
+    if s["keep_last_noise"] and s["zero_noise_steps"] is not None:
+        raise MinleditsError("--zero-noise-steps and --keep-last-noise: --keep-last-noise keeps every noise map, "
+                             "zeroing none; give one of them")
     if s["skip"] is None and getattr(args, "method", None) == "p2p":
         s["skip"] = p2p.default_skip(s["steps"])
     return InversionSettings(**{**s, "size": default_size if s["size"] is None else s["size"]})
@@ -440,6 +443,9 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
 
 def cmd_metrics(args):
     try:  # bad input is a usage error: one line, exit 2, before CLIP is loaded
+        if args.text is not None and args.clip_model in ("", "none"):
+            raise MinleditsError("--text is for the CLIP score, which --clip-model none leaves out: name CLIP weights "
+                                 "with --clip-model, or leave --text out")
         a, b = (open_rgb(require_regular(p, "the picture")) for p in (args.a, args.b))
         found = metrics.measure(a, b)
     except (MinleditsError, OSError, ValueError, Image.DecompressionBombError) as e:

@@ -172,7 +172,8 @@ def add_metrics_arguments(s):
     s.add_argument("--clip-model", default=metrics.CLIP_MODEL, help="CLIP weights: Hub repo id or folder, or none "
                    f"(default: {metrics.CLIP_MODEL})")
     s.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
-    s.add_argument("--device", default="cpu", help="device of CLIP (default: cpu)")
+    s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
+                   help="device of CLIP (default: cpu)")
     s.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
 
 

@@ -80,6 +80,15 @@ def require_writable(path, name: str = "") -> None:
         what = "is not a folder" if folder.exists() else "does not exist"
         raise MinleditsError(f"cannot write {label}: {folder} {what}: name an existing folder")
     try:
+        most = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such query here (Windows): the common limit
+        most = 255
+    extra = len(os.fsencode(temporary(path).name)) - len(os.fsencode(Path(path).name))
+    if len(os.fsencode(temporary(path).name)) > most:
+        raise MinleditsError(f"cannot write {label}: its name is {len(os.fsencode(Path(path).name))} bytes, and "
+                             f"{folder} takes names up to {most} bytes ({extra} more for minledits' temporary): "
+                             "give a shorter name")
+    try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise MinleditsError(f"cannot write {label}: {folder} is not a writable folder ({e.strerror})") from e
@@ -151,6 +160,12 @@ def clean_temporaries(folder: Path) -> None:
                 pass
 
 
+def temporary(path) -> Path:
+    """The temporary name under which atomic() writes `path` (TEMPORARY)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{MARK}-{os.getpid()}.tmp")
+
+
 @contextmanager
 def atomic(path):
     """Yield a temporary name beside `path`; rename it to `path` on success, delete it on any failure.
@@ -159,7 +174,7 @@ def atomic(path):
     path = Path(path)
     refuse_output(path)
     clean_temporaries(path.parent)
-    tmp = path.with_name(f".{path.name}.{MARK}-{os.getpid()}.tmp")
+    tmp = temporary(path)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask())  # like a plain open(): some writers create files private (0600)
