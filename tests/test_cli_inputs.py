@@ -185,6 +185,15 @@ def test_an_output_name_too_long_for_the_folder_is_refused_before_any_work(image
     assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option", [["--vae", "nope"], ["--variant", "fp16"], ["--revision", "main"],
+                                    ["--prediction-type", "v_prediction"]])
+def test_random_tiny_refuses_the_options_of_real_weights(image, tmp_path, capsys, option):
+    """random-tiny is made on the fly: --vae, --variant, ... used to be ignored (and written in the PNG's line)."""
+    rc, _, err = run(capsys, "edit", image, "-o", tmp_path / "o.png", *TINY, "-e", "hat", *option)
+    assert rc == 1 and f"random-tiny is built on the fly from random weights: it takes no {option[0]}" in err, err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------- random-tiny
 def test_random_tiny_defaults_fit_a_first_try(image, tmp_path, capsys):
     """The README's offline try, `edit photo -o out.png -e glasses --model random-tiny`: 64 px, not 512."""

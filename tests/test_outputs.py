@@ -331,7 +331,13 @@ def test_an_output_folder_that_is_missing_or_a_file_is_named(photo, inv, tmp_pat
     one_error(rc, err, f"cannot write -o {out}: {tmp_path / folder} {says}: name an existing folder")
 
 
-@pytest.mark.parametrize("name", ["o.jpg", "o.JPEG", "o.webp", "o.tif"])
+@pytest.mark.parametrize("name", ["o.jpg", "o.JPEG", "o.webp", "o.tif", "o.ppm", "o.txt", "o.json", "o.png.gz"])
 def test_an_output_named_for_another_format_is_refused(inv, tmp_path, capsys, no_work, name):
     one_error(*run(capsys, "edit", inv, "-o", tmp_path / name, "-e", "x")[::2], name, "PNG", "o.png")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["o", "v1.5-edit", "o.PNG"])
+def test_an_output_name_that_names_no_other_format_is_taken(inv, tmp_path, capsys, name):
+    rc, _, err = run(capsys, "edit", inv, "-o", tmp_path / name, "-e", "x", "-q")
+    assert rc == 0 and Image.open(tmp_path / name).format == "PNG", err

@@ -5,6 +5,7 @@ file then renamed, never overwritten without --force; `cache` (a dict) keeps a r
 """
 import errno
 import json
+import mimetypes
 import os
 import shlex
 import sys
@@ -31,7 +32,6 @@ from ..tools.trace import AttentionTrace, Trace, side_by_side
 from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, UsageError, dest, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
-OTHER_PICTURES = {ext for ext, kind in Image.registered_extensions().items() if kind != "PNG"}  # -o a.jpg: refused
 MODEL_OPTIONS = ("revision", "variant", "prediction_type", "vae")  # the weights model_of loads besides --model
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
@@ -50,6 +50,9 @@ def model_of(args, cache: dict, model=None):
     elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
+    if model == tiny.NAME and (given := [k for k in MODEL_OPTIONS if getattr(args, k) is not None]):
+        raise MinleditsError(f"random-tiny is built on the fly from random weights: it takes no "
+                             f"--{given[0].replace('_', '-')}; leave it out")
     key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), device, dtype)
     if key not in cache and model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
@@ -64,6 +67,13 @@ def is_inversion_file(path) -> bool:
     says why such a file is not one). What is not a regular file is refused first: a named pipe would hang."""
     require_regular(path)
     return Path(path).suffix == ".safetensors" or store.is_inversion(path)
+
+
+def png_name(path: Path) -> bool:
+    """Whether a PNG may take the name `path`: one whose suffix names no other format (a.jpg, a.txt; "a" is fine)."""
+    kind, encoding = mimetypes.guess_type(path.name)
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG") == "PNG" and kind in (None, "image/png") \
+        and encoding is None
 
 
 def file_name(args, key, names=OUTPUTS) -> Path:
@@ -95,7 +105,8 @@ def outputs(args, names=OUTPUTS) -> list[tuple[str, Path]]:
         other = seen.setdefault(p.resolve(), key)  # resolve(): "a/../b", symbolic links
         if other != key:
             raise MinleditsError(f"{names[other]} and {names[key]} both name {p}: give them different names")
-        if key in ("output", "compare") and args.cmd != "invert" and p.suffix.lower() in OTHER_PICTURES:
+        protect(args, [(key, p)], names)  # before the name's format: that it is an input matters more
+        if key in ("output", "compare") and args.cmd != "invert" and not png_name(p):
             raise MinleditsError(f"{names[key]} {p}: minledits writes PNG files (the settings travel in their text): "
                                  f"name it {p.with_suffix('.png')}")
         if (key == "save_inversion" or args.cmd == "invert") and p.suffix != ".safetensors":
