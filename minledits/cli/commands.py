@@ -277,9 +277,9 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
                              **({"idle_concepts": idle} if idle else {})), [command, str(args.input), *to_argv(p)])
 
 
-def finish(start, text, model=None):
+def finish(start, text, model=None, note=""):
     noise = " (random-tiny: noise)" if model == tiny.NAME else ""
-    print(shown(f"{text} in {time.time() - start:.1f} s{noise}"))
+    print(shown(f"{text} in {time.time() - start:.1f} s{noise}{note}"))
 
 
 def one_line(e: BaseException) -> str:
@@ -448,8 +448,8 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
         save_png(im, out, args, sd, inv, concepts, idle)
     nothing = args.cmd == "edit" and not concepts and not (args.method != "leditspp" and args.target_prompt)
     what = "-e" if args.method == "leditspp" else "-e, no --target-prompt"
-    finish(start, f"{args.cmd}: {args.input} -> {out}" + (f" (nothing to edit: no {what}: a reconstruction)"
-                                                          if nothing else ""), sd.model_id)
+    finish(start, f"{args.cmd}: {args.input} -> {out}", sd.model_id,
+           f" (nothing to edit: no {what}: a reconstruction)" if nothing else "")
 
 
 def cmd_metrics(args):
