@@ -194,6 +194,14 @@ def test_random_tiny_refuses_the_options_of_real_weights(image, tmp_path, capsys
     assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_invert_refuses_an_inversion_file(image, tmp_path, capsys):
+    """It used to copy the file and say "inverted"."""
+    assert run(capsys, "invert", image, "-o", tmp_path / "i.safetensors", *TINY, "--steps", "4")[0] == 0
+    rc, _, err = run(capsys, "invert", tmp_path / "i.safetensors", "-o", tmp_path / "j.safetensors", *TINY)
+    assert rc == 1 and "i.safetensors is an inversion file already: edit or reconstruct it" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "j.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------------------- random-tiny
 def test_random_tiny_defaults_fit_a_first_try(image, tmp_path, capsys):
     """The README's offline try, `edit photo -o out.png -e glasses --model random-tiny`: 64 px, not 512."""

@@ -414,6 +414,9 @@ def cmd_invert(args):
     start = time.time()
     check_text(args)
     check_outputs(args)
+    if is_inversion_file(args.input):
+        raise MinleditsError(f"{args.input} is an inversion file already: edit or reconstruct it "
+                             f"(minledits edit {shlex.quote(str(args.input))} ...)")
     sd, inv = inversion_of(args, {})
     store.save(inv, args.output)
     finish(start, f"inverted {args.input} -> {args.output} ({len(inv.zs)} steps)", sd.model_id)
