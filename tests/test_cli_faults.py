@@ -248,6 +248,15 @@ def test_console_script_non_utf8_paths(photo, tmp_path):
     assert os.fsencode(meta["input"]) == folder + b"/in-\xff.png" and os.path.exists(folder + b"/out-\xff-compare.png")
 
 
+def test_a_name_with_a_newline_is_one_line_and_dash_is_no_file(photo, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "edit", photo, "-o", "o\nb.png", "-e", "x", *TINY)
+    assert rc == 0 and out.count("\n") == 1 and "-> o\\nb.png in " in out and (tmp_path / "o\nb.png").exists(), err
+    rc, out, err = run(capsys, "edit", photo, "-o", "-", "-e", "x", *TINY)
+    one_error(rc, err, "-o -: minledits writes files, not standard output")
+    assert not (tmp_path / "-").exists()
+
+
 def test_ascii_locale_non_ascii_names_and_prompts(photo, tmp_path):
     """Under LC_ALL=C (ASCII stdout, file names and arguments as surrogates): a non-ASCII output name is written and
     printed as \\xNN with exit 0 (it used to fail once written), UTF-8 prompts are taken as typed, and a refusal

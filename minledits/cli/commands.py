@@ -81,6 +81,9 @@ def file_name(args, key, names=OUTPUTS) -> Path:
     name = getattr(args, key)
     if not name:
         raise MinleditsError(f"{names[key]} is empty: give a file name")
+    if name == "-":
+        raise MinleditsError(f"{names[key]} -: minledits writes files, not standard output: give a file name "
+                             "(./- for a file named -)")
     if name.replace(os.sep, "/").rsplit("/", 1)[-1] in ("", ".", ".."):
         raise MinleditsError(f"{names[key]} {name} names a folder, not a file: add a file name, "
                              f"e.g. {os.path.join(name, 'out.png')}")
@@ -279,7 +282,8 @@ def save_png(im, path, args, sd, inv, concepts, idle=None):
 
 def finish(start, text, model=None, note=""):
     noise = " (random-tiny: noise)" if model == tiny.NAME else ""
-    print(shown(f"{text} in {time.time() - start:.1f} s{noise}{note}"))
+    line = shown(f"{text} in {time.time() - start:.1f} s{noise}{note}")  # a name's control characters escaped: one line
+    print("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line))
 
 
 def one_line(e: BaseException) -> str:
