@@ -15,7 +15,12 @@ probabilities; the others, and every layer when no controller is set, keep the U
 
 A cross-attention's context may come with its keys and values computed once for a whole edit (parity.TextKV:
 `keys_values(attn)`, and `zero_v` where every value is 0, making the attention to_out's bias alone).
+
+Controllers and kernels are per call, not on the shared modules: CALL holds {(attention module, "controller" |
+"kernel"): value} in a context variable, which each thread (and asyncio task) has its own of, so two threads
+editing with one loaded model never see each other's controller.
 """
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -59,6 +64,9 @@ def attend(probs, v):
     (docs/benchmarks.md: how far that moves a UNet whose every layer is controlled)."""
     v = v.unflatten(-1, (probs.shape[1], -1)).transpose(1, 2)  # [B, heads, M, d]
     return (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+
+
+CALL = contextvars.ContextVar("minledits_attention_call", default={})  # set by UNet._every_attention
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,14 @@ class Attention(nn.Module):
     In the UNet, `layer` says which one it is and `controller` (see the module docstring) may edit its probabilities.
     """
     layer: AttentionLayer | None = None  # set by the UNet; None in the VAE
-    controller = None  # set by UNet.attention_controller
-    kernel = None      # set by UNet.attention_kernel; None: attention() (fused)
+
+    @property
+    def controller(self):  # set by UNet.attention_controller, for this thread's call (CALL)
+        return CALL.get().get((self, "controller"))
+
+    @property
+    def kernel(self):  # set by UNet.attention_kernel, for this thread's call (CALL); None: attention() (fused)
+        return CALL.get().get((self, "kernel"))
 
     def __init__(self, dim, heads, head_dim, context_dim=None, bias=False, upcast=False):
         super().__init__()

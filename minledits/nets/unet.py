@@ -179,8 +179,8 @@ class UNet(nn.Module):
                        kind.startswith("CrossAttn"), "up" if i < L - 1 else None)
 
     def attention_controller(self, ctrl):
-        """`with unet.attention_controller(ctrl):` every attention of the UNet calls ctrl (layers module docstring);
-        the previous controllers come back on exit, exception or not, so these nest. ctrl=None: no controller."""
+        """`with unet.attention_controller(ctrl):` every attention of the UNet calls ctrl (layers module docstring) in
+        this thread; the previous controllers come back on exit, exception or not, so these nest. ctrl=None: none."""
         return self._every_attention("controller", ctrl)
 
     def attention_kernel(self, kernel):
@@ -190,15 +190,13 @@ class UNet(nn.Module):
 
     @contextlib.contextmanager
     def _every_attention(self, name, value):
+        # per call: in this thread's context (layers.CALL), not on the modules, so threads sharing a model don't mix
         modules = [m for m in self.modules() if isinstance(m, layers.Attention)]
-        previous = [getattr(m, name) for m in modules]
-        for m in modules:
-            object.__setattr__(m, name, value)  # a plain attribute even if it is an nn.Module (no submodule)
+        token = layers.CALL.set({**layers.CALL.get(), **{(m, name): value for m in modules}})
         try:
             yield value
         finally:
-            for m, p in zip(modules, previous):
-                object.__setattr__(m, name, p)
+            layers.CALL.reset(token)
 
     def forward(self, x, t, context, *, text_embeds=None, time_ids=None):
         if hasattr(self, "add_embedding") != (text_embeds is not None) or (text_embeds is None) != (time_ids is None):
