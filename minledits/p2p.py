@@ -34,6 +34,7 @@ Words are the prompt split at single spaces (punctuation stays in its word: "cat
 are found as the reference's get_word_inds does: tokens are decoded one by one and handed to the words in order,
 each word taking tokens until their decoded lengths reach its own; a word of several tokens has several.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ from .nets.tokenizer import CONTEXT_LENGTH, Tokenizer, byte_symbols
 SELF_MAX = 16 ** 2      # self-attention is replaced only in layers with at most this many queries
 THRESHOLD = 0.3         # LocalBlend's threshold on the normalised map
 MAP_LEVEL = 2           # LocalBlend's maps come from UNet level 2: (h/4, w/4), 16 x 16 at 512 px
+REWEIGHT_MAX = 10       # reweight takes weights from -REWEIGHT_MAX to REWEIGHT_MAX (check_options)
 
 
 def default_skip(N: int) -> int:
@@ -69,17 +71,33 @@ def token_texts(tok: Tokenizer, prompt: str) -> list[str]:
     return [bytes(byte[c] for c in p).decode("utf-8", errors="replace").strip().strip("#") for p in pieces]
 
 
-def word_tokens(texts: list[str], words: list[str], which) -> list[int]:
-    """Token positions (1 = the first after the start token) of the words numbered `which`: tokens are handed
-    to the words in order, a word taking tokens until their decoded lengths reach its length."""
-    out, w, filled = [], 0, 0
+def word_spans(texts: list[str], words: list[str]) -> list[list[int]]:
+    """Each word's token positions (1 = the first after the start token): tokens are handed to the words in order, a
+    word taking tokens until their decoded lengths reach its length."""
+    out, w, filled = [[] for _ in words], 0, 0
     for pos, text in enumerate(texts, 1):
         filled += len(text)
-        if w in which:
-            out.append(pos)
-        if w < len(words) and filled >= len(words[w]):
-            w, filled = w + 1, 0
+        if w < len(words):
+            out[w].append(pos)
+            if filled >= len(words[w]):
+                w, filled = w + 1, 0
     return out
+
+
+def word_tokens(texts: list[str], words: list[str], which) -> list[int]:
+    """Token positions of the words numbered `which` (word_spans)."""
+    spans = word_spans(texts, words)
+    return [pos for n in sorted(which) if n < len(words) for pos in spans[n]]
+
+
+def check_spans(what: str, prompt: str, tok: Tokenizer) -> None:
+    """Refuse a prompt whose words word_spans hands other tokens than their own (a word after two spaces in a row,
+    a tab or a character CLIP cuts into bytes would be given its neighbour's tokens, silently)."""
+    words, texts = prompt.split(" "), token_texts(tok, prompt)
+    for word, span in zip(words, word_spans(texts, words)):
+        if not span or "".join(texts[p - 1] for p in span) != tok.normalize(word).replace(" ", ""):
+            raise ValueError(f"the {what}'s word {shorten(word)} does not match its CLIP tokens: separate words by "
+                             "single spaces (none at the ends), without tabs or characters CLIP cuts into bytes")
 
 
 def word_positions(tok: Tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
@@ -285,27 +303,55 @@ def blend_mask(sums: list[torch.Tensor], B: torch.Tensor, size, hw) -> torch.Ten
     return (m[:1] | m[1:]).to(A.dtype)
 
 
+@functools.cache
+def clip_tokenizer() -> Tokenizer:
+    """CLIP's tokenizer, the one of every Stable Diffusion model: counts a prompt's tokens before a model is loaded."""
+    return Tokenizer.builtin()
+
+
+def check_length(what: str, prompt: str, tok: Tokenizer) -> None:
+    """Refuse a prompt of more CLIP tokens than the text encoder reads: its words past them would have no tokens."""
+    n, most = len(tok.tokenize(prompt)), CONTEXT_LENGTH - 2
+    if n > most:
+        raise ValueError(f"the {what} {shorten(prompt)} is {n} CLIP tokens; Prompt-to-Prompt takes at most {most} "
+                         "(it matches each word to its tokens)")
+
+
 def check_options(src: str | None, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend,
-          dtype=torch.float32) -> tuple:
+          dtype=torch.float32, tok: Tokenizer | None = None) -> tuple:
     """(c_x, c_s, {word: weight}, [source words, target words] | None) after checking every option, one line each:
     InversionError without a source prompt, ValueError for the rest. src None (not known yet, as in the CLI with an
-    inversion file) skips the checks that need it."""
+    inversion file) skips the checks that need it. tok: the model's tokenizer (None: CLIP's, clip_tokenizer)."""
     if src is not None and not src.strip():
         raise InversionError("Prompt-to-Prompt needs the inversion's source prompt: invert with source_prompt= "
                              "(--source-prompt) describing the photo")
     if not isinstance(target_prompt, str) or not target_prompt.strip():
         raise ValueError(f"Prompt-to-Prompt needs a target prompt, got {shorten(target_prompt)}")
+    tok = tok or clip_tokenizer()
+    for what, prompt in (("source prompt", src), ("target prompt", target_prompt)):
+        if prompt is not None:
+            check_length(what, prompt, tok)
     big = torch.finfo(dtype).max
     if not (isinstance(target_guidance, (int, float)) and abs(target_guidance) < big):
         raise ValueError(f"target guidance must be finite, got {target_guidance!r}")
     c_x, c_s = check_fraction("cross_replace", cross_replace), check_fraction("self_replace", self_replace)
     weights, words = reweight_of(reweight), blend_of(local_blend)
     check_words("reweight", target_prompt, weights)
-    if any(not (isinstance(w, (int, float)) and abs(w) < big) for w in weights.values()):
-        raise ValueError(f"reweight weights must be finite numbers, got {weights}")
+    for word, w in weights.items():
+        # The reference multiplies the word's attention probabilities by w and takes any w; its examples use 5 and
+        # -1 (a negative w takes the word away: "pay less attention"). Past 10 one word's share outweighs all the
+        # softmax's tenfold: no longer an edit of the picture.
+        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and -REWEIGHT_MAX <= w <= REWEIGHT_MAX):
+            raise ValueError(f"reweight {shorten(word)}={shorten(w)}: a weight must be a number from -{REWEIGHT_MAX} "
+                             f"to {REWEIGHT_MAX} (the word's attention times the weight)")
     for what, prompt, ws in zip(("local_blend source", "local_blend target"), (src, target_prompt), words or ()):
         if prompt is not None:
             check_words(what, prompt, ws)
+    replace = src is not None and len(src.split(" ")) == len(target_prompt.split(" "))  # Replace maps words
+    for what, prompt, by_words in (("source prompt", src, replace or words), ("target prompt", target_prompt,
+                                                                             replace or words or weights)):
+        if prompt is not None and by_words:
+            check_spans(what, prompt, tok)
     return c_x, c_s, weights, words
 
 
@@ -322,7 +368,7 @@ def attention_edit(sd: StableDiffusion, inv: Inversion, target_prompt, target_gu
     work."""
     src, N = inv.settings.source_prompt, inv.settings.steps
     c_x, c_s, weights, words = check_options(src, target_prompt, target_guidance, cross_replace, self_replace,
-                                             reweight, local_blend, sd.dtype)
+                                             reweight, local_blend, sd.dtype, sd.tokenizer)
     if words:
         check_levels(sd.unet.config)
     hw, L = tuple(inv.xts.shape[-2:]), len(sd.unet.config["down_block_types"])

@@ -5,6 +5,7 @@ diffusers UNet, driven by its reverse loop with our inversion's noise maps.
 Most tests run a "deep" tiny UNet (3 levels, cross-attention in all) at 192 px: 24x24 latents, so its attention
 runs at 24x24 (576 queries: self-attention kept), 12x12 and 6x6 (<= 16^2: replaced) and LocalBlend reads level 2
 (6x6, the reference's 16x16 at 512 px). The standard tiny UNets have attention only at the latent size."""
+import dataclasses
 import json
 import math
 import re
@@ -26,6 +27,7 @@ from tests.helpers import SIZE, console_script, deep, photo, run
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, SKIP, PX = 10, 2, 192     # 8 executed steps: cross-attention replaced for i < int(0.6 * 11) = 6, self for i < 2
 SRC = "a cat sitting on a mat"
+LONG = "a dog sitting on a mat " + "very " * 79  # 85 CLIP tokens, the last words past the 75 the text encoder reads
 CASES = {  # name: (target prompt, reweight, local_blend, LocalBlend's threshold)
     "replace": ("a dog sitting on a mat", None, None, None),
     "refine": ("a fluffy cat sitting on a red mat", None, None, None),
@@ -221,7 +223,18 @@ def test_word_mappers_equal_the_reference(sd1, clip_tokenizer_sd1):
     (dict(reweight={"cow": 2.0}), ValueError, "reweight word 'cow' is not a word of the prompt"),
     (dict(reweight="dog"), ValueError, "reweight must read word=weight"),
     (dict(reweight="dog=big"), ValueError, "is not a number"),
-    (dict(reweight={"dog": math.inf}), ValueError, "must be finite"),
+    (dict(reweight={"dog": math.inf}), ValueError, "reweight 'dog'=inf: a weight must be a number from -10 to 10"),
+    (dict(reweight="dog=1e30"), ValueError, r"reweight 'dog'=1e\+30: a weight must be a number from -10 to 10"),
+    (dict(reweight="dog=-10.5"), ValueError, "reweight 'dog'=-10.5: a weight must be"),
+    (dict(reweight={"dog": math.nan}), ValueError, "reweight 'dog'=nan: a weight must be"),
+    (dict(target_prompt=LONG), ValueError, r"^the target prompt 'a dog sitting on a mat very .*'… is 85 CLIP tokens; "
+                                           r"Prompt-to-Prompt takes at most 75 \(it matches each word to its tokens"),
+    (dict(source_prompt=LONG), ValueError, "^the source prompt 'a dog sitting on a mat very .*'… is 85 CLIP tokens;"),
+    (dict(target_prompt="a dog  sitting on mat"), ValueError,  # Replace: "" would take "sitting"'s token
+     r"^the target prompt's word '' does not match its CLIP tokens: separate words by single spaces \(none at the "
+     r"ends\), without tabs or characters CLIP cuts into bytes$"),
+    (dict(target_prompt="a dog\tsitting on a mat", reweight="mat=2"), ValueError,
+     r"the target prompt's word 'dog\\tsitting' does not match its CLIP tokens"),
     (dict(cross_replace=1.5), ValueError, r"cross_replace must be a fraction of the steps in \[0, 1\]"),
     (dict(self_replace=-0.1), ValueError, r"self_replace must be a fraction of the steps in \[0, 1\]"),
     (dict(local_blend=("cow", "dog")), ValueError, "local_blend source word 'cow' is not a word"),
@@ -229,11 +242,35 @@ def test_word_mappers_equal_the_reference(sd1, clip_tokenizer_sd1):
     (dict(local_blend="cat,dog"), ValueError, "reads the cross-attention at 1/4 of the latent size"),
     (dict(target_guidance=math.nan), ValueError, "target guidance must be finite")])
 def test_bad_input_fails_before_any_unet_work(sd1, src_inv, kw, error, words, monkeypatch):
+    """One line each; a prompt past 75 CLIP tokens (its last words would have no tokens) and a weight outside
+    [-10, 10] (1e30 overflowed the attention, blamed on "damaged weights") among them."""
     monkeypatch.setattr(sd1, "unet", mock.Mock(side_effect=AssertionError("the UNet ran"), config=sd1.unet.config))
     monkeypatch.setattr(sd1, "text_encoder", mock.Mock(side_effect=AssertionError("the text encoder ran")))
+    if "source_prompt" in kw:  # an inversion made with it: the edit reads it from there
+        src_inv = dataclasses.replace(src_inv, settings=dataclasses.replace(src_inv.settings,
+                                                                            source_prompt=kw.pop("source_prompt")))
     kw = {"target_prompt": "a dog sitting on a mat", **kw}
-    with pytest.raises(error, match=words):
+    with pytest.raises(error, match=words) as raised:
         p2p.edit(sd1, src_inv, **kw)
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 200
+
+
+def test_words_must_match_their_tokens_where_words_are_used():
+    """Words are found by the lengths of their tokens (word_spans): "mat" after two spaces in a row would get no token,
+    "on" after "猫" (3 byte tokens) "猫"'s second. Refused where words are used: Replace (equal word counts),
+    reweight and local_blend; Refine aligns tokens, not words."""
+    check = lambda src, tar, **kw: p2p.check_options(src, tar, 7.5, 0.6, 0.2, kw.get("reweight"), kw.get("blend"))
+    tok = p2p.clip_tokenizer()
+    assert p2p.word_spans(p2p.token_texts(tok, "a dog on a  mat"), "a dog on a  mat".split(" "))[-2:] == [[5], []]
+    check(SRC, "a fluffy cat sitting on a  mat")  # Refine
+    check(SRC, "a dog sitting on a mat", reweight="mat=2")
+    check(SRC, "İstanbul dog sitting on a mat")  # "i̇" is 2 characters once lowercased, 2 tokens: they match
+    for src, tar, kw in [(SRC, "a fluffy cat sitting on a  mat", dict(reweight="mat=2")),
+                         (SRC, "a fluffy cat sitting on a mat ", dict(blend=("cat", "cat"))),
+                         (SRC, "a 猫 sitting on a mat", {}), ("a cat\nsitting on a mat", "a dog\nsitting on a mat", {}),
+                         (None, "a fluffy 猫 sitting on a mat", dict(reweight="mat=2"))]:
+        with pytest.raises(ValueError, match="does not match its CLIP tokens"):
+            check(src, tar, **kw)
 
 
 def test_an_inversion_without_source_prompt_is_refused(sd1, inv1, monkeypatch):
@@ -308,11 +345,18 @@ def test_cli_png_command_reproduces_the_p2p_edit(tiny_sd1, tmp_path, capsys):
     (("--reweight", "cow=2"), "reweight word 'cow' is not a word of the prompt"),
     (("--local-blend", "cat"), "local_blend takes the source's and the target's words"),
     (("--cross-replace", "1.5"), r"cross_replace must be a fraction"),
-    (("--local-blend", "cat,dog"), "reads the cross-attention at 1/4 of the latent size")])  # 2-level UNet
+    (("--local-blend", "cat,dog"), "reads the cross-attention at 1/4 of the latent size"),  # 2-level UNet
+    (("--reweight", "dog=1e30"), r"reweight 'dog'=1e\+30: a weight must be a number from -10 to 10"),
+    (("--reweight", "dog=-inf"), r"reweight 'dog'=-inf: a weight must be a number from -10 to 10"),
+    (("--target-prompt", LONG), "the target prompt 'a dog sitting .*'… is 85 CLIP tokens; Prompt-to-Prompt takes at "
+                                "most 75"),
+    (("--source-prompt", LONG), "the source prompt 'a dog sitting .*'… is 85 CLIP tokens"),
+    (("--target-prompt", "a dog sitting on a  mat", "--reweight", "mat=2"), "target prompt's word '' does not match"),
+    (("--source-prompt", "a 猫 sitting on a mat", "--local-blend", "mat,mat"), "source prompt's word '猫' does not")])
 def test_cli_bad_input_is_one_line_before_any_work(tiny_sd1, tmp_path, capsys, extra, words):
     with mock.patch.object(minledits.inversion, "noise_maps", side_effect=AssertionError("the UNet ran")):
         rc, out, err = run(capsys, *cli_edit(tiny_sd1.folder, tmp_path, *extra))
-    assert rc == 1 and err.count("\n") == 1 and re.search(words, err), err
+    assert rc == 1 and err.count("\n") == 1 and re.search(words, err) and len(err) < 250, err
     assert not (tmp_path / "out.png").exists()
 
 

@@ -93,6 +93,10 @@ class Tokenizer:
             raise KeyError(token)
         return i
 
+    def normalize(self, text: str) -> str:
+        """The text as the tokenizer reads it: NFC, whitespace runs as one space, lowercase."""
+        return self.backend.normalizer.normalize_str(text)
+
     def tokenize(self, prompt: str) -> list[str]:
         """The BPE tokens of one prompt, without BOS/EOS (handy to see how a prompt is split)."""
         return self.backend.encode(prompt, add_special_tokens=False).tokens
