@@ -74,6 +74,9 @@ class InversionSettings:
         z = self.zero_noise_steps
         if z is not None and not (type(z) is int and z >= 0):
             raise ValueError(f"zero_noise_steps must be an integer >= 0, got {self.zero_noise_steps!r}")
+        if z is not None and z > self.steps - self.skip:  # it counts the last of the maps the edit runs on
+            raise ValueError(f"zero_noise_steps {z} is more than the {self.steps - self.skip} noise maps the edit runs "
+                             f"on (steps {self.steps} - skip {self.skip})")
 
     def dict(self) -> dict:
         return asdict(self)
@@ -167,10 +170,11 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
 
 def with_zero_noise_steps(s: InversionSettings, sd: StableDiffusion) -> InversionSettings:
     """s with zero_noise_steps decided: given, else 3 for SDXL's dpmsolver++ (LEditsPPPipelineStableDiffusionXL's
-    num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion)."""
+    num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion); at most the maps there are."""
     if s.zero_noise_steps is not None:
         return s
-    return replace(s, zero_noise_steps=3 if isinstance(sd, StableDiffusionXL) and s.sampler == "dpmsolver++" else 1)
+    n = 3 if isinstance(sd, StableDiffusionXL) and s.sampler == "dpmsolver++" else 1
+    return replace(s, zero_noise_steps=min(n, s.steps - s.skip))
 
 
 @torch.inference_mode()

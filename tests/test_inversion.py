@@ -1,5 +1,8 @@
 """Edit-friendly DDPM inversion against an oracle built from diffusers primitives (tests/oracle.py)."""
+import re
 import shutil
+from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ import minledits
 from minledits import InversionError
 from minledits.io.image import fit_size, to_tensor
 from tests import oracle
-from tests.helpers import SIZE, SKIP, N, photo
+from tests.helpers import SIZE, SKIP, N, photo, run
 
 
 @pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2v"])
@@ -71,7 +74,8 @@ def test_only_the_first_batch_may_be_partial(sd1, monkeypatch, skip, batch_size)
 @pytest.mark.parametrize("bad", [dict(skip=10), dict(skip=-1), dict(steps=0), dict(source_guidance=float("nan")),
                                  dict(size=100), dict(batch_size=0), dict(batch_size=-2), dict(batch_size=1.5),
                                  dict(image=np.zeros((0, 0, 3), np.uint8)), dict(image=np.zeros((64, 0, 3), np.uint8)),
-                                 dict(image=Image.new("RGB", (4096, 64)), keep_aspect=True)])
+                                 dict(image=Image.new("RGB", (4096, 64)), keep_aspect=True),
+                                 dict(zero_noise_steps=N - SKIP + 1)])
 def test_bad_parameters_fail_before_any_unet_work(sd1, monkeypatch, bad):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
     if "image" in bad:  # a picture is read after the model's size check (which reads the VAE's config)
@@ -127,3 +131,29 @@ def test_keep_aspect_refuses_to_stretch_a_picture(picture, size, fitted):
     else:
         with pytest.raises(ValueError, match=f"a {picture[0]}x{picture[1]} px picture cannot keep its aspect ratio"):
             fit_size(*picture, size, True)
+
+
+def test_zero_noise_steps_counts_at_most_the_maps_the_edit_runs_on(sd1, tmp_path, capsys):
+    """The last zero_noise_steps of the N - skip maps are 0: as many as there are zeroes them all; more is refused in
+    one line (it zeroed them all without a word), through the API and the command line, before any UNet work."""
+    inv = minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, zero_noise_steps=N - SKIP)
+    assert len(inv.zs) == N - SKIP and not inv.zs.any()
+    with pytest.raises(ValueError, match=rf"^zero_noise_steps {N} is more than the {N - SKIP} noise maps the edit "
+                                         rf"runs on \(steps {N} - skip {SKIP}\)$"):
+        minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, zero_noise_steps=N)
+    photo().save(tmp_path / "in.png")
+    with mock.patch.object(minledits.inversion, "noise_maps", side_effect=AssertionError("the UNet ran")):
+        rc, _, err = run(capsys, "invert", tmp_path / "in.png", "-o", tmp_path / "inv.safetensors", "--model",
+                         sd1.model_id, "--device", "cpu", "--size", SIZE, "--steps", 6, "--skip", 2,
+                         "--zero-noise-steps", 5)
+    assert rc == 1 and err.count("\n") == 1 and re.search("zero_noise_steps 5 is more than the 4 noise maps", err), err
+    assert not (tmp_path / "inv.safetensors").exists()
+
+
+def test_the_default_zero_noise_steps_is_at_most_the_maps():
+    """SDXL's dpmsolver++ zeroes 3 maps by default (its pipeline's num_zero_noise_steps): with fewer maps, all of them
+    (the count recorded is theirs, not a count the settings refuse)."""
+    s = minledits.inversion.InversionSettings(steps=4, skip=2, sampler="dpmsolver++")
+    sdxl = mock.Mock(spec=minledits.model.StableDiffusionXL)
+    assert minledits.inversion.with_zero_noise_steps(s, sdxl).zero_noise_steps == 2
+    assert minledits.inversion.with_zero_noise_steps(replace(s, steps=10), sdxl).zero_noise_steps == 3
