@@ -86,6 +86,7 @@ def test_methods_without_their_inputs_are_left_out(tiny_sd1, image, tmp_path, ca
     assert sorted(record["left_out"]) == ["ddpm", "ledits", "leditspp", "p2p"]
     assert "minledits: note: DDPM inversion left out: it edits by the target prompt alone: give --target-prompt" in err
     assert Image.open(tmp_path / "c.png").size == (2 * 64, 64 + 16)
+    assert "cross_replace" not in record["settings"]  # the P2P panel's options: its command line would refuse them
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -128,3 +129,47 @@ def test_from_an_inversion_file(result, tiny_sd1, image, tmp_path, capsys):
     record = json.loads((tmp_path / "c.json").read_text())
     assert record["inversion_unet_evaluations"] == 0 and len(record["panels"]) == 6
     assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(Image.open(result.out)))
+
+
+P2P_OPTIONS = ["--cross-replace", "0.3", "--self-replace", "0.5", "--reweight", "cat=3"]
+
+
+def test_the_p2p_panel_takes_the_p2p_options(result, tiny_sd1, image, tmp_path, capsys):
+    """The panel equals `edit --method p2p` with the same options, bit for bit, and differs from the defaults'."""
+    common = ["--model", tiny_sd1.folder, *FAST, *PROMPTS, *P2P_OPTIONS, "-q"]
+    assert run(capsys, "compare", image, "-o", tmp_path / "c.png", *common, "--clip-model", "none")[0] == 0
+    assert run(capsys, "edit", image, "-o", tmp_path / "p.png", *common, "--method", "p2p")[0] == 0
+    panel = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))[16:, 3 * 64:4 * 64]
+    assert np.array_equal(panel, np.asarray(Image.open(tmp_path / "p.png").convert("RGB")))
+    assert not np.array_equal(panel, np.asarray(Image.open(result.out).convert("RGB"))[16:, 3 * 64:4 * 64])
+    settings = json.loads((tmp_path / "c.json").read_text())["settings"]
+    assert (settings["cross_replace"], settings["self_replace"], settings["reweight"]) == (0.3, 0.5, "cat=3")
+    assert "--reweight=cat=3" in Image.open(tmp_path / "c.png").text["parameters"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--cross-replace", "2", *PROMPTS], ["--cross-replace (the DDPM + P2P panel's): cross_replace", "2"]),
+    (["--reweight", "dog=2", *PROMPTS], ["--reweight (the DDPM + P2P panel's)", "'dog'"]),
+    (["--local-blend", "photo,cat", *PROMPTS], ["--local-blend (the DDPM + P2P panel's)", "this UNet has none there"]),
+    (["--self-replace", "0.1", "--target-prompt", "a cat"], ["--self-replace", "needs the inversion's source prompt"]),
+    (["--cross-replace", "0.1", "--source-prompt", "a photo"], ["--cross-replace", "needs a target prompt"]),
+])
+def test_bad_p2p_options_are_one_line_and_exit_2_before_any_work(tiny_sd1, image, tmp_path, capsys, monkeypatch,
+                                                                 extra, words):
+    """Checked, not ignored: with the prompts, against them (and the model's UNet, once read); without the P2P
+    panel's prompts, refused (the panel is left out)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_commands, "invert", lambda *a, **k: pytest.fail("the work started"))
+    rc, out, err = run(capsys, "compare", image, "-o", "c.png", "--model", tiny_sd1.folder, *FAST, *extra)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_p2p_options_are_checked_against_an_inversion_files_prompt(tiny_sd1, image, tmp_path, capsys):
+    inv = tmp_path / "inv.safetensors"
+    assert run(capsys, "invert", image, "-o", inv, "--model", tiny_sd1.folder, *FAST, "--source-prompt", "a photo",
+               "-q")[0] == 0
+    rc, out, err = run(capsys, "compare", inv, "-o", tmp_path / "c.png", "--model", tiny_sd1.folder,
+                       "--target-prompt", "a cat", "--local-blend", "dog,cat")
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1 and "local_blend source" in err and "'dog'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inv.safetensors"]

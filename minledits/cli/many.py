@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import ledits, leditspp
+from .. import ledits, leditspp, p2p
 from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings
 from ..io import store
@@ -22,7 +22,9 @@ from ..io.image import to_pil, to_tensor
 from ..sega import Concept
 from ..tools import compare, metrics, ranks, sweep
 from .commands import (
+    MODEL_OPTIONS,
     OUTPUTS,
+    check_method_options,
     clip_of,
     cmd_edit,
     concepts_of,
@@ -44,7 +46,7 @@ from .commands import (
     spec,
     write_png,
 )
-from .options import COMMON, EDIT, INVERT, dest, parser, resolve, to_argv
+from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, dest, parser, resolve, to_argv
 
 JOB_KEYS = {key: f'"{key}"' for key in OUTPUTS}  # a job's outputs in messages: its keys
 JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
@@ -171,8 +173,7 @@ def cmd_batch(args):
 # --------------------------------------------------------------------------------------------- sweep
 INVERT_NAMES = [dest(flags, options) for flags, _, _, options in INVERT]
 NOT_VARIED = ("concepts", "save_inversion", "trace", "compare", "user_mask")
-EDIT_SETTINGS = ("method", "target_prompt", "target_guidance", "momentum_scale", "momentum_beta", "mask",
-                 "negative_prompt", "guidance_rescale")
+EDIT_SETTINGS = [dest(flags, o) for flags, _, _, o in EDIT if dest(flags, o) not in NOT_VARIED]
 BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -207,51 +208,73 @@ def sweep_cell(args, cell):
     return c
 
 
-def sweep_settings(c, from_file: bool, default_size) -> tuple[dict, tuple]:
-    """(every setting of a cell, the key of the inversion it needs), checked; skip is no DDPM inversion setting."""
+def sweep_source(args, cache, from_file: bool) -> tuple:
+    """(model, the inversion file's inversion or None, what every cell shares that decides its pixels: the input
+    file's content, the model's name, weights (fingerprint) and loading options, the device and dtype)."""
+    sd, inv = inversion_of(args, cache) if from_file else (model_of(args, cache), None)
+    return sd, inv, {"input": sweep.file_hash(args.input), "model": sd.model_id, "fingerprint": sd.fingerprint,
+                     **{k: getattr(args, k) for k in MODEL_OPTIONS}, "device": sd.device.type,
+                     "dtype": str(sd.dtype).removeprefix("torch.")}
+
+
+def check_varied(c, keys) -> None:
+    """A varied option the cell's method ignores (METHOD_OPTIONS) is refused: its cells would differ in name only;
+    so is an option of another method given once (check_method_options, as edit refuses it)."""
+    for key in keys:
+        name = "concepts" if sweep.CONCEPT_KEY.fullmatch(key) else key
+        owners = [m for m, names in METHOD_OPTIONS.items() if name in names]
+        if owners and c.method not in owners:
+            raise ValueError(f"--vary {key}: --method {c.method} ignores it (an option of --method "
+                             f"{' and '.join(owners)}): leave it out")
+    check_method_options(c)
+
+
+def check_p2p(c, src, sd=None) -> None:
+    """Prompt-to-Prompt's options (p2p.check_options) against the source prompt src (None: not known yet) and, given
+    the model sd, its dtype and, with --local-blend, its UNet's levels: what p2p.edit would refuse at its first step."""
+    p2p.check_options(src, c.target_prompt, c.target_guidance, c.cross_replace, c.self_replace, c.reweight,
+                      c.local_blend, *([sd.dtype] if sd else []))
+    if sd is not None and c.local_blend:
+        p2p.check_levels(sd.unet.config)
+
+
+def cell_concepts(c, keys):
+    """A cell's concepts, its options checked as far as they can be without the model (concepts_of,
+    check_varied)."""
     concepts = concepts_of(c)
-    if from_file:
-        s = {"input": "inversion file"}
-    else:
+    check_varied(c, keys)
+    return concepts
+
+
+def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
+    """(every setting that decides a cell's pixels, the key of the inversion it needs), checked as far as can be
+    without UNet work: the sweep's source, an image's inversion settings and batch size (skip is no DDPM inversion
+    setting; inv: an inversion file's, which fixes them), every edit option and the concepts. A cell is kept only
+    where its record holds all of them."""
+    s = dict(source)
+    if inv is None:
         resolve(c, INVERT + COMMON)
-        s = inversion_settings(c, default_size).dict()
+        inverted = inversion_settings(c, sd.default_size)
         if c.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {c.batch_size}")
-        s.update(model=c.model, batch_size=c.batch_size)
+        inverted.new_sampler(sd.schedule)  # steps past the model's schedule
+        sd.check_fits(inverted.size, inverted.size)
+        s.update(inverted.dict(), batch_size=c.batch_size)
+    if c.method == "p2p":
+        check_p2p(c, c.source_prompt if inv is None else inv.settings.source_prompt, sd)
     key = tuple((k, v) for k, v in s.items() if not (k == "skip" and s["sampler"] == "ddpm"))
-    edit = {k: getattr(c, k) for k in EDIT_SETTINGS}
-    return {**s, **edit, "concepts": [spec(x) for x in concepts]}, key
+    return {**s, **{k: getattr(c, k) for k in EDIT_SETTINGS}, "concepts": [spec(x) for x in concepts]}, key
 
 
-def sweep_grid(args, cache):
-    """(vary, out, [(n, cell args, settings, group key)], todo), every cell checked before any UNet work."""
-    if args.trace is not None or args.compare or args.save_inversion is not None or args.user_mask is not None:
-        raise ValueError("--trace, --compare, --save-inversion and --user-mask are options of edit, not of sweep")
-    vary, out = sweep.parse_vary(args.vary, vary_types()), file_name(args, "output")
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"-o {out}: the contact sheet is a .png file")
-    from_file = is_inversion_file(args.input)
-    if from_file and (fixed := [k for k, _ in vary if k in INVERT_NAMES]):
-        raise ValueError(f"--vary {fixed[0]}: an inversion file fixes the inversion options; vary them on the image")
-    default_size = None
-    if not (from_file or args.size is not None or "size" in dict(vary)):  # the model's, known once it is loaded
-        default_size = model_of(args, cache).default_size
-    cells, todo = [], []
-    for n, cell in enumerate(sweep.grid_cells(vary)):
-        c = sweep_cell(args, cell)
-        settings, key = sweep_settings(c, from_file, default_size)
-        cells.append((n, c, settings, key))
+def sweep_outputs(args, vary, out: Path, count: int) -> None:
+    """Every file a sweep of `count` cells writes, checked before the model is read: none an input or no regular
+    file; the sheets, table and plot only over a sweep's own (or with --force); the folders take new files."""
+    for n in range(count):
         for p in sweep.cell_paths(out, n):
             refuse_output(p, True, inputs_of(args))
-        state = sweep.state(*sweep.cell_paths(out, n), settings)
-        if state == "foreign" and not args.force:
-            raise ValueError(f"{sweep.cell_paths(out, n)[0]} exists and was not made by this sweep: add --force, "
-                             "or choose another -o")
-        if state != "done":
-            todo.append(cells[-1])
     old = sweep.read_json(sweep.table_paths(out)["json"])
     mine = isinstance(old, dict) and old.get("format") == sweep.FORMAT
-    for p in summary_paths(vary, out, len(cells)):
+    for p in summary_paths(vary, out, count):
         refuse_output(p, True, inputs_of(args))
         if p.exists() and not (mine or args.force):
             raise ValueError(f"{p} exists and is not a sweep's: add --force, or choose another -o")
@@ -260,6 +283,34 @@ def sweep_grid(args, cache):
         raise ValueError(f"{cell_folder} (the cells' folder) exists and is not a folder: choose another -o")
     for p in (out, *sweep.cell_paths(out, 0)[:1 if cell_folder.is_dir() else 0]):
         require_writable(p)
+
+
+def sweep_grid(args, cache):
+    """(vary, out, [(n, cell args, settings, group key)], todo), every cell and output checked before any UNet work:
+    first what needs no model, then the rest; a cell made otherwise than this one would be (another setting, input
+    content, model, device or dtype) is refused unless --force."""
+    if args.trace is not None or args.compare or args.save_inversion is not None or args.user_mask is not None:
+        raise ValueError("--trace, --compare, --save-inversion and --user-mask are options of edit, not of sweep")
+    vary, out = sweep.parse_vary(args.vary, vary_types()), file_name(args, "output")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: the contact sheet is a .png file")
+    from_file = is_inversion_file(args.input)
+    if from_file and (fixed := [k for k, _ in vary if k in INVERT_NAMES]):
+        raise ValueError(f"--vary {fixed[0]}: an inversion file fixes the inversion options; vary them on the image")
+    grid = [sweep_cell(args, cell) for cell in sweep.grid_cells(vary)]
+    concepts = [cell_concepts(c, [k for k, _ in vary]) for c in grid]
+    sweep_outputs(args, vary, out, len(grid))
+    sd, inv, source = sweep_source(args, cache, from_file)
+    cells, todo = [], []
+    for n, c in enumerate(grid):
+        settings, key = sweep_settings(c, concepts[n], sd, inv, source)
+        cells.append((n, c, settings, key))
+        state, why = sweep.state(*sweep.cell_paths(out, n), settings)
+        if state == "foreign" and not args.force:
+            raise ValueError(f"{sweep.cell_paths(out, n)[0]} exists and {why}: add --force to redo it, "
+                             "or choose another -o")
+        if state != "done":
+            todo.append(cells[-1])
     return vary, out, cells, sorted(todo, key=lambda t: str(t[3]))
 
 
@@ -281,49 +332,63 @@ def sweep_text(c, concepts):
 
 
 def sweep_group(args, cache, out, items, skips, clip):
-    """The cells of one inversion: invert once (DDPM: at the smallest skip), edit each, write PNG and record."""
+    """The cells of one inversion: invert once (DDPM: at the smallest skip), edit each, write PNG and record (a
+    failed cell: neither). Returns {cell: why it failed}."""
     s = items[0][2]  # an image's settings: the group's, but a DDPM inversion's skip is its smallest
     skip = {"skip": min(skips)} if s.get("sampler") == "ddpm" else {}
     inverted = InversionSettings(**{**{k: s[k] for k in store.SETTINGS}, **skip}) if "sampler" in s else None
     start = time.time()
-    sd, inv = inversion_of(items[0][1], cache, inverted)
+    try:
+        sd, inv = inversion_of(items[0][1], cache, inverted)
+    except Exception as e:  # each of its cells fails; the other groups (and processes) go on
+        report(e, args.verbose, f"the inversion of cell{'s' * (len(items) > 1)} {', '.join(str(t[0]) for t in items)}"
+               " failed")
+        return {n: one_line(e) for n, *_ in items}
     invert_s, failed, sliced = time.time() - start, {}, {None: inv, inv.settings.skip: inv}
     for n, c, settings, _ in items:
         png, record = sweep.cell_paths(out, n)
+        png.unlink(missing_ok=True)  # a cell made otherwise (--force): never left beside this cell's record
         try:
-            start = time.time()
-            if settings.get("skip") not in sliced:
-                sliced[settings["skip"]] = sweep.at_skip(sd, inv, settings["skip"], settings["batch_size"])
-            inv_c = sliced[settings.get("skip")]
-            concepts = concepts_of(c)
-            sweep.write_json(record, {"settings": settings})
-            im = run_edit(c, sd, inv_c, c.target_prompt, concepts or [])
-            save_png(im, png, c, sd, inv_c, concepts, ledits.idle(concepts or [], len(inv_c.zs)))
-            found = metrics.measure(to_pil(inv_c.image)[0], im, sweep_text(c, concepts), clip)
-            sweep.write_json(record, {"settings": settings, "invert_s": round(invert_s, 3),
-                                      "edit_s": round(time.time() - start, 3),
-                                      **{k: sweep.finite(v) for k, v in found.items()}})
+            with all_or_none([png, record]):  # a failed cell leaves neither: the rerun redoes it
+                start = time.time()
+                if settings.get("skip") not in sliced:
+                    sliced[settings["skip"]] = sweep.at_skip(sd, inv, settings["skip"], settings["batch_size"])
+                inv_c = sliced[settings.get("skip")]
+                concepts = concepts_of(c)
+                sweep.write_json(record, {"settings": settings})
+                im = run_edit(c, sd, inv_c, c.target_prompt, concepts or [])
+                save_png(im, png, c, sd, inv_c, concepts, ledits.idle(concepts or [], len(inv_c.zs)))
+                found = metrics.measure(to_pil(inv_c.image)[0], im, sweep_text(c, concepts), clip)
+                sweep.write_json(record, {"settings": settings, "invert_s": round(invert_s, 3),
+                                          "edit_s": round(time.time() - start, 3),
+                                          **{k: sweep.finite(v) for k, v in found.items()}})
         except Exception as e:
             failed[n] = one_line(e)
             report(e, args.verbose, f"cell {n} ({png}) failed")
     return failed
 
 
-def sweep_assemble(args, vary, out, cells):
-    """Process 0, when every cell is written: the sheets, the table, the plot."""
+def sweep_assemble(args, vary, out, cells, kept, failed):
+    """Process 0, when every cell is written or has failed: the sheets (a failed cell: a grey tile), the table (each
+    cell's status: done, kept or failed, and why), the plot. kept: the numbers of the cells kept from a former run;
+    failed: {number: why}."""
     keys, (R, C) = [k for k, _ in vary], sheet_shape(vary)
     first = cells[0][2]
     corner = to_pil(store.load(args.input).image if "size" not in first else
                     to_tensor(args.input, first["size"], first["keep_aspect"]))[0]
     records, sheets = [], sweep.sheet_paths(out, len(cells) // (R * C))
     for n, c, settings, _ in cells:
-        found = sweep.read_json(sweep.cell_paths(out, n)[1]) or {}
+        png, record = sweep.cell_paths(out, n)
+        found = {} if n in failed else sweep.read_json(record) or {}
+        status = {"status": "failed", "error": failed[n]} if n in failed else {
+            "status": "kept" if n in kept else "done"}
         records.append({"cell": n, "sheet": sheets[n // (R * C)].name, "row": n // C % R, "col": n % C,
-                        "file": str(sweep.cell_paths(out, n)[0].relative_to(out.parent)), "varied": vars_of(c, keys),
-                        **{k: v for k, v in found.items()}})
+                        "file": str(png.relative_to(out.parent)), "varied": vars_of(c, keys), **status,
+                        "settings": settings, **found})
     for j, path in enumerate(sheets):
         mine = records[j * R * C:(j + 1) * R * C]
-        tiles = [[Image.open(sweep.cell_paths(out, r["cell"])[0]).convert("RGB") for r in mine[i * C:(i + 1) * C]]
+        tiles = [[sweep.text_tile(f"cell {r['cell']} failed", corner.size, "lightgrey") if r["status"] == "failed"
+                  else Image.open(sweep.cell_paths(out, r["cell"])[0]).convert("RGB") for r in mine[i * C:(i + 1) * C]]
                  for i in range(R)]
         rows = [sweep.label(r["varied"], keys[:1]) for r in mine[::C]] if len(keys) > 1 else [""]
         cols = [sweep.label(r["varied"], keys[1:2] if len(keys) > 1 else keys[:1]) for r in mine[:C]]
@@ -365,20 +430,33 @@ def cmd_sweep(args):
                                   [t[2].get("skip") for t in groups[key]], clip))
     failed = {n: why for part in ranks.gather(failed) for n, why in part.items()}
     if rank == 0:
+        kept = {t[0] for t in cells} - {t[0] for t in todo}
         with all_or_none(summary_paths(vary, out, len(cells))):
-            note = sweep_assemble(args, vary, out, cells)
+            note = sweep_assemble(args, vary, out, cells, kept, failed)
         if not args.quiet:
             print(f"minledits: {note}", file=sys.stderr)
-        finish(start, f"sweep: {len(todo) - len(failed)} cells done, {len(cells) - len(todo)} kept, "
-               f"{len(failed)} failed -> {out}", args.model)
+        which = f" (cell{'s' * (len(failed) > 1)} {', '.join(map(str, sorted(failed)))}: grey in the sheet)" \
+            if failed else ""
+        finish(start, f"sweep: {len(todo) - len(failed)} cells done, {len(kept)} kept, {len(failed)} failed{which} "
+               f"-> {out}", args.model)
     ranks.barrier()
     ranks.done()
     return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------------------------- compare
+P2P_OPTIONS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "reweight": "--reweight",
+               "local_blend": "--local-blend"}
+
+
+class OptionError(ValueError):
+    """An option found wrong once the model or the inversion file is read: a usage error (exit 2), before any UNet
+    work."""
+
+
 def compare_inputs(args):
-    """(output, record, LEDITS concepts, LEDITS++ concepts), every input checked before any work."""
+    """(output, record, LEDITS concepts, LEDITS++ concepts, the Prompt-to-Prompt options given), every input checked
+    before any work."""
     if args.trace is not None or args.compare or args.user_mask is not None or args.method is not None \
             or args.save_inversion is not None:
         raise ValueError("--trace, --compare, --user-mask, --save-inversion and --method are options of edit: "
@@ -386,20 +464,38 @@ def compare_inputs(args):
     out = file_name(args, "output")
     if out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: the comparison is a .png file")
+    given = [k for k in P2P_OPTIONS if getattr(args, k) is not None]  # before concepts_of fills in the defaults
     concepts = concepts_of(args)  # LEDITS' (--method is refused above: its default)
     pp_concepts = leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
     require_regular(args.input)
+    compare_p2p(args, given, None if is_inversion_file(args.input) else args.source_prompt or "")
     for p in (out, out.with_suffix(".json")):
         refuse_output(p, args.force, inputs_of(args))
         require_writable(p)
-    return out, out.with_suffix(".json"), concepts, pp_concepts
+    return out, out.with_suffix(".json"), concepts, pp_concepts, given
 
 
-def compare_inversion(args, cache):
-    """(model, inversion, UNet image-evaluations of the inversion: 0 when read from a file)."""
+def compare_p2p(args, given, src, sd=None):
+    """The Prompt-to-Prompt options given (given: their names), which the DDPM + P2P panel uses, checked (check_p2p;
+    src None: not known yet; sd None: the model not read yet); an OptionError naming them."""
+    if not given:
+        return
+    try:
+        check_p2p(args, src, sd)
+    except ValueError as e:
+        raise OptionError(f"{', '.join(P2P_OPTIONS[k] for k in given)} (the DDPM + P2P panel's): {e}") from None
+
+
+def compare_inversion(args, cache, given):
+    """(model, inversion, UNet image-evaluations of the inversion: 0 when read from a file); the Prompt-to-Prompt
+    options given are checked against the model and the source prompt before any UNet work."""
     if is_inversion_file(args.input):
-        return *inversion_of(args, cache), 0
-    with compare.unet_rows(model_of(args, cache).unet) as n:
+        sd, inv = inversion_of(args, cache)
+        compare_p2p(args, given, inv.settings.source_prompt, sd)
+        return sd, inv, 0
+    sd = model_of(args, cache)
+    compare_p2p(args, given, args.source_prompt or "", sd)
+    with compare.unet_rows(sd.unet) as n:
         sd, inv = inversion_of(args, cache)
     return sd, inv, n[0]
 
@@ -407,13 +503,18 @@ def compare_inversion(args, cache):
 def cmd_compare(args):
     start, cache = time.time(), {}
     try:
-        out, record, concepts, pp_concepts = compare_inputs(args)
+        out, record, concepts, pp_concepts, given = compare_inputs(args)
     except (MinleditsError, ValueError) as e:  # bad input: one line, exit 2, before any work
         report(e, args.verbose)
         return 2
-    sd, inv, inversion_rows = compare_inversion(args, cache)
+    try:
+        sd, inv, inversion_rows = compare_inversion(args, cache, given)
+    except OptionError as e:  # found once the model or inversion file is read, still before any UNet work
+        report(e, args.verbose)
+        return 2
     run, left_out = compare.method_edits(inv.settings.source_prompt, args.target_prompt, args.target_guidance,
                                          concepts, args.momentum_scale, args.momentum_beta, pp_concepts,
+                                         {k: getattr(args, k) for k in P2P_OPTIONS},
                                          mask=args.mask, negative_prompt=args.negative_prompt,
                                          guidance_rescale=args.guidance_rescale)
     for method, why in left_out.items():
@@ -424,6 +525,8 @@ def cmd_compare(args):
              concepts=list(args.concepts or []), momentum_scale=args.momentum_scale,
              momentum_beta=args.momentum_beta, mask=args.mask, negative_prompt=args.negative_prompt,
              guidance_rescale=args.guidance_rescale)
+    if "p2p" in run:  # its options only where its panel is drawn: a rerun of the line would refuse them otherwise
+        p.update({k: getattr(args, k) for k in P2P_OPTIONS})
     rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
              "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(
                  found[0].image, x.image, text, clip).items()}} for x in found]

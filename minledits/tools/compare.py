@@ -3,7 +3,8 @@
     input | reconstruction | DDPM inversion edit | DDPM + P2P | LEDITS | LEDITS++
     reconstruction   the edit without guidance (the inversion's noise maps regenerate the picture)
     DDPM             edit-friendly DDPM inversion edited by the target prompt alone (Huberman-Spiegelglas et al.)
-    DDPM + P2P       the same with Prompt-to-Prompt's attention control from the source prompt (p2p.py, defaults)
+    DDPM + P2P       the same with Prompt-to-Prompt's attention control from the source prompt (p2p.py; its options
+                     cross_replace, self_replace, reweight, local_blend as given, else p2p.edit's defaults)
     LEDITS           the target prompt and the SEGA concepts (ledits.py)
     LEDITS++         the concepts with LEDITS++' implicit masks (leditspp.py), on the same inversion
 Every method walks the one inversion it is given (they all take either sampler's inversion), so their inputs are
@@ -46,10 +47,11 @@ def unet_rows(unet):
 
 
 def method_edits(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list,
-                 momentum_scale: float, momentum_beta: float, pp_concepts: list, **pp) -> tuple[dict, dict]:
+                 momentum_scale: float, momentum_beta: float, pp_concepts: list, p2p_options: dict,
+                 **pp) -> tuple[dict, dict]:
     """({method: function(sd, inv) -> w0}, {method: why it is left out}). concepts: LEDITS' (sega.Concept),
-    pp_concepts: the same with LEDITS++' defaults (leditspp.concept); pp: leditspp.edit's mask, negative_prompt,
-    guidance_rescale."""
+    pp_concepts: the same with LEDITS++' defaults (leditspp.concept); p2p_options: p2p.edit's cross_replace,
+    self_replace, reweight, local_blend; pp: leditspp.edit's mask, negative_prompt, guidance_rescale."""
     run, left_out = {"reconstruction": lambda sd, inv: ledits.edit(sd, inv)}, {}
     if target_prompt:
         run["ddpm"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
@@ -57,7 +59,7 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
     else:
         left_out["ddpm"] = "it edits by the target prompt alone: give --target-prompt"
     if source_prompt and target_prompt:
-        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance)
+        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, **p2p_options)
     else:
         left_out["p2p"] = "it maps the source prompt's words to the target's: give --source-prompt and --target-prompt"
     if concepts:

@@ -11,9 +11,12 @@ metrics. The command line wiring is cli/many.py's; this module holds the grid an
     files     OUT.png (sheets: OUT.png, or OUT-1.png, OUT-2.png, ... with more than two keys), OUT/NNN.png (the cells,
               each with the command that reproduces it, as `edit` writes it) and OUT/NNN.json (its settings, times,
               metrics), OUT.csv and OUT.json (the table), OUT-tradeoff.png (CLIP score against SSIM, matplotlib)
-A cell whose PNG exists and whose JSON holds the same settings is done: a rerun resumes.
+A cell whose PNG exists and whose JSON holds the same settings (every one that decides its pixels, the input's
+content among them) is done: a rerun resumes. A cell that fails leaves neither file; the sheets show it as a grey
+tile and the table marks it (status, error).
 """
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -134,12 +137,30 @@ def read_json(path: Path):
         return None
 
 
-def state(png: Path, record: Path, settings: dict) -> str:
-    """"done" (PNG, and JSON with these settings), "todo" (no PNG), or "foreign" (a PNG made otherwise)."""
+def state(png: Path, record: Path, settings: dict) -> tuple[str, str]:
+    """("done", "") for a PNG whose JSON holds these settings, ("todo", "") where there is no PNG, ("foreign", why)
+    for a PNG made otherwise: why says by what (no sweep's record, or the first setting that differs)."""
     if not png.exists():
-        return "todo"
+        return "todo", ""
     found = read_json(record)
-    return "done" if isinstance(found, dict) and found.get("settings") == settings else "foreign"
+    old = found.get("settings") if isinstance(found, dict) else None
+    if not isinstance(old, dict):
+        return "foreign", "was not made by this sweep"
+    if old == settings:
+        return "done", ""
+    key = next(k for k in {**settings, **old} if old.get(k) != settings.get(k))
+    if key == "input":
+        return "foreign", "was made from another input (the input file's content has changed)"
+    return "foreign", f"was made with {key} {shorten(old.get(key))}, not {shorten(settings.get(key))}"
+
+
+def file_hash(path) -> str:
+    """"sha256-" and the hex digest of the file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256-" + h.hexdigest()
 
 
 def write_json(path: Path, obj) -> None:
@@ -148,10 +169,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_table(paths: dict, header: dict, records: list[dict]) -> None:
-    """OUT.json ({format, header..., cells}) and OUT.csv (one row per cell: its index, files, varied values,
-    times and metrics; the full settings are in the JSON)."""
+    """OUT.json ({format, header..., cells}) and OUT.csv (one row per cell: its index, files, status (done, kept or
+    failed) and error, varied values, times and metrics; the full settings are in the JSON)."""
     write_json(paths["json"], {"format": FORMAT, **header, "cells": records})
-    flat = [{"cell": r["cell"], "sheet": r["sheet"], "row": r["row"], "col": r["col"], "file": r["file"], **r["varied"],
+    flat = [{"cell": r["cell"], "sheet": r["sheet"], "row": r["row"], "col": r["col"], "file": r["file"],
+             "status": r["status"], "error": r.get("error"), **r["varied"],
              **{k: r.get(k) for k in ("invert_s", "edit_s", "psnr", "ssim", "clip_score", "clip_image")}}
             for r in records]
     buffer = io.StringIO()
@@ -170,9 +192,9 @@ def font(size: int):
         return ImageFont.load_default()
 
 
-def text_tile(text: str, size: tuple[int, int]) -> Image.Image:
-    """A white tile with text, wrapped at ", " and "=", centred, in the largest font size that fits (>= 6 px)."""
-    tile, draw = Image.new("RGB", size, "white"), None
+def text_tile(text: str, size: tuple[int, int], background: str = "white") -> Image.Image:
+    """A tile with text, wrapped at ", " and "=", centred, in the largest font size that fits (>= 6 px)."""
+    tile = Image.new("RGB", size, background)
     draw = ImageDraw.Draw(tile)
     lines = [p for part in text.split(", ") for p in re.split(r"(?<==)", part)]
     for px in range(max(size[1] // 8, 6), 5, -1):
