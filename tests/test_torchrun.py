@@ -65,6 +65,25 @@ def test_a_sweep_on_two_processes_equals_one(image, tmp_path, capsys, monkeypatc
     assert one == two
 
 
+def test_a_sweep_with_failed_cells_on_two_processes_equals_one(image, tmp_path, capsys, monkeypatch):
+    """A guidance that overflows fails its cells (one on each process): process 0 still draws the sheet (grey
+    tiles) and the table (their status and error), both equal to one process's, and the sweep exits 1."""
+    argv = ["sweep", image, "-o", "g.png", *TINY, "--vary", "skip=2,3", "--vary", "target_guidance=5,1e38", "-e",
+            "hat", "--target-prompt", "a cat", "--clip-model", "none"]
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    assert run(capsys, *argv)[0] == 1
+    done = torchrun(*argv, cwd=tmp_path / "two")
+    assert done.returncode != 0 and done.stdout.count("sweep: 2 cells done, 0 kept, 2 failed (cells 1, 3") == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "g").iterdir()) == ["000.json", "000.png", "002.json",
+                                                                          "002.png"]
+    assert png(tmp_path / "one" / "g.png") == png(tmp_path / "two" / "g.png")
+    rows = table(tmp_path / "two" / "g.csv")
+    assert rows == table(tmp_path / "one" / "g.csv") and [r["status"] for r in rows] == ["done", "failed"] * 2
+    assert "overflowed" in rows[1]["error"]
+
+
 def test_a_batch_on_two_processes_equals_one(image, tmp_path, capsys, monkeypatch):
     jobs = {"defaults": {"steps": 6, "skip": 2, "size": 64},
             "jobs": [{"input": str(image), "output": f"{n}.png", "concepts": [c], "seed": n % 2}
