@@ -199,6 +199,10 @@ def reweight_of(reweight) -> dict[str, float]:
         pairs = [p.partition("=") for p in reweight.split(",")]
         if any(not w.strip() or not eq for w, eq, _ in pairs):
             raise ValueError(f"reweight must read word=weight[,word=weight...], got {shorten(reweight)}")
+        words = [w.strip() for w, _, _ in pairs]
+        if len(set(words)) < len(words):  # the last weight would win without a word
+            twice = next(w for w in words if words.count(w) > 1)
+            raise ValueError(f"reweight names the word {shorten(twice)} twice in {shorten(reweight)}: give it once")
         try:
             return {w.strip(): float(v) for w, _, v in pairs}
         except ValueError:

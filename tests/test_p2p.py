@@ -227,6 +227,7 @@ def test_word_mappers_equal_the_reference(sd1, clip_tokenizer_sd1):
     (dict(reweight="dog=1e30"), ValueError, r"reweight 'dog'=1e\+30: a weight must be a number from -10 to 10"),
     (dict(reweight="dog=-10.5"), ValueError, "reweight 'dog'=-10.5: a weight must be"),
     (dict(reweight={"dog": math.nan}), ValueError, "reweight 'dog'=nan: a weight must be"),
+    (dict(reweight="dog=2, dog=3"), ValueError, "^reweight names the word 'dog' twice in 'dog=2, dog=3': give it"),
     (dict(target_prompt=LONG), ValueError, r"^the target prompt 'a dog sitting on a mat very .*'… is 85 CLIP tokens; "
                                            r"Prompt-to-Prompt takes at most 75 \(it matches each word to its tokens"),
     (dict(source_prompt=LONG), ValueError, "^the source prompt 'a dog sitting on a mat very .*'… is 85 CLIP tokens;"),
@@ -348,6 +349,7 @@ def test_cli_png_command_reproduces_the_p2p_edit(tiny_sd1, tmp_path, capsys):
     (("--local-blend", "cat,dog"), "reads the cross-attention at 1/4 of the latent size"),  # 2-level UNet
     (("--reweight", "dog=1e30"), r"reweight 'dog'=1e\+30: a weight must be a number from -10 to 10"),
     (("--reweight", "dog=-inf"), r"reweight 'dog'=-inf: a weight must be a number from -10 to 10"),
+    (("--reweight", "dog=2,dog=3"), "reweight names the word 'dog' twice"),
     (("--target-prompt", LONG), "the target prompt 'a dog sitting .*'… is 85 CLIP tokens; Prompt-to-Prompt takes at "
                                 "most 75"),
     (("--source-prompt", LONG), "the source prompt 'a dog sitting .*'… is 85 CLIP tokens"),
