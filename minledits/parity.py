@@ -15,8 +15,9 @@ read as the math; docs/references.md ("Parity with the references") says what ea
                                to rounding), as LEditsPPPipelineStableDiffusion's invert: dpmsolver++ at batch size 1
     explicit_attention         attention with its probabilities materialised: diffusers' AttnProcessor arithmetic
     pipeline_attention(sd)     `with parity.pipeline_attention(sd):` every UNet attention that no controller reads
-                               computes with explicit_attention; with invert(..., batch_size=1) a LEDITS++ inversion
-                               and edit are then the diffusers pipeline's bit for bit
+                               computes with explicit_attention, in this thread's calls (nets/layers.py); with
+                               invert(..., batch_size=1) a LEDITS++ inversion and edit are then the diffusers
+                               pipeline's bit for bit
 """
 from dataclasses import dataclass
 
