@@ -50,6 +50,18 @@ from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, dest, parser, resolve
 
 JOB_KEYS = {key: f'"{key}"' for key in OUTPUTS}  # a job's outputs in messages: its keys
 JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+FILE_KEYS = ("input", "output", "save_inversion", "trace", "user_mask")  # a job's file names
+
+
+def file_system_name(key: str, name: str) -> str:
+    """A file name from the jobs file (JSON: text) as the command line gives it under any locale: its UTF-8 bytes
+    decoded as the file system decodes names (os.fsdecode; under LC_ALL=C the bytes past ASCII as surrogates), so
+    that the file read or written is the one named; \\udcNN (a name that is no UTF-8, as minledits writes it in JSON)
+    stands for the byte NN."""
+    try:
+        return os.fsdecode(name.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise MinleditsError(f'"{key}" {shorten(name)} is no file name: it holds a lone surrogate') from None
 
 
 # --------------------------------------------------------------------------------------------- batch
@@ -59,10 +71,15 @@ def job_args(i, job, defaults, base, jobs_dir: Path, outdir: Path):
     if not isinstance(job, dict) or "input" not in job:
         raise MinleditsError('a job is an object with at least an "input" (an image or inversion file)')
     job = {**defaults, **job}
-    for key in ("input", "output", "save_inversion", "trace", "user_mask"):
+    if "force" in job:  # --force is the batch's: a job's would be ignored
+        raise MinleditsError('"force" is not an option of a job (nor of "defaults"): --force on the batch command '
+                             "overwrites the outputs of every job")
+    for key in FILE_KEYS:
         if not isinstance(job.get(key, ""), str) and (key == "input" or job[key] is not None):
             raise MinleditsError(f'"{key}" must be a file name (a string), '
                                  f'not {JSON_KINDS.get(type(job[key]), "null")}')
+        if isinstance(job.get(key), str):
+            job[key] = file_system_name(key, job[key])
     inp = jobs_dir / job.pop("input")
     if job.get("user_mask") is not None:
         job["user_mask"] = str(jobs_dir / job["user_mask"])
@@ -96,7 +113,19 @@ def check_job(args, outdir: Path, allow_outside: bool):
         raise MinleditsError(f"cannot read input {args.input}: {e.strerror}") from e
     concepts_of(args)
     refuse_existing(args, named, JOB_KEYS)
+    for key, p in named:
+        writable(p, JOB_KEYS[key])
     return named, False
+
+
+def writable(p: Path, name: str) -> None:
+    """require_writable for a job's output p before any work; where its folder is missing (the batch makes it), the
+    first missing folder on its way must be one that can be made."""
+    missing = [f for f in (p.parent, *p.parent.parents) if not os.path.lexists(f)]
+    if missing:
+        require_writable(missing[-1], f"{name} {p}'s folder")
+    else:
+        require_writable(p, name)
 
 
 def job_name(i, job) -> str:
@@ -141,6 +170,10 @@ def cmd_batch(args):
     if not (isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list)
             and isinstance(jobs.get("defaults", {}), dict)):
         raise MinleditsError(f'{args.jobs}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
+    if not jobs["jobs"]:
+        raise MinleditsError(f"{args.jobs}: no jobs (an empty list): list the edits to make")
+    if os.path.lexists(args.outdir) and not os.path.isdir(args.outdir):
+        raise MinleditsError(f"--outdir {args.outdir} exists and is not a folder: name a folder (made if missing)")
     try:  # only once the jobs file is good: a bad one leaves no folder behind
         Path(args.outdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:

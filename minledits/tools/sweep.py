@@ -180,8 +180,9 @@ def write_table(paths: dict, header: dict, records: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(flat[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(flat)
+    # a file name that is no UTF-8 (os.fsdecode's surrogates): its bytes as they are, which the JSON's \udcNN name
     with atomic(paths["csv"]) as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        tmp.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
 
 
 # --------------------------------------------------------------------------------------------- pictures
