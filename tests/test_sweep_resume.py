@@ -73,15 +73,30 @@ def test_a_cell_made_in_another_dtype_is_not_kept(tiny_sd1, image, tmp_path, cap
     assert rc == 0 and "sweep: 0 cells done, 2 kept" in printed
 
 
-def test_a_cell_made_on_another_device_is_not_kept(tiny_sd1, image, tmp_path, capsys):
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s.update(device="cuda"), "001.png exists and was made with device 'cuda', not 'cpu'"),
+    (lambda s: s.pop("input"), "001.png exists and has a record without its input: it may have been made otherwise"),
+    (lambda s: s.update(colour=None), "001.png exists and was made with colour None, which this sweep has not"),
+])
+def test_a_cell_whose_record_differs_is_not_kept(tiny_sd1, image, tmp_path, capsys, change, words):
+    """On another device (as a run on a GPU records it); a record that lacks a setting or has one more."""
     out = tmp_path / "g.png"
     argv = sweep_args(tiny_sd1, image, out, "target_guidance=5,9", extra=["-q"])
     assert run(capsys, *argv)[0] == 0
     record = tmp_path / "g" / "001.json"
     found = json.loads(record.read_text())
-    found["settings"]["device"] = "cuda"  # as a run on a GPU writes it
+    change(found["settings"])
     record.write_text(json.dumps(found))
-    one_error(*run(capsys, *argv), "001.png exists and was made with device 'cuda', not 'cpu'")
+    one_error(*run(capsys, *argv), words)
+
+
+def test_a_cell_made_with_other_p2p_options_is_not_kept(image, tmp_path, capsys):
+    argv = ["sweep", image, "-o", tmp_path / "g.png", "--model", "random-tiny", *FAST, "--method", "p2p",
+            "--source-prompt", "a photo", "--target-prompt", "a cat", "--vary", "cross_replace=0.2,0.6",
+            "--clip-model", "none", "-q"]
+    assert run(capsys, *argv)[0] == 0
+    one_error(*run(capsys, *argv, "--self-replace", "0.5"), "was made with self_replace 0.2, not 0.5")
+    one_error(*run(capsys, *argv, "--reweight", "cat=2"), "was made with reweight None, not 'cat=2'")
 
 
 def test_a_cell_of_an_input_that_has_changed_is_not_kept(tiny_sd1, image, tmp_path, capsys):

@@ -148,10 +148,14 @@ def state(png: Path, record: Path, settings: dict) -> tuple[str, str]:
         return "foreign", "was not made by this sweep"
     if old == settings:
         return "done", ""
-    key = next(k for k in {**settings, **old} if old.get(k) != settings.get(k))
+    key = next(k for k in {**settings, **old} if (k in old, old.get(k)) != (k in settings, settings.get(k)))
+    if key not in old:
+        return "foreign", f"has a record without its {key}: it may have been made otherwise"
+    if key not in settings:
+        return "foreign", f"was made with {key} {shorten(old[key])}, which this sweep has not"
     if key == "input":
         return "foreign", "was made from another input (the input file's content has changed)"
-    return "foreign", f"was made with {key} {shorten(old.get(key))}, not {shorten(settings.get(key))}"
+    return "foreign", f"was made with {key} {shorten(old[key])}, not {shorten(settings[key])}"
 
 
 def file_hash(path) -> str:
