@@ -160,25 +160,31 @@ def check_jobs(args, jobs, defaults):
     return [r for r in ready if r[0] not in failed], failed
 
 
-def cmd_batch(args):
-    start = time.time()
+def read_jobs(path) -> tuple[dict, list]:
+    """(defaults, jobs) of a jobs file, or one line why it cannot serve."""
     try:
-        jobs = json.loads(require_regular(args.jobs, "the jobs file").read_text(encoding="utf-8"))
+        jobs = json.loads(require_regular(path, "the jobs file").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise MinleditsError(f"cannot read {args.jobs}: {one_line(e)}") from e
+        raise MinleditsError(f"cannot read {path}: {one_line(e)}") from e
     jobs = {"jobs": jobs} if isinstance(jobs, list) else jobs
     if not (isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list)
             and isinstance(jobs.get("defaults", {}), dict)):
-        raise MinleditsError(f'{args.jobs}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
+        raise MinleditsError(f'{path}: expected [job, ...] or {{"defaults": {{...}}, "jobs": [job, ...]}}')
     if not jobs["jobs"]:
-        raise MinleditsError(f"{args.jobs}: no jobs (an empty list): list the edits to make")
+        raise MinleditsError(f"{path}: no jobs (an empty list): list the edits to make")
+    return jobs.get("defaults", {}), jobs["jobs"]
+
+
+def cmd_batch(args):
+    start = time.time()
+    defaults, jobs = read_jobs(args.jobs)
     if os.path.lexists(args.outdir) and not os.path.isdir(args.outdir):
         raise MinleditsError(f"--outdir {args.outdir} exists and is not a folder: name a folder (made if missing)")
     try:  # only once the jobs file is good: a bad one leaves no folder behind
         Path(args.outdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MinleditsError(f"cannot make --outdir {args.outdir}: {one_line(e)}") from e
-    defaults, jobs, cache = jobs.get("defaults", {}), jobs["jobs"], {}
+    cache = {}
     rank, world = ranks.init(args.device or "auto")
     ready, failed = check_jobs(args, jobs, defaults)
     for i in sorted(failed) if rank == 0 else []:  # every process checked the same: process 0 says it
