@@ -10,12 +10,15 @@ import sys
 import warnings
 from contextlib import contextmanager
 
+from . import app, evaluate
 from .commands import cmd_download, cmd_edit, cmd_invert, cmd_metrics, report
 from .many import cmd_batch, cmd_compare, cmd_sweep
 from .options import UsageError, parser
 
 HANDLERS = {"download": cmd_download, "invert": cmd_invert, "edit": cmd_edit, "reconstruct": cmd_edit,
-            "batch": cmd_batch, "sweep": cmd_sweep, "compare": cmd_compare, "metrics": cmd_metrics}
+            "batch": cmd_batch, "sweep": cmd_sweep, "compare": cmd_compare, "metrics": cmd_metrics,
+            "evaluate": evaluate.cmd_evaluate, "app": app.cmd_app}
+MORE = {"evaluate": evaluate.add_arguments, "app": app.add_arguments}  # their modules' own arguments
 
 
 def main(argv=None) -> int:
@@ -43,7 +46,7 @@ def run_command(argv) -> int:
         argv.append(f"--concept={next(it, '')}" if a in ("-e", "--concept") else a)
     warnings.formatwarning = lambda message, *_, **__: f"minledits: warning: {message}\n"  # one line, no source
     try:
-        args = parser().parse_args(argv)
+        args = parser(MORE).parse_args(argv)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2

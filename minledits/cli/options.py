@@ -111,6 +111,9 @@ COMMANDS = {
              "cell, a table of settings, times and metrics; inverts once per inversion setting; a rerun resumes",
     "compare": "IMAGE|INV -> the methods side by side on one inversion (input | reconstruction | DDPM inversion | "
                "DDPM + P2P | LEDITS | LEDITS++), labelled, with their metrics and UNet evaluations in a JSON file",
+    "evaluate": "PIE_DIR -> the PIE-Bench table: each method's edits where the benchmark looks for them, per-image "
+                "and summary metrics (needs the eval extra); a rerun resumes",
+    "app": "a page in the browser: invert once, try edits, see where each concept acts (needs the app extra)",
     "metrics": "PSNR and SSIM of two pictures of one size; with CLIP weights also their CLIP image similarity and "
                "the second's CLIP score against --text"}
 EXAMPLES = """examples:
@@ -206,7 +209,10 @@ def add_compare_arguments(s):
 
 
 # --------------------------------------------------------------------------------------------- the parser
-def parser() -> Parser:
+def parser(more=None) -> Parser:
+    """more: {command: function adding its own arguments} for the commands whose modules import this one
+    (evaluate, app); a command not in it is left out."""
+    more = more or {}
     raw = argparse.RawDescriptionHelpFormatter
     p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion.", epilog=EXAMPLES,
                formatter_class=raw)
@@ -214,7 +220,10 @@ def parser() -> Parser:
     inversion = ("inversion", INVERT)
     for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
                          ("reconstruct", [inversion]), ("batch", []), ("metrics", []),
-                         ("sweep", [inversion, ("edit", EDIT)]), ("compare", [inversion, ("edit", EDIT)])]:
+                         ("sweep", [inversion, ("edit", EDIT)]), ("compare", [inversion, ("edit", EDIT)]),
+                         ("evaluate", [inversion, ("edit", EDIT)]), ("app", [])]:
+        if name in ("evaluate", "app") and name not in more:
+            continue
         s = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], formatter_class=raw,
                            epilog=CONCEPT_HELP if name == "edit" else None)
         if name == "download":
@@ -228,6 +237,8 @@ def parser() -> Parser:
             add_compare_arguments(s)
         elif name == "batch":
             add_batch_arguments(s)
+        elif name in more:
+            more[name](s)
         else:
             s.add_argument("input", metavar="IMAGE" if name == "invert" else "IMAGE|INV")
             s.add_argument("-o", "--output", required=True, metavar="INV" if name == "invert" else "OUT.png")
