@@ -98,19 +98,20 @@ def clip_pixels(image, size: int = 224) -> torch.Tensor:
     return ((x - mean) / std).permute(2, 0, 1)[None]
 
 
-def clip_folder(model: str) -> Path:
-    """A local folder, or the Hub repo's CLIP_FILES fetched into the Hugging Face cache."""
+def hub_folder(model: str, files=CLIP_FILES, what: str = "CLIP metrics") -> Path:
+    """A local folder, or the Hub repo's `files` fetched into the Hugging Face cache; where neither can be had, one
+    MinleditsError line saying that `what` needs them."""
     if Path(model).exists():
         return Path(model)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
     try:
-        return Path(snapshot_download(model, allow_patterns=CLIP_FILES))
+        return Path(snapshot_download(model, allow_patterns=files))
     except LocalEntryNotFoundError:
         why = "they are not in the Hugging Face cache and the Hub cannot be reached"
     except Exception as e:  # no such repo, a bad name, a failed download
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-    raise MinleditsError(f"CLIP metrics need the weights of {model}: {why} (give a local folder, or none)")
+    raise MinleditsError(f"{what} need the weights of {model}: {why} (give a local folder, or none)")
 
 
 class Clip:
@@ -121,7 +122,7 @@ class Clip:
 
     @classmethod
     def load(cls, model: str = CLIP_MODEL, device="cpu") -> "Clip":
-        folder = clip_folder(model)
+        folder = hub_folder(model)
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
