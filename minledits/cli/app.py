@@ -1,4 +1,18 @@
-"""`minledits app`: the browser page (placeholder: issue 28)."""
+"""`minledits app`: the browser page (tools/app.py), served on this machine by default, until Ctrl+C.
+
+Gradio is the app extra: without it the command says how to install it, in one line. Every file the page writes,
+Gradio's uploads included, lives in one temporary folder, removed when the command ends.
+"""
+import importlib.util
+import os
+import signal
+import sys
+import tempfile
+
+from ..tools import app
+from .options import COMMON, resolve
+
+INSTALL = 'minledits: the app needs Gradio: pip install "minledits[app]"'
 
 
 def add_arguments(s):
@@ -7,4 +21,18 @@ def add_arguments(s):
 
 
 def cmd_app(args):
-    raise NotImplementedError("minledits app is not written yet")
+    if importlib.util.find_spec("gradio") is None:  # the app extra; imported once GRADIO_TEMP_DIR is set
+        print(INSTALL, file=sys.stderr)
+        return 1
+    resolve(args, COMMON)
+    if args.host not in app.LOCAL:
+        print(f"minledits: warning: --host {args.host} serves the page, without a password, to every machine that "
+              "reaches this one", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`: the temporary folder is removed too
+    with tempfile.TemporaryDirectory(prefix="minledits-app-") as folder:
+        os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")  # before gradio's modules read it
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        page = app.App(args, folder)
+        print(f"minledits app: {page.sd.model_id} on http://{args.host}:{args.port} (Ctrl+C stops; its files, in "
+              f"{folder}, are removed then)", flush=True)
+        app.serve(page, args.host, args.port)

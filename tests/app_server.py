@@ -1,0 +1,70 @@
+"""`minledits app` in a child process on a free port of 127.0.0.1, for the API and browser tests.
+
+    with running(folder, "--model", "random-tiny") as server:   # server.url, server.log(), server.process
+        ...
+The server is stopped (SIGTERM, then SIGKILL) on leaving; its output goes to folder/app.log.
+"""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+START_S = 120  # loading the model and starting Gradio, on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running(folder: Path, *argv: str, env=None):
+    port = free_port()
+    log = Path(folder) / "app.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "minledits", "app", "--port", str(port), *argv],
+                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = Server(f"http://127.0.0.1:{port}/", process, log)
+    try:
+        deadline = time.time() + START_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"minledits app exited ({process.returncode}): {server.log()}")
+            try:
+                urllib.request.urlopen(server.url, timeout=5).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"minledits app did not answer in {START_S} s: {server.log()}") from None
+                time.sleep(0.5)
+        yield server
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -1,0 +1,156 @@
+"""`minledits app` through its API, as gradio_client calls it, against one running app on random-tiny: the /edit
+endpoint's PNG equals `minledits edit` with the same options (decoded pixels), and the command line the page shows
+makes it again; a second edit of the photo reuses its inversion; bad input is one line and the app goes on; Cancel
+stops an edit; without Gradio the command says how to install it; --host warns; the temporary folder goes at exit."""
+import importlib.util
+import re
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minledits import cli
+from minledits.cli import app as cli_app
+from minledits.io import store
+from tests.app_server import running
+from tests.helpers import photo
+
+gradio_client = pytest.importorskip("gradio_client")
+pytest.importorskip("gradio")
+STEPS = dict(steps=10, skip=3)  # 7 edit steps at random-tiny's 64 px: a fraction of a second
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    photo().save(folder / "p.png")
+    with running(folder, "--model", "random-tiny") as server:
+        client = gradio_client.Client(server.url, verbose=False, download_files=str(folder / "downloads"))
+        yield server, client, folder
+    temporary = re.search(r"its files, in (\S+), are removed", server.log())[1]
+    assert not Path(temporary).exists(), "the app's temporary folder is removed when it stops"
+
+
+def edit(client, folder, name="p.png", **options):
+    return client.predict(photo=gradio_client.handle_file(str(folder / name)), api_name="/edit",
+                          **{**STEPS, **options})
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_the_endpoints_carry_the_command_options(served):
+    _, client, _ = served
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {e: {p["parameter_name"] for p in api[e]["parameters"]} for e in ("/invert", "/edit")}
+    assert {"photo", "source_prompt", "steps", "skip", "seed", "size", "sampler", "keep_aspect"} <= names["/invert"]
+    assert {"method", "target_prompt", "target_guidance", "concepts", "mask", "cross_replace", "reweight",
+            "user_mask", "compare", "momentum_scale"} <= names["/edit"]
+    assert not names["/invert"] & {"method", "concepts"}
+
+
+@pytest.mark.parametrize("method, options", [
+    ("ledits", dict(concepts="glasses\n-beard:scale=3,warmup=1", target_prompt="a man")),
+    ("p2p", dict(source_prompt="a cat", target_prompt="a dog", cross_replace=0.5))])
+def test_the_edit_is_the_command_s_bit_for_bit(served, tmp_path, method, options):
+    _, client, folder = served
+    said, png, _, _, tiles, files, line = edit(client, folder, method=method, **options)
+    assert line.startswith("minledits edit p.png ") and line.endswith(" -o edit.png")
+    argv = shlex.split(line)[1:]
+    argv[1], argv[-1] = str(folder / "p.png"), str(tmp_path / "cli.png")
+    assert cli.main(argv) == 0
+    assert np.array_equal(pixels(png), pixels(tmp_path / "cli.png")), "the page's picture is the command's"
+    by_hand = ["edit", str(folder / "p.png"), "-o", str(tmp_path / "by-hand.png"), "--model", "random-tiny",
+               "--steps", "10", "--skip", "3", "--method", method]
+    by_hand += [a for k, v in options.items() if k != "concepts" for a in (f"--{k.replace('_', '-')}", str(v))]
+    by_hand += [f"--concept={c}" for c in options.get("concepts", "").splitlines()]
+    assert cli.main(by_hand) == 0
+    assert np.array_equal(pixels(png), pixels(tmp_path / "by-hand.png"))
+    names = sorted(Path(f).name for f in files)
+    assert names == ["edit.png", "inversion.safetensors", "trace.png", "trace.safetensors"]
+    assert "parameters" in Image.open(next(f for f in files if f.endswith("edit.png"))).text
+    assert len(tiles) == 1 + (2 if method == "ledits" else 2)  # x0, then each concept's mask (P2P: each word's map)
+
+
+def test_a_second_edit_reuses_the_inversion(served):
+    _, client, folder = served
+    photo(seed=5).save(folder / "q.png")
+    first = edit(client, folder, "q.png", concepts="glasses", seed=7)[0]
+    assert first.startswith("inverted 'q.png' in "), first
+    again = edit(client, folder, "q.png", concepts="-glasses:scale=2", seed=7)[0]
+    assert again.startswith("reused the inversion of 'q.png'"), again
+    other = edit(client, folder, "q.png", concepts="glasses", seed=8)[0]
+    assert other.startswith("inverted"), "another inversion setting inverts again"
+
+
+def test_invert_then_edit_the_inversion_file(served, tmp_path):
+    _, client, folder = served
+    photo(seed=6).save(folder / "r.png")
+    said, preview, files = client.predict(photo=gradio_client.handle_file(str(folder / "r.png")), api_name="/invert",
+                                          **STEPS)
+    assert said.startswith("inverted 'r.png'") and "(7 steps to edit)" in said
+    inv = store.load(files[0])
+    assert (inv.settings.steps, inv.settings.skip) == (10, 3)
+    assert client.predict(photo=gradio_client.handle_file(str(folder / "r.png")), api_name="/invert",
+                          **STEPS)[0].startswith("reused")
+    said, png, *_ = client.predict(photo=gradio_client.handle_file(files[0]), concepts="glasses", api_name="/edit")
+    assert "edited 7 steps" in said
+    assert cli.main(["edit", files[0], "-o", str(tmp_path / "cli.png"), "-e", "glasses"]) == 0
+    assert np.array_equal(pixels(png), pixels(tmp_path / "cli.png"))
+
+
+@pytest.mark.parametrize("name, options, expected", [
+    ("text.png", {}, "cannot read image 'text.png': 'text.png' is not a picture Pillow can read"),
+    ("p.png", dict(skip=10), "skip must be an integer with 0 <= skip < steps (10), got 10"),
+    ("p.png", dict(concepts="glasses:colour=3"), "bad concept option 'colour=3'"),
+    ("p.png", dict(method="leditspp", target_prompt="a dog", concepts="glasses"), "--method leditspp takes no "
+     "--target-prompt"),
+    ("p.png", dict(method="painting"), "'painting' (type: <class 'str'>) is not in the list of choices")])
+def test_bad_input_is_one_line_and_the_app_goes_on(served, name, options, expected):
+    server, client, folder = served
+    (folder / "text.png").write_text("not a picture\n")
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        edit(client, folder, name, **options)
+    assert expected in str(e.value) and "\n" not in str(e.value) and "Traceback" not in str(e.value), str(e.value)
+    assert str(folder) not in str(e.value) and "minledits-app-" not in str(e.value), "no path of the server's"
+    assert edit(client, folder, concepts="glasses")[0].startswith(("inverted", "reused")), "the app still answers"
+    assert server.process.poll() is None
+
+
+def test_cancel_stops_the_edit(served):
+    _, client, folder = served
+    job = client.submit(photo=gradio_client.handle_file(str(folder / "p.png")), steps=1000, skip=0,
+                        concepts="glasses", api_name="/edit")
+    deadline = time.time() + 60
+    while (job.status().progress_data is None) and time.time() < deadline and not job.done():
+        time.sleep(0.1)
+    start = time.time()
+    assert client.predict(api_name="/cancel") == "cancelled"
+    with pytest.raises(Exception):
+        job.result(timeout=60)
+    assert edit(client, folder, concepts="glasses")[0], "the next edit runs"
+    assert time.time() - start < 30, "the cancelled edit stopped (1,000 steps would take minutes)"
+
+
+def test_without_gradio_one_line_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert cli.main(["app", "--model", "random-tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err == 'minledits: the app needs Gradio: pip install "minledits[app]"\n'
+
+
+def test_another_host_is_warned_of(monkeypatch, capsys):
+    served_on = []
+    monkeypatch.setattr(cli_app.app, "serve", lambda page, host, port: served_on.append((host, port)))
+    assert cli.main(["app", "--model", "random-tiny", "-q", "--host", "0.0.0.0", "--port", "7999"]) == 0
+    assert served_on == [("0.0.0.0", 7999)]
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == ["minledits: warning: --host 0.0.0.0 serves the page, without a password, to every machine "
+                       "that reaches this one"]
+    assert cli.main(["app", "--model", "random-tiny", "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err and served_on[-1] == ("127.0.0.1", 7860)
