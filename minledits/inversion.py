@@ -15,6 +15,12 @@ Notation (code name -> symbol); sampler symbols as in sampler.py
                                on (with D_{k-1}: the maps follow one another); the last zero_noise_steps maps
                                are 0 (1; 3 for SDXL with dpmsolver++, as LEditsPPPipelineStableDiffusionXL)
                                unless keep_last_noise (then dpmsolver++'s grid ends at sigma_min: see invert)
+sampler="ddim", deterministic DDIM inversion (diffusers' DDIMInverseScheduler), a trajectory instead:
+    xts[j]   x_{tau_k}         unstep(k, x_{tau_{k+1}}, out(x_{tau_{k+1}}, tau_k)) for k = N-1 down to skip, from
+                               x_{tau_N} = w0: each latent from the next cleaner one, the model run at the cleaner
+                               latent and tau_k (sampler.py), so the UNet runs N - skip times one after the other
+    zs[j]    z_k               0: the DDIM step injects no noise; the edit regenerates from xts[0] alone
+                               (keep_last_noise and zero_noise_steps have no meaning and are refused)
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
@@ -50,7 +56,8 @@ class InversionSettings:
     source_guidance: float = 3.5  # s_src
     keep_last_noise: bool = False  # False: the last maps 0 as the references; True: exact reconstruction (invert())
     keep_aspect: bool = False     # keep the aspect ratio (sides multiples of 64) instead of centre-cropping
-    sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++)
+    sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++), "ddim"
+                                  # (deterministic DDIM inversion: the DDIM + P2P baseline)
     zero_noise_steps: int | None = None  # the last maps set to 0 unless keep_last_noise; None: the model's (invert)
 
     def __post_init__(self):
@@ -72,6 +79,9 @@ class InversionSettings:
         if not (isinstance(self.size, int) and self.size >= 64 and self.size % 64 == 0):
             raise ValueError(f"size must be a multiple of 64 (at least 64), got {self.size!r}")
         z = self.zero_noise_steps
+        if SAMPLERS[self.sampler].trajectory and (self.keep_last_noise or z is not None):
+            raise ValueError(f"{'keep_last_noise' if self.keep_last_noise else 'zero_noise_steps'} has no meaning for "
+                             f"the {self.sampler} sampler: its noise maps are all 0 (its steps inject no noise)")
         if z is not None and not (type(z) is int and z >= 0):
             raise ValueError(f"zero_noise_steps must be an integer >= 0, got {self.zero_noise_steps!r}")
         if z is not None and z > self.steps - self.skip:  # it counts the last of the maps the edit runs on
@@ -168,39 +178,65 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
     return torch.cat(zs)
 
 
+def trajectory(sd, sampler, w0, skip, context, source_guidance, callback=None) -> torch.Tensor:
+    """xts for k = skip .. N-1, then w0: x_{tau_k} = unstep(k, x_{tau_{k+1}}, out) from k = N-1 (x_{tau_N} = w0) down,
+    one UNet call per step (each needs the one before)."""
+    xts, n, c = [w0], sampler.N - skip, rows(context)
+    for j, k in enumerate(reversed(range(skip, sampler.N))):
+        x = xts[-1]
+        out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), sampler.timesteps[k], context).chunk(c)
+        out = out_u + source_guidance * (out_src[0] - out_u) if out_src else out_u
+        xts.append(sampler.unstep(k, x, out).to(x.dtype))
+        if callback:
+            callback(j + 1, n)
+    return torch.cat(xts[::-1])
+
+
 def with_zero_noise_steps(s: InversionSettings, sd: StableDiffusion) -> InversionSettings:
     """s with zero_noise_steps decided: given, else 3 for SDXL's dpmsolver++ (LEditsPPPipelineStableDiffusionXL's
-    num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion); at most the maps there are."""
-    if s.zero_noise_steps is not None:
+    num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion); at most the maps there are; None
+    for ddim (every map is 0)."""
+    if s.zero_noise_steps is not None or SAMPLERS[s.sampler].trajectory:
         return s
     n = 3 if isinstance(sd, StableDiffusionXL) and s.sampler == "dpmsolver++" else 1
     return replace(s, zero_noise_steps=min(n, s.steps - s.skip))
 
 
 @torch.inference_mode()
-def invert(sd: StableDiffusion, image, *, batch_size: int = BATCH_SIZE, callback=None, **settings) -> Inversion:
+def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None, *, batch_size: int = BATCH_SIZE,
+           callback=None, **fields) -> Inversion:
     """Invert an image (path or PIL): the latents and noise maps from which the edit regenerates it.
 
-    settings: the fields of InversionSettings (steps, skip, seed, size, source_prompt, source_guidance,
-    keep_last_noise, keep_aspect, sampler, zero_noise_steps; size defaults to sd.default_size, 512 for SD and 1024
-    for SDXL; skip to the sampler's method's default for the steps). keep_last_noise=True makes the
+    settings: an InversionSettings, and/or its fields as keywords (steps, skip, seed, size, source_prompt,
+    source_guidance, keep_last_noise, keep_aspect, sampler, zero_noise_steps; size defaults to sd.default_size,
+    512 for SD and 1024 for SDXL; skip to the sampler's method's default for the steps). keep_last_noise=True makes the
     inversion exact: regenerating it without guidance returns w0 (DDPM keeps z_{N-1}; dpmsolver++ ends its grid at
     sigma_min instead of the pipeline's 0, where the last step lands on its x0 prediction whatever the noise).
+    sampler="ddim" walks w0 up to x_{tau_skip} with DDIM's inverse step (deterministic: seed unused, maps all 0).
     batch_size: timesteps per UNet call (the x_t are independent: batching only changes float rounding and speed;
-    at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: parity.feeds_back).
+    at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: parity.feeds_back; ddim's steps
+    follow one another, one per call).
     callback(done, total) reports progress of the UNet work.
     """
     if not (type(batch_size) is int and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {shorten(batch_size)}")
-    s = with_zero_noise_steps(InversionSettings(**{"size": sd.default_size, **settings}), sd)
+    if settings is not None and not isinstance(settings, InversionSettings):
+        raise TypeError(f"invert's settings must be an InversionSettings, got {type(settings).__name__}")
+    s = replace(settings, **fields) if settings else InversionSettings(**{"size": sd.default_size, **fields})
+    s = with_zero_noise_steps(s, sd)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
     w0 = sd.encode(x)
-    xts = noisy_latents(sampler, w0, s.seed)[s.skip:]
-    zs = noise_maps(sd, sampler, xts, s.skip, source_context(sd, s), s.source_guidance, batch_size, callback)
-    if not zs.isfinite().all():
-        raise MinleditsError("the inversion's noise maps hold inf or NaN: the model's output is not finite "
+    if sampler.trajectory:
+        xts = trajectory(sd, sampler, w0, s.skip, source_context(sd, s), s.source_guidance, callback)
+        zs = torch.zeros_like(xts[1:])
+    else:
+        xts = noisy_latents(sampler, w0, s.seed)[s.skip:]
+        zs = noise_maps(sd, sampler, xts, s.skip, source_context(sd, s), s.source_guidance, batch_size, callback)
+    if not (zs.isfinite().all() and xts.isfinite().all()):
+        what = "latents" if sampler.trajectory else "noise maps"
+        raise MinleditsError(f"the inversion's {what} hold inf or NaN: the model's output is not finite "
                              "(damaged weights, or fp16 overflow: try --dtype fp32 / dtype=torch.float32)")
     if not s.keep_last_noise and s.zero_noise_steps:
         zs[-s.zero_noise_steps:] = 0

@@ -1,5 +1,8 @@
 """Prompt-to-Prompt (Hertz et al. 2022) on edit-friendly DDPM inversion: the "p2pinv" mode of the DDPM inversion
 paper's code (inbarhub/DDPM_inversion), the middle method of the LEDITS paper's comparison (its Figure 4).
+On a DDIM inversion (sampler "ddim": its noise maps are 0 and each step is DDIM's with eta = 0) the same loop is the
+classic "DDIM + P2P" baseline (Prompt-to-Prompt's null-text notebook with plain DDIM inversion; PnPInversion's
+run_editing_p2p), from skip 0.
 
 Two rows regenerate the inversion in one batch: the source row with the source prompt and guidance (it walks the
 inversion's own latents back to the photo), the target row with the target prompt, its attention taken from the
@@ -54,9 +57,10 @@ MAP_LEVEL = 2           # LocalBlend's maps come from UNet level 2: (h/4, w/4), 
 REWEIGHT_MAX = 10       # reweight takes weights from -REWEIGHT_MAX to REWEIGHT_MAX (check_options)
 
 
-def default_skip(N: int) -> int:
-    """The reference's example skip for this mode, 12 of N = 100 steps (its README: --skip=12), in proportion."""
-    return round(12 * N / 100)
+def default_skip(N: int, sampler: str = "ddpm") -> int:
+    """The reference's example skip for this mode, 12 of N = 100 steps (its README: --skip=12), in proportion; on a
+    DDIM inversion (sampler "ddim") 0, as the DDIM + P2P baseline inverts and edits every step."""
+    return 0 if sampler == "ddim" else round(12 * N / 100)
 
 
 # ------------------------------------------------------------------------------------------------ words and tokens
@@ -409,13 +413,18 @@ class EditStep:
 
 @torch.inference_mode()
 def edit(sd: StableDiffusion, inv: Inversion, target_prompt: str, target_guidance=15.0, cross_replace=0.6,
-         self_replace=0.2, reweight=None, local_blend=None, callback=None) -> torch.Tensor:
+         self_replace=0.2, reweight=None, local_blend=None, callback=None, source_guidance=None) -> torch.Tensor:
     """The target row's w0 [1, 4, h, w]. reweight: {word: weight} or "word=weight,..." (target words); local_blend:
-    (source words, target words) or "src words,tar words"; callback(EditStep) receives every step."""
+    (source words, target words) or "src words,tar words"; callback(EditStep) receives every step.
+    source_guidance: s_src of the source row; None: the inversion's (DDIM + P2P as its baseline runs: invert with
+    source_guidance=1, the conditional estimate alone, and edit both rows at 7.5)."""
     inv, sampler = start(sd, inv)
     p = attention_edit(sd, inv, target_prompt, target_guidance, cross_replace, self_replace, reweight, local_blend)
     skip, src = inv.settings.skip, inv.settings.source_prompt
-    s = torch.tensor([inv.settings.source_guidance, target_guidance], device=sd.device).view(2, 1, 1, 1).to(sd.dtype)
+    s_src = inv.settings.source_guidance if source_guidance is None else source_guidance
+    if not (isinstance(s_src, (int, float)) and not isinstance(s_src, bool) and abs(s_src) < torch.finfo(sd.dtype).max):
+        raise ValueError(f"source guidance must be finite, got {shorten(s_src)}")
+    s = torch.tensor([s_src, target_guidance], device=sd.device).view(2, 1, 1, 1).to(sd.dtype)
     context = parity.text_kv(sd, sd.text_embeddings(["", "", src, target_prompt]))
     x, sums = inv.xts[:1].to(sd.device, sd.dtype).expand(2, -1, -1, -1), {}
     for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):

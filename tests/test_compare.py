@@ -173,3 +173,31 @@ def test_p2p_options_are_checked_against_an_inversion_files_prompt(tiny_sd1, ima
                        "--target-prompt", "a cat", "--local-blend", "dog,cat")
     assert rc == 2 and out == "" and len(err.splitlines()) == 1 and "local_blend source" in err and "'dog'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inv.safetensors"]
+
+
+def test_a_ddim_inversion_shows_ddim_and_ddim_p2p(tiny_sd1, image, tmp_path, capsys):
+    """On an inversion made with --sampler ddim every panel runs; the middle two are "DDIM inversion" and "DDIM + P2P"
+    (keys ddim, ddim+p2p), each the edit of that inversion; the UNet runs once per inverted step (no skip: 6 steps,
+    unconditional and source rows); without prompts the two are left out under their DDIM names."""
+    out = tmp_path / "c.png"
+    rc, _, err = run(capsys, "compare", image, "-o", out, "--model", tiny_sd1.folder, "--sampler", "ddim", "--steps",
+                     "6", "--size", "64", *PROMPTS, *CONCEPTS, "--clip-model", "none", "-q")
+    assert rc == 0, err
+    record = json.loads(out.with_suffix(".json").read_text())
+    panels = record["panels"]
+    assert [(p["method"], p["label"]) for p in panels] == [
+        ("input", "input"), ("reconstruction", "reconstruction"), ("ddim", "DDIM inversion"),
+        ("ddim+p2p", "DDIM + P2P"), ("ledits", "LEDITS"), ("leditspp", "LEDITS++")]
+    assert record["left_out"] == {} and record["inversion_unet_evaluations"] == 2 * 6
+    assert record["settings"]["sampler"] == "ddim" and record["settings"]["cross_replace"] == 0.6
+    sd = minledits.load(tiny_sd1.folder)
+    inv = minledits.invert(sd, image, sampler="ddim", steps=6, size=64, source_prompt="a photo")
+    sheet = np.asarray(Image.open(out).convert("RGB"))[16:]
+    assert np.array_equal(sheet[:, 3 * 64:4 * 64], np.asarray(minledits.decode(sd, p2p.edit(sd, inv, "a cat"))))
+    plain = minledits.ledits.edit(sd, inv, target_prompt="a cat")
+    assert np.array_equal(sheet[:, 2 * 64:3 * 64], np.asarray(minledits.decode(sd, plain)))
+    rc, _, err = run(capsys, "compare", image, "-o", tmp_path / "n.png", "--model", tiny_sd1.folder, "--sampler",
+                     "ddim", "--steps", "6", "--size", "64", "--clip-model", "none", "-q")
+    assert rc == 0 and sorted(json.loads((tmp_path / "n.json").read_text())["left_out"]) == [
+        "ddim", "ddim+p2p", "ledits", "leditspp"]
+    assert "DDIM + P2P left out: it maps the source prompt's words" in err

@@ -553,7 +553,7 @@ def cmd_compare(args):
         return 2
     run, left_out = compare.method_edits(inv.settings.source_prompt, args.target_prompt, args.target_guidance,
                                          concepts, args.momentum_scale, args.momentum_beta, pp_concepts,
-                                         {k: getattr(args, k) for k in P2P_OPTIONS},
+                                         {k: getattr(args, k) for k in P2P_OPTIONS}, inv.settings.sampler,
                                          mask=args.mask, negative_prompt=args.negative_prompt,
                                          guidance_rescale=args.guidance_rescale)
     for method, why in left_out.items():
@@ -564,7 +564,8 @@ def cmd_compare(args):
              concepts=list(args.concepts or []), momentum_scale=args.momentum_scale,
              momentum_beta=args.momentum_beta, mask=args.mask, negative_prompt=args.negative_prompt,
              guidance_rescale=args.guidance_rescale)
-    if "p2p" in run:  # its options only where its panel is drawn: a rerun of the line would refuse them otherwise
+    # the P2P options only where a P2P panel is drawn: a rerun of the line would refuse them otherwise
+    if {"p2p", "ddim+p2p"} & set(run):
         p.update({k: getattr(args, k) for k in P2P_OPTIONS})
     rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
              "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(

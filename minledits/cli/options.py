@@ -55,7 +55,8 @@ INVERT = [
     (("--steps",), INV.steps, "diffusion steps N", INT),
     (("--skip",), None, "steps skipped at the noisy end: more keeps more of the input (default: the method's share of "
      f"N: {SAMPLERS['ddpm'].default_skip(100)} of 100; --method p2p: {p2p.default_skip(100)} of 100; --sampler "
-     f"dpmsolver++: {SAMPLERS['dpmsolver++'].default_skip(100)} of 100, diffusers' skip=0.15)", INT),
+     f"dpmsolver++: {SAMPLERS['dpmsolver++'].default_skip(100)} of 100, diffusers' skip=0.15; --sampler ddim: "
+     f"{SAMPLERS['ddim'].default_skip(100)}, every step as the DDIM + P2P baseline)", INT),
     (("--seed",), INV.seed, "seed of the inversion noise", INT),
     (("--size",), None, "side in pixels (the longest with --keep-aspect), a multiple of 64 (default: the model's, "
      f"{INV.size}; SDXL: {StableDiffusionXL.default_size}; random-tiny: {tiny.RandomTiny.default_size})", INT),
@@ -63,13 +64,14 @@ INVERT = [
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
     (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
      "with dpmsolver++, as diffusers' LEDITS++ XL pipeline)", INT),
-    (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM) or dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M)",
+    (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM), dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M) "
+     "or ddim (deterministic DDIM inversion, not exact; with --method p2p the DDIM + P2P baseline)",
      dict(choices=list(SAMPLERS))),
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: docs/benchmarks.md)", INT)]
 EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
-     "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion: needs --source-prompt and "
-     "--target-prompt)", dict(choices=["ledits", "leditspp", "p2p"])),
+     "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion, or with --sampler ddim on the "
+     "DDIM one: needs --source-prompt and --target-prompt)", dict(choices=["ledits", "leditspp", "p2p"])),
     (("--target-prompt",), "", "text describing the edited image (optional; ledits)", TEXT),
     (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
      FLOAT),
@@ -110,7 +112,8 @@ COMMANDS = {
     "sweep": "IMAGE|INV -> a grid of edits, options varied (--vary KEY=V1,V2,...): a contact sheet, one PNG per "
              "cell, a table of settings, times and metrics; inverts once per inversion setting; a rerun resumes",
     "compare": "IMAGE|INV -> the methods side by side on one inversion (input | reconstruction | DDPM inversion | "
-               "DDPM + P2P | LEDITS | LEDITS++), labelled, with their metrics and UNet evaluations in a JSON file",
+               "DDPM + P2P | LEDITS | LEDITS++; DDIM ... on a --sampler ddim inversion), labelled, with their metrics "
+               "and UNet evaluations in a JSON file",
     "evaluate": "PIE_DIR -> the PIE-Bench table: each method's edits where the benchmark looks for them, per-image "
                 "and summary metrics (needs the eval extra); a rerun resumes",
     "app": "a page in the browser: invert once, try edits, see where each concept acts (needs the app extra)",

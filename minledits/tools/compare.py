@@ -1,13 +1,17 @@
 """Methods side by side on one inversion: the LEDITS paper's Figure 4 for one picture.
 
-    input | reconstruction | DDPM inversion edit | DDPM + P2P | LEDITS | LEDITS++
+    input | reconstruction | DDPM inversion edit | DDPM + P2P | LEDITS | LEDITS++   (on a DDIM inversion: DDIM ...)
     reconstruction   the edit without guidance (the inversion's noise maps regenerate the picture)
     DDPM             edit-friendly DDPM inversion edited by the target prompt alone (Huberman-Spiegelglas et al.)
     DDPM + P2P       the same with Prompt-to-Prompt's attention control from the source prompt (p2p.py; its options
                      cross_replace, self_replace, reweight, local_blend as given, else p2p.edit's defaults)
     LEDITS           the target prompt and the SEGA concepts (ledits.py)
     LEDITS++         the concepts with LEDITS++' implicit masks (leditspp.py), on the same inversion
-Every method walks the one inversion it is given (they all take either sampler's inversion), so their inputs are
+On a DDIM inversion (sampler "ddim") the two middle panels are "DDIM inversion" (its DDIM regeneration steered by
+the target prompt alone) and "DDIM + P2P" (Prompt-to-Prompt on it: the classic baseline), keys "ddim" and
+"ddim+p2p"; LEDITS and LEDITS++ run on it too (their steps take the DDIM step; its noise maps are 0), and the
+reconstruction is its regeneration without guidance (DDIM inversion is not exact: it shows how far it drifts).
+Every method walks the one inversion it is given (they all take every sampler's inversion), so their inputs are
 equal by construction. A method whose inputs are missing (DDPM without a target prompt, P2P without a source and a
 target prompt, LEDITS and LEDITS++ without concepts) is left out, and said so.
 Each panel comes with its UNet image-evaluations (rows of the UNet's batches) and its time.
@@ -24,7 +28,7 @@ from ..model import decode
 from .sweep import text_tile
 
 LABELS = {"input": "input", "reconstruction": "reconstruction", "ddpm": "DDPM inversion", "p2p": "DDPM + P2P",
-          "ledits": "LEDITS", "leditspp": "LEDITS++"}
+          "ddim": "DDIM inversion", "ddim+p2p": "DDIM + P2P", "ledits": "LEDITS", "leditspp": "LEDITS++"}
 
 
 @dataclass
@@ -48,20 +52,24 @@ def unet_rows(unet):
 
 def method_edits(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list,
                  momentum_scale: float, momentum_beta: float, pp_concepts: list, p2p_options: dict,
-                 **pp) -> tuple[dict, dict]:
+                 sampler: str = "ddpm", **pp) -> tuple[dict, dict]:
     """({method: function(sd, inv) -> w0}, {method: why it is left out}). concepts: LEDITS' (sega.Concept),
     pp_concepts: the same with LEDITS++' defaults (leditspp.concept); p2p_options: p2p.edit's cross_replace,
-    self_replace, reweight, local_blend; pp: leditspp.edit's mask, negative_prompt, guidance_rescale."""
+    self_replace, reweight, local_blend; sampler: the inversion's (its name keys the middle panels: "ddim" and
+    "ddim+p2p" on a DDIM inversion, else "ddpm" and "p2p"); pp: leditspp.edit's mask, negative_prompt,
+    guidance_rescale."""
+    plain, with_p2p = ("ddim", "ddim+p2p") if sampler == "ddim" else ("ddpm", "p2p")
     run, left_out = {"reconstruction": lambda sd, inv: ledits.edit(sd, inv)}, {}
     if target_prompt:
-        run["ddpm"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
-                                                  target_guidance=target_guidance)
+        run[plain] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
+                                                 target_guidance=target_guidance)
     else:
-        left_out["ddpm"] = "it edits by the target prompt alone: give --target-prompt"
+        left_out[plain] = "it edits by the target prompt alone: give --target-prompt"
     if source_prompt and target_prompt:
-        run["p2p"] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, **p2p_options)
+        run[with_p2p] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, **p2p_options)
     else:
-        left_out["p2p"] = "it maps the source prompt's words to the target's: give --source-prompt and --target-prompt"
+        left_out[with_p2p] = ("it maps the source prompt's words to the target's: give --source-prompt and "
+                              "--target-prompt")
     if concepts:
         run["ledits"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
                                                     target_guidance=target_guidance, concepts=concepts,
