@@ -37,8 +37,8 @@ OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inv
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def bar(args, desc, total):
-    return tqdm(total=total, desc=desc, unit="step", disable=args.quiet, leave=False, file=sys.stderr)
+def bar(args, desc, total, unit="step", leave=False):
+    return tqdm(total=total, desc=desc, unit=unit, disable=args.quiet, leave=leave, file=sys.stderr)
 
 
 def model_of(args, cache: dict, model=None):
