@@ -36,6 +36,7 @@ from .trace import AttentionTrace, Trace, latent_rgb, side_by_side, tile
 
 MAX_UPLOAD_MB = 50          # the largest file the page takes; a picture's pixels are limited as any (io.image)
 KEEP = 4                    # inversions kept per session (the oldest goes first)
+LOCAL_FONTS, MONO = ["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "monospace"]  # no web fonts
 LOCAL = ("127.0.0.1", "localhost", "::1")
 MAP_NAMES = {"attn": "attention", "m_noise": "noise mask", "M": "applied mask", "acts": "mask"}
 OWN = {"input", "output", "concepts", "user_mask", "save_inversion", "trace", "compare"}  # the page's own fields
@@ -191,7 +192,7 @@ def frames(trace: Trace, labels: list[str]):
 
     def at(s: int):
         s = min(max(int(s), 1), len(x0)) - 1
-        tiles = [(picture(x0[s]), f"x0 prediction, step {s + 1} of {len(x0)}")]
+        tiles = [(picture(x0[s]), "x0 prediction")]
         for c, label in enumerate(labels):
             tiles += [(picture(m[s, c, None].expand(3, -1, -1)), f"{label}: {name}") for name, m in maps]
         return tiles
@@ -245,7 +246,7 @@ def concept_spec(prompt, remove, scale, threshold, warmup, cooldown) -> str:
     if not prompt:
         raise MinleditsError("the concept is empty: type what to add or remove")
     given = {"scale": scale, "threshold": threshold, "warmup": warmup, "cooldown": cooldown}
-    opts = ",".join(f"{k}={v:g}" for k, v in given.items() if v is not None)
+    opts = ",".join(f"{k}={str(v).strip()}" for k, v in given.items() if v is not None and str(v).strip())
     return ("-" if remove else "") + prompt + (":" + opts if opts else "")
 
 
@@ -255,14 +256,17 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
     import gradio as gr
 
     def component(flags, default, help, options):
-        label = flags[-1].lstrip("-").replace("-", " ")
+        label, key = flags[-1].lstrip("-").replace("-", " "), dest(flags, options)
+        help = help.split(" (default")[0]  # the page shows the default in the field (an empty field: the method's)
         if options.get("action") == "store_true":
-            return gr.Checkbox(value=default, label=label, info=help)
+            return gr.Checkbox(value=default, label=label, info=help, elem_id=key)
         if "choices" in options:
-            return gr.Radio(options["choices"], value=default, label=label, info=help)
-        if options.get("type") in (int, float):
-            return gr.Number(value=default, label=label, info=help, precision=0 if options["type"] is int else None)
-        return gr.Textbox(value=default or "", label=label, info=help, lines=1)
+            return gr.Radio(options["choices"], value=default, label=label, info=help, elem_id=key)
+        if options.get("type") in (int, float) and default is not None:  # (an empty Number would read 0)
+            return gr.Number(value=default, label=label, info=help, elem_id=key,
+                             precision=0 if options["type"] is int else None)
+        return gr.Textbox(value=default or "", label=label, info=help, lines=1, elem_id=key,
+                          placeholder="default" if default is None else None)
 
     fields = {}
 
@@ -280,7 +284,7 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                     "each concept acts.")
         with gr.Row():
             with gr.Column(scale=1):
-                photo = gr.File(label="Photo or inversion file",
+                photo = gr.File(label="Photo or inversion file", elem_id="photo",
                                 type="filepath", height=120)
                 preview = gr.Image(label="The photo", interactive=False, height=200)
                 with gr.Accordion("Inversion", open=True):
@@ -294,16 +298,22 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                     fields_of(EDIT, ["method"])
                     fields_of(EDIT, ["target_prompt", "target_guidance"])
                     concepts = gr.Textbox(label="concepts (one per line: glasses adds, -beard removes; "
-                                          "glasses:scale=6 sets an option)", lines=3, placeholder="glasses\n-beard")
+                                          "glasses:scale=6 sets an option)", lines=3, placeholder="glasses\n-beard",
+                                          elem_id="concepts")
                     with gr.Row():
-                        c_prompt = gr.Textbox(label="concept", placeholder="glasses", scale=2)
+                        c_prompt = gr.Textbox(label="concept", placeholder="glasses", scale=2, elem_id="concept")
                         c_remove = gr.Checkbox(label="remove it", value=False)
                     with gr.Row():
-                        c_opts = [gr.Number(label=k, value=None, placeholder="default", min_width=80)
+                        c_opts = [gr.Textbox(label=k, value="", placeholder="default", min_width=80)
                                   for k in ("scale", "threshold", "warmup", "cooldown")]
                     with gr.Row():
-                        add = gr.Button("Add concept", size="sm")
+                        add = gr.Button("Add concept", size="sm", elem_id="add")
                         clear = gr.Button("Remove all concepts", size="sm")
+                compare = gr.Checkbox(label="also show input | reconstruction | edit (one more pass)", value=False)
+                with gr.Row():
+                    b_invert = gr.Button("Invert")
+                    b_edit = gr.Button("Edit", variant="primary", elem_id="edit")
+                    b_cancel = gr.Button("Cancel", variant="stop")
                 with gr.Accordion("LEDITS options", open=False, visible=True) as g_ledits:
                     fields_of(EDIT, ["momentum_scale", "momentum_beta"])
                 with gr.Accordion("LEDITS++ options", open=True, visible=False) as g_pp:
@@ -312,24 +322,23 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                                         height=100)
                 with gr.Accordion("Prompt-to-Prompt options", open=True, visible=False) as g_p2p:
                     fields_of(EDIT, ["cross_replace", "self_replace", "reweight", "local_blend"])
-                compare = gr.Checkbox(label="also show input | reconstruction | edit (one more pass)", value=False)
-                with gr.Row():
-                    b_invert = gr.Button("Invert")
-                    b_edit = gr.Button("Edit", variant="primary")
-                    b_cancel = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=1):
-                said = gr.Textbox(label="status", interactive=False, lines=1)
-                edited = gr.Image(label="Edit", interactive=False, format="png", height=320)
+                said = gr.Textbox(label="status", interactive=False, lines=1, elem_id="status")
+                edited = gr.Image(elem_id="edited", label="Edit", interactive=False, format="png", height=320)
                 strip = gr.Image(label="Input | reconstruction | edit", interactive=False, format="png",
                                  visible=False, height=200)
                 gr.Markdown("### Where each concept acts\nThe x0 prediction at a step, then for each concept its "
                             "mask (white: the concept acts there).")
-                at = gr.Slider(1, 2, value=1, step=1, label="step", interactive=True)
-                tiles = gr.Gallery(label="x0 prediction and masks at this step", columns=4, height=260,
+                at = gr.Slider(1, 2, value=1, step=1, label="step", interactive=True, elem_id="step")
+                tiles = gr.Gallery(elem_id="tiles", label="x0 prediction and masks at this step", columns=4, height=260,
                                    object_fit="contain", allow_preview=False)
                 downloads = gr.File(label="Downloads: the PNG (with its parameters), the inversion, the trace",
                                     file_count="multiple", interactive=False)
-                line = gr.Code(label="the same edit from the command line", language="shell", interactive=False)
+                line = gr.Textbox(label="the same edit from the command line", interactive=False, lines=3,
+                                  max_lines=8, buttons=["copy"], elem_id="command")
+                gr.Markdown("A concept's options: **scale** (strength), **threshold** (it acts only where its "
+                            "guidance is in the top 1 - threshold), **warmup** (edit steps before it acts), "
+                            "**cooldown** (the edit step from which it stops). `minledits edit --help` tells more.")
 
         names = [k for k in fields if k not in OWN]
         kw = {k: fields[k] for k in names}
@@ -349,13 +358,13 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                 result = app.edit(session, path, options, mask, report)
             except Exception as e:
                 raise gr.Error(message(e, {path: name, mask: "the user mask"}), print_exception=False) from None
-            session["frames"] = result["frames"]
-            files = [str(result["png"]), str(result["inversion_file"]), *map(str, result["trace_files"])]
+            session["frames"], session["steps"] = result["frames"], result["steps"]
             S = result["steps"]
+            files = [str(result["png"]), str(result["inversion_file"]), *map(str, result["trace_files"])]
             return (status(result, name), Image.open(result["png"]),
                     gr.update(value=Image.open(result["compare"]) if result["compare"] else None,
                               visible=bool(result["compare"])),
-                    gr.update(minimum=1, maximum=max(S, 2), value=S), result["frames"](S), files,
+                    gr.update(minimum=1, maximum=max(S, 2), value=S), show_step(S, request), files,
                     command(result["png"], name))
 
         def do_invert(photo, request: gr.Request, progress=gr.Progress(), **opts):
@@ -365,8 +374,12 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
             return run("edit", photo, user_mask, compare, opts, request, progress)
 
         def show_step(s, request: gr.Request):
-            f = app.session(request.session_hash).get("frames")
-            return f(s) if f else []
+            session = app.session(request.session_hash if request else "")
+            if not session.get("frames"):
+                return gr.update(value=[])
+            s, S = min(max(int(s or 1), 1), session["steps"]), session["steps"]
+            return gr.update(value=session["frames"](s), label=f"step {s} of {S}: the x0 prediction, then each "
+                             "concept's mask")
 
         def show_photo(photo):
             path, name = None, ""
@@ -385,7 +398,7 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                 line = concept_spec(*fields)
             except MinleditsError as e:
                 raise gr.Error(str(e), print_exception=False) from None
-            return (text.rstrip("\n") + "\n" if text and text.strip() else "") + line, ""
+            return (text.rstrip("\n") + "\n" if text and text.strip() else "") + line, "", False
 
         def method_shown(method):
             return [gr.update(visible=method == m) for m in ("ledits", "leditspp", "p2p")]
@@ -401,7 +414,7 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
         b_cancel.click(cancel, outputs=[said], cancels=[ev_inv, ev_edit], api_name="cancel", queue=False)
         at.change(show_step, inputs=[at], outputs=[tiles], api_visibility="private", queue=False)
         photo.upload(show_photo, inputs=[photo], outputs=[preview], api_visibility="private", queue=False)
-        add.click(add_concept, inputs=[concepts, c_prompt, c_remove, *c_opts], outputs=[concepts, c_prompt],
+        add.click(add_concept, inputs=[concepts, c_prompt, c_remove, *c_opts], outputs=[concepts, c_prompt, c_remove],
                   api_visibility="private", queue=False)
         clear.click(lambda: "", outputs=[concepts], api_visibility="private", queue=False)
         fields["method"].change(method_shown, inputs=[fields["method"]], outputs=[g_ledits, g_pp, g_p2p],
@@ -422,9 +435,11 @@ def optional(fn, keywords) -> None:
 def serve(app: App, host: str, port: int, max_file_size=MAX_UPLOAD_MB):
     """Serve the page until interrupted: one edit at a time (a queue shows a waiting user their place), never a
     share link, uploads up to max_file_size MB."""
+    import gradio as gr
     demo = page(app)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{max_file_size}mb", quiet=True,
-                show_error=True, ssr_mode=False, inbrowser=False, allowed_paths=[])
+                show_error=True, ssr_mode=False, inbrowser=False, allowed_paths=[],
+                theme=gr.themes.Default(font=LOCAL_FONTS, font_mono=MONO))
     return demo
 

@@ -1,0 +1,60 @@
+"""`minledits app` in a real browser: headless Chromium (Debian's, at /usr/bin/chromium) driven by playwright. The
+test does what a person does - uploads a photo, sets the steps, adds a concept, presses Edit, waits for the edit
+and the mask viewer, moves the step slider - with no error in the browser's console, and keeps a screenshot of the
+page next to this file (copied to docs/app.png, the README's picture)."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.app_server import running
+from tests.helpers import photo
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+CHROMIUM = Path("/usr/bin/chromium")
+SHOT = Path(__file__).with_name("app_browser.png")
+DOCS = Path(__file__).parents[1] / "docs" / "app.png"
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (.ci/run installs it)")
+WAIT_MS = 60_000
+
+
+def test_a_person_edits_a_photo_in_the_browser(tmp_path):
+    photo(size=(96, 80)).save(tmp_path / "face.png")
+    problems = []
+    with running(tmp_path, "--model", "random-tiny") as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.set_default_timeout(WAIT_MS)
+            page.goto(server.url)
+            field = lambda at: page.locator(f"{at} textarea, {at} input").first
+            page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "face.png"))
+            field("#steps").fill("10")
+            field("#skip").fill("3")
+            field("#concept").fill("glasses")
+            page.locator("#add").click()
+            playwright.expect(page.locator("#concepts textarea")).to_have_value("glasses")
+            field("#concept").fill("beard")
+            page.get_by_label("remove it").check()
+            page.locator("#add").click()
+            playwright.expect(page.locator("#concepts textarea")).to_have_value("glasses\n-beard")
+            page.locator("#edit").click()
+            playwright.expect(page.locator("#status textarea")).to_have_value(
+                re.compile(r"^inverted 'face.png' in .* edited 7 steps in"), timeout=WAIT_MS)
+            playwright.expect(page.locator("#edited img")).to_be_visible()
+            playwright.expect(page.locator("#tiles img")).to_have_count(3)  # x0, glasses' mask, beard's mask
+            playwright.expect(page.locator("#tiles")).to_contain_text("step 7 of 7")
+            page.locator("#step input[type=number]").fill("3")
+            page.locator("#step input[type=number]").press("Enter")
+            playwright.expect(page.locator("#tiles")).to_contain_text("step 3 of 7")
+            playwright.expect(page.locator("#command textarea")).to_have_value(
+                re.compile(r"^minledits edit face.png .* -o edit.png$"))
+            page.screenshot(path=str(SHOT), full_page=True)
+        finally:
+            browser.close()
+    shutil.copyfile(SHOT, DOCS)
+    assert not problems, problems
