@@ -2,7 +2,8 @@
 
     with running(folder, "--model", "random-tiny") as server:   # server.url, server.log(), server.process
         ...
-The server is stopped (SIGTERM, then SIGKILL) on leaving; its output goes to folder/app.log.
+The server runs PyTorch on one thread (env may say otherwise), is stopped (SIGTERM, then SIGKILL) on leaving, and
+writes its output to folder/app.log.
 """
 import contextlib
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 START_S = 120  # loading the model and starting Gradio, on a busy 2-core machine
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # random-tiny's ops are too small to share: 2 threads made edits 10x slower
 
 
 def free_port() -> int:
@@ -39,8 +41,8 @@ def running(folder: Path, *argv: str, env=None):
     port = free_port()
     log = Path(folder) / "app.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "minledits", "app", "--port", str(port), *argv],
-                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen([sys.executable, "-m", "minledits", "app", "--port", str(port), *argv], stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}/", process, log)
     try:
         deadline = time.time() + START_S

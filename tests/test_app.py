@@ -20,6 +20,7 @@ from tests.helpers import photo
 
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = dict(steps=10, skip=3)  # 7 edit steps at random-tiny's 64 px: a fraction of a second
 
 
