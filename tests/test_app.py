@@ -71,9 +71,11 @@ def test_the_edit_is_the_command_s_bit_for_bit(served, tmp_path, method, options
     by_hand += [f"--concept={c}" for c in options.get("concepts", "").splitlines()]
     assert cli.main(by_hand) == 0
     assert np.array_equal(pixels(png), pixels(tmp_path / "by-hand.png"))
-    names = sorted(Path(f).name for f in files)
-    assert names == ["edit.png", "inversion.safetensors", "trace.png", "trace.safetensors"]
-    assert "parameters" in Image.open(next(f for f in files if f.endswith("edit.png"))).text
+    assert [Path(f).name for f in files] == ["edit.png"]
+    assert "parameters" in Image.open(files[0]).text
+    files = client.predict(api_name="/files")
+    assert [Path(f).name for f in files] == ["edit.png", "inversion.safetensors", "trace.safetensors", "trace.png"]
+    assert store.load(files[1]).settings.steps == 10
     assert len(tiles) == 1 + (2 if method == "ledits" else 2)  # x0, then each concept's mask (P2P: each word's map)
 
 

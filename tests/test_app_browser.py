@@ -53,6 +53,8 @@ def test_a_person_edits_a_photo_in_the_browser(tmp_path):
             playwright.expect(page.locator("#tiles")).to_contain_text("step 3 of 7")
             playwright.expect(page.locator("#command textarea")).to_have_value(
                 re.compile(r"^minledits edit face.png .* -o edit.png$"))
+            page.locator("#files").click()
+            playwright.expect(page.locator("#downloads")).to_contain_text(re.compile(r"trace\s*\.safetensors"))
             page.screenshot(path=str(SHOT), full_page=True)
         finally:
             browser.close()

@@ -15,6 +15,7 @@ inversion cache of a session keys on the photo's content and the settings, as th
 import hashlib
 import inspect
 import json
+import secrets
 import shlex
 import shutil
 import threading
@@ -61,7 +62,7 @@ class App:
     def session(self, key: str) -> dict:
         with self.lock:
             return self.sessions.setdefault(key, {"inversions": OrderedDict(), "cancel": threading.Event(),
-                                                  "trace": None, "runs": 0})
+                                                  "runs": 0, "folder": secrets.token_hex(8)})
 
     # ----------------------------------------------------------------------------------------- files
     def stored(self, upload, what="the photo") -> tuple[Path, str]:
@@ -124,14 +125,25 @@ class App:
             session["inversions"].popitem(last=False)
         return inv, True, time.time() - start
 
+    def files(self, session: dict) -> list[Path]:
+        """The last edit's PNG, its inversion and its trace files (written on demand: the edit does not wait for
+        them)."""
+        last = session.get("last")
+        if last is None:
+            raise MinleditsError("no edit yet: press Edit first")
+        folder = last["png"].parent
+        if not (folder / "inversion.safetensors").exists():
+            store.save(last["inversion"], folder / "inversion.safetensors")
+            last["trace"].save(*Trace.files(folder / "trace"), concepts=last["concepts"])
+        return [last["png"], folder / "inversion.safetensors", *Trace.files(folder / "trace")]
+
     def edit(self, session: dict, photo: Path, options: dict, user_mask=None,
              progress=lambda done, total, what: None) -> dict:
         """The edit of `photo` with the command's `options` (names as its option dests), its files in a fresh
-        folder of the session: {"inversion", "inverted", "invert_s", "edit_s", "png", "compare", "trace",
-        "frames" (a callable: step -> tiles), "steps", "idle", "inversion_file", "trace_files"}."""
+        folder of the session: {"inversion", "inverted", "invert_s", "edit_s", "png", "compare", "frames" (a
+        callable: step -> tiles), "steps", "idle"}; files() writes its inversion and trace."""
         session["runs"] += 1
-        out = self.folder / "runs" / hashlib.sha256(id(session).to_bytes(8, "little")).hexdigest()[:16] / \
-            str(session["runs"])
+        out = self.folder / "runs" / session["folder"] / str(session["runs"])
         out.mkdir(parents=True)
         if session["runs"] > 1:  # the previous run's files: the page has shown them
             shutil.rmtree(out.parent / str(session["runs"] - 1), ignore_errors=True)
@@ -166,12 +178,10 @@ class App:
                       idle=idle, steps=len(trace.steps["t"]), compare=None, frames=frames(trace, labels))
         if recon is not None:
             result["compare"] = out / "compare.png"
-            commands.save_png(side_by_side([to_pil(inv.image)[0], recon, im]), result["compare"], args, self.sd, inv,
-                     concepts, idle)
-        result["trace_files"] = Trace.files(out / "trace")
-        trace.save(*result["trace_files"], concepts=[commands.spec(c) for c in concepts])
-        result["inversion_file"] = out / "inversion.safetensors"
-        store.save(inv, result["inversion_file"])
+            commands.save_png(side_by_side([to_pil(inv.image)[0], recon, im]), result["compare"], args, self.sd,
+                              inv, concepts, idle)
+        session["last"] = dict(png=Path(args.output), inversion=inv, trace=trace,
+                               concepts=[commands.spec(c) for c in concepts])
         return result
 
 
@@ -333,7 +343,8 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                 tiles = gr.Gallery(elem_id="tiles", label="x0 prediction and masks at this step", columns=4, height=260,
                                    object_fit="contain", allow_preview=False)
                 downloads = gr.File(label="Downloads: the PNG (with its parameters), the inversion, the trace",
-                                    file_count="multiple", interactive=False)
+                                    file_count="multiple", interactive=False, elem_id="downloads")
+                b_files = gr.Button("Add the inversion and trace files", size="sm", elem_id="files")
                 line = gr.Textbox(label="the same edit from the command line", interactive=False, lines=3,
                                   max_lines=8, buttons=["copy"], elem_id="command")
                 gr.Markdown("A concept's options: **scale** (strength), **threshold** (it acts only where its "
@@ -346,7 +357,8 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
         def run(kind, photo, user_mask_file, compare_on, opts, request, progress):
             session = app.session(request.session_hash if request else "")
             session["cancel"].clear()
-            report = lambda done, total, what: progress((done, total), desc=what) if done is not None else None
+            report = lambda done, total, what: progress((done, total), desc=what) if done % -(-total // 20) == 0 \
+                or done == total else None  # 20 updates a pass at most: each is a message to the page
             path = mask = None
             name = ""
             try:
@@ -360,9 +372,9 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                 raise gr.Error(message(e, {path: name, mask: "the user mask"}), print_exception=False) from None
             session["frames"], session["steps"] = result["frames"], result["steps"]
             S = result["steps"]
-            files = [str(result["png"]), str(result["inversion_file"]), *map(str, result["trace_files"])]
-            return (status(result, name), Image.open(result["png"]),
-                    gr.update(value=Image.open(result["compare"]) if result["compare"] else None,
+            files = [str(result["png"])]
+            return (status(result, name), str(result["png"]),
+                    gr.update(value=str(result["compare"]) if result["compare"] else None,
                               visible=bool(result["compare"])),
                     gr.update(minimum=1, maximum=max(S, 2), value=S), show_step(S, request), files,
                     command(result["png"], name))
@@ -389,6 +401,12 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
             except Exception as e:
                 raise gr.Error(message(e, {path: name}), print_exception=False) from None
 
+        def files(request: gr.Request):
+            try:
+                return [str(p) for p in app.files(app.session(request.session_hash if request else ""))]
+            except Exception as e:
+                raise gr.Error(message(e, {}), print_exception=False) from None
+
         def cancel(request: gr.Request):
             app.session(request.session_hash)["cancel"].set()
             return "cancelled"
@@ -411,6 +429,7 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
         ev_edit = b_edit.click(do_edit, inputs=[photo, user_mask, compare], inputs_kwargs={**kw, "concepts": concepts},
                                outputs=[said, edited, strip, at, tiles, downloads, line], api_name="edit",
                                concurrency_limit=1, concurrency_id="model")
+        b_files.click(files, outputs=[downloads], api_name="files", concurrency_limit=1, concurrency_id="model")
         b_cancel.click(cancel, outputs=[said], cancels=[ev_inv, ev_edit], api_name="cancel", queue=False)
         at.change(show_step, inputs=[at], outputs=[tiles], api_visibility="private", queue=False)
         photo.upload(show_photo, inputs=[photo], outputs=[preview], api_visibility="private", queue=False)
