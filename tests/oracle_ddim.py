@@ -21,16 +21,21 @@ def embed(ref, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=0) -> torch.Tensor:
-    """xts [N - skip + 1]: x_{tau_skip}, ..., x_{tau_{N-1}}, w0 (docs/design.md §3); x the preprocessed image."""
+def invert(ref, x, source_prompt="", source_guidance=3.5, steps=10, skip=0, xl_text=None) -> torch.Tensor:
+    """xts [N - skip + 1]: x_{tau_skip}, ..., x_{tau_{N-1}}, w0 (docs/design.md §3); x the preprocessed image.
+    xl_text: SDXL's (c, pooled) rows ["", source prompt] (the SDXL UNet then also takes the picture's time_ids)."""
     sched = DDIMInverseScheduler.from_config(hub._clean(ref.scheduler_config))
     sched.set_timesteps(steps)
     w0 = ref.vae.encode(x).latent_dist.mode() * ref.vae.config.scaling_factor
-    context = embed(ref, ["", source_prompt] if source_prompt else [""])
+    rows = 2 if source_prompt else 1
+    context = embed(ref, ["", source_prompt][:rows]) if xl_text is None else xl_text[0][:rows]
+    H, W = x.shape[-2:]
+    added = {} if xl_text is None else dict(added_cond_kwargs={
+        "text_embeds": xl_text[1][:rows], "time_ids": torch.tensor([[H, W, 0, 0, H, W]] * rows, dtype=torch.float32)})
     latents = [w0]
     for t in sched.timesteps[:steps - skip]:
-        x_in = latents[-1].expand(len(context), -1, -1, -1)
-        out = ref.unet(x_in, t, encoder_hidden_states=context).sample
+        x_in = latents[-1].expand(rows, -1, -1, -1)
+        out = ref.unet(x_in, t, encoder_hidden_states=context, **added).sample
         if source_prompt:
             out = out[:1] + source_guidance * (out[1:] - out[:1])
         latents.append(sched.step(out, t, latents[-1]).prev_sample)

@@ -19,7 +19,7 @@ from minledits.io import store
 from minledits.io.image import to_tensor
 from minledits.sampler import DDIM, SAMPLERS
 from minledits.schedule import Schedule
-from tests import oracle, oracle_ddim, oracle_p2p
+from tests import hub, oracle, oracle_ddim, oracle_p2p, reconstruction
 from tests.helpers import SIZE, N, deep, photo, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,3 +193,30 @@ def test_cli_refuses_noise_map_options(tmp_path, capsys, extra, message):
     rc, _, err = run(capsys, "invert", tmp_path / "in.png", "-o", tmp_path / "i.safetensors", "--model", "random-tiny",
                      "--sampler", "ddim", "--steps", 4, "--size", 64, "-q", *extra)
     assert rc == 1 and len(err.splitlines()) == 1 and message in err and not (tmp_path / "i.safetensors").exists()
+
+
+def test_the_reconstruction_table(tiny_sd1):
+    """tests/reconstruction.py on the tiny model (64 px, 3 steps): the exact DDPM inversion regenerates w0, the DDIM
+    inversion does not (its eps is taken one latent early), and the VAE row is the input's own ceiling."""
+    sd = minledits.load(tiny_sd1.folder)
+    found = reconstruction.measure(sd, photo(), 3, 64, SRC, [3.5])
+    assert found["VAE alone", None][0] == 0 and found["VAE alone", None][3] == float("inf")
+    assert found["DDPM, exact", 3.5][0] < 1e-3 < found["DDIM", 3.5][0]
+    assert "| DDIM | 3.5 |" in reconstruction.table(found)
+
+
+@pytest.mark.parametrize("source_prompt", ["", SRC])
+def test_sdxl_inversion_matches_the_oracle(tiny_xl, source_prompt):
+    """SDXL (tests/hub.py tiny-sdxl): every inverted latent against DDIMInverseScheduler driving the diffusers SDXL
+    UNet with our text conditioning (equal to the SDXL pipeline's: test_sdxl.py) and the picture's time_ids."""
+    ref, sd = tiny_xl
+    inv = minledits.invert(sd, photo(), sampler="ddim", steps=N, size=SIZE, source_prompt=source_prompt)
+    text = sd.text_embeddings(["", source_prompt])
+    theirs = oracle_ddim.invert(ref, to_tensor(photo(), SIZE), source_prompt, 3.5, N, 0, xl_text=text)
+    assert relative(inv.xts, theirs) <= 1e-5 and not inv.zs.any()
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory):
+    ref = hub.make("tiny-sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
+    return ref, minledits.load(ref.folder)
