@@ -3,6 +3,7 @@ endpoint's PNG equals `minledits edit` with the same options (decoded pixels), a
 makes it again; a second edit of the photo reuses its inversion; bad input is one line and the app goes on; Cancel
 stops an edit; without Gradio the command says how to install it; --host warns; the temporary folder goes at exit."""
 import importlib.util
+import os
 import re
 import shlex
 import time
@@ -19,6 +20,7 @@ from tests.app_server import running
 from tests.helpers import photo
 
 gradio_client = pytest.importorskip("gradio_client")
+Status = pytest.importorskip("gradio_client.utils").Status
 pytest.importorskip("gradio")
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = dict(steps=10, skip=3)  # 7 edit steps at random-tiny's 64 px: a fraction of a second
@@ -124,19 +126,37 @@ def test_bad_input_is_one_line_and_the_app_goes_on(served, name, options, expect
     assert server.process.poll() is None
 
 
-def test_cancel_stops_the_edit(served):
-    _, client, folder = served
-    job = client.submit(photo=gradio_client.handle_file(str(folder / "p.png")), steps=1000, skip=0,
+def test_one_edit_at_a_time_and_cancel_stops_it(served):
+    server, client, folder = served
+    job = client.submit(photo=gradio_client.handle_file(str(folder / "p.png")), steps=999, skip=0,
                         concepts="glasses", api_name="/edit")
     deadline = time.time() + 60
-    while (job.status().progress_data is None) and time.time() < deadline and not job.done():
+    while job.status().progress_data is None and time.time() < deadline and not job.done():
         time.sleep(0.1)
+    assert not job.done(), "the long edit runs"
+    other = gradio_client.Client(server.url, verbose=False)
+    waiting = other.submit(photo=gradio_client.handle_file(str(folder / "p.png")), concepts="glasses",
+                           api_name="/edit", **STEPS)
+    while waiting.status().code not in (Status.IN_QUEUE, Status.FINISHED) and time.time() < deadline:
+        time.sleep(0.05)
+    assert waiting.status().code == Status.IN_QUEUE and waiting.status().rank == 0, "the second user waits, first"
     start = time.time()
     assert client.predict(api_name="/cancel") == "cancelled"
     with pytest.raises(Exception):
         job.result(timeout=60)
-    assert edit(client, folder, concepts="glasses")[0], "the next edit runs"
-    assert time.time() - start < 30, "the cancelled edit stopped (1,000 steps would take minutes)"
+    assert waiting.result(timeout=60)[0], "the waiting edit runs"
+    assert time.time() - start < 30, "the cancelled edit stopped (999 steps take many times longer)"
+    assert cpu_seconds(server.process.pid, 1.0) < 0.3, "nothing runs on in the server after the cancel"
+
+
+def cpu_seconds(pid: int, during: float) -> float:
+    """The CPU time the process takes in the next `during` seconds (Linux's /proc)."""
+    def used():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    before = used()
+    time.sleep(during)
+    return used() - before
 
 
 def test_without_gradio_one_line_says_how_to_install(monkeypatch, capsys):

@@ -37,6 +37,7 @@ from .trace import AttentionTrace, Trace, latent_rgb, side_by_side, tile
 
 MAX_UPLOAD_MB = 50          # the largest file the page takes; a picture's pixels are limited as any (io.image)
 KEEP = 4                    # inversions kept per session (the oldest goes first)
+SESSIONS = 16               # sessions kept (browser tabs, clients), each with its inversions and last edit
 LOCAL_FONTS, MONO = ["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "monospace"]  # no web fonts
 LOCAL = ("127.0.0.1", "localhost", "::1")
 MAP_NAMES = {"attn": "attention", "m_noise": "noise mask", "M": "applied mask", "acts": "mask"}
@@ -60,9 +61,15 @@ class App:
         self.lock = threading.Lock()
 
     def session(self, key: str) -> dict:
+        """The session `key`'s state (SESSIONS are kept, the one used longest ago goes first)."""
         with self.lock:
-            return self.sessions.setdefault(key, {"inversions": OrderedDict(), "cancel": threading.Event(),
-                                                  "runs": 0, "folder": secrets.token_hex(8)})
+            state = self.sessions.pop(key, None) or {"inversions": OrderedDict(), "cancel": threading.Event(),
+                                                     "runs": 0, "folder": secrets.token_hex(8)}
+            self.sessions[key] = state
+            while len(self.sessions) > SESSIONS:
+                gone = self.sessions.pop(next(iter(self.sessions)))
+                shutil.rmtree(self.folder / "runs" / gone["folder"], ignore_errors=True)
+            return state
 
     # ----------------------------------------------------------------------------------------- files
     def stored(self, upload, what="the photo") -> tuple[Path, str]:
@@ -88,7 +95,7 @@ class App:
                  and k not in brought}
         concepts = [line.strip() for line in (options.get("concepts") or "").splitlines() if line.strip()]
         argv = ["edit", str(photo), "-o", str(output), *to_argv(given), *[f"--concept={c}" for c in concepts]]
-        args = parser().parse_args([a.replace("\0", "") for a in argv])
+        args = parser().parse_args(argv)
         for k in MODEL:
             setattr(args, k, getattr(self.args, k))
         args.quiet, args.force, args.verbose = True, True, False
@@ -261,7 +268,7 @@ def concept_spec(prompt, remove, scale, threshold, warmup, cooldown) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the page
-def page(app: App, max_file_size=MAX_UPLOAD_MB):
+def page(app: App):
     """The Gradio Blocks of the app (import gradio inside: the app extra)."""
     import gradio as gr
 
@@ -286,7 +293,7 @@ def page(app: App, max_file_size=MAX_UPLOAD_MB):
                 fields[dest(row[0], row[3])] = component(*row)
 
     sd = app.sd
-    with gr.Blocks(title="minledits") as demo:
+    with gr.Blocks(title="minledits", delete_cache=(600, 3600)) as demo:  # Gradio's copies: an hour
         gr.Markdown(f"# minledits: edit a photo\nModel **{sd.model_id}** on {sd.device.type}, {sd.dtype}. "
                     "**1** Upload a photo (or an inversion file, which brings its own inversion settings). "
                     "**2** Add concepts to add or remove (or a target prompt). **3** Press **Edit**: the photo is "
