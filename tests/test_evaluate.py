@@ -1,10 +1,12 @@
 """`minledits evaluate` end to end on a synthetic PIE-Bench (tests/piebench_data.py) with random-tiny at 64 px: every
 method's edits where the benchmark reads them, the rows and the table, bad entries named, resume, torchrun."""
 import csv
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,7 +119,8 @@ def test_other_metric_weights_score_again_without_editing(pie, first, capsys):
     assert "- LPIPS: nan (--squeezenet none)" in (out / "summary.md").read_text()
 
 
-def test_refusals(pie, tmp_path, capsys):
+def test_refusals(pie, tmp_path, capsys, monkeypatch):
+    spec = importlib.util.find_spec
     d, _ = pie
     for argv, words in [(["--method", "p2p"], "--method (give --methods)"),
                         (["-e", "hat"], "-e (each entry's bracketed words"),
@@ -127,26 +130,43 @@ def test_refusals(pie, tmp_path, capsys):
         rc, out, err = run(capsys, "evaluate", d, "-o", tmp_path / "r", *TINY, *argv)
         assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "torchmetrics" else spec(name, *a))
+    rc, out, err = run(capsys, "evaluate", d, "-o", tmp_path / "r", *TINY)
+    assert rc == 2 and "pip install 'minledits[eval]'" in err
 
 
-def torchrun(*argv, cwd):
-    root = str(Path(minledits.__file__).parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+def child(argv, cwd, torchrun=False, **kw):
+    """`minledits argv...` (under `torchrun --standalone --nproc-per-node 2` if torchrun) in a subprocess with one
+    thread per process, the package this test imported first on its path: its Popen (kw: Popen's)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(minledits.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "minledits", *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun else []
+    return subprocess.Popen([sys.executable, *launch, "-m", "minledits", *map(str, argv)], cwd=cwd, env=env, **kw)
+
+
+def killed_run(argv, cwd, out: Path):
+    """`minledits argv...` in a subprocess, killed (SIGKILL) once its first rows are written."""
+    p = child(argv, cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while len(list((out / "rows").rglob("*.json"))) < 2 and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait()
 
 
 @pytest.mark.slow
-def test_two_processes_write_what_one_writes(pie, tmp_path, capsys):
+def test_two_processes_and_a_killed_run_write_what_one_writes(pie, tmp_path, capsys):
     d, _ = pie
     argv = ["evaluate", d, "--methods", ",".join(METHODS), *TINY, "--clip-model", "none", "--dino-model", "none",
             "--squeezenet", "none"]
     assert run(capsys, *argv[:2], "-o", tmp_path / "one", *argv[2:])[0] == 1
-    done = torchrun(*argv[:2], "-o", tmp_path / "two", *argv[2:], cwd=tmp_path)
-    assert done.returncode == 1 and done.stdout.count("evaluate: ") == 1, done.stderr
+    p = child([*argv[:2], "-o", tmp_path / "two", *argv[2:]], tmp_path, torchrun=True, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE, text=True)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 1 and stdout.count("evaluate: ") == 1, stderr
     one, two = tmp_path / "one", tmp_path / "two"
     assert sorted(p.relative_to(one) for p in one.rglob("*.jpg")) == sorted(p.relative_to(two) for p in
                                                                             two.rglob("*.jpg"))
@@ -155,3 +175,12 @@ def test_two_processes_write_what_one_writes(pie, tmp_path, capsys):
             assert a.tobytes() == b.tobytes() and a.text == b.text, p
     assert untimed(rows(two / "per_image.csv")) == untimed(rows(one / "per_image.csv"))
     assert (two / "summary.md").read_text() == (one / "summary.md").read_text()
+    three = tmp_path / "three"
+    killed_run([*argv[:2], "-o", three, *argv[2:]], tmp_path, three)
+    assert not (three / "per_image.csv").exists() and list((three / "rows").rglob("*.json"))
+    rc, out, _ = run(capsys, *argv[:2], "-o", three, *argv[2:])
+    assert rc == 1 and " kept, " in out and not out.startswith("evaluate: 0 rows made, 0 kept")
+    for p in sorted(one.rglob("*.jpg")):
+        with Image.open(p) as a, Image.open(three / p.relative_to(one)) as b:
+            assert a.tobytes() == b.tobytes() and a.text == b.text, p
+    assert untimed(rows(three / "per_image.csv")) == untimed(rows(one / "per_image.csv"))

@@ -9,6 +9,7 @@ torchrun the entries are shared among the processes (tools/ranks.py).
 """
 import argparse
 import hashlib
+import importlib.util
 import json
 import sys
 import time
@@ -81,6 +82,9 @@ def check_arguments(args) -> tuple[list[str], set | None]:
         raise MinleditsError(f"--types {args.types}: {bad[0]} is no edit type (0 to 9)")
     if args.limit is not None and args.limit < 1:
         raise MinleditsError(f"--limit must be >= 1, got {args.limit}")
+    if importlib.util.find_spec("torchmetrics") is None:
+        raise MinleditsError("evaluate computes the benchmark's metrics with torchmetrics: pip install "
+                             "'minledits[eval]'")
     resolve(args, COMMON + INVERT + EDIT)
     concept_options(args, "x")  # a bad --concept-options fails here, before any work
     return list(dict.fromkeys(methods)), types

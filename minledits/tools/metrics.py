@@ -119,6 +119,7 @@ class Clip:
 
     def __init__(self, model: CLIP, device="cpu"):
         self.model, self.device, self.tokenizer = model, torch.device(device), Tokenizer.builtin(SD1_PAD_ID)
+        self.last_text = (None, None)  # (text, its embedding): a benchmark scores many pictures against one prompt
 
     @classmethod
     def load(cls, model: str = CLIP_MODEL, device="cpu") -> "Clip":
@@ -146,7 +147,9 @@ class Clip:
 
     def score(self, image, text: str) -> float:
         """CLIP score: 100 max(cos, 0) of a picture and a prompt."""
-        return 100 * max((self.images([image]) * self.texts([text])).sum().item(), 0.0)
+        if self.last_text[0] != text:
+            self.last_text = (text, self.texts([text]))
+        return 100 * max((self.images([image]) * self.last_text[1]).sum().item(), 0.0)
 
     def similarity(self, a, b) -> float:
         """cos of two pictures' CLIP embeddings."""
