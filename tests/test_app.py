@@ -6,6 +6,8 @@ import importlib.util
 import os
 import re
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +179,9 @@ def test_another_host_is_warned_of(monkeypatch, capsys):
                        "that reaches this one"]
     assert cli.main(["app", "--model", "random-tiny", "-q"]) == 0
     assert "warning" not in capsys.readouterr().err and served_on[-1] == ("127.0.0.1", 7860)
+
+
+def test_the_package_and_its_command_import_without_gradio():
+    code = "import sys, minledits.cli, minledits.tools.app; print('gradio' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr

@@ -293,7 +293,7 @@ def page(app: App):
                 fields[dest(row[0], row[3])] = component(*row)
 
     sd = app.sd
-    with gr.Blocks(title="minledits", delete_cache=(600, 3600)) as demo:  # Gradio's copies: an hour
+    with gr.Blocks(title="minledits", delete_cache=(600, 3600)) as demo:  # Gradio's copies: 60 minutes
         gr.Markdown(f"# minledits: edit a photo\nModel **{sd.model_id}** on {sd.device.type}, {sd.dtype}. "
                     "**1** Upload a photo (or an inversion file, which brings its own inversion settings). "
                     "**2** Add concepts to add or remove (or a target prompt). **3** Press **Edit**: the photo is "
