@@ -220,3 +220,12 @@ def test_sdxl_inversion_matches_the_oracle(tiny_xl, source_prompt):
 def tiny_xl(tmp_path_factory):
     ref = hub.make("tiny-sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
     return ref, minledits.load(ref.folder)
+
+
+def test_a_ddim_file_with_noise_maps_is_refused(sd1, tmp_path):
+    """A file that says ddim but holds non-zero maps is no inversion this version made: one line."""
+    inv = minledits.invert(sd1, photo(), sampler="ddim", steps=4, size=SIZE)
+    inv.zs = torch.ones_like(inv.zs)
+    store.save(inv, tmp_path / "bad.safetensors")
+    with pytest.raises(minledits.InversionFileError, match="a ddim inversion's noise maps are all 0, its are not"):
+        store.load(tmp_path / "bad.safetensors")

@@ -2,7 +2,7 @@
 
 An inversion file is one safetensors file:
     tensors   xts [N-skip+1, 4, h, w]   xts[skip], ..., xts[N-1], w0
-              zs  [N-skip, 4, h, w]     z_skip, ..., z_{N-1}
+              zs  [N-skip, 4, h, w]     z_skip, ..., z_{N-1} (all 0 for a ddim inversion: its trajectory is xts)
               timesteps [N-skip] int64  the edit's timesteps, descending
               image [1, 3, H, W]        the preprocessed input in [-1, 1] (for --compare and --trace)
     metadata  format, version, model_id, fingerprint, dtype, resolution ("WxH" pixels) and the inversion
@@ -94,6 +94,9 @@ def load(path) -> Inversion:
         inv.check_tensors(str(path))
     except InversionError as e:
         raise InversionFileError(str(e)) from None
+    if SAMPLERS[settings.sampler].trajectory and inv.zs.any():
+        raise InversionFileError(f"{path} is a damaged minledits inversion file: a {settings.sampler} inversion's "
+                                 "noise maps are all 0, its are not: invert again")
     return inv
 
 
