@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -179,6 +180,7 @@ def test_another_host_is_warned_of(monkeypatch, capsys):
                        "that reaches this one"]
     assert cli.main(["app", "--model", "random-tiny", "-q"]) == 0
     assert "warning" not in capsys.readouterr().err and served_on[-1] == ("127.0.0.1", 7860)
+    assert "GRADIO_TEMP_DIR" not in os.environ and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "as it was"
 
 
 def test_the_package_and_its_command_import_without_gradio():

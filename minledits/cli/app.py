@@ -28,11 +28,20 @@ def cmd_app(args):
     if args.host not in app.LOCAL:
         print(f"minledits: warning: --host {args.host} serves the page, without a password, to every machine that "
               "reaches this one", file=sys.stderr)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`: the temporary folder is removed too
-    with tempfile.TemporaryDirectory(prefix="minledits-app-") as folder:
-        os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")  # before gradio's modules read it
-        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        page = app.App(args, folder)
-        print(f"minledits app: {page.sd.model_id} on http://{args.host}:{args.port} (Ctrl+C stops; its files, in "
-              f"{folder}, are removed then)", flush=True)
-        app.serve(page, args.host, args.port)
+    keys = ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")
+    environ, sigterm = [os.environ.get(k) for k in keys], signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        with tempfile.TemporaryDirectory(prefix="minledits-app-") as folder:
+            os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")  # before gradio's modules read it
+            os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+            page = app.App(args, folder)
+            print(f"minledits app: {page.sd.model_id} on http://{args.host}:{args.port} (Ctrl+C stops; its files, "
+                  f"in {folder}, are removed then)", flush=True)
+            app.serve(page, args.host, args.port)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # as they were (`kill` above: the folder is removed too)
+        for k, v in zip(keys, environ):
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
