@@ -18,7 +18,9 @@ from PIL import Image
 
 from minledits import cli
 from minledits.cli import app as cli_app
+from minledits.errors import MinleditsError
 from minledits.io import store
+from minledits.tools import app as tools_app
 from tests.app_server import running
 from tests.helpers import photo
 
@@ -127,6 +129,25 @@ def test_bad_input_is_one_line_and_the_app_goes_on(served, name, options, expect
     assert str(folder) not in str(e.value) and "minledits-app-" not in str(e.value), "no path of the server's"
     assert edit(client, folder, concepts="glasses")[0].startswith(("inverted", "reused")), "the app still answers"
     assert server.process.poll() is None
+
+
+def test_uploads_over_the_limits_are_refused(served, tmp_path, monkeypatch):
+    _, client, folder = served
+    Image.new("L", (6000, 6000)).save(folder / "huge.png")  # 36 megapixels in a few kilobytes
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        edit(client, folder, "huge.png")
+    assert "cannot read image 'huge.png': 'huge.png' is 6000x6000 px (36 megapixels), over the limit" in str(e.value)
+    with open(folder / "big.png", "wb") as f:
+        f.truncate(51 * 2**20)  # over the page's 50 MB (sparse: no disk)
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 52428800 bytes"):
+        edit(client, folder, "big.png")  # the server tells its clients (and browsers) the limit
+    page = tools_app.App.__new__(tools_app.App)  # and refuses it itself: App.stored, no model needed
+    page.folder = tmp_path
+    monkeypatch.setattr(tools_app, "MAX_UPLOAD_MB", 1)
+    (tmp_path / "two.png").write_bytes(bytes(2 * 2**20))
+    with pytest.raises(MinleditsError, match=r"^the photo is 2 MB, over the page's limit of 1 MB$"):
+        page.stored(tmp_path / "two.png")
+    assert edit(client, folder, concepts="glasses")[0], "the app still answers"
 
 
 def test_one_edit_at_a_time_and_cancel_stops_it(served):
