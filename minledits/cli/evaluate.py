@@ -291,13 +291,10 @@ def cmd_evaluate(args):
         piebench.write_rows(out / "per_image.csv", rows)
         piebench.write_summary(out / "summary.csv", out / "summary.md",
                                piebench.summary(rows, [piebench.VAE, *methods]), scorer.notes)
-        edit_s = sum(r["seconds"] for r in rows)
-        metric_s = sum(r.get("metric_seconds", 0) for r in rows)
-        share = f", {100 * metric_s / (edit_s + metric_s):.0f}% of the time in metrics" if edit_s + metric_s else ""
         which = f" ({', '.join(sorted({k[1] for k in failed}))})" if failed else ""
         finish(start, f"evaluate: {done} rows made, {len(rows) - done} kept, {len(failed)} failed{which}, "
                f"{len(bad)} bad entries; {len(rows)} rows of {len(entries)} entries x {len(methods) + 1} methods"
-               f"{share} -> {out}", sd.model_id)
+               f" -> {out}", sd.model_id)
     ranks.barrier()
     ranks.done()
     return 1 if failed or bad else 0
