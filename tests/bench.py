@@ -5,6 +5,7 @@
     python -m tests.bench --method leditspp    # LEDITS++: 256 px, 30 steps, skip 0.15 (diffusers' terms), intersect
     python -m tests.bench --method p2p         # Prompt-to-Prompt beside our LEDITS edit: 256 px, 50 steps, skip 6
     python -m tests.bench --kind sdxl --method leditspp   # LEDITS++ on SDXL against LEditsPPPipelineStableDiffusionXL
+    python -m tests.bench --method evaluate    # minledits evaluate: images per minute per method, share in metrics
 
 The model (SD 1.5 configs, random weights, official Hub layout) is built once into
 $TMPDIR/minledits-bench/sd15 (about 4.3 GB, ~1 min). Each path runs in its own subprocess, one after the
@@ -40,11 +41,17 @@ With --method p2p there is no reference (its code needs diffusers 0.8's CrossAtt
 with a source prompt and times, alternating (--repeat), three edits of that inversion: the plain DDPM edit with the
 target prompt, p2p.edit (its defaults) and our LEDITS edit (target prompt and --concepts); per edit step the UNet
 calls, image-evaluations (batch rows) and seconds (see run_p2p).
+With --method evaluate: `minledits evaluate` on a synthetic PIE-Bench (tests/piebench_data.py, --images entries of
+the ten edit types) with random-tiny at --size (256) and --steps (50), every method; the metrics' networks at full size
+with random weights (CLIP ViT-L/14, DINO ViT-B/8, SqueezeNet 1.1; written once into the cache folder): per method the
+images per minute (its edit, decode and inversion, a shared inversion counted for each method that uses it; and with
+its metrics) and the share of the command's wall time spent in metrics (run_evaluate).
 Not a pytest test (pytest collects test_*.py only).
 """
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -71,7 +78,8 @@ def parse(argv=None):
                    help="tests/hub.py model kind (sd15, sd21-base, sdxl; tiny-sd1 / tiny-sdxl for a smoke test)")
     p.add_argument("--mask", default=None, choices=["intersect", "cross_attention", "noise"],
                    help="leditspp masks (default intersect; sdxl: cross_attention, see above)")
-    p.add_argument("--method", default="ledits", choices=["ledits", "leditspp", "p2p"])
+    p.add_argument("--method", default="ledits", choices=["ledits", "leditspp", "p2p", "evaluate"])
+    p.add_argument("--images", type=int, default=10, help="evaluate: entries of the synthetic PIE-Bench")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=None, help="N (default 50; leditspp: 30, diffusers' inverted steps)")
     p.add_argument("--skip", type=float, default=None,
@@ -475,6 +483,50 @@ def report(args, o, r, u, machine, diff, cached):
         print("targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
 
 
+def evaluate_weights() -> list[str]:
+    """The metrics' networks at full size with random weights, written once into the cache folder: their options."""
+    from tests import clip_hub, piebench_data
+    folder = CACHE / "evaluate-weights"
+    if not (folder / "done").exists():
+        print(f"writing full-size random CLIP ViT-L/14, DINO ViT-B/8 and SqueezeNet into {folder} ...", flush=True)
+        clip_hub.write(folder / "clip", config=clip_hub.OFFICIAL)
+        piebench_data.write_dino(folder / "dino", config=dict(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
+            patch_size=8, layer_norm_eps=1e-6))
+        piebench_data.write_squeezenet(folder / "squeezenet.pth")
+        (folder / "done").touch()
+    return ["--clip-model", str(folder / "clip"), "--dino-model", str(folder / "dino"), "--squeezenet",
+            str(folder / "squeezenet.pth")]
+
+
+def run_evaluate(args):
+    """minledits evaluate end to end (see the module's docstring); prints a table per method."""
+    from minledits import cli
+    from tests import piebench_data
+    weights = evaluate_weights()
+    data, out = CACHE / "pie", Path(tempfile.mkdtemp(prefix="minledits-evaluate-"))
+    shutil.rmtree(data, ignore_errors=True)
+    piebench_data.write(data, args.images)
+    start = time.time()
+    rc = cli.main(["evaluate", str(data), "-o", str(out / "results"), "--model", "random-tiny", "--size",
+                   str(args.size), "--steps", str(args.steps), "--device", args.device, "-q", *weights])
+    wall = time.time() - start
+    rows = [json.loads(p.read_text()) for p in sorted((out / "results" / "rows").rglob("*.json"))]
+    print(f"\nevaluate: {args.images} entries, random-tiny at {args.size} px, {args.steps} steps, full-size metric "
+          f"networks (random weights), {args.device}, {torch.get_num_threads()} threads; exit {rc}, {wall:.0f} s\n")
+    print("| method | images | edit s/image | metrics s/image | images/min (edit) | images/min (with metrics) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for m in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == m]
+        e, s = (sum(r[k] for r in mine) / len(mine) for k in ("seconds", "metric_seconds"))
+        print(f"| {m} | {len(mine)} | {e:.2f} | {s:.2f} | {60 / e if e else math.inf:.1f} | {60 / (e + s):.1f} |")
+    scored = sum(r["metric_seconds"] for r in rows)
+    print(f"\nmetrics: {scored:.0f} s of the {wall:.0f} s the command took ({100 * scored / wall:.0f}%; the rest: "
+          "loading, inversions, edits, decoding, files)")
+    shutil.rmtree(out, ignore_errors=True)
+    return rc
+
+
 def run_p2p(args):
     """Prompt-to-Prompt beside the other edits of one inversion (--method p2p): the table of UNet calls,
     image-evaluations and seconds per edit step, each edit's fastest of --repeat runs (alternating)."""
@@ -543,6 +595,8 @@ def main(argv=None):
         return child(args)
     if args.method == "p2p":
         return run_p2p(args)
+    if args.method == "evaluate":
+        return run_evaluate(args)
     folder = model_folder(args.kind)
     results = CACHE / "results" / workload_key(args)
     results.mkdir(parents=True, exist_ok=True)
