@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import minledits
+from minledits import p2p
 from minledits.sampler import SAMPLERS
 from minledits.tools import piebench
 from tests import clip_hub, piebench_data
@@ -68,6 +69,8 @@ def test_every_method_writes_where_the_benchmark_reads(pie, first, capsys):
                 assert im.format == "PNG" and im.size == (512, 512) and im.mode == "RGB"
                 record = json.loads(im.text["minledits"])
             assert record["method"] == m and record["id"] == key and record["model"] == "random-tiny"
+            if m.endswith("p2p"):  # Prompt-to-Prompt's skip: every step on a DDIM inversion, its share on DDPM's
+                assert record["skip"] == p2p.default_skip(6, record["sampler"]) == (0 if m == "ddim+p2p" else 1)
         assert not (out / m / "annotation_images" / mapping[ids[3]]["image_path"]).exists()
     found = rows(out / "per_image.csv")
     assert list(found[0]) == list(piebench.ROW_KEYS)

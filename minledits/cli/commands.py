@@ -158,7 +158,7 @@ def inversion_settings(args, default_size: int) -> InversionSettings:
         raise MinleditsError("--zero-noise-steps and --keep-last-noise: --keep-last-noise keeps every noise map, "
                              "zeroing none; give one of them")
     if s["skip"] is None and getattr(args, "method", None) == "p2p":
-        s["skip"] = p2p.default_skip(s["steps"])
+        s["skip"] = p2p.default_skip(s["steps"], s["sampler"])
     return InversionSettings(**{**s, "size": default_size if s["size"] is None else s["size"]})
 
 
