@@ -63,6 +63,7 @@ def test_the_endpoints_carry_the_command_options(served):
 
 @pytest.mark.parametrize("method, options", [
     ("ledits", dict(concepts="glasses\n-beard:scale=3,warmup=1", target_prompt="a man")),
+    ("leditspp", dict(concepts="glasses:scale=4", sampler="dpmsolver++", guidance_rescale=0.5)),
     ("p2p", dict(source_prompt="a cat", target_prompt="a dog", cross_replace=0.5))])
 def test_the_edit_is_the_command_s_bit_for_bit(served, tmp_path, method, options):
     _, client, folder = served
@@ -83,7 +84,12 @@ def test_the_edit_is_the_command_s_bit_for_bit(served, tmp_path, method, options
     files = client.predict(api_name="/files")
     assert [Path(f).name for f in files] == ["edit.png", "inversion.safetensors", "trace.safetensors", "trace.png"]
     assert store.load(files[1]).settings.steps == 10
-    assert len(tiles) == 1 + (2 if method == "ledits" else 2)  # x0, then each concept's mask (P2P: each word's map)
+    captions = [t["caption"] for t in tiles["value"]]  # an update: the tiles and the step in the label
+    assert tiles["label"].startswith("step 7 of 7: ")
+    assert captions == {"ledits": ["x0 prediction", "glasses: mask", "-beard: mask"],
+                        "leditspp": ["x0 prediction", "glasses: attention", "glasses: noise mask",
+                                     "glasses: applied mask"],
+                        "p2p": ["x0 prediction", "a: attention", "dog: attention"]}[method]
 
 
 def test_a_second_edit_reuses_the_inversion(served):
