@@ -1,16 +1,18 @@
 """The page of `minledits app`: a photo inverted once, edits tried on it, and where each concept acts, step by step.
 
-    App(args, folder)        the model (loaded once), the temporary folder, each session's inversions
-    app.invert(photo, opts)  /invert: (inversion, inverted or reused, seconds); opts carry the CLI's option names
-    app.edit(photo, opts)    /edit: the edit as `minledits edit PHOTO -o edit.png --OPTION=VALUE ...` makes it
-                             (the same argument parser, checks, methods and PNG writer: the same pixels), its trace,
-                             its downloads and that command line
-    frame(trace, s)          step s of a trace: the x0 prediction, then each concept's (or word's) maps
-    page(app)                the Gradio Blocks: inputs on the left, results on the right
+    app = App(args, folder)              the model (loaded once), the temporary folder, each session's state
+    app.arguments(photo, options, out)   `minledits edit PHOTO -o OUT --OPTION=VALUE ...` parsed by the command's
+                                         parser (options: the page's fields, named as the command's options)
+    app.invert(session, args)            /invert: (inversion, made now or reused from the session, seconds)
+    app.edit(session, photo, options)    /edit: the edit as the command makes it (its checks, methods and PNG
+                                         writer: the same pixels), its trace, the time each part took
+    app.files(session)                   /files: the last edit's PNG, inversion and trace files
+    frames(trace, labels)(s)             step s of a trace: the x0 prediction, then each concept's (or word's) maps
+    page(app), serve(app, host, port)    the Gradio Blocks (inputs left, results right), served with one queue
 
 Gradio is imported only where the page is built: the package imports without it (the app extra).
 An uploaded file is stored under the name of its SHA-256 (the name the user gave is shown, never a path), so the
-inversion cache of a session keys on the photo's content and the settings, as the command's cache keys on them.
+inversions of a session are kept by the photo's content and the settings, as the command's cache keeps them.
 """
 import hashlib
 import inspect
