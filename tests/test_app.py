@@ -18,9 +18,9 @@ from PIL import Image
 
 from minledits import cli
 from minledits.cli import app as cli_app
+from minledits.cli import webapp
 from minledits.errors import MinleditsError
 from minledits.io import store
-from minledits.tools import app as tools_app
 from tests.app_server import running
 from tests.helpers import photo
 
@@ -147,9 +147,9 @@ def test_uploads_over_the_limits_are_refused(served, tmp_path, monkeypatch):
         f.truncate(51 * 2**20)  # over the page's 50 MB (sparse: no disk)
     with pytest.raises(ValueError, match="exceeds the maximum file size of 52428800 bytes"):
         edit(client, folder, "big.png")  # the server tells its clients (and browsers) the limit
-    page = tools_app.App.__new__(tools_app.App)  # and refuses it itself: App.stored, no model needed
+    page = webapp.App.__new__(webapp.App)  # and refuses it itself: App.stored, no model needed
     page.folder = tmp_path
-    monkeypatch.setattr(tools_app, "MAX_UPLOAD_MB", 1)
+    monkeypatch.setattr(webapp, "MAX_UPLOAD_MB", 1)
     (tmp_path / "two.png").write_bytes(bytes(2 * 2**20))
     with pytest.raises(MinleditsError, match=r"^the photo is 2 MB, over the page's limit of 1 MB$"):
         page.stored(tmp_path / "two.png")
@@ -199,7 +199,7 @@ def test_without_gradio_one_line_says_how_to_install(monkeypatch, capsys):
 
 def test_another_host_is_warned_of(monkeypatch, capsys):
     served_on = []
-    monkeypatch.setattr(cli_app.app, "serve", lambda page, host, port: served_on.append((host, port)))
+    monkeypatch.setattr(cli_app.webapp, "serve", lambda page, host, port: served_on.append((host, port)))
     assert cli.main(["app", "--model", "random-tiny", "-q", "--host", "0.0.0.0", "--port", "7999"]) == 0
     assert served_on == [("0.0.0.0", 7999)]
     warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -211,6 +211,6 @@ def test_another_host_is_warned_of(monkeypatch, capsys):
 
 
 def test_the_package_and_its_command_import_without_gradio():
-    code = "import sys, minledits.cli, minledits.tools.app; print('gradio' in sys.modules)"
+    code = "import sys, minledits.cli, minledits.cli.webapp; print('gradio' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr

@@ -1,4 +1,4 @@
-"""`minledits app`: the browser page (tools/app.py), served on this machine by default, until Ctrl+C.
+"""`minledits app`: the browser page (webapp.py), served on this machine by default, until Ctrl+C.
 
 Gradio is the app extra: without it the command says how to install it, in one line. Every file the page writes,
 Gradio's uploads included, lives in one temporary folder, removed when the command ends.
@@ -9,7 +9,7 @@ import signal
 import sys
 import tempfile
 
-from ..tools import app
+from . import webapp
 from .options import COMMON, resolve
 
 INSTALL = 'minledits: the app needs Gradio: pip install "minledits[app]"'
@@ -25,7 +25,7 @@ def cmd_app(args):
         print(INSTALL, file=sys.stderr)
         return 1
     resolve(args, COMMON)
-    if args.host not in app.LOCAL:
+    if args.host not in webapp.LOCAL:
         print(f"minledits: warning: --host {args.host} serves the page, without a password, to every machine that "
               "reaches this one", file=sys.stderr)
     keys = ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")
@@ -34,10 +34,10 @@ def cmd_app(args):
         with tempfile.TemporaryDirectory(prefix="minledits-app-") as folder:
             os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")  # before gradio's modules read it
             os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-            page = app.App(args, folder)
+            page = webapp.App(args, folder)
             print(f"minledits app: {page.sd.model_id} on http://{args.host}:{args.port} (Ctrl+C stops; its files, "
                   f"in {folder}, are removed then)", flush=True)
-            app.serve(page, args.host, args.port)
+            webapp.serve(page, args.host, args.port)
     finally:
         signal.signal(signal.SIGTERM, sigterm)  # as they were (`kill` above: the folder is removed too)
         for k, v in zip(keys, environ):

@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 from .. import ledits, p2p
-from ..cli import commands
-from ..cli.options import COMMON, EDIT, INVERT, dest, parser, resolve, to_argv
 from ..errors import MinleditsError, shorten
 from ..inversion import invert
 from ..io import store
 from ..io.image import open_rgb, to_pil
-from .trace import AttentionTrace, Trace, latent_rgb, side_by_side, tile
+from ..tools.trace import AttentionTrace, Trace, latent_rgb, side_by_side, tile
+from . import commands
+from .options import COMMON, EDIT, INVERT, dest, parser, resolve, to_argv
 
 MAX_UPLOAD_MB = 50          # the largest file the page takes; a picture's pixels are limited as any (io.image)
 KEEP = 4                    # inversions kept per session (the oldest goes first)
