@@ -10,7 +10,7 @@ methods, leditspp (LEDITS++) and p2p (Prompt-to-Prompt); model (what the methods
 parity (what exists only to match a reference's rounding or to save work). The support sits below: nets/ (the
 networks), io/ (models, inversion files, pictures), tools/ (traces, sweeps, comparisons, metrics), cli/ (the command).
 """
-from . import ledits, leditspp, p2p, parity
+from . import dpmsolver, ledits, leditspp, p2p, parity  # dpmsolver: adds "dpmsolver++" to sampler.SAMPLERS
 from .errors import InversionError, InversionFileError, LoadError, MinleditsError, SingleFileError
 from .inversion import Inversion, InversionSettings, invert
 from .io.load import load
@@ -20,4 +20,4 @@ from .sega import Concept, Guidance, SegaParams, sega
 
 __all__ = ["load", "StableDiffusion", "invert", "Inversion", "InversionSettings", "edit", "decode", "EditStep",
            "Concept", "sega", "SegaParams", "Guidance", "MinleditsError", "LoadError", "SingleFileError",
-           "InversionError", "InversionFileError", "ledits", "leditspp", "p2p", "parity"]
+           "InversionError", "InversionFileError", "dpmsolver", "ledits", "leditspp", "p2p", "parity"]

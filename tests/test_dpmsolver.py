@@ -11,9 +11,10 @@ from safetensors.torch import save_file
 
 import minledits
 from minledits import parity
+from minledits.dpmsolver import DPMSolverPP
 from minledits.io import store
 from minledits.io.image import to_tensor
-from minledits.sampler import SAMPLERS, DPMSolverPP
+from minledits.sampler import SAMPLERS
 from minledits.schedule import Schedule
 from tests import hub, oracle
 from tests.helpers import SIZE, SKIP, N, aligned, batch_dependent, photo
@@ -284,7 +285,7 @@ def test_regenerating_from_the_inversion_walks_its_latents(sd1):
 def test_unknown_sampler_fails_before_any_unet_work(sd1, monkeypatch):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
     monkeypatch.setattr(sd1, "vae", None)
-    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'dpmsolver\+\+', got 'nope'$"):
+    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', got 'nope'$"):
         minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="nope")
     with pytest.raises(ValueError, match="dpmsolver"):  # and its step limit, before any work too
         minledits.invert(sd1, photo(), steps=999, skip=SKIP, size=SIZE, sampler="dpmsolver++")
@@ -298,7 +299,7 @@ def test_files_keep_the_sampler(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("sampler, keep, words", [
-    ("euler", False, "made with sampler 'euler', which this minledits does not have (ddpm, dpmsolver++)"),
+    ("euler", False, "made with sampler 'euler', which this minledits does not have (ddpm, ddim, dpmsolver++)"),
     ("dpmsolver++", True, None)])
 def test_files_a_sampler_cannot_serve_are_refused(sd1, tmp_path, sampler, keep, words):
     """A sampler this version lacks (a newer file): one line; the others load."""

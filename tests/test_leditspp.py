@@ -163,8 +163,8 @@ def test_concepts_do_not_leak(deep_model, mask):
     leditspp.edit(sd, inv, concepts=CONCEPTS, mask=mask, callback=both.append)
     for c, con in enumerate(CONCEPTS):
         alone = []
-        step = minledits.sampler.DPMSolverPP.step
-        with mock.patch.object(minledits.sampler.DPMSolverPP, "step",
+        step = minledits.dpmsolver.DPMSolverPP.step
+        with mock.patch.object(minledits.dpmsolver.DPMSolverPP, "step",
                                lambda self, k, x, out, z: (step(self, k, x, out, z), both[k - SKIP].x_prev)[1]):
             leditspp.edit(sd, inv, concepts=[con], mask=mask, callback=alone.append)
         for a, b in zip(alone, both):
