@@ -515,14 +515,15 @@ def compare_inputs(args):
 
 
 def compare_p2p(args, given, src, sd=None):
-    """The Prompt-to-Prompt options given (given: their names), which the DDPM + P2P panel uses, checked (check_p2p;
-    src None: not known yet; sd None: the model not read yet); an OptionError naming them."""
+    """The Prompt-to-Prompt options given (given: their names), which the Prompt-to-Prompt panel (DDPM + P2P, or
+    DDIM + P2P) uses, checked (check_p2p; src None: not known yet; sd None: the model not read yet); an OptionError
+    naming them."""
     if not given:
         return
     try:
         check_p2p(args, src, sd)
     except ValueError as e:
-        raise OptionError(f"{', '.join(P2P_OPTIONS[k] for k in given)} (the DDPM + P2P panel's): {e}") from None
+        raise OptionError(f"{', '.join(P2P_OPTIONS[k] for k in given)} (the Prompt-to-Prompt panel's): {e}") from None
 
 
 def compare_inversion(args, cache, given):

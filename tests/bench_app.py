@@ -1,0 +1,72 @@
+"""Benchmark: the same edit from `minledits app` (through its /edit endpoint, the inversion cached) and from the
+command (`cmd_edit` in this process, the model and the inversion in its cache), alternating.
+
+    python -m tests.bench_app                                   # random-tiny, 64 px, 100 steps, skip 36
+    python -m tests.bench_app --model FOLDER --size 256 --steps 20 --skip 6 --repeat 3
+
+Both run PyTorch on one thread (the server as tests/app_server starts it; this process sets it), edit
+examples/photo.jpg with two concepts, and must give the same pixels. Prints the median seconds of each and the
+app's share on top of the command's. The first edit of each (the inversion, the model's warm-up) is not timed.
+"""
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minledits.cli import MORE
+from minledits.cli.commands import cmd_edit
+from minledits.cli.options import parser
+from tests.app_server import running
+
+PHOTO = Path(__file__).parents[1] / "examples" / "photo.jpg"
+CONCEPTS = ["glasses", "-beard"]
+
+
+def main():
+    a = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a.add_argument("--model", default="random-tiny")
+    a.add_argument("--size", type=int, default=64)
+    a.add_argument("--steps", type=int, default=100)
+    a.add_argument("--skip", type=int, default=36)
+    a.add_argument("--repeat", type=int, default=15)
+    o = a.parse_args()
+    import gradio_client  # the app's test extra
+    torch.set_num_threads(1)
+    options = ["--model", o.model, "--size", str(o.size), "--steps", str(o.steps), "--skip", str(o.skip)]
+    with tempfile.TemporaryDirectory() as folder, running(Path(folder), "--model", o.model) as server:
+        client = gradio_client.Client(server.url, verbose=False, download_files=str(Path(folder) / "downloads"))
+        cli_png, cache = Path(folder) / "cli.png", {}
+
+        def by_app():
+            return client.predict(photo=gradio_client.handle_file(str(PHOTO)), api_name="/edit", size=str(o.size),
+                                  steps=o.steps, skip=str(o.skip), concepts="\n".join(CONCEPTS))[1]
+
+        def by_command():
+            argv = ["edit", str(PHOTO), "-o", str(cli_png), "--force", "-q", *options,
+                    *(f"--concept={c}" for c in CONCEPTS)]
+            cmd_edit(parser(MORE).parse_args(argv), cache)
+
+        app_png = by_app()
+        by_command()
+        same = np.array_equal(np.asarray(Image.open(app_png).convert("RGB")),
+                              np.asarray(Image.open(cli_png).convert("RGB")))
+        times = {"command": [], "app": []}
+        for _ in range(o.repeat):
+            for name, fn in (("command", by_command), ("app", by_app)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    c, p = statistics.median(times["command"]), statistics.median(times["app"])
+    print(f"{o.model}, {o.size} px, {o.steps} steps, skip {o.skip}, {len(CONCEPTS)} concepts, 1 thread, "
+          f"median of {o.repeat} alternating runs")
+    print(f"  command {c:.3f} s   app {p:.3f} s   app / command {p / c:.3f} ({(p / c - 1) * 100:+.1f}%)   "
+          f"same pixels: {same}")
+
+
+if __name__ == "__main__":
+    main()
