@@ -1,15 +1,19 @@
-"""Benchmark: the same edit from `minledits app` (through its /edit endpoint, the inversion cached) and from the
-command (`cmd_edit` in this process, the model and the inversion in its cache), alternating.
+"""Benchmark: the same edit from `minledits app` (through its /edit endpoint, the inversion cached), from the command
+in this process (`cmd_edit`, the model and the inversion in its cache) and from the command as a user runs it (a new
+process editing the photo's inversion file: start, load, edit), alternating.
 
     python -m tests.bench_app                                   # random-tiny, 64 px, 100 steps, skip 36
     python -m tests.bench_app --model FOLDER --size 256 --steps 20 --skip 6 --repeat 3
 
 Both run PyTorch on one thread (the server as tests/app_server starts it; this process sets it), edit
 examples/photo.jpg with two concepts, and must give the same pixels. Prints the median seconds of each and the
-app's share on top of the command's. The first edit of each (the inversion, the model's warm-up) is not timed.
+app's share on top of each. The first edit of each (the inversion, the model's warm-up) is not timed.
 """
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,21 +55,30 @@ def main():
                     *(f"--concept={c}" for c in CONCEPTS)]
             cmd_edit(parser(MORE).parse_args(argv), cache)
 
+        inv = Path(folder) / "photo.safetensors"
+
+        def by_process():
+            subprocess.run([sys.executable, "-m", "minledits", "edit", str(inv), "-o", str(cli_png), "--force", "-q",
+                            "--model", o.model, *(f"--concept={c}" for c in CONCEPTS)], check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+
         app_png = by_app()
+        subprocess.run([sys.executable, "-m", "minledits", "invert", str(PHOTO), "-o", str(inv), "-q", *options],
+                       check=True, capture_output=True)
         by_command()
         same = np.array_equal(np.asarray(Image.open(app_png).convert("RGB")),
                               np.asarray(Image.open(cli_png).convert("RGB")))
-        times = {"command": [], "app": []}
+        times = {"command": [], "app": [], "process": []}
         for _ in range(o.repeat):
-            for name, fn in (("command", by_command), ("app", by_app)):
+            for name, fn in (("command", by_command), ("app", by_app), ("process", by_process)):
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-    c, p = statistics.median(times["command"]), statistics.median(times["app"])
+    c, p, q = (statistics.median(times[k]) for k in ("command", "app", "process"))
     print(f"{o.model}, {o.size} px, {o.steps} steps, skip {o.skip}, {len(CONCEPTS)} concepts, 1 thread, "
           f"median of {o.repeat} alternating runs")
-    print(f"  command {c:.3f} s   app {p:.3f} s   app / command {p / c:.3f} ({(p / c - 1) * 100:+.1f}%)   "
-          f"same pixels: {same}")
+    print(f"  command in this process {c:.3f} s   app {p:.3f} s ({(p / c - 1) * 100:+.1f}%)   "
+          f"command as a process {q:.3f} s (the app {(p / q - 1) * 100:+.1f}%)   same pixels: {same}")
 
 
 if __name__ == "__main__":

@@ -466,8 +466,11 @@ def serve(app: App, host: str, port: int, max_file_size=MAX_UPLOAD_MB):
     import gradio as gr
     demo = page(app)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{max_file_size}mb", quiet=True,
-                show_error=True, ssr_mode=False, inbrowser=False, allowed_paths=[],
-                theme=gr.themes.Default(font=LOCAL_FONTS, font_mono=MONO))
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{max_file_size}mb", quiet=True,
+                    show_error=True, ssr_mode=False, inbrowser=False, allowed_paths=[],
+                    theme=gr.themes.Default(font=LOCAL_FONTS, font_mono=MONO))
+    finally:  # SIGTERM's exit passes launch's own cleanup: stop the server before the temporary folder goes
+        demo.close()
     return demo
 
