@@ -150,7 +150,8 @@ def test_the_p2p_panel_takes_the_p2p_options(result, tiny_sd1, image, tmp_path, 
 @pytest.mark.parametrize("extra, words", [
     (["--cross-replace", "2", *PROMPTS], ["--cross-replace (the Prompt-to-Prompt panel's): cross_replace", "2"]),
     (["--reweight", "dog=2", *PROMPTS], ["--reweight (the Prompt-to-Prompt panel's)", "'dog'"]),
-    (["--local-blend", "photo,cat", *PROMPTS], ["--local-blend (the Prompt-to-Prompt panel's)", "this UNet has none there"]),
+    (["--local-blend", "photo,cat", *PROMPTS],
+     ["--local-blend (the Prompt-to-Prompt panel's)", "this UNet has none there"]),
     (["--self-replace", "0.1", "--target-prompt", "a cat"], ["--self-replace", "needs the inversion's source prompt"]),
     (["--cross-replace", "0.1", "--source-prompt", "a photo"], ["--cross-replace", "needs a target prompt"]),
 ])

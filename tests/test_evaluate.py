@@ -14,14 +14,13 @@ from PIL import Image
 
 import minledits
 from minledits import p2p
-from minledits.sampler import SAMPLERS
 from minledits.tools import piebench
 from tests import clip_hub, piebench_data
 from tests.helpers import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--model", "random-tiny", "--steps", "6", "--size", "64", "-q"]
-METHODS = [m for m in piebench.METHODS if m != "ddim+p2p" or "ddim" in SAMPLERS]  # ddim+p2p needs the DDIM sampler
+METHODS = list(piebench.METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +44,6 @@ def rows(path):
     return list(csv.DictReader(open(path)))
 
 
-def test_no_ddim_sampler_is_said():
-    if "ddim" not in SAMPLERS:
-        pytest.skip("ddim+p2p: the DDIM sampler (issue 27, section 1) is not in this tree yet")
-
-
 @pytest.fixture(scope="module")
 def first(pie, weights, tmp_path_factory):
     d, ids = pie
@@ -71,6 +65,11 @@ def test_every_method_writes_where_the_benchmark_reads(pie, first, capsys):
             assert record["method"] == m and record["id"] == key and record["model"] == "random-tiny"
             if m.endswith("p2p"):  # Prompt-to-Prompt's skip: every step on a DDIM inversion, its share on DDPM's
                 assert record["skip"] == p2p.default_skip(6, record["sampler"]) == (0 if m == "ddim+p2p" else 1)
+            if m == "ddim+p2p":  # the baseline's settings where the command line gives none (it gives --steps)
+                assert (record["steps"], record["source_guidance"], record["target_guidance"], record["cross_replace"],
+                        record["self_replace"]) == (6, 1.0, 7.5, 0.4, 0.6)
+            elif m == "ddpm+p2p":  # the command's defaults
+                assert (record["source_guidance"], record["cross_replace"]) == (3.5, 0.6)
         assert not (out / m / "annotation_images" / mapping[ids[3]]["image_path"]).exists()
     found = rows(out / "per_image.csv")
     assert list(found[0]) == list(piebench.ROW_KEYS)

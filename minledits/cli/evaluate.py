@@ -25,7 +25,6 @@ from ..inversion import invert
 from ..io.image import open_rgb, to_pil, to_tensor
 from ..io.load import dtype_name
 from ..model import decode
-from ..sampler import SAMPLERS
 from ..sega import Concept
 from ..tools import metrics, piebench, ranks, scores, sweep
 from .commands import MODEL_OPTIONS, bar, finish, inversion_settings, model_of, one_line, report
@@ -36,6 +35,10 @@ EDITOR = {"ddim+p2p": "p2p", "ddpm": "ledits", "ddpm+p2p": "p2p", "ledits": "led
 EDIT_KEYS = {"p2p": ("target_guidance", "cross_replace", "self_replace"),  # the options each editor uses
              "ledits": ("target_guidance", "momentum_scale", "momentum_beta"),
              "leditspp": ("mask", "negative_prompt", "guidance_rescale")}
+# DDIM + P2P as the benchmark's baseline runs it (PnPInversion's run_editing_p2p, prompt-to-prompt's notebook): 50
+# steps, inverted with the conditional estimate alone (guidance 1), both rows edited at 7.5, cross-attention replaced
+# for 40% of the steps, self-attention for 60%; an option given on the command line replaces its value here
+BASELINE = {"steps": 50, "source_guidance": 1.0, "target_guidance": 7.5, "cross_replace": 0.4, "self_replace": 0.6}
 REFUSED = {"method": "--method (give --methods)", "target_prompt": "--target-prompt (each entry's editing_prompt)",
            "source_prompt": "--source-prompt (each entry's original_prompt)", "concepts": "-e (each entry's "
            "bracketed words; --concept-options sets their options)", "sampler": "--sampler (each method's own)",
@@ -74,9 +77,6 @@ def check_arguments(args) -> tuple[list[str], set | None]:
     if not methods or (unknown := [m for m in methods if m not in piebench.METHODS]):
         raise MinleditsError(f"--methods {args.methods}: {unknown[0] if methods else 'none given'} is no method; "
                              f"give some of {', '.join(piebench.METHODS)}")
-    if missing := [m for m in methods if SAMPLER[m] not in SAMPLERS]:
-        raise MinleditsError(f"--methods {missing[0]} needs the {SAMPLER[missing[0]]} sampler, which this minledits "
-                             "lacks")
     types = None if args.types is None else {t.strip() for t in args.types.split(",")}
     if types is not None and (bad := sorted(types - set(piebench.TYPES))):
         raise MinleditsError(f"--types {args.types}: {bad[0]} is no edit type (0 to 9)")
@@ -85,6 +85,7 @@ def check_arguments(args) -> tuple[list[str], set | None]:
     if importlib.util.find_spec("torchmetrics") is None:
         raise MinleditsError("evaluate computes the benchmark's metrics with torchmetrics: pip install "
                              "'minledits[eval]'")
+    args.baseline = {k: v for k, v in BASELINE.items() if getattr(args, k) is None}  # before the defaults fill in
     resolve(args, COMMON + INVERT + EDIT)
     concept_options(args, "x")  # a bad --concept-options fails here, before any work
     return list(dict.fromkeys(methods)), types
@@ -125,14 +126,20 @@ def plan(args, sd, e: piebench.Entry, methods, photo_hash, scored_with) -> tuple
             for m, (s, settings) in out.items()}, refused
 
 
+def options_of(args, m: str, e: piebench.Entry) -> argparse.Namespace:
+    """The command line's options as method m runs entry e (ddim+p2p: the baseline's where not given)."""
+    return argparse.Namespace(**{**vars(args), **(args.baseline if m == "ddim+p2p" else {}), "method": EDITOR[m],
+                                 "sampler": SAMPLER[m], "source_prompt": e.source})
+
+
 def method_settings(args, sd, e: piebench.Entry, m: str, base: dict) -> tuple:
     """(inversion settings, every setting that decides the picture) of method m on entry e, its options checked
     against the entry's prompts (a one-line ValueError)."""
-    ns = argparse.Namespace(**{**vars(args), "method": EDITOR[m], "sampler": SAMPLER[m], "source_prompt": e.source})
+    ns = options_of(args, m, e)
     s = inversion_settings(ns, sd.default_size)
     concepts = concepts_of(args, m, e)
     if EDITOR[m] == "p2p":
-        p2p.check_options(e.source, e.target, args.target_guidance, args.cross_replace, args.self_replace, None,
+        p2p.check_options(e.source, e.target, ns.target_guidance, ns.cross_replace, ns.self_replace, None,
                           None, sd.dtype)
     elif EDITOR[m] == "ledits":
         ledits.check_options(args.target_guidance, concepts, args.momentum_scale, args.momentum_beta, sd.dtype)
@@ -141,16 +148,18 @@ def method_settings(args, sd, e: piebench.Entry, m: str, base: dict) -> tuple:
     s.new_sampler(sd.schedule)
     sd.check_fits(s.size, s.size)
     return s, {**base, "method": m, **s.dict(), "batch_size": args.batch_size, "target_prompt": e.target,
-               **{k: getattr(args, k) for k in EDIT_KEYS[EDITOR[m]]}, "concepts": concepts}
+               **{k: getattr(ns, k) for k in EDIT_KEYS[EDITOR[m]]}, "concepts": concepts}
 
 
 # --------------------------------------------------------------------------------------------- one entry
 def edit_with(args, method, sd, inv, e: piebench.Entry, concepts) -> torch.Tensor:
-    """w0 of the method's edit of the inversion."""
+    """w0 of the method's edit of the inversion (ddim+p2p: both rows at the target guidance, as the baseline)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "concept .* never acts")
         if EDITOR[method] == "p2p":
-            return p2p.edit(sd, inv, e.target, args.target_guidance, args.cross_replace, args.self_replace)
+            o = options_of(args, method, e)
+            return p2p.edit(sd, inv, e.target, o.target_guidance, o.cross_replace, o.self_replace,
+                            source_guidance=o.target_guidance if method == "ddim+p2p" else None)
         if EDITOR[method] == "leditspp":
             return leditspp.edit(sd, inv, concepts=concepts, mask=args.mask, negative_prompt=args.negative_prompt,
                                  guidance_rescale=args.guidance_rescale)
