@@ -1,0 +1,112 @@
+"""The Euler sampler of a rectified flow (Stable Diffusion 3), beside its inverse: the ODE run forward, from the
+clean latent to noise. Every number is diffusers' FlowMatchEulerDiscreteScheduler's, as SD3 configures it
+(scheduler/scheduler_config.json: num_train_timesteps 1000, shift 3.0), with static shifting only.
+
+Notation (code name -> symbol), k = 0..N-1 the inference step (0 = the noisiest), sigma_N = 0
+    T         T                 number of training timesteps (num_train_timesteps, 1000)
+    shift     s                 the schedule's shift: f(u) = s u / (1 + (s - 1) u)   (s = 1: f(u) = u)
+    sigma_lo  sigma_min         f(1 / T) in float32: the cleanest training sigma (the training grid is t / T, t = 1..T)
+    sigma_hi  sigma_max         f(1) = 1
+    u         u_k               (T sigma_max + k (T sigma_min - T sigma_max) / (N - 1)) / T in float64 (numpy's
+                                linspace order; u_{N-1} = sigma_min exactly; N = 1: u_0 = sigma_max)
+    sigmas    sigma_k           f(u_k) in float64, rounded to float32; then sigma_N = 0 appended. f is applied twice
+                                to the ends (sigma_min is already shifted), as in the scheduler
+    timesteps t_k               T sigma_k in float32: the model's timestep input at step k
+    x         x_k               the latent at sigma_k: x_sigma = (1 - sigma) x_0 + sigma eps
+    v         v                 the model's velocity, d x / d sigma = eps - x_0
+    step      x_{k+1}           x_k + (sigma_{k+1} - sigma_k) v,  v at (x_k, t_k): the Euler step toward sigma = 0
+    unstep    x_k               x_{k+1} + (sigma_k - sigma_{k+1}) v,  v at (x_{k+1}, T sigma_{k+1}) (inv_timesteps):
+                                the explicit Euler step of the ODE run forward, the velocity taken at the latent it
+                                leaves (at k = N - 1 that is the clean latent, at timestep 0)
+    scale_noise x_{sigma_k}     sigma_k eps + (1 - sigma_k) x_0: the forward process at step k (img2img's start)
+step and unstep upcast x to float32, scale v by the float32 step size in v's own dtype, and return v's dtype, as the
+scheduler's step does. An inversion by unstep is approximate: v at (x_{k+1}, sigma_{k+1}) stands in for the v at
+(x_k, sigma_k) that step uses, so regenerating returns x_0 only up to that error; with the same v, unstep undoes
+step to float rounding.
+"""
+import torch
+
+# FlowMatchEulerDiscreteScheduler's defaults: what a missing key means (SD3's config sets only T and the shift).
+FLOW_DEFAULTS = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "invert_sigmas": False,
+    "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+    "stochastic_sampling": False}
+# The options minledits does not implement, and the value that turns each off (FLUX's dynamic shift is issue 29's
+# part 2); the dynamic shift's own parameters (base_shift, ..., time_shift_type) are unused without it.
+UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+               "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def flow_config(config: dict) -> dict:
+    """The scheduler config with defaults filled in; a one-line ValueError naming the key for a value minledits
+    cannot use as diffusers would."""
+    cfg = {**FLOW_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    T, s = cfg["num_train_timesteps"], cfg["shift"]
+    if not (is_int(T) and T >= 1):
+        raise ValueError(f"num_train_timesteps must be an integer >= 1, got {T!r:.60}")
+    if not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < float("inf")):
+        raise ValueError(f"shift must be a positive number, got {s!r:.60}")
+    for key in UNSUPPORTED:
+        if cfg[key]:
+            raise ValueError(f"{key} = {cfg[key]!r:.60} is not supported by minledits' flow sampler (only the static "
+                             f"shift of Stable Diffusion 3); remove it from the scheduler config")
+    return cfg
+
+
+def shifted(s: float, u: torch.Tensor) -> torch.Tensor:
+    """f(u) = s u / (1 + (s - 1) u), in u's dtype and the scheduler's order of operations."""
+    return s * u / (1 + (s - 1) * u)
+
+
+def flow_sigmas(config: dict, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas [N + 1], timesteps [N]), float32: those of FlowMatchEulerDiscreteScheduler(**config).set_timesteps(N),
+    bit for bit. ValueError (one line) for N outside 1..T."""
+    cfg = flow_config(config)
+    T, s = cfg["num_train_timesteps"], cfg["shift"]
+    if not (is_int(N) and 1 <= N <= T):
+        raise ValueError(f"the number of flow steps must be an integer in 1..{T}, got {N!r:.60}")
+    sigma_lo = shifted(s, torch.tensor([1.0], dtype=torch.float32) / T).item()
+    sigma_hi = shifted(s, torch.tensor([float(T)], dtype=torch.float32) / T).item()
+    start, stop = sigma_hi * T, sigma_lo * T
+    if N == 1:
+        tau = torch.tensor([start], dtype=torch.float64)
+    else:
+        tau = torch.arange(N, dtype=torch.float64) * ((stop - start) / (N - 1)) + start
+        tau[-1] = stop
+    sigmas = shifted(s, tau / T).to(torch.float32)
+    timesteps = sigmas * T
+    return torch.cat([sigmas, torch.zeros(1)]), timesteps
+
+
+class FlowEuler:
+    """The Euler step of a rectified flow over N inference steps (FlowMatchEulerDiscreteScheduler's step) and its
+    inverse (unstep), from the model's scheduler config."""
+    name = "flow"
+
+    def __init__(self, config: dict, N: int):
+        self.N = N
+        self.sigmas, self.timesteps = flow_sigmas(config, N)
+        self.inv_timesteps = self.sigmas[1:] * flow_config(config)["num_train_timesteps"]  # T sigma_{k+1}
+
+    def move(self, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, v: torch.Tensor):
+        """x + (sigma_to - sigma_from) v: x upcast to float32, the float32 step size times v in v's dtype (a 0-d
+        tensor does not promote v), the sum returned in v's dtype."""
+        d = (sigma_to - sigma_from).to(v.device)
+        return (x.to(torch.float32) + d * v).to(v.dtype)
+
+    def step(self, k: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_{k+1} from x_k and the velocity at (x_k, t_k)."""
+        return self.move(x, self.sigmas[k], self.sigmas[k + 1], v)
+
+    def unstep(self, k: int, x_next: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_k from x_{k+1} and the velocity at (x_{k+1}, inv_timesteps[k])."""
+        return self.move(x_next, self.sigmas[k + 1], self.sigmas[k], v)
+
+    def scale_noise(self, k: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_{sigma_k} = sigma_k noise + (1 - sigma_k) x0, sigma_k in x0's dtype."""
+        sigma = self.sigmas[k].to(device=x0.device, dtype=x0.dtype).reshape([1] * x0.dim())
+        return sigma * noise + (1.0 - sigma) * x0
