@@ -26,6 +26,8 @@ step to float rounding.
 """
 import torch
 
+from .schedule import is_int
+
 # FlowMatchEulerDiscreteScheduler's defaults: what a missing key means (SD3's config sets only T and the shift).
 FLOW_DEFAULTS = {
     "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "invert_sigmas": False,
@@ -35,10 +37,6 @@ FLOW_DEFAULTS = {
 # part 2); the dynamic shift's own parameters (base_shift, ..., time_shift_type) are unused without it.
 UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
                "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
-
-
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def flow_config(config: dict) -> dict:
