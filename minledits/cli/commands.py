@@ -175,6 +175,21 @@ def model_to_load(inv, given=None, source="the inversion") -> str:
                              f"you name: add --model {named} if you trust it")
 
 
+def read_image(path) -> Image.Image:
+    """The picture at path, RGB; a one-line MinleditsError when it cannot be read."""
+    try:
+        return open_rgb(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MinleditsError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def resolve_inversion_options(args) -> None:
+    """The inversion options of args given their defaults, --batch-size checked."""
+    resolve(args, INVERT)
+    if args.batch_size < 1:
+        raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
     """(model, Inversion) of args.input: an inversion file is read and checked; an image is inverted with `settings`
     (by default inversion_settings'), after check_model(model) (an edit's checks that need the model)."""
@@ -185,13 +200,8 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         store.check_made_with(inv, sd, source=args.input)
         return sd, inv
-    try:
-        image = open_rgb(args.input)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
-    resolve(args, INVERT)
-    if args.batch_size < 1:
-        raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    image = read_image(args.input)
+    resolve_inversion_options(args)
     sd = model_of(args, cache)
     settings = settings or inversion_settings(args, sd.default_size)
     check_model(sd)

@@ -244,6 +244,35 @@ def state_of(args, m, e, planned) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the command
+def plan_entries(args, sd, entries, methods, scored_with, bad) -> tuple[list, dict, dict]:
+    """(the entries with work left: (entry, plan, states), {(method, id): why refused}, {(method, id): settings key});
+    an entry whose photo cannot be read goes to bad."""
+    todo, failed, keys = [], {}, {}
+    for e in entries:
+        try:
+            planned, refused = plan(args, sd, e, methods, sweep.file_hash(e.photo(args.pie_dir)),
+                                    {**scored_with, "mask": list(e.mask), "text": e.target})
+        except OSError as ex:  # the photo cannot be read
+            bad[e.id] = f"{piebench.entry_name(e.id)}: {one_line(ex)}"
+            continue
+        failed.update({(m, e.id): f"{piebench.entry_name(e.id)}, {m}: {why}" for m, why in refused.items()})
+        keys.update({(m, e.id): t[2] for m, t in planned.items()})
+        states = {m: state_of(args, m, e, planned) for m in planned}
+        if any(s != "kept" for s in states.values()):
+            todo.append((e, planned, states))
+    return todo, failed, keys
+
+
+def write_tables(args, out: Path, entries, methods, keys, failed, notes) -> list[dict]:
+    """per_image.csv, summary.csv and summary.md from every kept row (process 0); the rows."""
+    rows = [row for m in [piebench.VAE, *methods] for e in entries if (m, e.id) in keys
+            and (m, e.id) not in failed and (row := piebench.kept(args.output, m, e, keys[m, e.id])) is not None]
+    piebench.write_rows(out / "per_image.csv", rows)
+    piebench.write_summary(out / "summary.csv", out / "summary.md", piebench.summary(rows, [piebench.VAE, *methods]),
+                           notes)
+    return rows
+
+
 def cmd_evaluate(args):
     start = time.time()
     try:
@@ -260,21 +289,9 @@ def cmd_evaluate(args):
     scorer = scores.load(args.clip_model, args.dino_model, args.squeezenet, sd.device)
     scored_with = {"clip": scorer.clip is not None and args.clip_model, "dino": scorer.dino is not None and
                    args.dino_model, "lpips": scorer.lpips is not None and args.squeezenet}
-    todo, failed, keys = [], {}, {}
-    for e in entries:
-        try:
-            planned, refused = plan(args, sd, e, methods, sweep.file_hash(e.photo(args.pie_dir)),
-                                    {**scored_with, "mask": list(e.mask), "text": e.target})
-        except OSError as ex:  # the photo cannot be read
-            bad[e.id] = f"{piebench.entry_name(e.id)}: {one_line(ex)}"
-            continue
-        failed.update({(m, e.id): f"{piebench.entry_name(e.id)}, {m}: {why}" for m, why in refused.items()})
-        keys.update({(m, e.id): t[2] for m, t in planned.items()})
-        states = {m: state_of(args, m, e, planned) for m in planned}
-        if any(s != "kept" for s in states.values()):
-            todo.append((e, planned, states))
+    todo, failed, keys = plan_entries(args, sd, entries, methods, scored_with, bad)
     if rank == 0:
-        for why in [*scorer.notes] if not args.quiet else []:
+        for why in scorer.notes if not args.quiet else []:
             print(f"minledits: note: {why}", file=sys.stderr)
         for why in [*bad.values(), *failed.values()]:
             print(f"minledits: left out: {why}", file=sys.stderr)
@@ -295,11 +312,7 @@ def cmd_evaluate(args):
     failed = {k: why for part in ranks.gather(failed) for k, why in part.items()}
     done = sum(ranks.gather(done))
     if rank == 0:
-        rows = [row for m in [piebench.VAE, *methods] for e in entries if (m, e.id) in keys
-                and (m, e.id) not in failed and (row := piebench.kept(args.output, m, e, keys[m, e.id])) is not None]
-        piebench.write_rows(out / "per_image.csv", rows)
-        piebench.write_summary(out / "summary.csv", out / "summary.md",
-                               piebench.summary(rows, [piebench.VAE, *methods]), scorer.notes)
+        rows = write_tables(args, out, entries, methods, keys, failed, scorer.notes)
         which = f" ({', '.join(sorted({k[1] for k in failed}))})" if failed else ""
         finish(start, f"evaluate: {done} rows made, {len(rows) - done} kept, {len(failed)} failed{which}, "
                f"{len(bad)} bad entries; {len(rows)} rows of {len(entries)} entries x {len(methods) + 1} methods"

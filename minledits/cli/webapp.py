@@ -35,7 +35,7 @@ from ..io import store
 from ..io.image import open_rgb, to_pil
 from ..tools.trace import AttentionTrace, Trace, latent_rgb, side_by_side, tile
 from . import commands
-from .options import COMMON, EDIT, INVERT, dest, parser, resolve, to_argv
+from .options import COMMON, EDIT, INVERT, dest, parser, to_argv
 
 MAX_UPLOAD_MB = 50          # the largest file the page takes; a picture's pixels are limited as any (io.image)
 KEEP = 4                    # inversions kept per session (the oldest goes first)
@@ -110,9 +110,7 @@ class App:
         start = time.time()
         if commands.is_inversion_file(args.input):
             return commands.inversion_of(args, self.models)[1], False, time.time() - start
-        resolve(args, INVERT)
-        if args.batch_size < 1:
-            raise MinleditsError(f"--batch-size must be >= 1, got {args.batch_size}")
+        commands.resolve_inversion_options(args)
         settings = commands.inversion_settings(args, self.sd.default_size)
         if args.method == "p2p" and args.local_blend:
             p2p.check_levels(self.sd.unet.config)
@@ -120,10 +118,7 @@ class App:
         if key in session["inversions"]:
             session["inversions"].move_to_end(key)
             return session["inversions"][key], False, time.time() - start
-        try:
-            image = open_rgb(args.input)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise MinleditsError(f"cannot read image {args.input}: {getattr(e, 'strerror', None) or e}") from e
+        image = commands.read_image(args.input)
 
         def step(done, total):
             stop(session)
