@@ -1,15 +1,15 @@
 """A random Stable Diffusion 3 / 3.5 model in the official Hub layout (stabilityai/stable-diffusion-3-medium-diffusers,
 stable-diffusion-3.5-medium), and diffusers' StableDiffusion3Pipeline on the same weights (the reference):
 
-    model_index.json                                      StableDiffusion3Pipeline (text_encoder_3 [null, null] without T5)
-    scheduler/scheduler_config.json                       FlowMatchEulerDiscreteScheduler, shift 3.0
-    text_encoder/   config.json, model.safetensors        CLIP-L: CLIPTextModelWithProjection (text_model.*, text_projection)
-    text_encoder_2/ config.json, model.safetensors        CLIP-G: CLIPTextModelWithProjection
-    text_encoder_3/ config.json, model.safetensors        T5EncoderModel (tests/t5_hub.py)     only with t5=True
+    model_index.json                                StableDiffusion3Pipeline (text_encoder_3 [null, null] without T5)
+    scheduler/scheduler_config.json                 FlowMatchEulerDiscreteScheduler, shift 3.0
+    text_encoder/   config.json, model.safetensors  CLIP-L: CLIPTextModelWithProjection (text_model.*, text_projection)
+    text_encoder_2/ config.json, model.safetensors  CLIP-G: CLIPTextModelWithProjection
+    text_encoder_3/ config.json, model.safetensors  T5EncoderModel (tests/t5_hub.py)     only with t5=True
     tokenizer/ (pads with <|endoftext|>), tokenizer_2/ (pads with "!"), tokenizer_3/ (T5; only with t5=True)
     transformer/    config.json, diffusion_pytorch_model.safetensors   SD3Transformer2DModel
-    vae/            config.json, diffusion_pytorch_model.safetensors   AutoencoderKL: 16 latent channels, no quant
-                                                                       convs, scaling 1.5305, shift 0.0609
+    vae/            config.json, diffusion_pytorch_model.safetensors   AutoencoderKL: 16 latent channels,
+                                                                       no quant convs, scaling 1.5305, shift 0.0609
 
 Tiny: CLIP-L width 16 (projection 8), CLIP-G width 24 (projection 16), T5 width 48 (so the CLIP pair is padded with
 zeros to T5's width, as on the Hub where 768 + 1280 < 4096), transformer of 2 blocks x 4 heads x 8 (joint attention
