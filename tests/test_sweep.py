@@ -80,6 +80,22 @@ def test_a_larger_skip_is_a_slice_bit_for_bit(sd1, batch_size, keep):
         assert torch.equal(sliced.xts, direct.xts) and torch.equal(sliced.zs, direct.zs), skip
 
 
+def test_a_ddim_inversion_at_a_larger_skip_is_its_slice(sd1):
+    kw = dict(steps=8, size=64, sampler="ddim", source_prompt="a cat", source_guidance=2.0)
+    base = minledits.invert(sd1, photo(), skip=0, **kw)
+    for skip in (1, 5, 7):
+        direct, sliced = minledits.invert(sd1, photo(), skip=skip, **kw), sweep.at_skip(sd1, base, skip, 4)
+        assert sliced.settings == direct.settings and sliced.timesteps == direct.timesteps
+        assert torch.equal(sliced.xts, direct.xts) and torch.equal(sliced.zs, direct.zs), skip
+
+
+def test_a_ddim_sweep_over_skip_inverts_once(tiny_sd1, image, tmp_path, counts, capsys):
+    args = sweep_args(tiny_sd1, image, tmp_path / "g.png", "skip=0,2,3", extra=["--sampler", "ddim"])
+    rc, _, err = run(capsys, *args)
+    assert rc == 0 and "3 cells, 0 done already: 1 inversion(s) and 3 edit(s)" in err
+    assert (counts.inversions, counts.patch_rows, counts.edits) == (1, 0, 3)
+
+
 def test_at_skip_refuses_what_it_cannot_give(sd1, inv1):
     with pytest.raises(ValueError, match="cannot give skip"):
         sweep.at_skip(sd1, inv1, inv1.settings.skip - 1, 4)

@@ -175,12 +175,12 @@ def at_side(picture: Image.Image) -> Image.Image:
 
 
 def inversions(args, sd, photo, todo: dict):
-    """Yield (method, inversion, seconds) for the methods todo that need one: one inversion per group (DDPM: at its
-    smallest skip, the others sliced by sweep.at_skip, bit-identical to their own inversion)."""
+    """Yield (method, inversion, seconds) for the methods todo that need one: one inversion per group (sweep.shared_key:
+    where the sampler slices, at its smallest skip, the others sliced by sweep.at_skip, bit-identical to their own)."""
     groups = {}
     for m, (s, *_) in todo.items():
         if s is not None:
-            key = json.dumps({**s.dict(), "skip": None} if s.sampler == "ddpm" else s.dict())
+            key = sweep.shared_key(s.dict())
             groups.setdefault(key, []).append((m, s))
     for group in groups.values():
         first = min(group, key=lambda t: t[1].skip)[1]

@@ -287,9 +287,9 @@ def cell_concepts(c, keys):
 
 def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
     """(every setting that decides a cell's pixels, the key of the inversion it needs), checked as far as can be
-    without UNet work: the sweep's source, an image's inversion settings and batch size (skip is no DDPM inversion
-    setting; inv: an inversion file's, which fixes them), every edit option and the concepts. A cell is kept only
-    where its record holds all of them."""
+    without UNet work: the sweep's source, an image's inversion settings and batch size (skip is none where the
+    sampler slices: sweep.shared_key; inv: an inversion file's, which fixes them), every edit option and the
+    concepts. A cell is kept only where its record holds all of them."""
     s = dict(source)
     if inv is None:
         resolve(c, INVERT + COMMON)
@@ -301,7 +301,7 @@ def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
         s.update(inverted.dict(), batch_size=c.batch_size)
     if c.method == "p2p":
         check_p2p(c, c.source_prompt if inv is None else inv.settings.source_prompt, sd)
-    key = tuple((k, v) for k, v in s.items() if not (k == "skip" and s["sampler"] == "ddpm"))
+    key = sweep.shared_key(s) if inv is None else tuple(s.items())
     return {**s, **{k: getattr(c, k) for k in EDIT_SETTINGS}, "concepts": [spec(x) for x in concepts]}, key
 
 
@@ -371,10 +371,10 @@ def sweep_text(c, concepts):
 
 
 def sweep_group(args, cache, out, items, skips, clip):
-    """The cells of one inversion: invert once (DDPM: at the smallest skip), edit each, write PNG and record (a
-    failed cell: neither). Returns {cell: why it failed}."""
-    s = items[0][2]  # an image's settings: the group's, but a DDPM inversion's skip is its smallest
-    skip = {"skip": min(skips)} if s.get("sampler") == "ddpm" else {}
+    """The cells of one inversion: invert once (at the smallest skip where the sampler slices), edit each, write PNG
+    and record (a failed cell: neither). Returns {cell: why it failed}."""
+    s = items[0][2]  # an image's settings: the group's, but a sliceable inversion's skip is its smallest
+    skip = {"skip": min(skips)} if "sampler" in s and sweep.sliceable(s["sampler"]) else {}
     inverted = InversionSettings(**{**{k: s[k] for k in store.SETTINGS}, **skip}) if "sampler" in s else None
     start = time.time()
     try:

@@ -4,10 +4,11 @@ metrics. The command line wiring is cli/many.py's; this module holds the grid an
 
     cells     the Cartesian product of the --vary lists; the first key gives the rows, the second the columns,
               the others one sheet per combination of their values (a 1-D sweep is one row)
-    groups    cells that share an inversion: equal inversion settings, except skip for the DDPM sampler: its
-              x_t and z_k of step k do not depend on the skip (inversion.py), so the group inverts once at its
-              smallest skip and each cell takes a slice (at_skip); DPM-Solver++'s maps follow one another from
-              the first inverted step, so there skip is an inversion setting like the others
+    groups    cells that share an inversion: equal inversion settings, except skip where the sampler slices
+              (`sliceable`): DDPM's x_t and z_k of step k do not depend on the skip (inversion.py), and a trajectory
+              (DDIM, flow) at a larger skip is the start of the same walk, so the group inverts once at its smallest
+              skip and each cell takes a slice (at_skip); DPM-Solver++'s maps follow one another from the first
+              inverted step, so there skip is an inversion setting like the others
     files     OUT.png (sheets: OUT.png, or OUT-1.png, OUT-2.png, ... with more than two keys), OUT/NNN.png (the cells,
               each with the command that reproduces it, as `edit` writes it) and OUT/NNN.json (its settings, times,
               metrics), OUT.csv and OUT.json (the table), OUT-tradeoff.png (CLIP score against SSIM, matplotlib)
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import shorten
 from ..inversion import Inversion, noise_maps, source_context
 from ..io.files import atomic
+from ..sampler import SAMPLERS
 
 FORMAT = "minledits.sweep"
 CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
@@ -92,17 +94,28 @@ def shares(items: list, rank: int, world: int) -> list:
 
 
 # --------------------------------------------------------------------------------------------- inversions
+def sliceable(sampler: str) -> bool:
+    """Whether inversions that differ only in skip share their tensors, so that one at the smallest skip serves
+    the others (at_skip): DDPM's (independent x_t, aligned batches) and a trajectory's (DDIM, flow)."""
+    return sampler == "ddpm" or SAMPLERS[sampler].trajectory
+
+
+def shared_key(settings: dict) -> tuple:
+    """The settings' items that decide which inversion serves them: all but skip where the sampler slices."""
+    return tuple((k, v) for k, v in settings.items() if not (k == "skip" and sliceable(settings["sampler"])))
+
+
 @torch.inference_mode()
 def at_skip(sd, inv: Inversion, skip: int, batch_size: int) -> Inversion:
-    """The DDPM inversion at a larger skip, from one at a smaller skip: its tensors sliced, and its first
-    partial UNet batch ((N - skip) mod batch_size steps) run again as that inversion runs
-    it, so that the result is bit-identical to invert(..., skip=skip) (inversion.noise_maps aligns its batches)."""
+    """The inversion at a larger skip, from one at a smaller skip: its tensors sliced, bit-identical to
+    invert(..., skip=skip). A trajectory (DDIM, flow) needs nothing more; DDPM runs its first partial UNet batch
+    ((N - skip) mod batch_size steps) again as that inversion runs it (inversion.noise_maps aligns its batches)."""
     d, s = skip - inv.settings.skip, replace(inv.settings, skip=skip)
-    if d < 0 or s.sampler != "ddpm":
+    if d < 0 or not sliceable(s.sampler):
         raise ValueError(f"an inversion at skip {inv.settings.skip} ({inv.settings.sampler}) cannot give skip {skip}")
     xts, zs = inv.xts[d:], inv.zs[d:].clone()
     e = len(zs) % batch_size
-    if d and e:
+    if d and e and s.sampler == "ddpm":
         z = noise_maps(sd, s.new_sampler(sd.schedule), xts[:e + 1], skip, source_context(sd, s), s.source_guidance,
                        batch_size)
         zeroed = (zs[:e] == 0).flatten(1).all(1).view(-1, 1, 1, 1)  # the last maps, zeroed as the inversion does
