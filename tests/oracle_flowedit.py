@@ -1,0 +1,103 @@
+"""FlowEdit as the authors run it on Stable Diffusion 3 (fallenshock/FlowEdit: FlowEditSD3 and calc_v_sd3 in
+FlowEdit_utils.py, driven by run_script.py), rewritten on diffusers 0.42.1's StableDiffusion3Pipeline: the oracle of
+tests/test_flowedit.py. Its semantics, step by step:
+- the scheduler is the pipeline's FlowMatchEulerDiscreteScheduler set to T_steps; the loop runs over its timesteps t,
+  skipping the steps i with T_steps - i > n_max; t_i = t / 1000 and t_im1 = the next timestep / 1000 (0 at the end);
+- each prompt through pipe.encode_prompt (negative_prompt "" by default), the rows of every transformer call in the
+  order [src_uncond, src_cond, tar_uncond, tar_cond], the timestep t expanded to the batch;
+- the noise: torch.manual_seed(seed) once (run_script.py seeds before each experiment), then torch.randn_like(x_src)
+  for every draw: n_avg per FlowEdit step, one more at i = T_steps - n_min;
+- a FlowEdit step: zt_src = (1 - t_i) x_src + t_i noise, zt_tar = zt_edit + zt_src - x_src, one call on
+  [zt_src, zt_src, zt_tar, zt_tar], V_delta_avg += (1 / n_avg) (V_tar - V_src) from zeros, then zt_edit upcast to
+  float32, zt_edit + (t_im1 - t_i) V_delta_avg, cast back to V_delta_avg's dtype;
+- the tail (T_steps - i <= n_min): at its first step xt_src = scheduler.sigmas[i] noise + (1 - sigma) x_src,
+  xt_tar = zt_edit + xt_src - x_src; each step one call on [xt_tar] * 4 (all four rows), V_tar of the target rows,
+  the same float32 Euler update.
+What differs from the authors' file, and why:
+- x_src is given, contiguous: run_script.py's latent comes out of diffusers' preprocessing channels-last, so its
+  randn_like draws fill memory in that order and are other numbers than a contiguous randn of the same shape; the
+  oracle draws as minledits does (the same generator state, a contiguous tensor).
+- their tail casts its result to `noise_pred_tar.dtype`, a name defined only inside calc_v_sd3: every n_min > 0 run
+  stops there with a NameError. The oracle casts to V_tar's dtype, the obvious intent, so that the tail can be compared.
+- they have no path for guidance <= 1: encode_prompt then returns no negative embeddings (the torch.cat of the
+  four rows fails on None), and calc_v_sd3's unguided branch hands the transformer a tuple. The oracle keeps, for a
+  side at guidance <= 1, only its conditional row and uses that velocity as it is (no classifier-free guidance); the
+  tail then calls the transformer on every row of the FlowEdit step's batch at xt_tar, as the reference does.
+"""
+import torch
+
+
+@torch.no_grad()
+def encode_image(pipe, x: torch.Tensor) -> torch.Tensor:
+    """run_script.py's latent of a picture x [1, 3, H, W] in [-1, 1]: (posterior mode - shift) * scale, made
+    contiguous."""
+    mode = pipe.vae.encode(x).latent_dist.mode()
+    return ((mode - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).contiguous()
+
+
+def text_rows(pipe, src_prompt, tar_prompt, negative_prompt, src_guidance, tar_guidance):
+    """(prompt rows, pooled rows, rows per side): [src_uncond, src_cond, tar_uncond, tar_cond], each uncond row
+    left out where its side's guidance is <= 1."""
+    rows, pooled, per_side = [], [], []
+    for prompt, s in [(src_prompt, src_guidance), (tar_prompt, tar_guidance)]:
+        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                                negative_prompt=negative_prompt, do_classifier_free_guidance=s > 1,
+                                                device=torch.device("cpu"))
+        rows += [npe, pe] if s > 1 else [pe]
+        pooled += [nppe, ppe] if s > 1 else [ppe]
+        per_side.append(2 if s > 1 else 1)
+    return torch.cat(rows), torch.cat(pooled), per_side
+
+
+def velocities(pipe, latents, prompt_embeds, pooled, per_side, guidance, t):
+    """calc_v_sd3: one transformer call on all rows; per side u + s (c - u), or c alone at s <= 1."""
+    v = pipe.transformer(hidden_states=latents, timestep=t.expand(latents.shape[0]),
+                         encoder_hidden_states=prompt_embeds, pooled_projections=pooled, joint_attention_kwargs=None,
+                         return_dict=False)[0]
+    out, start = [], 0
+    for n, s in zip(per_side, guidance):
+        part = v[start:start + n]
+        out.append(part[0:1] + s * (part[1:2] - part[0:1]) if n == 2 else part)
+        start += n
+    return out
+
+
+@torch.no_grad()
+def flowedit_sd3(pipe, x_src, src_prompt, tar_prompt, negative_prompt="", T_steps=50, n_avg=1, src_guidance_scale=3.5,
+                 tar_guidance_scale=13.5, n_min=0, n_max=33, seed=0):
+    """The edited latents [1, C, h, w] of x_src (contiguous) by the authors' FlowEditSD3 (module docstring)."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(T_steps, device=x_src.device)
+    timesteps = scheduler.timesteps
+    guidance = (src_guidance_scale, tar_guidance_scale)
+    prompt_embeds, pooled, per_side = text_rows(pipe, src_prompt, tar_prompt, negative_prompt, *guidance)
+    torch.manual_seed(seed)
+    zt_edit, xt_tar = x_src.clone(), None
+    for i, t in enumerate(timesteps):
+        if T_steps - i > n_max:
+            continue
+        t_i = t / 1000
+        t_im1 = timesteps[i + 1] / 1000 if i + 1 < len(timesteps) else torch.zeros_like(t_i)
+        if T_steps - i > n_min:
+            V_delta_avg = torch.zeros_like(x_src)
+            for _ in range(n_avg):
+                fwd_noise = torch.randn_like(x_src)
+                zt_src = (1 - t_i) * x_src + t_i * fwd_noise
+                zt_tar = zt_edit + zt_src - x_src
+                latents = torch.cat([zt_src] * per_side[0] + [zt_tar] * per_side[1])
+                Vt_src, Vt_tar = velocities(pipe, latents, prompt_embeds, pooled, per_side, guidance, t)
+                V_delta_avg += (1 / n_avg) * (Vt_tar - Vt_src)
+            zt_edit = zt_edit.to(torch.float32)
+            zt_edit = zt_edit + (t_im1 - t_i) * V_delta_avg
+            zt_edit = zt_edit.to(V_delta_avg.dtype)
+        else:
+            if i == T_steps - n_min:
+                fwd_noise = torch.randn_like(x_src)
+                sigma = scheduler.sigmas[i]
+                xt_src = sigma * fwd_noise + (1.0 - sigma) * x_src
+                xt_tar = zt_edit + xt_src - x_src
+            latents = torch.cat([xt_tar] * sum(per_side))
+            _, Vt_tar = velocities(pipe, latents, prompt_embeds, pooled, per_side, guidance, t)
+            xt_tar = xt_tar.to(torch.float32)
+            xt_tar = (xt_tar + (t_im1 - t_i) * Vt_tar).to(Vt_tar.dtype)  # theirs: .to(noise_pred_tar.dtype)
+    return zt_edit if n_min == 0 else xt_tar
