@@ -2,13 +2,14 @@
 
 - tiny random SD3 (joint blocks, the last context_pre_only), SD3.5-medium-shaped (a dual attention block, qk RMSNorm)
   and SD3.5-large-shaped (qk RMSNorm, no dual block) configs: equal outputs for non-square latents, batch 2, the
-  timestep as a number, a 0-d tensor or one per row; the positional table equals diffusers' bit for bit;
+  timestep as a number, a 0-d tensor or one per row, in fp32 and bf16; the positional table equals diffusers' bit
+  for bit;
 - the attention controller sees every layer (names, places, flags, grid size, shapes), the joint attention's
   image -> text probabilities equal an explicit softmax of diffusers' own q and k (hooks on its projections and
   norms), rows sum to < 1, and reading them changes nothing (the fused kernel still gives the output, bit for bit);
   a tensor returned there is refused; attn2's probabilities are replaceable as the UNet's;
 - the attention kernel reaches every attention and nests; bad configs and latent sizes are refused in one line;
-- slow: the full-size SD3-medium architecture, random weights, fp32, 16x16 latents (128 px).
+- slow: the full-size SD3-medium and SD3.5-medium architectures, random weights, fp32, 16x16 latents (128 px).
 """
 import gc
 
@@ -57,6 +58,7 @@ def inputs(seed=1):
 def assert_close(ours, ref, rel=REL):
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+    print(f"max abs diff {err:.3g}, scale {scale:.3g}, relative {err / scale:.3g} (tolerance {rel})")
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} * {scale:.3g}"
 
 
@@ -70,6 +72,17 @@ def test_matches_diffusers(pair):
     for t in (500, 500.0, torch.tensor(500.0)):  # a number, a 0-d tensor: one timestep for every row
         assert_close(ours(x, t, c, pooled), same_t)
     assert_close(ours(x[:1], t=500.0, c=c[:1], pooled=pooled[:1]), same_t[:1])
+
+
+@torch.no_grad()
+def test_matches_diffusers_in_bfloat16():
+    """Half precision takes the same casts (sinusoids to the weights' dtype, qk norms' float32 mean); equal here."""
+    ref = reference(KINDS["sd35"]).to(torch.bfloat16)
+    ours = MMDiT(dict(ref.config)).eval().to(torch.bfloat16)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, c, pooled = inputs()
+    x, c, pooled = (a.to(torch.bfloat16) for a in (x, c, pooled))
+    assert_close(ours(x, t, c, pooled), ref(x, c, pooled, t).sample)
 
 
 def test_positional_table_and_config():
@@ -252,15 +265,19 @@ def test_bad_latent_size_is_refused():
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)  # transformer/config.json
+FULL = {"sd3-medium": SD3_MEDIUM,  # stabilityai/stable-diffusion-3-medium-diffusers
+        "sd3.5-medium": {**SD3_MEDIUM, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                         "dual_attention_layers": tuple(range(13))}}  # stabilityai/stable-diffusion-3.5-medium
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", list(FULL))
 @torch.no_grad()
-def test_sd3_medium_parity():
-    """stable-diffusion-3-medium's transformer architecture, random weights, fp32, latents 16x16 (128 px), batch 2,
-    333 text tokens. One copy of the 8 GB of weights: ours is built on the meta device and takes diffusers' tensors."""
+def test_full_size_parity(kind):
+    """The Hub transformer architecture, random weights, fp32, latents 16x16 (128 px), batch 2, 333 text tokens.
+    One copy of the weights (8 GB, 10 GB): ours is built on the meta device and takes diffusers' tensors."""
     torch.manual_seed(0)
-    ref = SD3Transformer2DModel(**SD3_MEDIUM).eval()
+    ref = SD3Transformer2DModel(**FULL[kind]).eval()
     with torch.device("meta"):
         ours = MMDiT(dict(ref.config))
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
