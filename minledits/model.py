@@ -14,15 +14,32 @@ StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to
     sdxl.time_ids(H, W)                 -> [6] = (H, W, 0, 0, H, W)               original size, crop top-left, target
     sdxl.unet(x_t, t, c, text_embeds=pooled, time_ids=time_ids)
     sdxl.predict(x_t, t, (c, pooled))   -> that, with time_ids from x_t's size in pixels (crop 0, target = original)
+
+StableDiffusion3 (SD3 / SD3.5) is a rectified flow: a transformer (MMDiT, nets/mmdit.py) predicting the velocity
+v = eps - w0 at x_t = (1 - sigma) w0 + sigma eps, t = T sigma (flowmatch.py), with three text encoders:
+    h_L, p_L = CLIP-L(prompt)          penultimate hidden states [B, 77, 768], projected EOS state [B, 768]
+    h_G, p_G = CLIP-G(prompt)          the same from OpenCLIP bigG [B, 77, 1280], [B, 1280]
+    h_T = T5(prompt)                   last hidden state [B, 256, 4096] (no attention mask); zeros without T5
+    c = [pad([h_L ; h_G], 4096) , h_T]     [B, 77 + 256, 4096]: the CLIP pair side by side, zero-padded to T5's
+                                           width, then T5's tokens after CLIP's
+    pooled = [p_L ; p_G]                [B, 2048]
+    sd3.text_embeddings(prompts)        -> (c, pooled), as StableDiffusion3Pipeline.encode_prompt (no clip skip)
+    sd3.predict(x_t, t, (c, pooled))    -> v [B, 16, h, w]
+    sd3.encode(x)                       -> w0 = f (E(x) - s)      (s: the VAE's shift_factor, f: scaling factor)
+    sd3.decode(w0)                      -> D(w0 / f + s)
+    sd3.offload_text()                  moves the text encoders to the CPU (prompts still embed there): the GPU
+                                        then holds only the transformer and the VAE
 """
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from .errors import MinleditsError
+from .errors import MinleditsError, shorten
 from .io.image import to_pil
 from .schedule import Schedule
 
@@ -111,13 +128,92 @@ class StableDiffusionXL(StableDiffusion):
         return torch.tensor([height, width, 0, 0, height, width], device=self.device).to(self.dtype)
 
 
+@dataclass
+class StableDiffusion3:
+    """SD3 / SD3.5: three tokenizers and text encoders (the T5 pair None when loaded without T5), the MMDiT and the
+    16-channel VAE, the flow-matching scheduler config, on one device in one dtype (the module docstring)."""
+    tokenizer: Callable              # CLIP-L: prompts -> ids [B, 77], padded with <|endoftext|>  (nets/tokenizer.py)
+    text_encoder: torch.nn.Module    # CLIP-L with projection: .penultimate_and_pooled            (nets/clip.py)
+    tokenizer_2: Callable            # CLIP-G: padded with "!"
+    text_encoder_2: torch.nn.Module  # CLIP-G with projection
+    tokenizer_3: Callable | None     # T5: prompts -> (ids [B, 256], mask)                         (nets/t5.py)
+    text_encoder_3: torch.nn.Module | None   # T5 encoder: ids -> [B, 256, 4096]
+    transformer: torch.nn.Module     # (x_t, t, c, pooled) -> v; .config, .attention_controller     (nets/mmdit.py)
+    vae: torch.nn.Module             # as StableDiffusion's, with .shift_factor                    (nets/vae.py)
+    schedule: dict                   # scheduler_config.json through flowmatch.flow_config (FlowEuler takes it)
+    model_id: str
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    default_size = 1024
+    check_fits = StableDiffusion.check_fits
+    latent_scale = StableDiffusion.latent_scale
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under the name the methods use (attention_controller, attention_kernel, config)."""
+        return self.transformer
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    def text_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c [B, 77 + 256, D], pooled [B, P]) (module docstring), in the model's dtype on its device. Each encoder
+        runs where its weights are (the CPU after offload_text). A prompt longer than T5's 256 tokens is truncated
+        with a warning, as CLIP's beyond 77."""
+        prompts = list(prompts)
+        h_L, p_L = self.text_encoder.penultimate_and_pooled(self.tokenizer(prompts).to(_where(self.text_encoder)))
+        h_G, p_G = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(_where(self.text_encoder_2)))
+        if self.text_encoder_3 is None:
+            h_T = torch.zeros(len(prompts), 256, self.transformer.config["joint_attention_dim"])
+        else:
+            for prompt, cut in zip(prompts, self.tokenizer_3.truncated(prompts)):
+                if cut:
+                    warnings.warn(f"prompt longer than {self.tokenizer_3.max_length - 1} T5 tokens: truncated "
+                                  f"({shorten(prompt)})", stacklevel=2)
+            h_T = self.text_encoder_3(self.tokenizer_3(prompts)[0].to(_where(self.text_encoder_3)))
+        h_T = h_T.to(self.device, self.dtype)
+        clip = torch.cat([h_L.to(self.device, self.dtype), h_G.to(self.device, self.dtype)], dim=-1)
+        c = torch.cat([F.pad(clip, (0, h_T.shape[-1] - clip.shape[-1])), h_T], dim=-2)
+        return c, torch.cat([p_L, p_G.to(p_L.device)], dim=-1).to(self.device, self.dtype)
+
+    def predict(self, x: torch.Tensor, t, c: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The velocity v [B, 16, h, w] at latents x_t [B, 16, h, w], t = T sigma, conditioned on c = (c, pooled)."""
+        return self.transformer(x, t, c[0], c[1])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """w0 = f (E(x) - s) for images x [B, 3, H, W] in [-1, 1], in the model's dtype."""
+        w0 = (self.vae.encode(x.to(self.device, self.vae.conv_dtype)) - self.vae.shift_factor) * self.vae.scaling_factor
+        return w0.to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """D(w0 / f + s): images [B, 3, H, W] in about [-1, 1], in the VAE's dtype."""
+        w = latents.to(self.device, self.vae.conv_dtype) / self.vae.scaling_factor + self.vae.shift_factor
+        return self.vae.decode(w)
+
+    def offload_text(self, device="cpu") -> None:
+        """Move the text encoders to `device` (the CPU): after the prompts are embedded they are not needed on the
+        GPU; text_embeddings still works, on that device."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self, name) is not None:
+                getattr(self, name).to(device)
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _where(module: torch.nn.Module) -> torch.device:
+    """The device of a module's weights."""
+    return next(module.parameters()).device
+
+
 def rows(c) -> int:
-    """How many prompts a conditioning (text_embeddings' tensor, or SDXL's pair) holds."""
+    """How many prompts a conditioning (text_embeddings' tensor, or SDXL's / SD3's pair) holds."""
     return len(c[0] if isinstance(c, tuple) else c)
 
 
 def repeat_rows(c, n: int):
-    """Each row of a conditioning (text_embeddings' tensor, or SDXL's pair) n times in a row."""
+    """Each row of a conditioning (text_embeddings' tensor, or SDXL's / SD3's pair) n times in a row."""
     return tuple(x.repeat_interleave(n, 0) for x in c) if isinstance(c, tuple) else c.repeat_interleave(n, 0)
 
 

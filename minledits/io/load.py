@@ -13,6 +13,13 @@ OpenCLIP-like (gelu, or 1024 wide), else as SD1. An SDXL folder (model_index.jso
 the folder has one) also holds text_encoder_2/ and tokenizer_2/, and gives a StableDiffusionXL; its VAE stays in
 fp32 when loaded in fp16 unless its config says force_upcast false (SDXL's VAE overflows in fp16), as diffusers'
 SDXL pipelines do. `vae=` swaps in another VAE: a folder with config.json and the weights, or a model folder's vae/.
+An SD3 / SD3.5 folder (model_index.json's _class_name StableDiffusion3Pipeline) holds transformer/, vae/,
+text_encoder/ and text_encoder_2/ (both CLIPs projected), text_encoder_3/ (T5), tokenizer/ .. tokenizer_3/ and
+scheduler/, and gives a StableDiffusion3; `t5=False` leaves text_encoder_3/ and tokenizer_3/ unread (and not
+downloaded): SD3's zeros stand for T5's tokens. Its VAE runs in the model's dtype, as StableDiffusion3Pipeline's.
+A network's weights are one file or, as the Hub stores the large ones (SD3's T5, SD3.5-large's transformer),
+shards named by `<stem>.safetensors.index[.<variant>].json`. In fp16, T5's feed-forward output weights (wo) stay
+in fp32, as transformers keeps them (nets/t5.py).
 
 Each network is built on the `meta` device (no memory, no random init) from its config.json and then
 filled tensor by tensor from safetensors (`fill`), cast to `dtype` on the way, so loading needs about one
@@ -29,6 +36,7 @@ overwrite one in place while a model loaded from it is in use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,8 +49,11 @@ import torch
 from safetensors import safe_open
 
 from ..errors import LoadError, shorten
-from ..model import StableDiffusion, StableDiffusionXL
+from ..flowmatch import flow_config
+from ..model import StableDiffusion, StableDiffusion3, StableDiffusionXL
+from ..nets import t5
 from ..nets.clip import TextEncoder, TextEncoderWithProjection
+from ..nets.mmdit import MMDiT
 from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
 from ..nets.unet import UNet
 from ..nets.vae import VAE
@@ -54,11 +65,16 @@ from .tiny import random_tiny
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 NETWORKS = ("unet", "vae", "text_encoder")
 XL_NETWORKS = (*NETWORKS, "text_encoder_2")
+SD3_NETWORKS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-               "text_encoder_2": "model"}
-CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", *(f"{n}/config.json" for n in XL_NETWORKS)]
+               "text_encoder_2": "model", "transformer": "diffusion_pytorch_model", "text_encoder_3": "model"}
+ALL_NETWORKS = (*XL_NETWORKS, "transformer", "text_encoder_3")
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", *(f"{n}/config.json" for n in ALL_NETWORKS)]
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
 TOKENIZERS = ("tokenizer", "tokenizer_2")
+T5_TOKENIZER_FILES = ["tokenizer_3/tokenizer.json", "tokenizer_3/special_tokens_map.json",
+                      "tokenizer_3/tokenizer_config.json"]
+SD3_PIPELINE = "StableDiffusion3Pipeline"
 
 # The only alternative key names accepted in a folder (docs/design.md §6). component: [(stored key regex, ours)].
 # Applied in order; None drops the key.
@@ -66,8 +82,8 @@ RENAMES = {
     "vae": [  # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn (and some
               # files store them as 1x1 conv kernels [C, C, 1, 1]: squeezed to [C, C] when read)
         (r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."), (r"\.proj_attn\.", ".to_out.0.")],
-    "text_encoder": [
-        (r"^(?!text_model\.)", "text_model."),           # transformers 5.x writes CLIP keys without the prefix
+    "text_encoder": [                                     # (SD3's CLIP-L also has a text_projection)
+        (r"^(?!text_model\.|text_projection\.)", "text_model."),  # transformers 5.x writes CLIP keys without the prefix
         (r"^text_model\.embeddings\.position_ids$", None)],  # a stored arange(77); ours is implicit
     "text_encoder_2": [                                       # the same, beside SDXL's text_projection
         (r"^(?!text_model\.|text_projection\.)", "text_model."), (r"^text_model\.embeddings\.position_ids$", None)],
@@ -160,10 +176,15 @@ class SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(component: str, config: dict, source: str) -> torch.nn.Module:
-    """Our network for `component`, built from its config on the meta device (instant, no memory)."""
-    cls = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder,
-           "text_encoder_2": TextEncoderWithProjection}[component]
+CLASSES = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder, "text_encoder_2": TextEncoderWithProjection}
+SD3_CLASSES = {"transformer": MMDiT, "vae": VAE, "text_encoder": TextEncoderWithProjection,
+               "text_encoder_2": TextEncoderWithProjection, "text_encoder_3": t5.T5Encoder}
+
+
+def build(component: str, config: dict, source: str, classes: dict = CLASSES) -> torch.nn.Module:
+    """Our network for `component` (classes: CLASSES, or SD3_CLASSES), built from its config on the meta device
+    (instant, no memory)."""
+    cls = classes[component]
     try:
         with torch.device("meta"), SkipInit():
             return cls(config)
@@ -171,15 +192,26 @@ def build(component: str, config: dict, source: str) -> torch.nn.Module:
         raise LoadError(f"{source}: cannot build {cls.__name__} from it ({type(e).__name__}: {e})") from None
 
 
-def load_file(module: torch.nn.Module, path: Path, component: str, dtype=None, device=None) -> torch.nn.Module:
-    """fill() `module` from one safetensors file of `component`."""
+def load_file(module: torch.nn.Module, path: Path | list[Path], component: str, dtype=None,
+              device=None) -> torch.nn.Module:
+    """fill() `module` from the safetensors file(s) of `component` (several: the shards of one state dict).
+    T5's tied embedding is accepted under either name (t5.tied_keys)."""
+    paths = path if isinstance(path, list) else [path]
+    source = str(paths[0] if len(paths) == 1 else paths[0].parent)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return fill(module, safetensors_getters(f, component), str(path), dtype, device)
+        with contextlib.ExitStack() as files:
+            getters = {}
+            for p in paths:
+                f = files.enter_context(safe_open(str(p), framework="pt", device="cpu"))
+                getters.update(safetensors_getters(f, component))
+            if component == "text_encoder_3":
+                getters = t5.tied_keys(getters)
+            return fill(module, getters, source, dtype, device)
     except LoadError:
         raise
     except Exception as e:  # SafetensorError, OSError: a truncated download, a file that is not safetensors
-        raise LoadError(f"{path} is not a readable safetensors file, maybe a truncated download "
+        what = "is not a readable safetensors file" if len(paths) == 1 else "has a shard that is not readable"
+        raise LoadError(f"{source} {what}, maybe a truncated download "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -207,18 +239,55 @@ def weight_file(folder: Path, component: str, variant: str | None = None, stem: 
     raise LoadError(f"{d} has no {names[-1]} (found: {', '.join(p.name for p in d.glob('*')) or 'nothing'})")
 
 
-def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=NETWORKS) -> tuple[dict, list[Path]]:
+def weight_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:
+    """The shards named by `<stem>.safetensors.index[.<variant>].json` in folder/component (the variant's index if
+    asked for and present, else the plain one), else [weight_file(...)]."""
+    d, stem = folder / component, WEIGHT_STEM[component]
+    for index in ([d / f"{stem}.safetensors.index.{variant}.json"] if variant else []) + \
+            [d / f"{stem}.safetensors.index.json"]:
+        if index.is_file():
+            names = read_json(index).get("weight_map")
+            if not isinstance(names, dict) or not names:
+                raise LoadError(f"{index} has no weight_map: not a safetensors shard index")
+            shards = [d / n for n in sorted(set(names.values()))]
+            if absent := [p.name for p in shards if not p.is_file()]:
+                raise LoadError(f"{d} lacks the shards {index.name} names ({_few(absent)}): an incomplete download")
+            return [index, *shards]
+    return [weight_file(folder, component, variant)]
+
+
+def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=NETWORKS,
+                  classes: dict = CLASSES) -> tuple[dict, list[Path]]:
     """{component: filled module} for the networks of a folder (require_subfolders), and the files read. dtype: one,
     or {component: one}."""
     nets, files = {}, []
     for component in networks:
         config_path = folder / component / "config.json"
-        module = build(component, read_json(config_path), str(config_path))
-        path = weight_file(folder, component, variant)
-        nets[component] = load_file(module, path, component, dtype.get(component) if isinstance(dtype, dict) else dtype,
-                                    device)
-        files += [config_path, path]
+        module = build(component, read_json(config_path), str(config_path), classes)
+        paths = weight_files(folder, component, variant)
+        want = dtype.get(component) if isinstance(dtype, dict) else dtype
+        if component == "text_encoder_3" and want == torch.float16:
+            module, want = keep_wo_fp32(module), None     # fill casts each tensor to the dtype it has on meta
+        nets[component] = load_file(module, [p for p in paths if p.suffix != ".json"], component, want, device)
+        files += [config_path, *paths]
     return nets, files
+
+
+def keep_wo_fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """A meta-built T5 in fp16 but its feed-forward output weights wo, in fp32 (as transformers loads it)."""
+    module.half()
+    for name, sub in module.named_modules():
+        if name.endswith(".wo"):
+            sub.float()
+    return module
+
+
+def is_sd3(folder: Path) -> bool:
+    """model_index.json names StableDiffusion3Pipeline (or, without model_index.json, the folder has transformer/
+    and text_encoder_2/)."""
+    if (index := folder / "model_index.json").is_file():
+        return read_json(index).get("_class_name") == SD3_PIPELINE
+    return (folder / "transformer").is_dir() and (folder / "text_encoder_2").is_dir()
 
 
 def is_xl(folder: Path) -> bool:
@@ -269,7 +338,8 @@ def weights_dir() -> Path:
     return Path(os.environ.get("MINLEDITS_WEIGHTS", "weights"))
 
 
-def locate(model: str, variant: str | None = None, revision: str | None = None) -> tuple[Path, str | None]:
+def locate(model: str, variant: str | None = None, revision: str | None = None,
+           t5: bool = True) -> tuple[Path, str | None]:
     """(local folder or file, Hub commit sha or None), searched as the module docstring says."""
     if (path := Path(model).expanduser()).exists():
         return path, None
@@ -279,22 +349,35 @@ def locate(model: str, variant: str | None = None, revision: str | None = None) 
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or \
             model.endswith(("safetensors", *PICKLES)):
         raise LoadError(f"{model} does not exist (no such folder or file)")
-    folder = download(model, variant, revision)
+    folder = download(model, variant, revision, t5=t5)
     return folder, folder.name
 
 
-def download(repo_id: str, variant: str | None = None, revision: str | None = None, local_dir=None) -> Path:
-    """Fetch only the files `load` reads (configs, tokenizer, one weight file per network) into the HF cache,
-    or into `local_dir`; the `variant` weights (e.g. "fp16") when the repo has them. Returns the folder."""
+def download(repo_id: str, variant: str | None = None, revision: str | None = None, local_dir=None,
+             t5: bool = True) -> Path:
+    """Fetch only the files `load` reads (configs, tokenizers, each network's weight file or shards) into the HF
+    cache, or into `local_dir`; the `variant` weights (e.g. "fp16") when the repo has them. t5=False leaves out
+    text_encoder_3/ and tokenizer_3/. Returns the folder."""
     from huggingface_hub import snapshot_download
-    files = CONFIGS + [f"{t}/{n}" for t in TOKENIZERS for n in TOKENIZER_FILES]
-    weights = [f"{c}/{WEIGHT_STEM[c]}{'.' + variant if variant else ''}.safetensors" for c in XL_NETWORKS]
+    networks = [c for c in ALL_NETWORKS if t5 or c != "text_encoder_3"]
+    files = [f for f in CONFIGS if t5 or not f.startswith("text_encoder_3/")] + \
+        [f"{t}/{n}" for t in TOKENIZERS for n in TOKENIZER_FILES] + (T5_TOKENIZER_FILES if t5 else [])
+    weights = [w for c in networks for w in weight_patterns(c, variant)]
+    plain_indexes = [weight_patterns(c, None)[1] for c in networks] if variant else []  # to know the fallback
     fetch = partial(_hub, snapshot_download, repo_id, revision=revision, local_dir=local_dir)
-    folder = Path(fetch(allow_patterns=files + weights))
-    if variant and (absent := [w for w in weights if not (folder / w).is_file()
-                               and (folder / w).with_name("config.json").is_file()]):  # networks the repo has
-        folder = Path(fetch(allow_patterns=[w.replace(f".{variant}.", ".") for w in absent]))
+    folder = Path(fetch(allow_patterns=files + weights + plain_indexes))
+    absent = [c for c in networks if variant and (folder / c / "config.json").is_file()   # networks the repo has
+              and not any((folder / w).is_file() for w in weight_patterns(c, variant)[:2])]
+    if absent:      # no variant files: the plain ones (the shards where the repo stores them so)
+        folder = Path(fetch(allow_patterns=[weight_patterns(c, None)[2 if (folder / weight_patterns(c, None)[1])
+                                                                     .is_file() else 0] for c in absent]))
     return folder
+
+
+def weight_patterns(component: str, variant: str | None) -> list[str]:
+    """[single file, shard index, shards] of a network as the Hub names them (Hub paths; the last a glob)."""
+    stem, v = f"{component}/{WEIGHT_STEM[component]}", f".{variant}" if variant else ""
+    return [f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}-*-of-*.safetensors"]
 
 
 def _hub(fn, repo_id: str, **kwargs):
@@ -333,21 +416,25 @@ def _hub(fn, repo_id: str, **kwargs):
 # --------------------------------------------------------------------------------------------- load
 def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, variant: str | None = None,
          revision: str | None = None, prediction_type: str | None = None,
-         vae: str | os.PathLike | None = None) -> StableDiffusion:
-    """Stable Diffusion (1.x, 2.x or XL) from a folder, a Hub repo id or a single .safetensors file (module docstring).
+         vae: str | os.PathLike | None = None, t5: bool = True) -> StableDiffusion | StableDiffusion3:
+    """Stable Diffusion (1.x, 2.x, XL or 3) from a folder, a Hub repo id or a single .safetensors file (module
+    docstring).
 
     device: default "cpu".  dtype: torch dtype or "fp32"/"fp16"/"bf16", default float32.
     variant: weight files `<name>.<variant>.safetensors` to prefer; "fp16" is implied by dtype float16.
     revision: Hub branch, tag or commit.  prediction_type: override (required for SD 2.x single files).
     vae: another VAE (a folder with config.json and its weights, or a model folder with vae/) instead of the model's.
+    t5: SD3 only: False runs without the T5 encoder (neither read nor downloaded; its tokens are zeros).
     """
     device, dtype = torch.device(device or "cpu"), dtype_of(dtype)
     if os.fspath(model) == "random-tiny":  # an offline smoke-test model with random weights (tiny.py)
         return random_tiny(device, dtype)
     variant = variant or ("fp16" if dtype == torch.float16 else None)
     vae_folder = vae_location(vae) if vae is not None else None   # a bad --vae fails before any loading
-    path, sha = locate(os.fspath(model), variant, revision)
-    if path.is_dir():
+    path, sha = locate(os.fspath(model), variant, revision, t5)
+    if path.is_dir() and is_sd3(path):
+        sd = _sd3_folder(path, os.fspath(model), sha, variant, dtype, device, t5)
+    elif path.is_dir():
         sd = _folder(path, os.fspath(model), sha, variant, dtype, device, prediction_type)
     else:  # a file: a named pipe or device is refused before anything opens it
         sd = _single_file(path, os.fspath(model), device, dtype, prediction_type)
@@ -373,6 +460,42 @@ def _folder(path: Path, model_id: str, sha, variant, dtype, device, prediction_t
     index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     return StableDiffusionXL(tokenizers[0], nets["text_encoder"], *common, tokenizers[1], nets["text_encoder_2"],
                              bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked: bool) -> StableDiffusion3:
+    """SD3 / SD3.5 from a diffusers-layout folder (module docstring)."""
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    has_t5 = (path / "text_encoder_3").is_dir() and (index.get("text_encoder_3") or ["?"])[0] is not None
+    if t5_asked and not has_t5:
+        raise LoadError(f"{path} has no text_encoder_3/ (T5): load it with t5=False (the command line's --no-t5) "
+                        "to run without T5, as SD3 can")
+    networks = SD3_NETWORKS if t5_asked else SD3_NETWORKS[:-1]
+    if absent := [f"{c}/" for c in (*networks, "scheduler", "tokenizer", "tokenizer_2") if not (path / c).is_dir()]:
+        raise LoadError(f"{path} has no {', '.join(absent)}: an SD3 model folder holds transformer/, vae/, "
+                        "text_encoder/ .. text_encoder_3/, tokenizer/ .. tokenizer_3/, scheduler/")
+    nets, files = load_networks(path, variant, dtype, device, networks, SD3_CLASSES)
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    try:
+        schedule = flow_config(read_json(scheduler))
+    except ValueError as e:
+        raise LoadError(f"{scheduler}: {e}") from None
+    tokenizers = [folder_tokenizer(path, read_json(path / t.replace("tokenizer", "text_encoder") / "config.json"), t)
+                  for t in TOKENIZERS]
+    files += [scheduler, path / "model_index.json"] + \
+        [p for t in TOKENIZERS for n in TOKENIZER_FILES if (p := path / t / n).is_file()]
+    tokenizer_3 = None
+    if t5_asked:
+        if not (tokenizer_json := path / "tokenizer_3" / "tokenizer.json").is_file():
+            raise LoadError(f"{path} has no tokenizer_3/tokenizer.json (T5's tokenizer): load it with t5=False "
+                            "(the command line's --no-t5) to run without T5")
+        try:
+            tokenizer_3 = t5.T5Tokenizer(tokenizer_json)
+        except Exception as e:  # a malformed tokenizer.json
+            raise LoadError(f"{tokenizer_json} cannot be read ({type(e).__name__}: {e})") from None
+        files.append(tokenizer_json)
+    return StableDiffusion3(tokenizers[0], nets["text_encoder"], tokenizers[1], nets["text_encoder_2"], tokenizer_3,
+                            nets.get("text_encoder_3"), nets["transformer"], nets["vae"], schedule, model_id,
+                            sha or content_hash([p for p in files if p.is_file()]), device, dtype)
 
 
 def require_subfolders(folder: Path, networks: tuple) -> tuple:

@@ -1,8 +1,11 @@
 """The Stable Diffusion VAE (diffusers' AutoencoderKL), built from vae/config.json.
 
-encode: image [B, 3, H, W] in [-1, 1] -> posterior mean [B, 4, H/f, W/f] (unscaled; multiply by scaling_factor),
-        f = 2 ** (levels - 1): one halving per level but the last (SD's 4 levels: f = 8)
+encode: image [B, 3, H, W] in [-1, 1] -> posterior mean [B, C, H/f, W/f] (unscaled; the model subtracts
+        shift_factor and multiplies by scaling_factor), f = 2 ** (levels - 1): one halving per level but the last
+        (SD's 4 levels: f = 8); C = latent_channels (SD 1.x / 2.x / XL: 4, SD3: 16)
 decode: unscaled latents -> image in about [-1, 1]
+SD 1.x / 2.x / XL have 1x1 convolutions between the encoder and the latent (quant_conv) and before the decoder
+(post_quant_conv); SD3's VAE has neither (use_quant_conv, use_post_quant_conv false) and a shift_factor (0.0609).
 """
 import torch
 from torch import nn
@@ -11,8 +14,7 @@ from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2
 
 EPS = 1e-6  # every norm of the VAE
 # Options of the diffusers config implemented only at their SD value (anything else is refused).
-SD_ONLY = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
-           "shift_factor": None}
+SD_ONLY = {"act_fn": "silu", "mid_block_add_attention": True}
 
 
 class SpatialAttention(Attention):
@@ -113,15 +115,19 @@ class VAE(nn.Module):
                 raise ValueError(f"VAE config {key}={cfg[key]!r} is not supported (only {value!r})")
         latent = cfg.get("latent_channels", 4)
         self.scaling_factor = float(cfg.get("scaling_factor") or 0.18215)
+        self.shift_factor = float(cfg.get("shift_factor") or 0.0)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        for key, name, channels in [("use_quant_conv", "quant_conv", 2 * latent),
+                                    ("use_post_quant_conv", "post_quant_conv", latent)]:
+            if cfg.get(key, True) not in (True, False):
+                raise ValueError(f"VAE config {key}={cfg[key]!r} is not supported (true or false)")
+            setattr(self, name, nn.Conv2d(channels, channels, 1) if cfg.get(key, True) else nn.Identity())
 
     @property
     def conv_dtype(self) -> torch.dtype:
         """The dtype the VAE computes in (its weights')."""
-        return self.post_quant_conv.weight.dtype
+        return self.decoder.conv_in.weight.dtype
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Posterior mean E(x): the first half of the moments (the second half is the log-variance)."""
