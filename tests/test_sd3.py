@@ -183,11 +183,17 @@ def test_hub_patterns(ref, tmp_path, monkeypatch):
                                                                            "tokenizer.json", "tokenizer_config.json"]
 
 
-def test_offload_text(ref):
+def test_offload_text(ref, monkeypatch):
     sd = minledits.load(ref.folder)
     with torch.no_grad():
         before = sd.text_embeddings(PROMPTS[:2])
         sd.offload_text()
         after = sd.text_embeddings(PROMPTS[:2])
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert next(sd.text_encoder_3.parameters()).device.type == "cpu"
+    assert {next(m.parameters()).device.type for m in sd.text_encoders()} == {"cpu"} and len(sd.text_encoders()) == 3
+    moves = []                               # no second device here: the moves are recorded, not made
+    for m in sd.text_encoders():
+        monkeypatch.setattr(m, "to", lambda device, m=m: moves.append((m, torch.device(device))) or m)
+    with sd.text_encoders_on(torch.device("meta")):
+        assert [d.type for _, d in moves] == ["meta"] * 3
+    assert [d.type for _, d in moves[3:]] == ["cpu"] * 3 and [m for m, _ in moves[3:]] == sd.text_encoders()
