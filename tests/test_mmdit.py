@@ -9,6 +9,9 @@
   norms), rows sum to < 1, and reading them changes nothing (the fused kernel still gives the output, bit for bit);
   a tensor returned there is refused; attn2's probabilities are replaceable as the UNet's;
 - the attention kernel reaches every attention and nests; bad configs and latent sizes are refused in one line;
+- equal text rows counted once (collapse + counts): the output of SD3's 77 + 256 rows (the last 256 equal) on
+  77 + 1 rows equals the uncollapsed call (fused, with a kernel, with a controller), the controller's CLIP columns
+  are equal and the merged column is the sum of the 256; collapse finds the runs; bad counts are refused;
 - slow: the full-size SD3-medium and SD3.5-medium architectures, random weights, fp32, 16x16 latents (128 px).
 """
 import gc
@@ -259,6 +262,59 @@ def test_bad_latent_size_is_refused():
     for hw in ((5, 10), (6, 34)):  # not a multiple of the patch; more patches than the table has
         with pytest.raises(ValueError, match="does not fit"):
             ours(torch.zeros(B, 16, *hw), t, c, pooled)
+
+
+# ---- equal text rows counted once ----------------------------------------------------------------------------
+def no_t5_inputs(seed=2, clip=5, t5=9):
+    """SD3 without T5: `clip` distinct rows, then `t5` equal rows (zeros through the context embedder there)."""
+    x, t, c, pooled = inputs(seed)
+    return x, t, torch.cat([c[:, :clip], torch.zeros(B, t5, c.shape[2])], dim=1), pooled
+
+
+def test_collapse_finds_runs_of_equal_rows():
+    c = torch.randn(2, 6, 3)
+    c[:, 2] = c[:, 1]
+    c[:, 4:] = 0
+    short, counts = mmdit.collapse(c)
+    assert counts.tolist() == [1, 2, 1, 2] and torch.equal(short, c[:, [0, 1, 3, 4]])
+    c[1, 2, 0] += 1  # equal in one batch row only: not a run
+    assert mmdit.collapse(c)[1].tolist() == [1, 1, 1, 1, 2]
+    distinct = torch.randn(2, 4, 3)
+    assert mmdit.collapse(distinct)[0] is distinct and mmdit.collapse(distinct)[1] is None
+
+
+@torch.no_grad()
+def test_equal_rows_counted_once_match_the_full_call(pair):
+    ours, _ = pair
+    x, t, c, pooled = no_t5_inputs()
+    short, counts = mmdit.collapse(c)
+    assert short.shape[1] == 6 and counts.tolist() == [1] * 5 + [9]
+    full_rec, short_rec = Recorder(), Recorder()
+    with ours.attention_controller(full_rec):
+        full = ours(x, t, c, pooled)
+    with ours.attention_controller(short_rec):
+        assert_close(ours(x, t, short, pooled, counts), full)
+    assert_close(ours(x, t, short, pooled, counts), full)  # the fused kernel with the log-count bias
+    assert_close(ours(x, t, short, pooled, counts.tolist()), full)
+    with ours.attention_kernel(layers.attention):  # a kernel: the merged rows repeated
+        assert_close(ours(x, t, short, pooled, counts), full)
+    assert len(full_rec.seen) == len(short_rec.seen) > 0
+    for (layer, size, p_full), (layer2, size2, p_short) in zip(full_rec.seen, short_rec.seen):
+        assert (layer, size) == (layer2, size2)
+        if not layer.cross:  # attn2: image tokens only, unchanged
+            assert_close(p_short, p_full)
+            continue
+        assert p_short.shape[-1] == 6
+        merged = torch.cat([p_full[..., :5], p_full[..., 5:].sum(-1, keepdim=True)], -1)
+        assert_close(p_short, merged)
+
+
+def test_counts_are_refused_unless_one_per_row(pair):
+    ours, _ = pair
+    x, t, c, pooled = no_t5_inputs()
+    for counts in ([1] * 13, [1] * 13 + [0], torch.ones(14) * 1.0):
+        with pytest.raises(ValueError, match="counts must be 14 integers >= 1"):
+            ours(x, t, c, pooled, counts)
 
 
 # ---- full size ----------------------------------------------------------------------------------------------

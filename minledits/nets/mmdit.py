@@ -35,6 +35,17 @@ controller sees the N image tokens' probabilities to the M text tokens [B, heads
 keys, then the text columns: a row sums to < 1), and the block's output still comes from the fused kernel, unchanged.
 SD3.5's attn2 is AttentionLayer("transformer_blocks.{i}.attn2", "joint", i, cross=False), a plain self-attention
 [B, heads, N, N] that a controller may replace as in the UNet (None keeps the fused kernel's output).
+
+Equal text rows, counted once (forward's `counts`; collapse() finds them). Every operation on the text stream acts on
+each token alone except the joint attention, where n equal keys with equal values act as one key whose logit is
+raised by log n:  sum_j=1..n exp(s) v = exp(s + log n) v.  Equal text tokens stay equal through every block, so
+the transformer runs exactly (to float rounding) on one row per run of equal rows (SD3 without T5: its 256 zero
+rows become one, M = 77 + 1):
+    c  [B, M', joint_attention_dim],  counts [M'] (n_j >= 1: how many rows text row j stands for; None: 1 each)
+    [o_x; o_c] = softmax(q k^T / sqrt(d) + [0 (N image keys); log n_j]) v            the joint attention
+A controller then sees M' text columns: the column of a row that stands for n rows is the sum of their n columns
+(probs [B, heads, N, M']). An attention_kernel takes no logit bias: with counts, its keys and values are the rows
+repeated n_j times (exact, no saving).
 """
 import contextlib
 
@@ -81,6 +92,34 @@ def sincos_table(D: int, S: int, base: int) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D / 4))
     e = torch.cat([torch.sin(u.double()[:, None] * omega), torch.cos(u.double()[:, None] * omega)], -1).float()
     return torch.cat([e[None].expand(S, S, -1), e[:, None].expand(S, S, -1)], -1).reshape(S * S, D)
+
+
+def collapse(c):
+    """(c', counts): c [B, M, D] with each run of consecutive text rows that are equal in every batch row kept once,
+    counts [M'] how many rows each kept row stands for (module docstring); (c, None) when no two neighbours are
+    equal."""
+    same = (c[:, 1:] == c[:, :-1]).all(-1).all(0)  # [M - 1]: row j + 1 equals row j
+    if not bool(same.any()):
+        return c, None
+    first = torch.cat([same.new_ones(1), ~same])  # the first row of each run
+    starts = first.nonzero().squeeze(1)
+    return c[:, first], torch.diff(starts, append=starts.new_tensor([c.shape[1]]))
+
+
+def biased_attention(q, k, v, heads, bias):
+    """softmax(q k^T / sqrt(d) + bias) v per head, bias [L] over the keys.  q [B, N, C], k, v [B, L, C] -> [B, N, C]."""
+    B, N, C = q.shape
+    q, k, v = (u.unflatten(-1, (heads, -1)).transpose(1, 2) for u in (q, k, v))  # [B, heads, N|L, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).expand(1, 1, 1, -1))
+    return out.transpose(1, 2).reshape(B, N, C)
+
+
+def biased_probs(q, k, heads, bias):
+    """softmax(q k^T / sqrt(d) + bias) per head (layers.attention_probs with the bias [L] added to the logits)."""
+    B, N, C = q.shape
+    q, k = (u.unflatten(-1, (heads, -1)).transpose(1, 2).flatten(0, 1) for u in (q, k))  # [B * heads, N|L, d]
+    scores = torch.baddbmm(bias.to(q.dtype).expand(B * heads, N, -1), q, k.transpose(1, 2), alpha=(C // heads) ** -0.5)
+    return scores.softmax(dim=-1).unflatten(0, (B, heads))
 
 
 def mod(u, beta, gamma):
@@ -166,23 +205,31 @@ class JointAttention(layers.Attention):
         u = proj(u)
         return u if norm is None else norm(u.unflatten(-1, (self.heads, -1))).flatten(2)
 
-    def forward(self, x, c=None, size=None):
-        """x [B, N, D] image tokens, c [B, M, D] text tokens (None: attn2) -> (o_x [B, N, D], o_c [B, M, D] | None)."""
+    def forward(self, x, c=None, size=None, counts=None):
+        """x [B, N, D] image tokens, c [B, M, D] text tokens (None: attn2), counts [M] the rows each text row stands
+        for (None: 1 each; module docstring) -> (o_x [B, N, D], o_c [B, M, D] | None)."""
         N = x.shape[1]
         q, k, v = self.project(x, self.to_q, self.norm_q), self.project(x, self.to_k, self.norm_k), self.to_v(x)
         if c is not None:
             q = torch.cat([q, self.project(c, self.add_q_proj, self.norm_added_q)], dim=1)
             k = torch.cat([k, self.project(c, self.add_k_proj, self.norm_added_k)], dim=1)
             v = torch.cat([v, self.add_v_proj(c)], dim=1)
-        edited = self.read(q, k, N, size)
-        if edited is None:
-            o = (self.kernel or layers.attention)(q, k, v, self.heads)
-        else:
+        bias = None if counts is None else F.pad(counts.to(q.device, torch.float32).log(), (N, 0))  # [N + M]
+        edited = self.read(q, k, N, size, bias)
+        if edited is not None:
             o = attend(edited, v)
+        elif bias is None:
+            o = (self.kernel or layers.attention)(q, k, v, self.heads)
+        elif self.kernel is not None:  # a kernel takes no bias: each text row's key and value n_j times
+            k, v = (torch.cat([u[:, :N], u[:, N:].repeat_interleave(counts.to(u.device), dim=1)], 1) for u in (k, v))
+            o = self.kernel(q, k, v, self.heads)
+        else:
+            o = biased_attention(q, k, v, self.heads, bias)
         return self.to_out[0](o[:, :N]), None if self.to_add_out is None else self.to_add_out(o[:, N:])
 
-    def read(self, q, k, N, size):
-        """Show the controller (if it wants this layer) its probabilities; the probabilities it returns, or None."""
+    def read(self, q, k, N, size, bias=None):
+        """Show the controller (if it wants this layer) its probabilities; the probabilities it returns, or None.
+        bias [N + M]: log counts of the keys (module docstring), None: 0."""
         ctrl = self.controller
         if ctrl is None or not getattr(ctrl, "wants", lambda layer, size: True)(self.layer, size):
             return None
@@ -190,7 +237,8 @@ class JointAttention(layers.Attention):
             return ctrl(self.layer, size, attention_probs(q, k, self.heads))
         B, L = k.shape[:2]
         rows = max(1, PROBS_CHUNK // (B * self.heads * L))
-        probs = torch.cat([attention_probs(q[:, i:min(i + rows, N)], k, self.heads)[..., N:]
+        probs_of = attention_probs if bias is None else lambda q, k, heads: biased_probs(q, k, heads, bias)
+        probs = torch.cat([probs_of(q[:, i:min(i + rows, N)], k, self.heads)[..., N:]
                            for i in range(0, N, rows)], dim=2)  # [B, heads, N, M]: image rows, text columns
         if ctrl(self.layer, size, probs) is not None:
             raise ValueError(f"{self.layer.name}: the joint attention's probabilities are read-only "
@@ -209,12 +257,13 @@ class JointTransformerBlock(nn.Module):
         self.ff = FeedForward(D)
         self.ff_context = None if context_pre_only else FeedForward(D)
 
-    def forward(self, x, c, y, size):
-        """x [B, N, D], c [B, M, D], y [B, D] -> (x'', c'') (c'' None in the context_pre_only block)."""
+    def forward(self, x, c, y, size, counts=None):
+        """x [B, N, D], c [B, M, D], y [B, D], counts [M] | None -> (x'', c'') (c'' None in the context_pre_only
+        block)."""
         beta1, gamma1, alpha1, beta2, gamma2, alpha2, *dual = self.norm1(y)
         m = self.norm1_context(y)
         c_in = mod(c, m[1], m[0]) if self.context_pre_only else mod(c, m[0], m[1])
-        o_x, o_c = self.attn(mod(x, beta1, gamma1), c_in, size)
+        o_x, o_c = self.attn(mod(x, beta1, gamma1), c_in, size, counts)
         x_out = x + alpha1[:, None] * o_x
         if self.attn2 is not None:
             beta3, gamma3, alpha3 = dual
@@ -228,7 +277,9 @@ class JointTransformerBlock(nn.Module):
 
 class MMDiT(nn.Module):
     """Velocity prediction: mmdit(x [B, C, h, w], t (number, 0-d or [B]), c [B, M, joint_attention_dim],
-    pooled [B, P]) -> v [B, C', h, w]; h and w multiples of patch_size, at most pos_embed_max_size patches."""
+    pooled [B, P], counts [M] | None) -> v [B, C', h, w]; h and w multiples of patch_size, at most
+    pos_embed_max_size patches; counts: how many equal text rows each row of c stands for (module docstring;
+    with c1, n = collapse(c), mmdit(x, t, c1, pooled, n) is mmdit(x, t, c, pooled) on one row per run)."""
 
     def __init__(self, config: dict):
         super().__init__()
@@ -270,19 +321,24 @@ class MMDiT(nn.Module):
         finally:
             layers.CALL.reset(token)
 
-    def forward(self, x, t, c, pooled):
+    def forward(self, x, t, c, pooled, counts=None):
         B, _, h, w = x.shape
         p, S, C = self.config["patch_size"], self.config["pos_embed_max_size"], self.config["out_channels"]
         H, W = h // p, w // p
         if h % p or w % p or H > S or W > S:
             raise ValueError(f"latent {h}x{w} does not fit the transformer: sides multiples of {p}, "
                              f"at most {p * S}")
+        if counts is not None:
+            counts = torch.as_tensor(counts)
+            if counts.shape != (c.shape[1],) or counts.is_floating_point() or bool((counts < 1).any()):
+                raise ValueError(f"counts must be {c.shape[1]} integers >= 1 (one per text row), got "
+                                 f"{list(counts.shape)} {counts.dtype}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         x = self.pos_embed(x, (H, W))
         y = self.time_text_embed(t, pooled)
         c = self.context_embedder(c)
         for block in self.transformer_blocks:
-            x, c = block(x, c, y, (H, W))
+            x, c = block(x, c, y, (H, W), counts)
         gamma, beta = self.norm_out(y)
         v = self.proj_out(mod(x, beta, gamma))  # [B, N, p * p * C']
         return v.reshape(B, H, W, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h, w)
