@@ -1,6 +1,7 @@
 """StableDiffusion3 against diffusers' StableDiffusion3Pipeline on the same random weights (tests/sd3_hub.py): the VAE,
 the prompt embeddings (with and without T5, truncation), the transformer's velocity and a few sampling steps with
 classifier-free guidance; and loading: strictness, sharded and fp16 files, t5=False, the Hub's download patterns."""
+import shutil
 import warnings
 
 import pytest
@@ -181,6 +182,10 @@ def test_hub_patterns(ref, tmp_path, monkeypatch):
                      "model.safetensors.index.json"]
     assert sorted(p.name for p in (snapshot / "tokenizer_3").iterdir()) == ["special_tokens_map.json",
                                                                            "tokenizer.json", "tokenizer_config.json"]
+    monkeypatch.setenv("MINLEDITS_WEIGHTS", str(tmp_path / "w"))          # weights/<last part>: no download
+    shutil.copytree(folder, tmp_path / "w" / "sd3-tiny")
+    sd = minledits.load("owner/sd3-tiny", t5=False)
+    assert len(calls) == 2 and sd.fingerprint.startswith("sha256-") and isinstance(sd, StableDiffusion3)
 
 
 def test_offload_text(ref, monkeypatch):
