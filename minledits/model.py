@@ -44,6 +44,7 @@ from .errors import MinleditsError, shorten
 from .io.image import to_pil
 from .schedule import Schedule
 
+T5_TOKENS = 256   # StableDiffusion3Pipeline's max_sequence_length: T5's tokens in c (zeros without T5)
 
 @dataclass
 class StableDiffusion:
@@ -167,12 +168,12 @@ class StableDiffusion3:
             h_L, p_L = self.text_encoder.penultimate_and_pooled(self.tokenizer(prompts).to(d))
             h_G, p_G = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(d))
             if self.text_encoder_3 is None:
-                h_T = torch.zeros(len(prompts), 256, self.transformer.config["joint_attention_dim"], device=d)
+                h_T = torch.zeros(len(prompts), T5_TOKENS, self.transformer.config["joint_attention_dim"], device=d)
             else:
                 for prompt, cut in zip(prompts, self.tokenizer_3.truncated(prompts)):
                     if cut:
                         warnings.warn(f"prompt longer than {self.tokenizer_3.max_length - 1} T5 tokens: truncated "
-                                      f"({shorten(prompt)})", stacklevel=3)
+                                      f"({shorten(prompt)})", stacklevel=2)
                 h_T = self.text_encoder_3(self.tokenizer_3(prompts)[0].to(d))
         clip = torch.cat([h_L, h_G], dim=-1).to(self.dtype)
         c = torch.cat([F.pad(clip, (0, h_T.shape[-1] - clip.shape[-1])), h_T.to(self.dtype)], dim=-2)
