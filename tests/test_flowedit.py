@@ -3,11 +3,14 @@ tests/sd3_hub.py: equal final latents with the same noise draws, across n_min (t
 guidance <= 1; the draw order; the callback's tensors; one-line errors.
 
 `Pipe` makes diffusers' StableDiffusion3Pipeline look like minledits' model (text_embeddings, predict, encode,
-schedule), so that flowedit.edit can run on the reference's own networks: that isolates the method from the networks.
+schedule), so that flowedit.edit can run on the reference's own networks: that isolates the method from the networks
+(bit for bit but for the tail, whose batch holds the target's rows alone). Then minledits end to end: our networks
+(minledits.load of the same folder) against the oracle on diffusers' pipeline.
 """
 import pytest
 import torch
 
+import minledits
 from minledits import flowedit
 from minledits.flowmatch import FlowEuler, flow_config
 from minledits.io.image import to_tensor
@@ -53,6 +56,11 @@ def pipe(ref):
     return Pipe(ref.pipe)
 
 
+@pytest.fixture(scope="module")
+def sd3(ref):
+    return minledits.load(ref.folder)
+
+
 def relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -80,6 +88,14 @@ def test_equals_the_authors_algorithm(ref, pipe, case):
     theirs = oracle(ref, options)
     assert ours.shape == theirs.shape == (1, 16, SIZE // 8, SIZE // 8)
     assert relative(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["defaults", "tail", "n_avg 2 and a tail", "no guidance", "target guidance only"])
+def test_ours_end_to_end_equals_the_authors_algorithm(ref, sd3, case):
+    """minledits' networks and FlowEdit against the oracle on diffusers' pipeline: the same final latents."""
+    options = dict(PROMPTS, steps=STEPS, **CASES[case])
+    ours = flowedit.edit(sd3, photo(), size=SIZE, **options)
+    assert relative(ours, oracle(ref, options)) <= 1e-5
 
 
 def test_noise_is_the_references_draws_on_a_contiguous_latent():
