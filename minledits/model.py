@@ -27,8 +27,9 @@ v = eps - w0 at x_t = (1 - sigma) w0 + sigma eps, t = T sigma (flowmatch.py), wi
     sd3.predict(x_t, t, (c, pooled))    -> v [B, 16, h, w]
     sd3.encode(x)                       -> w0 = f (E(x) - s)      (s: the VAE's shift_factor, f: scaling factor)
     sd3.decode(w0)                      -> D(w0 / f + s)
-    sd3.offload_text()                  keeps the text encoders on the CPU, moved to the model's device only while
-                                        text_embeddings runs: the GPU holds them or the transformer, not both
+    sd3.offload_text()                  keeps the text encoders on the CPU; text_embeddings then swaps them with the
+                                        transformer: the GPU holds one or the other, never both (load(...,
+                                        offload_text=True) reads them to the CPU in the first place)
 """
 import contextlib
 import os
@@ -147,6 +148,7 @@ class StableDiffusion3:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
+    text_offloaded: bool = False     # offload_text: the text encoders live on the CPU
     default_size = 1024
     check_fits = StableDiffusion.check_fits
     latent_scale = StableDiffusion.latent_scale
@@ -164,7 +166,7 @@ class StableDiffusion3:
         """(c [B, 77 + 256, D], pooled [B, P]) (module docstring), in the model's dtype on its device. A prompt
         longer than T5's 256 tokens is truncated with a warning, as CLIP's beyond 77."""
         prompts, d = list(prompts), self.device
-        with self.text_encoders_on(d):
+        with self.text_swapped_in():
             h_L, p_L = self.text_encoder.penultimate_and_pooled(self.tokenizer(prompts).to(d))
             h_G, p_G = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(d))
             if self.text_encoder_3 is None:
@@ -194,30 +196,34 @@ class StableDiffusion3:
         return self.vae.decode(w)
 
     def offload_text(self) -> None:
-        """Keep the text encoders on the CPU (T5 alone is 9.5 GB in fp16): text_embeddings moves them to the
-        model's device for its call and back, so the GPU never holds them beside the transformer's activations."""
-        for module in self.text_encoders():
-            module.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Keep the text encoders on the CPU (SD3's T5 is 10.7 GiB in fp16, its wo in fp32): text_embeddings swaps
+        them with the transformer for its call, so the device never holds both."""
+        self._move(self.text_encoders(), "cpu")
+        self.text_offloaded = True
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
 
     @contextlib.contextmanager
-    def text_encoders_on(self, device: torch.device):
-        """Within: the text encoders on `device`; after: back where each was (the CPU after offload_text)."""
-        homes = [(m, next(m.parameters()).device) for m in self.text_encoders()]
-        moved = any(home != device for _, home in homes)
+    def text_swapped_in(self):
+        """After offload_text, within: the transformer on the CPU, then the text encoders on the model's device;
+        after: the other way round (each leaves before the other arrives). Otherwise nothing moves."""
+        if not self.text_offloaded:
+            yield
+            return
+        self._move([self.transformer], "cpu")
+        self._move(self.text_encoders(), self.device)
         try:
-            for m, _ in homes:
-                m.to(device)
             yield
         finally:
-            for m, home in homes:
-                m.to(home)
-            if moved and device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._move(self.text_encoders(), "cpu")
+            self._move([self.transformer], self.device)
+
+    def _move(self, modules: list[torch.nn.Module], device) -> None:
+        for m in modules:
+            m.to(device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()       # what left is free for what comes
 
 
 def rows(c) -> int:

@@ -192,13 +192,22 @@ def test_offload_text(ref, monkeypatch):
     sd = minledits.load(ref.folder)
     with torch.no_grad():
         before = sd.text_embeddings(PROMPTS[:2])
-        sd.offload_text()
+    moves = []                               # no second device here: the moves are recorded (to the CPU: no-ops)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        m = getattr(sd, name)
+        monkeypatch.setattr(m, "to", lambda device, m=m, name=name: moves.append((name, str(device))) or m)
+    with torch.no_grad():
+        sd.text_embeddings(PROMPTS[:2])
+    assert moves == []                       # not offloaded: nothing moves
+    sd.offload_text()
+    encoders = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert sd.text_offloaded and moves == [(n, "cpu") for n in encoders]
+    moves.clear()
+    with torch.no_grad():
         after = sd.text_embeddings(PROMPTS[:2])
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert {next(m.parameters()).device.type for m in sd.text_encoders()} == {"cpu"} and len(sd.text_encoders()) == 3
-    moves = []                               # no second device here: the moves are recorded, not made
-    for m in sd.text_encoders():
-        monkeypatch.setattr(m, "to", lambda device, m=m: moves.append((m, torch.device(device))) or m)
-    with sd.text_encoders_on(torch.device("meta")):
-        assert [d.type for _, d in moves] == ["meta"] * 3
-    assert [d.type for _, d in moves[3:]] == ["cpu"] * 3 and [m for m, _ in moves[3:]] == sd.text_encoders()
+    assert [n for n, _ in moves] == ["transformer", *encoders, *encoders, "transformer"]   # one leaves, then one comes
+    assert [d for _, d in moves] == ["cpu", str(sd.device), str(sd.device), str(sd.device), "cpu", "cpu", "cpu",
+                                     str(sd.device)]
+    offloaded = minledits.load(ref.folder, offload_text=True)
+    assert offloaded.text_offloaded and not minledits.load(ref.folder, t5=False).text_offloaded

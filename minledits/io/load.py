@@ -258,8 +258,8 @@ def weight_files(folder: Path, component: str, variant: str | None = None) -> li
 
 def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=NETWORKS,
                   classes: dict = CLASSES) -> tuple[dict, list[Path]]:
-    """{component: filled module} for the networks of a folder (require_subfolders), and the files read. dtype: one,
-    or {component: one}."""
+    """{component: filled module} for the networks of a folder (require_subfolders), and the files read. dtype and
+    device: one, or {component: one}."""
     nets, files = {}, []
     for component in networks:
         config_path = folder / component / "config.json"
@@ -268,7 +268,8 @@ def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=
         want = dtype.get(component) if isinstance(dtype, dict) else dtype
         if component == "text_encoder_3" and want == torch.float16:
             module, want = keep_wo_fp32(module), None     # fill casts each tensor to the dtype it has on meta
-        nets[component] = load_file(module, [p for p in paths if p.suffix != ".json"], component, want, device)
+        nets[component] = load_file(module, [p for p in paths if p.suffix != ".json"], component, want,
+                                    device.get(component) if isinstance(device, dict) else device)
         files += [config_path, *paths]
     return nets, files
 
@@ -416,7 +417,8 @@ def _hub(fn, repo_id: str, **kwargs):
 # --------------------------------------------------------------------------------------------- load
 def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, variant: str | None = None,
          revision: str | None = None, prediction_type: str | None = None,
-         vae: str | os.PathLike | None = None, t5: bool = True) -> StableDiffusion | StableDiffusion3:
+         vae: str | os.PathLike | None = None, t5: bool = True,
+         offload_text: bool = False) -> StableDiffusion | StableDiffusion3:
     """Stable Diffusion (1.x, 2.x, XL or 3) from a folder, a Hub repo id or a single .safetensors file (module
     docstring).
 
@@ -425,6 +427,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, v
     revision: Hub branch, tag or commit.  prediction_type: override (required for SD 2.x single files).
     vae: another VAE (a folder with config.json and its weights, or a model folder with vae/) instead of the model's.
     t5: SD3 only: False runs without the T5 encoder (neither read nor downloaded; its tokens are zeros).
+    offload_text: SD3 only: the text encoders are read to the CPU and kept there (StableDiffusion3.offload_text), so
+    the device never holds them beside the transformer, not even while loading.
     """
     device, dtype = torch.device(device or "cpu"), dtype_of(dtype)
     if os.fspath(model) == "random-tiny":  # an offline smoke-test model with random weights (tiny.py)
@@ -433,7 +437,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, v
     vae_folder = vae_location(vae) if vae is not None else None   # a bad --vae fails before any loading
     path, sha = locate(os.fspath(model), variant, revision, t5)
     if path.is_dir() and is_sd3(path):
-        sd = _sd3_folder(path, os.fspath(model), sha, variant, dtype, device, t5)
+        sd = _sd3_folder(path, os.fspath(model), sha, variant, dtype, device, t5, offload_text)
     elif path.is_dir():
         sd = _folder(path, os.fspath(model), sha, variant, dtype, device, prediction_type)
     else:  # a file: a named pipe or device is refused before anything opens it
@@ -462,7 +466,8 @@ def _folder(path: Path, model_id: str, sha, variant, dtype, device, prediction_t
                              bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
-def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked: bool) -> StableDiffusion3:
+def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked: bool,
+                offload_text: bool) -> StableDiffusion3:
     """SD3 / SD3.5 from a diffusers-layout folder (module docstring)."""
     index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     has_t5 = (path / "text_encoder_3").is_dir() and (index.get("text_encoder_3") or ["?"])[0] is not None
@@ -473,7 +478,8 @@ def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked
     if absent := [f"{c}/" for c in (*networks, "scheduler", "tokenizer", "tokenizer_2") if not (path / c).is_dir()]:
         raise LoadError(f"{path} has no {', '.join(absent)}: an SD3 model folder holds transformer/, vae/, "
                         "text_encoder/ .. text_encoder_3/, tokenizer/ .. tokenizer_3/, scheduler/")
-    nets, files = load_networks(path, variant, dtype, device, networks, SD3_CLASSES)
+    where = {c: torch.device("cpu") if offload_text and c.startswith("text_") else device for c in networks}
+    nets, files = load_networks(path, variant, dtype, where, networks, SD3_CLASSES)
     scheduler = path / "scheduler" / "scheduler_config.json"
     try:
         schedule = flow_config(read_json(scheduler))
@@ -495,7 +501,7 @@ def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked
         files.append(tokenizer_json)
     return StableDiffusion3(tokenizers[0], nets["text_encoder"], tokenizers[1], nets["text_encoder_2"], tokenizer_3,
                             nets.get("text_encoder_3"), nets["transformer"], nets["vae"], schedule, model_id,
-                            sha or content_hash([p for p in files if p.is_file()]), device, dtype)
+                            sha or content_hash([p for p in files if p.is_file()]), device, dtype, offload_text)
 
 
 def require_subfolders(folder: Path, networks: tuple) -> tuple:
