@@ -75,7 +75,8 @@ KV_ONCE = "ours, text K/V once"  # our UNet called as an edit calls it: the text
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
     p.add_argument("--kind", default="sd15",
-                   help="tests/hub.py model kind (sd15, sd21-base, sdxl; tiny-sd1 / tiny-sdxl for a smoke test)")
+                   help="tests/hub.py model kind (sd15, sd21-base, sdxl; tiny-sd1 / tiny-sdxl for a smoke test); "
+                        "sd3: FlowEdit on SD3-medium, tests/bench_sd3.py")
     p.add_argument("--mask", default=None, choices=["intersect", "cross_attention", "noise"],
                    help="leditspp masks (default intersect; sdxl: cross_attention, see above)")
     p.add_argument("--method", default="ledits", choices=["ledits", "leditspp", "p2p", "evaluate"])
@@ -586,6 +587,11 @@ def spawn(argv, child, out):
 
 
 def main(argv=None):
+    kind = argparse.ArgumentParser(add_help=False)
+    kind.add_argument("--kind")
+    if kind.parse_known_args(argv)[0].kind == "sd3":  # FlowEdit on SD3: tests/bench_sd3.py
+        from tests import bench_sd3
+        return bench_sd3.main(argv)
     args = parse(argv)
     if args.dtype == "float32":  # fp32 on CUDA too: by default PyTorch lets cuDNN convolutions round to TF32
         torch.backends.cudnn.allow_tf32 = False
