@@ -30,7 +30,9 @@ one call of the target's rows. The noise comes from one torch.Generator seeded w
 step in ascending k, then the tail's one draw. These are exactly the reference's draws (torch.manual_seed(seed),
 then torch.randn_like(x_src) each time) where its x_src is a contiguous float32 CPU tensor; on SD3 its x_src is
 channels-last after diffusers' preprocessing, so its randn_like fills memory in that order and the numbers differ.
-The prompts are embedded one per text-encoder call ("", source, target), as the reference's encode_prompt.
+The prompts are embedded one per text-encoder call (negative, source, target), as the reference's encode_prompt.
+The reference steps with t_k / T where this uses sigma_k: equal on SD3's 50-step grid, an ulp apart on some others;
+its tail computes all four rows and uses the target's two.
 """
 import math
 from dataclasses import dataclass
