@@ -188,6 +188,20 @@ def test_hub_patterns(ref, tmp_path, monkeypatch):
     assert len(calls) == 2 and sd.fingerprint.startswith("sha256-") and isinstance(sd, StableDiffusion3)
 
 
+def test_hub_fp16_fallback_to_plain_shards(ref, tmp_path, monkeypatch):
+    folder = sd3_hub.write(ref.modules, tmp_path / "repo", t5_shards=2)     # no fp16 files at all
+    snapshot = tmp_path / "hub" / "snapshots" / ("e" * 40)
+    calls = fake_snapshot_download(monkeypatch, folder, snapshot)
+    monkeypatch.chdir(tmp_path)
+    sd = minledits.load("owner/sd3", dtype=torch.float16)
+    assert len(calls) == 2 and "text_encoder_3/model.safetensors.index.json" in calls[0][1]
+    assert sorted(calls[1][1]) == sorted(["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                                          "vae/diffusion_pytorch_model.safetensors",
+                                          "transformer/diffusion_pytorch_model.safetensors",
+                                          "text_encoder_3/model-*-of-*.safetensors"])     # the plain shards
+    assert sd.text_encoder_3.shared.weight.dtype == torch.float16
+
+
 def test_offload_text(ref, monkeypatch):
     sd = minledits.load(ref.folder)
     with torch.no_grad():
