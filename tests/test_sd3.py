@@ -11,7 +11,8 @@ from safetensors import safe_open
 import minledits
 from minledits.errors import LoadError
 from minledits.flowmatch import FlowEuler
-from minledits.model import StableDiffusion3, repeat_rows, rows
+from minledits.model import repeat_rows, rows
+from minledits.sd3 import StableDiffusion3
 from tests import hub, sd3_hub
 from tests.helpers import fake_snapshot_download
 

@@ -50,7 +50,7 @@ from safetensors import safe_open
 
 from ..errors import LoadError, shorten
 from ..flowmatch import flow_config
-from ..model import StableDiffusion, StableDiffusion3, StableDiffusionXL
+from ..model import StableDiffusion, StableDiffusionXL
 from ..nets import t5
 from ..nets.clip import TextEncoder, TextEncoderWithProjection
 from ..nets.mmdit import MMDiT
@@ -58,6 +58,7 @@ from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
 from ..nets.unet import UNet
 from ..nets.vae import VAE
 from ..schedule import Schedule
+from ..sd3 import StableDiffusion3
 from .convert import read_single_file
 from .files import PICKLES, refuse_pickle
 from .tiny import random_tiny
