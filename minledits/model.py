@@ -14,6 +14,7 @@ StableDiffusionXL adds a second tokenizer and text encoder; its prompts embed to
     sdxl.time_ids(H, W)                 -> [6] = (H, W, 0, 0, H, W)               original size, crop top-left, target
     sdxl.unet(x_t, t, c, text_embeds=pooled, time_ids=time_ids)
     sdxl.predict(x_t, t, (c, pooled))   -> that, with time_ids from x_t's size in pixels (crop 0, target = original)
+
 StableDiffusion3 (SD3 / SD3.5, a rectified flow with three text encoders) is sd3.py's.
 """
 import os

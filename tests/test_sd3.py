@@ -174,10 +174,11 @@ def test_hub_patterns(ref, tmp_path, monkeypatch):
     calls = fake_snapshot_download(monkeypatch, folder, snapshot)
     monkeypatch.chdir(tmp_path)
     sd = minledits.load("owner/sd3", t5=False, dtype=torch.float16)
-    assert sd.fingerprint == "f" * 40 and len(calls) == 1 and sd.text_encoder_3 is None
+    assert sd.fingerprint == "f" * 40 + "-no-t5" and len(calls) == 1 and sd.text_encoder_3 is None
     assert not (snapshot / "text_encoder_3").exists() and not (snapshot / "tokenizer_3").exists()
     assert not (snapshot / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     sd = minledits.load("owner/sd3")
+    assert sd.fingerprint == "f" * 40        # with T5: another model for an inversion file (check_model)
     files = sorted(p.name for p in (snapshot / "text_encoder_3").iterdir())
     assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                      "model.safetensors.index.json"]
@@ -186,7 +187,8 @@ def test_hub_patterns(ref, tmp_path, monkeypatch):
     monkeypatch.setenv("MINLEDITS_WEIGHTS", str(tmp_path / "w"))          # weights/<last part>: no download
     shutil.copytree(folder, tmp_path / "w" / "sd3-tiny")
     sd = minledits.load("owner/sd3-tiny", t5=False)
-    assert len(calls) == 2 and sd.fingerprint.startswith("sha256-") and isinstance(sd, StableDiffusion3)
+    assert len(calls) == 2 and sd.fingerprint.startswith("sha256-") and sd.fingerprint.endswith("-no-t5")
+    assert isinstance(sd, StableDiffusion3)
 
 
 def test_hub_fp16_fallback_to_plain_shards(ref, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ overwrite one in place while a model loaded from it is in use.
   * Hub: the commit sha of the snapshot;
   * local folder or file: "sha256-" + 16 hex digits over the config files and, per weight file loaded,
     its name, size and three 1 MiB samples (start, middle, end) - cheap, unchanged by copying the
-    folder, but different for a fine-tune of the same architecture (a single file adds its prediction type).
+    folder, but different for a fine-tune of the same architecture (a single file adds its prediction type);
+  * SD3 loaded with t5=False: either, with "-no-t5" appended (without T5 the same weights are another model).
 """
 from __future__ import annotations
 
@@ -502,7 +503,8 @@ def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked
         files.append(tokenizer_json)
     return StableDiffusion3(tokenizers[0], nets["text_encoder"], tokenizers[1], nets["text_encoder_2"], tokenizer_3,
                             nets.get("text_encoder_3"), nets["transformer"], nets["vae"], schedule, model_id,
-                            sha or content_hash([p for p in files if p.is_file()]), device, dtype, offload_text)
+                            (sha or content_hash([p for p in files if p.is_file()])) + ("" if t5_asked else "-no-t5"),
+                            device, dtype, offload_text)
 
 
 def require_subfolders(folder: Path, networks: tuple) -> tuple:
