@@ -19,13 +19,22 @@ Notation (code name -> symbol), k = 0..N-1 the inference step (0 = the noisiest)
                                 the explicit Euler step of the ODE run forward, the velocity taken at the latent it
                                 leaves (at k = N - 1 that is the clean latent, at timestep 0)
     scale_noise x_{sigma_k}     sigma_k eps + (1 - sigma_k) x_0: the forward process at step k (img2img's start)
+    x0_hat    xhat_0            x_k - sigma_k v: the clean latent predicted (the end of the straight line through x_k)
 step and unstep upcast x to float32, scale v by the float32 step size in v's own dtype, and return v's dtype, as the
 scheduler's step does. An inversion by unstep is approximate: v at (x_{k+1}, sigma_{k+1}) stands in for the v at
-(x_k, sigma_k) that step uses, so regenerating returns x_0 only up to that error; with the same v, unstep undoes
-step to float rounding.
+(x_k, sigma_k) that step uses, so regenerating returns x_0 only up to that error, first order in the step (to
+leading order the sum over k of (sigma_k - sigma_{k+1}) (v(x_k, sigma_k) - v(x_{k+1}, sigma_{k+1}))): it vanishes as
+N grows for the same velocity field, and only where v is constant along the path is it float rounding; with the same
+v, unstep undoes step to float rounding. Source guidance at the inversion (v_u + s_src (v_src - v_u)) and none at the
+regeneration integrate two different fields: that error does not shrink with N.
+
+As a sampler (sampler.py's protocol, SAMPLERS["flow"]) it is a trajectory: the inversion walks w_0 up with unstep,
+the model run at (x_{k+1}, inv_timesteps[k]); step takes the protocol's z and ignores it, every noise map is 0, mu is
+the step itself; the schedule it is made from is the model's scheduler config (a dict: flow_config).
 """
 import torch
 
+from .sampler import SAMPLERS
 from .schedule import is_int
 
 # FlowMatchEulerDiscreteScheduler's defaults: what a missing key means (SD3's config sets only T and the shift).
@@ -82,8 +91,8 @@ def flow_sigmas(config: dict, N: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class FlowEuler:
     """The Euler step of a rectified flow over N inference steps (FlowMatchEulerDiscreteScheduler's step) and its
-    inverse (unstep), from the model's scheduler config."""
-    name = "flow"
+    inverse (unstep), from the model's scheduler config. timesteps and inv_timesteps are float32 tensors."""
+    name, trajectory, outputs = "flow", True, ("flow",)
 
     def __init__(self, config: dict, N: int):
         self.N = N
@@ -96,9 +105,26 @@ class FlowEuler:
         d = (sigma_to - sigma_from).to(v.device)
         return (x.to(torch.float32) + d * v).to(v.dtype)
 
-    def step(self, k: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """x_{k+1} from x_k and the velocity at (x_k, t_k)."""
+    @classmethod
+    def for_inversion(cls, schedule: dict, N: int, keep_last_noise: bool) -> "FlowEuler":
+        return cls(schedule, N)  # no noise maps: keep_last_noise has no meaning (InversionSettings refuses it)
+
+    @staticmethod
+    def default_skip(N: int) -> int:
+        """FlowEdit's: it edits the last n_max = 33 of 50 steps, so the two methods start from the same noise level."""
+        return N - round(33 * N / 50)
+
+    def step(self, k: int, x: torch.Tensor, v: torch.Tensor, z=None) -> torch.Tensor:
+        """x_{k+1} from x_k and the velocity at (x_k, t_k); z (the protocol's noise) is not used."""
         return self.move(x, self.sigmas[k], self.sigmas[k + 1], v)
+
+    mu = step
+
+    def noise_map(self, k, x, x_prev, v) -> torch.Tensor:
+        return torch.zeros_like(x_prev)
+
+    def x0_hat(self, k: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.move(x, self.sigmas[k], torch.zeros(()), v)
 
     def unstep(self, k: int, x_next: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x_k from x_{k+1} and the velocity at (x_{k+1}, inv_timesteps[k])."""
@@ -108,3 +134,8 @@ class FlowEuler:
         """x_{sigma_k} = sigma_k noise + (1 - sigma_k) x0, sigma_k in x0's dtype."""
         sigma = self.sigmas[k].to(device=x0.device, dtype=x0.dtype).reshape([1] * x0.dim())
         return sigma * noise + (1.0 - sigma) * x0
+
+    add_noise = scale_noise
+
+
+SAMPLERS[FlowEuler.name] = FlowEuler

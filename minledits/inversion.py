@@ -21,6 +21,10 @@ sampler="ddim", deterministic DDIM inversion (diffusers' DDIMInverseScheduler), 
                                latent and tau_k (sampler.py), so the UNet runs N - skip times one after the other
     zs[j]    z_k               0: the DDIM step injects no noise; the edit regenerates from xts[0] alone
                                (keep_last_noise and zero_noise_steps have no meaning and are refused)
+sampler="flow" (a rectified flow, SD3: flowmatch.py), the same trajectory: x_k = unstep(k, x_{k+1}, v) =
+x_{k+1} + (sigma_k - sigma_{k+1}) v, v the (guided) velocity at (x_{k+1}, T sigma_{k+1}), the ODE run forward;
+its timesteps T sigma_k are float32 numbers. Regenerating it returns w_0 only up to Euler's first-order error
+(flowmatch.py says what holds exactly)
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
@@ -39,7 +43,7 @@ from . import parity
 from .errors import InversionError, MinleditsError, shorten
 from .io.image import to_tensor
 from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
-from .sampler import SAMPLERS, Sampler
+from .sampler import SAMPLERS, Sampler, numbers, takes
 
 BATCH_SIZE = 4  # inversion timesteps per UNet call (docs/benchmarks.md)
 
@@ -98,9 +102,9 @@ class InversionSettings:
 
 @dataclass
 class Inversion:
-    """What the edit needs: timesteps [N - skip] descending, xts [N - skip + 1, 4, h, w] (the last is w0),
-    zs [N - skip, 4, h, w]."""
-    timesteps: list[int]
+    """What the edit needs: timesteps [N - skip] descending (ints; a flow's float32 values as floats), xts
+    [N - skip + 1, C, h, w] (the last is w0), zs [N - skip, C, h, w]."""
+    timesteps: list[int] | list[float]
     xts: torch.Tensor
     zs: torch.Tensor
     image: torch.Tensor | None    # the preprocessed input [1, 3, H, W], for comparisons
@@ -132,6 +136,10 @@ class Inversion:
 
     def check_model(self, sd: StableDiffusion, source: str = "the inversion") -> None:
         """Refuse a model other than the one the inversion was made with (its noise maps belong to that one)."""
+        if not takes(SAMPLERS[self.settings.sampler], sd.prediction_type):
+            raise InversionError(f"{source} was made with the {self.settings.sampler} sampler, for another kind of "
+                                 f"model than this one (it predicts {sd.prediction_type}): invert again with this "
+                                 "model")
         if self.xts.shape[1] != sd.vae.config["latent_channels"]:
             raise InversionError(f"{source} holds {self.xts.shape[1]}-channel latents; this model's take "
                                  f"{sd.vae.config['latent_channels']}: invert again with this model")
@@ -145,7 +153,7 @@ class Inversion:
                                  f"{shorten(self.fingerprint)}), "
                                  f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: "
                                  "invert again with this model")
-        if self.settings.new_sampler(sd.schedule).timesteps[self.settings.skip:] != list(self.timesteps):
+        if numbers(self.settings.new_sampler(sd.schedule).timesteps)[self.settings.skip:] != list(self.timesteps):
             raise InversionError(f"{source}'s timesteps do not match this model's schedule: invert again")
 
 
@@ -180,11 +188,11 @@ def noise_maps(sd, sampler, xts, skip, context, source_guidance, batch_size=1, c
 
 def trajectory(sd, sampler, w0, skip, context, source_guidance, callback=None) -> torch.Tensor:
     """xts for k = skip .. N-1, then w0: x_{tau_k} = unstep(k, x_{tau_{k+1}}, out) from k = N-1 (x_{tau_N} = w0) down,
-    one UNet call per step (each needs the one before)."""
+    out at (x_{tau_{k+1}}, inv_timesteps[k]), one UNet call per step (each needs the one before)."""
     xts, n, c = [w0], sampler.N - skip, rows(context)
     for j, k in enumerate(reversed(range(skip, sampler.N))):
         x = xts[-1]
-        out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), sampler.timesteps[k], context).chunk(c)
+        out_u, *out_src = sd.predict(x.repeat(c, 1, 1, 1), sampler.inv_timesteps[k], context).chunk(c)
         out = out_u + source_guidance * (out_src[0] - out_u) if out_src else out_u
         xts.append(sampler.unstep(k, x, out).to(x.dtype))
         if callback:
@@ -212,7 +220,8 @@ def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None
     512 for SD and 1024 for SDXL; skip to the sampler's method's default for the steps). keep_last_noise=True makes the
     inversion exact: regenerating it without guidance returns w0 (DDPM keeps z_{N-1}; dpmsolver++ ends its grid at
     sigma_min instead of the pipeline's 0, where the last step lands on its x0 prediction whatever the noise).
-    sampler="ddim" walks w0 up to x_{tau_skip} with DDIM's inverse step (deterministic: seed unused, maps all 0).
+    sampler="ddim" walks w0 up to x_{tau_skip} with DDIM's inverse step (deterministic: seed unused, maps all 0);
+    sampler="flow" so does a rectified flow (SD3) with the Euler step of its ODE run forward.
     batch_size: timesteps per UNet call (the x_t are independent: batching only changes float rounding and speed;
     at 1, dpmsolver++ feeds each call the recomputed latent, as the pipeline: parity.feeds_back; ddim's steps
     follow one another, one per call).
@@ -223,6 +232,10 @@ def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None
     if settings is not None and not isinstance(settings, InversionSettings):
         raise TypeError(f"invert's settings must be an InversionSettings, got {type(settings).__name__}")
     s = replace(settings, **fields) if settings else InversionSettings(**{"size": sd.default_size, **fields})
+    if not takes(SAMPLERS[s.sampler], sd.prediction_type):
+        fits = [name for name, kind in SAMPLERS.items() if takes(kind, sd.prediction_type)]
+        raise ValueError(f"the {s.sampler} sampler does not work on this model (it predicts {sd.prediction_type}); "
+                         f"use {' or '.join(fits) or 'another model'}")
     s = with_zero_noise_steps(s, sd)
     sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
@@ -240,4 +253,4 @@ def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None
                              "(damaged weights, or fp16 overflow: try --dtype fp32 / dtype=torch.float32)")
     if not s.keep_last_noise and s.zero_noise_steps:
         zs[-s.zero_noise_steps:] = 0
-    return Inversion(sampler.timesteps[s.skip:], xts, zs, x, s, str(sd.model_id), str(sd.fingerprint))
+    return Inversion(numbers(sampler.timesteps)[s.skip:], xts, zs, x, s, str(sd.model_id), str(sd.fingerprint))

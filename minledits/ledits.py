@@ -14,7 +14,9 @@ Notation (code name -> symbol); sampler symbols in sampler.py, SEGA symbols in s
     x_prev     x_{t-1} = mu_t(x_t, eps) + sigma_t z_k    the DDPM step, with the inverted noise (the inversion's
                                                          sampler's step: DDPM for LEDITS, sampler.py)
 For a v-prediction model the estimates are v: the guidance combines them as they are (as the reference
-does) and the sampler converts the guided result to eps for the step.
+does) and the sampler converts the guided result to eps for the step. On a flow inversion (SD3) they are velocities
+and the step is the flow's Euler step (flowmatch.py); its maps are 0, so without guidance the edit is the plain
+Euler regeneration from x_{tau_skip}.
 """
 import math
 import os
@@ -36,7 +38,7 @@ class EditStep:
     """Everything one edit step computed; handed to the callback (references, no copies)."""
     i: int                # edit step
     k: int                # inference step: k = skip + i
-    t: int                # timestep tau_k
+    t: int | float        # timestep tau_k (a flow's T sigma_k: a float)
     x_t: torch.Tensor     # the latent the step starts from
     eps_u: torch.Tensor | None  # None when guidance is off (s_tar <= 1)
     eps_tar: torch.Tensor
@@ -151,15 +153,15 @@ def edit(sd: StableDiffusion, inv: Inversion, *, target_prompt="", target_guidan
     context = parity.text_kv(sd, parity.embed(sd, *b.groups))  # the text, its keys and values: once for the edit
     x = inv.xts[:1].to(sd.device, sd.dtype)  # x_T: the noisiest latent the edit starts from (line 1)
     m = torch.zeros_like(x)                  # SEGA momentum
-    for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):  # for t = T..1
-        out = sd.predict(x.expand(len(b.prompts), -1, -1, -1), sampler.timesteps[k], context)  # all estimates
+    for i, (k, t, z) in enumerate(zip(range(skip, sampler.N), inv.timesteps, inv.zs.to(sd.device, sd.dtype))):
+        out = sd.predict(x.expand(len(b.prompts), -1, -1, -1), t, context)  # all estimates (for t = T..1)
         eps_u, eps_tar, eps_c = out[b.u] if guided else None, out[b.tar], out[b.c, None]
         g = guidance(i, eps_u, eps_c, m, p) if guided and concepts else None  # SEGA: E_i and momentum
         m = g.m if g else m
         eps = eps_u + s_tar * (eps_tar - eps_u) + (g.E if g else 0) if guided else eps_tar
         x_prev = sampler.step(k, x, eps, z)  # x_{t-1} = mu_t(x_t, eps) + sigma_t z_t
-        check_finite(i, sampler.timesteps[k], out, x, x_prev)
+        check_finite(i, t, out, x, x_prev)
         if callback:
-            callback(EditStep(i, k, sampler.timesteps[k], x, eps_u, eps_tar, eps_c, g, eps, z, x_prev))
+            callback(EditStep(i, k, t, x, eps_u, eps_tar, eps_c, g, eps, z, x_prev))
         x = x_prev
     return x

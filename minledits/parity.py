@@ -7,7 +7,8 @@ read as the math; docs/references.md ("Parity with the references") says what ea
                                (a row's rounding can depend on the batch it is computed in)
     text_kv(sd, c)             c with every cross-attention's keys and values computed once for the whole edit (TextKV);
                                where every value is 0 (SDXL's unconditional zeros, to_v without bias) a cross-attention
-                               is to_out's bias alone: no queries, no attention, the same bits
+                               is to_out's bias alone: no queries, no attention, the same bits; a flow model's
+                               (SD3's) (c, pooled) as it is: its joint attention's text keys change in every block
     batches(n, size)           the inversion's UNet batches, ending at n - j size whatever the skip: an inversion at a
                                larger skip batches its steps as one at a smaller skip, but for its first batch (sweeps
                                slice one inversion for every skip)
@@ -58,7 +59,9 @@ def unet_text_kv(unet, context: torch.Tensor) -> TextKV:
     return TextKV(context, kv, zero_v=zero_v)
 
 
-def text_kv(sd, c):  # c: text_embeddings' output, or SDXL's pair (c, pooled)
+def text_kv(sd, c):  # c: text_embeddings' output, or SDXL's or SD3's pair (c, pooled)
+    if sd.prediction_type == "flow":
+        return c
     return (unet_text_kv(sd.unet, c[0]), c[1]) if isinstance(c, tuple) else unet_text_kv(sd.unet, c)
 
 

@@ -41,12 +41,14 @@ from .schedule import Schedule
 
 class Sampler(Protocol):
     """What the methods use of a sampler; SAMPLERS holds them by name: DDPM and DDIM here, DPMSolverPP (LEDITS++')
-    in dpmsolver.py."""
+    in dpmsolver.py, FlowEuler (a rectified flow's Euler step) in flowmatch.py."""
     name: str                # its key in SAMPLERS (inversion files record it)
     N: int                   # inference steps
-    timesteps: list[int]     # tau_k, k = 0..N-1, descending
+    timesteps: list[int]     # tau_k, k = 0..N-1, descending (a flow's: T sigma_k, a float32 tensor; numbers())
+    outputs: tuple[str, ...]  # the model outputs it takes (prediction types); absent: ("epsilon", "v_prediction")
 
-    @classmethod  # a fresh sampler for an inversion; keep_last_noise: one whose last step has a noise map
+    @classmethod  # a fresh sampler for an inversion (schedule: sd.schedule, a flow's a dict); keep_last_noise: one
+    # whose last step has a noise map
     def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "Sampler": ...
     @staticmethod  # the skip its method's reference uses, in proportion to N
     def default_skip(N: int) -> int: ...
@@ -55,9 +57,20 @@ class Sampler(Protocol):
     def mu(self, k, x, out): ...
     def step(self, k, x, out, z): ...
     def noise_map(self, k, x, x_prev, out): ...
-    # True: the inversion walks up the trajectory with unstep(k, x_prev, out) (DDIM); False: it draws the x_t
-    # independently and maps the noise between them (noise_map)
+    # True: the inversion walks up the trajectory with unstep(k, x_prev, out), the model run at (x_prev,
+    # inv_timesteps[k]) (DDIM, flow); False: it draws the x_t independently and maps the noise between them (noise_map)
     trajectory: bool
+    inv_timesteps: list[int]  # a trajectory sampler's: the timestep unstep(k) wants the model at (DDIM: tau_k)
+
+
+def numbers(timesteps) -> list:
+    """A sampler's timesteps as Python numbers: ints, or a tensor's values (float32 ones as the floats they equal)."""
+    return timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+
+
+def takes(sampler, prediction_type: str) -> bool:
+    """Whether the sampler (class or object) works on a model whose output is prediction_type."""
+    return prediction_type in getattr(sampler, "outputs", ("epsilon", "v_prediction"))
 
 
 class Step(NamedTuple):
@@ -165,7 +178,7 @@ class DDIM(DDPM):
                                  f"divides by sqrt(abar_t); use 'leading' spacing with a number of steps that skips "
                                  f"t = {t}")
             self.steps.append(Step(t, a_bar[t].item(), abar_prev(schedule, t, D).item(), 0.0))
-        self.timesteps = [s.t for s in self.steps]
+        self.timesteps = self.inv_timesteps = [s.t for s in self.steps]  # unstep's model runs at tau_k
         self.abar = [(a_bar[t], abar_prev(schedule, t, D)) for t in self.timesteps]  # float32 (abar_t, a_prev)
 
     @staticmethod

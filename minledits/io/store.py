@@ -2,8 +2,10 @@
 
 An inversion file is one safetensors file:
     tensors   xts [N-skip+1, 4, h, w]   xts[skip], ..., xts[N-1], w0
-              zs  [N-skip, 4, h, w]     z_skip, ..., z_{N-1} (all 0 for a ddim inversion: its trajectory is xts)
-              timesteps [N-skip] int64  the edit's timesteps, descending
+              zs  [N-skip, 4, h, w]     z_skip, ..., z_{N-1} (all 0 for a ddim or flow inversion: its trajectory
+                                        is xts)
+              timesteps [N-skip] int64  the edit's timesteps, descending (float32 for a flow's T sigma_k: read back
+                                        as the same floats)
               image [1, 3, H, W]        the preprocessed input in [-1, 1] (for --compare and --trace)
     metadata  format, version, model_id, fingerprint, dtype, resolution ("WxH" pixels) and the inversion
               settings (the fields of inversion.InversionSettings), each value JSON-encoded (safetensors
@@ -26,9 +28,9 @@ from .files import atomic, require_regular
 FORMAT, VERSION = "minledits.inversion", 2
 SETTINGS = [f.name for f in fields(InversionSettings)]
 # Each tensor of the format: its shape (an int: that size, from the settings; a letter: the same size wherever it
-# appears; "n" = steps - skip) and its dtype ("dtype": the float dtype the metadata names).
+# appears; "n" = steps - skip) and the dtypes it may have ("dtype": the float dtype the metadata names).
 TENSORS = {"xts": (("n+1", "C", "h", "w"), "dtype"), "zs": (("n", "C", "h", "w"), "dtype"),
-           "timesteps": (("n",), torch.int64), "image": ((1, 3, "H", "W"), torch.float32)}
+           "timesteps": (("n",), (torch.int64, torch.float32)), "image": ((1, 3, "H", "W"), (torch.float32,))}
 
 
 def is_inversion(path) -> bool:
@@ -48,7 +50,9 @@ def save(inv: Inversion, path) -> None:
     H, W = inv.image.shape[-2:]
     meta = dict(format=FORMAT, version=VERSION, model_id=inv.model_id, fingerprint=inv.fingerprint,
                 dtype=str(inv.xts.dtype).removeprefix("torch."), resolution=f"{W}x{H}", **inv.settings.dict())
-    tensors = {"xts": inv.xts, "zs": inv.zs, "timesteps": torch.tensor(inv.timesteps, dtype=torch.int64),
+    whole = all(isinstance(t, int) for t in inv.timesteps)
+    tensors = {"xts": inv.xts, "zs": inv.zs,
+               "timesteps": torch.tensor(inv.timesteps, dtype=torch.int64 if whole else torch.float32),
                "image": inv.image.float()}
     with atomic(path) as tmp:  # the bytes, then one write: safetensors' save_file leaves its own temporaries
         tmp.write_bytes(save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -79,7 +83,7 @@ def load(path) -> Inversion:
     try:
         settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
         check_format(path, tensors, settings, meta["dtype"])
-        inv = Inversion([int(t) for t in tensors["timesteps"]], tensors["xts"], tensors["zs"], tensors["image"],
+        inv = Inversion(tensors["timesteps"].tolist(), tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
     except InversionFileError:
         raise
@@ -113,19 +117,20 @@ def check_format(path, tensors: dict, settings: InversionSettings, dtype) -> Non
     n, sizes = settings.steps - settings.skip, {}
     for name, (shape, kind) in TENSORS.items():
         t = tensors[name]
-        want_dtype = floats[dtype] if kind == "dtype" else kind
+        want_dtypes = (floats[dtype],) if kind == "dtype" else kind
         want = [{"n": n, "n+1": n + 1}.get(d, d) for d in shape]
-        ok = t.dtype == want_dtype and t.ndim == len(want) and all(
+        ok = t.dtype in want_dtypes and t.ndim == len(want) and all(
             sizes.setdefault(d, s) == s if isinstance(d, str) else d == s for d, s in zip(want, t.shape))
         if not ok:
             expected = ", ".join(str(sizes.get(d, d)) for d in want)
             raise InversionFileError(f"{path} is a damaged minledits inversion file: its {name} is "
                                      f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}, not [{expected}] "
-                                     f"{str(want_dtype).removeprefix('torch.')}: invert again")
+                                     f"{' or '.join(str(d).removeprefix('torch.') for d in want_dtypes)}: invert "
+                                     "again")
     ts = tensors["timesteps"]
-    if not (bool((ts[:-1] > ts[1:]).all()) and (len(ts) == 0 or 0 <= int(ts[-1]) and int(ts[0]) < 2**31)):
+    if not (bool((ts[:-1] > ts[1:]).all()) and (len(ts) == 0 or 0 <= float(ts[-1]) and float(ts[0]) < 2**31)):
         raise InversionFileError(f"{path} is a damaged minledits inversion file: its timesteps are not descending "
-                                 "whole numbers from 0 to 2**31 - 1: invert again")
+                                 "whole numbers from 0 to 2**31 - 1 (or a flow's float32 ones): invert again")
 
 
 def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
