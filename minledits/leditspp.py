@@ -27,6 +27,19 @@ Notation (code name -> symbol); sampler symbols in sampler.py; C concepts, i the
                                    eps_bar_c = the mean of the eps_c (only with concepts, only for phi > 0)
     x_prev     x_{t-1} = sampler.step(k, x_t, eps, z_k)   the inversion's own sampler, a fresh object
 For a v-prediction model the estimates are v; they combine as they are and the sampler converts.
+
+On a flow inversion (SD3, sampler "flow": flowmatch.py) the estimates are velocities, v_u and v_c, and the same
+formulas hold with eps -> v: g_c = s_c d_c (v_c - v_u) U, x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v (z_k = 0). There
+is no reference; what differs:
+    A          A_c  = mean over every joint-attention block of the transformer (place "joint", cross) and its heads
+                      of the image tokens' probabilities (softmax over image and text keys) to concept c's CLIP
+                      columns 1..n_c (of the 77 CLIP-token columns, which both CLIP encoders share), summed over
+                      those tokens, on the patch grid (h/p, w/p). T5's 256 columns are not read (other tokens, and
+                      zeros without T5); a block's head-mean is kept (JointAttentionMaps), all blocks having the
+                      same heads, so the mean over blocks of those is the mean over blocks and heads
+    M^a_c      0 where n_c = 0 (no tokens of the concept: nothing to attend to; on SD, A_c = 0 thresholds to 1)
+    M          "intersect" is M^a_c M^n_c at every step: SD's T_INTERSECT rule (a timestep of its DDPM grid) does
+               not carry over to a flow's T sigma, and SDXL's pipeline has none either
 """
 import dataclasses
 import math
@@ -67,7 +80,7 @@ class EditStep:
     """Everything one LEDITS++ step computed; handed to the callback (references, no copies)."""
     i: int
     k: int
-    t: int
+    t: int | float                      # tau_k (a flow's T sigma_k)
     x_t: torch.Tensor
     eps_u: torch.Tensor
     eps_c: torch.Tensor                 # [C, 1, 4, h, w]
@@ -97,6 +110,19 @@ class CrossAttentionMaps:
             self.size, self.probs = tuple(size), []
         if tuple(size) == self.size:
             self.probs.append(probs[self.rows])  # [C, heads, h' w', 77]
+
+
+class JointAttentionMaps(CrossAttentionMaps):
+    """Attention controller for a flow transformer (SD3): keeps each joint-attention block's head-mean of the
+    concept rows' probabilities to the CLIP columns (the first 77 text keys); changes nothing."""
+    CLIP_TOKENS = 77
+
+    def wants(self, layer: AttentionLayer, size) -> bool:
+        return layer.cross and layer.place == "joint"
+
+    def __call__(self, layer: AttentionLayer, size, probs: torch.Tensor) -> None:
+        self.size = tuple(size)
+        self.probs.append(probs[self.rows, :, :, :self.CLIP_TOKENS].mean(1, keepdim=True))  # [C, 1, h' w', 77]
 
 
 def kernel(dtype, device) -> torch.Tensor:
@@ -178,8 +204,9 @@ def check_options(concepts, mask, user_mask, guidance_rescale, latent_hw, unet_c
     concepts = [concept(c) for c in concepts]
     if mask not in MASK_MODES:
         raise ValueError(f"mask must be one of {', '.join(map(repr, MASK_MODES))}, got {mask!r}")
-    blocks = [] if unet_config is None else unet_config["down_block_types"] + unet_config["up_block_types"]
-    if unet_config is not None and concepts and mask != "noise" and not any(b.startswith("CrossAttn") for b in blocks):
+    unet = unet_config is not None and "down_block_types" in unet_config  # a transformer's joint attention sees text
+    blocks = unet_config["down_block_types"] + unet_config["up_block_types"] if unet else []
+    if unet and concepts and mask != "noise" and not any(b.startswith("CrossAttn") for b in blocks):
         raise ValueError(f"mask {mask!r} needs cross-attention in the UNet's down or up blocks; use mask='noise'")
     if not (isinstance(guidance_rescale, (int, float)) and 0 <= guidance_rescale <= 1):
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
@@ -211,12 +238,13 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
     u = 1 if user_mask is None else user_mask.to(sd.device, sd.dtype)
     tokens = token_counts(sd, concepts)
     use_attn, use_noise = C and mask != "noise", C and mask != "cross_attention"
-    above = None if isinstance(sd, StableDiffusionXL) else T_INTERSECT  # each family's pipeline
+    flow = sd.prediction_type == "flow"
+    above = None if isinstance(sd, StableDiffusionXL) or flow else T_INTERSECT  # each family's pipeline
+    present = torch.tensor([n > 0 or not flow for n in tokens], device=sd.device).view(per_c)
     context = parity.text_kv(sd, parity.embed(sd, [negative_prompt], [c.prompt for c in concepts]))
     x = inv.xts[:1].to(sd.device, sd.dtype)
-    for i, (k, z) in enumerate(zip(range(skip, sampler.N), inv.zs.to(sd.device, sd.dtype))):
-        t = sampler.timesteps[k]
-        maps = CrossAttentionMaps(slice(1, None))
+    for i, (k, t, z) in enumerate(zip(range(skip, sampler.N), inv.timesteps, inv.zs.to(sd.device, sd.dtype))):
+        maps = (JointAttentionMaps if flow else CrossAttentionMaps)(slice(1, None))
         with sd.unet.attention_controller(maps if use_attn else None):
             out = sd.predict(x.expand(1 + C, -1, -1, -1), t, context)  # eps_u and every eps_c in one call
         eps_u, eps_c = out[:1], out[1:, None]
@@ -225,7 +253,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
         g = s_d.to(out.dtype) * (eps_c - eps_u) * u
         m_noise = noise_mask(g, lam) if use_noise else None
         A_s = attention_map(maps, tokens) if use_attn else None
-        m_attn = attention_mask(A_s, lam, g) if use_attn else None
+        m_attn = attention_mask(A_s, lam, g) * present.to(g.dtype) if use_attn else None
         M = combine(mask, t, m_noise, m_attn, g, above) * on.view(per_c).to(g.dtype)
         eps = eps_u + (M * g).sum(0)
         if C and phi > 0:
