@@ -19,20 +19,26 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p
 from ..errors import InversionFileError, MinleditsError, shorten
 from ..inversion import InversionSettings, invert
 from ..io import store, tiny
 from ..io.files import all_or_none, atomic, refuse_output, require_regular, require_writable
-from ..io.image import open_rgb, to_pil
+from ..io.image import open_rgb, to_pil, to_tensor
 from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, load
 from ..model import decode
 from ..tools import metrics
 from ..tools.trace import AttentionTrace, Trace, side_by_side
-from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, UsageError, dest, resolve, to_argv
+from .options import COMMON, EDIT, FLOWEDIT_SHARED, INVERT, METHOD_OPTIONS, UsageError, dest, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 MODEL_OPTIONS = ("revision", "variant", "prediction_type", "vae")  # the weights model_of loads besides --model
+SD3_OPTIONS = {"no_t5": "--no-t5", "offload_text": "--offload-text"}  # model options of Stable Diffusion 3 alone
+SD_SAMPLERS = ("ddpm", "dpmsolver++", "ddim")  # the samplers of SD 1.x, 2.x and XL (SD3's: flow)
+# What --method flowedit leaves unused, being no inversion: refused when given
+NO_INVERSION = {"skip": "--skip", "keep_last_noise": "--keep-last-noise", "zero_noise_steps": "--zero-noise-steps",
+                "sampler": "--sampler", "batch_size": "--batch-size", "save_inversion": "--save-inversion",
+                "trace": "--trace"}
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
 
@@ -50,16 +56,48 @@ def model_of(args, cache: dict, model=None):
     elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
-    if model == tiny.NAME and (given := [k for k in MODEL_OPTIONS if getattr(args, k) is not None]):
+    if model == tiny.NAME and (given := [k for k in (*MODEL_OPTIONS, *SD3_OPTIONS) if getattr(args, k)]):
         raise MinleditsError(f"random-tiny is built on the fly from random weights: it takes no "
                              f"--{given[0].replace('_', '-')}; leave it out")
-    key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), device, dtype)
+    key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), *(bool(getattr(args, k)) for k in SD3_OPTIONS), device,
+           dtype)
     if key not in cache and model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
     if key not in cache:
         cache[key] = load(model, device, dtype=dtype, variant=args.variant, revision=args.revision,
-                          prediction_type=args.prediction_type, vae=args.vae)
-    return cache[key]
+                          prediction_type=args.prediction_type, vae=args.vae, t5=not args.no_t5,
+                          offload_text=bool(args.offload_text))  # SD3's alone: refused on the others below
+    sd = cache[key]
+    if sd.prediction_type != "flow" and (given := [flag for k, flag in SD3_OPTIONS.items() if getattr(args, k)]):
+        raise MinleditsError(f"{given[0]} is an option of Stable Diffusion 3; {shorten(str(sd.model_id))} is not one "
+                             f"(it predicts {sd.prediction_type}): leave it out")
+    return sd
+
+
+def check_kind(args, sd, sampler_given: bool = True) -> None:
+    """A method or sampler of the other kind of model than sd refused in one line: flowedit and the flow sampler need
+    a rectified flow (Stable Diffusion 3), p2p (the UNet's cross-attention) and the DDPM / DPM-Solver++ / DDIM
+    samplers a diffusion model (SD 1.x, 2.x, XL). On SD3 a sampler not given becomes flow."""
+    flow, name, method = sd.prediction_type == "flow", shorten(str(sd.model_id)), getattr(args, "method", None)
+    if flow and method == "p2p":
+        raise MinleditsError(f"--method p2p is for Stable Diffusion 1.x, 2.x and XL (it replaces the UNet's "
+                             f"cross-attention); {name} is a rectified flow (Stable Diffusion 3): use --method "
+                             "flowedit, or leditspp or ledits on a flow inversion")
+    if not flow and method == "flowedit":
+        raise MinleditsError(f"--method flowedit needs a rectified-flow model (Stable Diffusion 3); {name} predicts "
+                             f"{sd.prediction_type}: use --method ledits, leditspp or p2p")
+    if flow and getattr(args, "trace", None) is not None:  # tools/trace.py's latent-to-RGB map has 4 channels
+        raise MinleditsError(f"--trace is for Stable Diffusion 1.x, 2.x and XL for now; {name} is Stable Diffusion 3 "
+                             "(16 latent channels): leave --trace out")
+    sampler = getattr(args, "sampler", None)
+    if flow and sampler_given and sampler in SD_SAMPLERS:
+        raise MinleditsError(f"--sampler {sampler} is for Stable Diffusion 1.x, 2.x and XL; {name} is a rectified flow "
+                             "(Stable Diffusion 3): leave --sampler out (flow, its only sampler)")
+    if not flow and sampler == "flow":
+        raise MinleditsError(f"--sampler flow is for rectified-flow models (Stable Diffusion 3); {name} predicts "
+                             f"{sd.prediction_type}: use --sampler {', '.join(SD_SAMPLERS[:-1])} or {SD_SAMPLERS[-1]}")
+    if flow and not sampler_given:
+        args.sampler = "flow"
 
 
 def is_inversion_file(path) -> bool:
@@ -198,11 +236,14 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
         store.check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
                                                            if getattr(args, k) is not None})
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
+        check_kind(args, sd, sampler_given=False)
         store.check_made_with(inv, sd, source=args.input)
         return sd, inv
     image = read_image(args.input)
+    sampler_given = getattr(args, "sampler", None) is not None
     resolve_inversion_options(args)
     sd = model_of(args, cache)
+    check_kind(args, sd, sampler_given)
     settings = settings or inversion_settings(args, sd.default_size)
     check_model(sd)
     key = (id(sd), str(args.input), settings)
@@ -215,6 +256,9 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
 
 def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", user_mask=None):
     """The edited image (PIL), with progress bars for the edit and the decoding."""
+    if args.method == "flowedit":  # cmd_flowedit runs it: it edits the picture, not an inversion
+        raise MinleditsError("--method flowedit edits the image itself, not an inversion: run minledits edit on the "
+                             "picture")
     with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
         if args.method == "p2p" and target_prompt:
@@ -228,6 +272,11 @@ def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", us
             w0 = ledits.edit(sd, inv, target_prompt=target_prompt, target_guidance=args.target_guidance,
                              concepts=concepts, momentum_scale=args.momentum_scale, momentum_beta=args.momentum_beta,
                              callback=lambda step: (b.update(), trace and trace(step)))
+    return decoded(args, sd, w0)
+
+
+def decoded(args, sd, w0):
+    """The picture (PIL) of latents w0, with a progress bar."""
     with bar(args, "decode", 1) as b:
         im = decode(sd, w0)
         b.update()
@@ -252,10 +301,16 @@ def made_with(args, sd, inv) -> dict:
     """What decides a picture's pixels besides the method: the model (and the weights' --revision, --variant,
     --prediction-type and --vae where given), device, dtype, the inversion's settings, and --batch-size where this
     run inverts an image (an inversion file's tensors are made already)."""
-    weights = {k: str(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
     batch = {} if is_inversion_file(args.input) else {"batch_size": args.batch_size}
-    return dict(model=sd.model_id, **weights, device=sd.device.type, dtype=dtype_name(sd.dtype),
-                **inv.settings.dict(), **batch)
+    return dict(model_made_with(args, sd), **inv.settings.dict(), **batch)
+
+
+def model_made_with(args, sd) -> dict:
+    """The model, the options its weights were read with where given (--revision, ..., --no-t5, --offload-text),
+    device and dtype."""
+    weights = {k: str(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
+    sd3 = {k: True for k in SD3_OPTIONS if getattr(args, k, None)}
+    return dict(model=sd.model_id, **weights, **sd3, device=sd.device.type, dtype=dtype_name(sd.dtype))
 
 
 def write_png(im, path, record: dict, argv: list | None = None) -> None:
@@ -340,6 +395,8 @@ def check_method_options(args) -> None:
 def concepts_of(args):
     """The concepts of an edit (Prompt-to-Prompt: none; reconstruct: None), every option checked before any work;
     for --method p2p on an image, its source prompt too (an inversion file's is checked when it is read)."""
+    if getattr(args, "method", None) == "flowedit":
+        return flowedit_options(args)
     resolve(args, EDIT)
     check_text(args)
     if args.cmd == "reconstruct":
@@ -352,6 +409,39 @@ def concepts_of(args):
         return ledits.check_options(args.target_guidance, args.concepts or [], args.momentum_scale, args.momentum_beta)
     p2p.check_options(None if is_inversion_file(args.input) else args.source_prompt or "", args.target_prompt,
                       args.target_guidance, args.cross_replace, args.self_replace, args.reweight, args.local_blend)
+    return []
+
+
+def flowedit_options(args) -> list:
+    """--method flowedit's options (its defaults where not given: FLOWEDIT_SHARED) checked before any work, and the
+    input an image; what only an inversion uses is refused. No concepts: []."""
+    if args.cmd != "edit":
+        raise MinleditsError(f"--method flowedit edits one image without an inversion: {args.cmd} does not run it; "
+                             "use minledits edit (or batch)")
+    if given := [flag for key, flag in NO_INVERSION.items() if getattr(args, key, None) not in (None, False)]:
+        raise MinleditsError(f"--method flowedit takes no {given[0]}: it edits the image itself, without an "
+                             "inversion (the steps it edits are --n-max); leave it out")
+    for key, value in FLOWEDIT_SHARED.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    resolve(args, EDIT)
+    resolve(args, [row for row in INVERT if dest(row[0], row[3]) not in NO_INVERSION])  # the rest stay None
+    check_text(args)
+    check_method_options(args)
+    if is_inversion_file(args.input):
+        raise MinleditsError(f"--method flowedit edits an image, and {args.input} is an inversion file: give the "
+                             "picture itself (FlowEdit needs no inversion)")
+    if args.size is not None and not (args.size >= 64 and args.size % 64 == 0):
+        raise MinleditsError(f"--size must be a multiple of 64 (at least 64), got {args.size}")
+    names = {"steps": "--steps", "n_max": "--n-max", "n_min": "--n-min", "n_avg": "--n-avg", "seed": "--seed"}
+    try:
+        flowedit.check_options(args.steps, args.n_max, args.n_min, args.n_avg, args.source_guidance,
+                               args.target_guidance, args.seed, {})
+    except ValueError as e:
+        text = str(e)
+        for key, flag in names.items():
+            text = text.replace(f"{key} (", f"{flag} (").replace(f"{key} must", f"{flag} must")
+        raise MinleditsError(text) from None
     return []
 
 
@@ -410,6 +500,8 @@ def clip_of(args):
 def cmd_download(args):
     start = time.time()
     resolve(args, COMMON)
+    if args.offload_text:
+        raise MinleditsError("--offload-text is an option of running a model, not of download; leave it out")
     if args.model == tiny.NAME or Path(args.model).exists():
         where = "built on the fly" if args.model == tiny.NAME else "local"
         return print(f"{args.model} is {where}: nothing to download")
@@ -417,7 +509,7 @@ def cmd_download(args):
     if args.quiet:
         disable_progress_bars()
     try:
-        folder = download(args.model, args.variant, args.revision, args.local_dir)
+        folder = download(args.model, args.variant, args.revision, args.local_dir, t5=not args.no_t5)
     finally:
         if args.quiet and bars_were_on:
             enable_progress_bars()
@@ -439,6 +531,8 @@ def cmd_invert(args):
 def cmd_edit(args, cache=None, names=OUTPUTS):
     """edit and reconstruct: everything is checked before the work starts; the main output is written last.
     A batch passes its cache, and names: how messages name the outputs (its jobs' keys)."""
+    if getattr(args, "method", None) == "flowedit":
+        return cmd_flowedit(args, cache, names)
     start = time.time()
     concepts = concepts_of(args)
     named = check_outputs(args, names)
@@ -467,6 +561,34 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
     what = "-e" if args.method == "leditspp" else "-e, no --target-prompt"
     finish(start, f"{args.cmd}: {args.input} -> {out}", sd.model_id,
            f" (nothing to edit: no {what}: a reconstruction)" if nothing else "")
+
+
+def cmd_flowedit(args, cache=None, names=OUTPUTS):
+    """edit --method flowedit: the image edited by FlowEdit (flowedit.py) on a rectified-flow model, no inversion;
+    every option checked before the work, the PNG written last (--compare: input | edit)."""
+    start = time.time()
+    flowedit_options(args)
+    named = check_outputs(args, names)
+    out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
+    image = read_image(args.input)
+    sd = model_of(args, {} if cache is None else cache)
+    check_kind(args, sd)
+    size = sd.default_size if args.size is None else args.size
+    options = dict(source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps,
+                   n_max=args.n_max, n_min=args.n_min, n_avg=args.n_avg, source_guidance=args.source_guidance,
+                   target_guidance=args.target_guidance, seed=args.seed, negative_prompt=args.negative_prompt,
+                   size=size, keep_aspect=args.keep_aspect)
+    with all_or_none([p for _, p in named]):
+        with bar(args, "edit", args.n_max) as b:
+            w0 = flowedit.edit(sd, image, **options, callback=lambda step: b.update())
+        im = decoded(args, sd, w0)
+        p = dict(model_made_with(args, sd), method="flowedit", **options)
+        record = dict(command="edit", input=str(args.input), fingerprint=sd.fingerprint, **p)
+        argv = ["edit", str(args.input), *to_argv(p)]
+        if compare:
+            write_png(side_by_side([to_pil(to_tensor(image, size, args.keep_aspect))[0], im]), compare, record, argv)
+        write_png(im, out, record, argv)
+    finish(start, f"edit: {args.input} -> {out}", sd.model_id)
 
 
 def cmd_metrics(args):

@@ -9,7 +9,7 @@ import inspect
 import os
 import re
 
-from .. import ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p
 from ..errors import shorten
 from ..inversion import BATCH_SIZE, InversionSettings
 from ..io import tiny
@@ -34,6 +34,9 @@ def text(value: str) -> str:
 BOOL, INT, FLOAT, TEXT = dict(action="store_true"), dict(type=int), dict(type=float), dict(metavar="TEXT", type=text)
 INV = InversionSettings()  # the defaults of the inversion options
 EDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(ledits.edit).parameters.items()}
+FLOWEDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(flowedit.edit).parameters.items()}
+# --method flowedit's own defaults of options the tables share (the paper's SD3 settings; source guidance is 3.5 too)
+FLOWEDIT_SHARED = {k: FLOWEDIT_DEFAULTS[k] for k in ("steps", "target_guidance")}
 
 # (flags, default, help, argparse options)
 COMMON = [
@@ -46,17 +49,22 @@ COMMON = [
      "(e.g. an fp16-fixed SDXL VAE)", dict(metavar="FOLDER")),
     (("--device",), "auto", "auto: cuda, else mps, else cpu", dict(choices=["auto", "cpu", "cuda", "mps"])),
     (("--dtype",), "auto", "auto: fp16 on CUDA, else fp32", dict(choices=["auto", *DTYPES])),
+    (("--no-t5",), False, "Stable Diffusion 3: load without its T5 text encoder (zeros stand for its tokens, as in "
+     "SD3's pipeline; T5-XXL is 9.5 GB in fp16, 19 GB in fp32)", BOOL),
+    (("--offload-text",), False, "Stable Diffusion 3: keep the text encoders on the CPU (the prompts embed there): "
+     "the GPU holds only the transformer and the VAE", BOOL),
     (("--force",), False, "overwrite outputs that exist", BOOL),
     (("-q", "--quiet"), False, "no progress bars or notes", BOOL),
     (("-v", "--verbose"), False, "show the traceback of an error", BOOL)]
 INVERT = [
     (("--source-prompt",), "", "text describing the input image (optional)", TEXT),
     (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
-    (("--steps",), INV.steps, "diffusion steps N", INT),
+    (("--steps",), INV.steps, "diffusion steps N (--method flowedit: {FLOWEDIT_SHARED['steps']})", INT),
     (("--skip",), None, "steps skipped at the noisy end: more keeps more of the input (default: the method's share of "
      f"N: {SAMPLERS['ddpm'].default_skip(100)} of 100; --method p2p: {p2p.default_skip(100)} of 100; --sampler "
      f"dpmsolver++: {SAMPLERS['dpmsolver++'].default_skip(100)} of 100, diffusers' skip=0.15; --sampler ddim: "
-     f"{SAMPLERS['ddim'].default_skip(100)}, every step as the DDIM + P2P baseline)", INT),
+     f"{SAMPLERS['ddim'].default_skip(100)}, every step as the DDIM + P2P baseline; --sampler flow: "
+     f"{SAMPLERS['flow'].default_skip(100)} of 100, FlowEdit's share)", INT),
     (("--seed",), INV.seed, "seed of the inversion noise", INT),
     (("--size",), None, "side in pixels (the longest with --keep-aspect), a multiple of 64 (default: the model's, "
      f"{INV.size}; SDXL: {StableDiffusionXL.default_size}; random-tiny: {tiny.RandomTiny.default_size})", INT),
@@ -65,23 +73,26 @@ INVERT = [
     (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
      "with dpmsolver++, as diffusers' LEDITS++ XL pipeline)", INT),
     (("--sampler",), INV.sampler, "ddpm (LEDITS' edit-friendly DDPM), dpmsolver++ (LEDITS++' SDE-DPM-Solver++ 2M) "
-     "or ddim (deterministic DDIM inversion, not exact; with --method p2p the DDIM + P2P baseline)",
+     "or ddim (deterministic DDIM inversion, not exact; with --method p2p the DDIM + P2P baseline); flow: a rectified "
+     "flow's ODE run forward, Stable Diffusion 3's only sampler and its default",
      dict(choices=list(SAMPLERS))),
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: docs/benchmarks.md)", INT)]
 EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
-     "made with --sampler dpmsolver++) or p2p (Prompt-to-Prompt on the DDPM inversion, or with --sampler ddim on the "
-     "DDIM one: needs --source-prompt and --target-prompt)", dict(choices=["ledits", "leditspp", "p2p"])),
+     "made with --sampler dpmsolver++; on SD3 a flow inversion), p2p (Prompt-to-Prompt on the DDPM inversion, or with "
+     "--sampler ddim on the DDIM one: needs --source-prompt and --target-prompt) or flowedit (FlowEdit on Stable "
+     "Diffusion 3: edits the image itself, no inversion; --source-prompt and --target-prompt)",
+     dict(choices=["ledits", "leditspp", "p2p", "flowedit"])),
     (("--target-prompt",), "", "text describing the edited image (optional; ledits)", TEXT),
-    (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1",
-     FLOAT),
+    (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1 "
+     f"(--method flowedit: {FLOWEDIT_SHARED['target_guidance']:g}; <= 1: no guidance)", FLOAT),
     (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
      dict(action="append", dest="concepts", metavar="SPEC", type=text)),
     (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
     (("--momentum-beta",), EDIT_DEFAULTS["momentum_beta"], "SEGA momentum beta", FLOAT),
     (("--mask",), "intersect", "leditspp: where a concept acts: intersect (cross-attention and noise masks), "
      "cross_attention or noise", dict(choices=list(leditspp.MASK_MODES))),
-    (("--negative-prompt",), "", "leditspp: the unconditional branch's prompt", TEXT),
+    (("--negative-prompt",), "", "leditspp, flowedit: the unconditional branch's prompt", TEXT),
     (("--guidance-rescale",), 0.0, "leditspp: guidance rescale phi in [0, 1]", FLOAT),
     (("--user-mask",), None, "leditspp: a picture of the input's size, white where the concepts may act (black: "
      "not; grey: partly)", dict(metavar="M.png")),
@@ -92,6 +103,11 @@ EDIT = [
      dict(metavar="WORD=W,...", type=text)),
     (("--local-blend",), None, "p2p: edit only where these words attend: source words,target words (each side "
      "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR", type=text)),
+    (("--n-max",), FLOWEDIT_DEFAULTS["n_max"], "flowedit: the steps edited, the last N of --steps (more: a stronger "
+     "edit)", INT),
+    (("--n-min",), FLOWEDIT_DEFAULTS["n_min"], "flowedit: of those, the last N sample the target prompt alone "
+     "(SDEdit-style)", INT),
+    (("--n-avg",), FLOWEDIT_DEFAULTS["n_avg"], "flowedit: noise draws averaged per step", INT),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
@@ -101,11 +117,13 @@ EDIT = [
 METHOD_OPTIONS = {"ledits": {"target_prompt", "target_guidance", "concepts", "momentum_scale", "momentum_beta"},
                   "leditspp": {"concepts", "mask", "negative_prompt", "guidance_rescale", "user_mask"},
                   "p2p": {"target_prompt", "target_guidance", "cross_replace", "self_replace", "reweight",
-                          "local_blend"}}
+                          "local_blend"},
+                  "flowedit": {"target_prompt", "target_guidance", "negative_prompt", "n_max", "n_min", "n_avg"}}
 COMMANDS = {
     "download": "fetch a model from the Hub (into the Hugging Face cache, or --local-dir)",
     "invert": "IMAGE -> inversion file (latents, noise maps, timesteps, settings)",
-    "edit": "IMAGE or inversion file -> edited PNG (an image is inverted first)",
+    "edit": "IMAGE or inversion file -> edited PNG (an image is inverted first; --method flowedit edits the image "
+            "itself)",
     "reconstruct": "IMAGE or inversion file -> PNG regenerated without guidance",
     "batch": "the edits listed in a JSON file, every job checked before the first runs; a job whose output "
              "exists is skipped, so a rerun resumes",
@@ -124,6 +142,8 @@ EXAMPLES = """examples:
   minledits invert photo.jpg -o photo.safetensors            # invert once ...
   minledits edit photo.safetensors -o old.png --target-prompt "an old man" -e -beard   # ... edit often
   minledits edit photo.jpg -o smoke.png --model random-tiny   # offline smoke test (noise), in seconds
+  minledits edit photo.jpg -o dog.png --method flowedit --model stabilityai/stable-diffusion-3-medium-diffusers \
+      --source-prompt "a cat" --target-prompt "a dog"        # FlowEdit on SD3, no inversion
 errors print one line and exit 1 (usage errors: 2); outputs are never overwritten without --force"""
 _C = Concept("")
 LEDITSPP_DEFAULTS = ", ".join(f"{k}={v:g}" for k, v in leditspp.CONCEPT_DEFAULTS.items())
