@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minledits
 from minledits import ledits, leditspp
 from minledits.sega import Concept, quantile
+from tests import sd3_hub
 from tests.test_flow_inversion import FakeFlow, invert, sd3  # noqa: F401 (a fixture)
 
 CONCEPTS = [Concept("red hat", scale=4.0, threshold=0.7, warmup=0),
@@ -121,3 +123,14 @@ def test_user_mask_zeroes_the_guidance_where_it_is_black(flow, inv):
     _, steps = run(flow, inv, concepts=CONCEPTS[:1], mask="noise", user_mask=u)
     for s in steps:
         assert not s.g[..., 4:].any() and torch.equal(s.eps[..., 4:], s.eps_u[..., 4:])
+
+
+def test_sd35_reads_its_joint_attention_only(tmp_path, monkeypatch):
+    """SD3.5's image-only attn2 (place "joint", cross False) is not part of the concept's attention map."""
+    sd = minledits.load(sd3_hub.make(tmp_path / "sd35", kind="sd35", t5=False).folder, t5=False)
+    monkeypatch.setattr(leditspp, "JointAttentionMaps", Recorder)
+    Recorder.seen = []
+    _, steps = run(sd, invert(sd, steps=4, skip=2), concepts=CONCEPTS[:1], mask="cross_attention")
+    names = [layer.name for layer, _, _ in Recorder.seen]
+    assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"] * 2
+    assert all(s.m_attn.any() for s in steps)
