@@ -130,8 +130,6 @@ def test_invert_then_leditspp_and_reconstruct(sd3, photo, tmp_path, capsys):
      "rectified flow (Stable Diffusion 3): use --method flowedit, or leditspp or ledits on a flow inversion"),
     (["invert", "{photo}", "--sampler", "ddpm"], "--sampler ddpm is for Stable Diffusion 1.x, 2.x and XL; {sd3} is a "
      "rectified flow (Stable Diffusion 3): leave --sampler out (flow, its only sampler)"),
-    (["edit", "{photo}", "--method", "leditspp", "-e", "glasses", "--trace", "{tmp}/t"], "--trace is for Stable "
-     "Diffusion 1.x, 2.x and XL for now; {sd3} is Stable Diffusion 3 (16 latent channels): leave --trace out"),
     (["edit", "{photo}", *FLOW, "--skip", "2"], "--method flowedit takes no --skip: it edits the image itself, "
      "without an inversion (the steps it edits are --n-max); leave it out"),
     (["edit", "{photo}", *FLOW, "--save-inversion", "{tmp}/i.safetensors"], "--method flowedit takes no "
@@ -164,7 +162,7 @@ def test_refusals_on_sd3(sd3, photo, tmp_path, capsys, argv, message):
     (["invert", "{photo}", "--sampler", "flow", "--size", "64"], "--sampler flow is for rectified-flow models (Stable "
      "Diffusion 3); {sd1} predicts epsilon: use --sampler ddpm, dpmsolver++ or ddim"),
     (["edit", "{photo}", "--no-t5", "--size", "64"], "--no-t5 is an option of Stable Diffusion 3; {sd1} is not one "
-     "(it predicts epsilon): leave it out"),
+     "(a folder of another pipeline): leave it out"),
     (["edit", "{photo}", "--n-max", "5", "--size", "64"], "--method ledits takes no --n-max: it is an option of "
      "--method flowedit; leave it out")])
 def test_refusals_on_sd1(tiny_sd1, photo, tmp_path, capsys, argv, message):

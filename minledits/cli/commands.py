@@ -25,10 +25,10 @@ from ..inversion import InversionSettings, invert
 from ..io import store, tiny
 from ..io.files import all_or_none, atomic, refuse_output, require_regular, require_writable
 from ..io.image import open_rgb, to_pil, to_tensor
-from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, load
+from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, is_sd3, load
 from ..model import decode
 from ..tools import metrics
-from ..tools.trace import AttentionTrace, Trace, side_by_side
+from ..tools.trace import AttentionTrace, FlowTrace, Trace, side_by_side
 from .options import COMMON, EDIT, FLOWEDIT_SHARED, INVERT, METHOD_OPTIONS, UsageError, dest, resolve, to_argv
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
@@ -37,8 +37,7 @@ SD3_OPTIONS = {"no_t5": "--no-t5", "offload_text": "--offload-text"}  # model op
 SD_SAMPLERS = ("ddpm", "dpmsolver++", "ddim")  # the samplers of SD 1.x, 2.x and XL (SD3's: flow)
 # What --method flowedit leaves unused, being no inversion: refused when given
 NO_INVERSION = {"skip": "--skip", "keep_last_noise": "--keep-last-noise", "zero_noise_steps": "--zero-noise-steps",
-                "sampler": "--sampler", "batch_size": "--batch-size", "save_inversion": "--save-inversion",
-                "trace": "--trace"}
+                "sampler": "--sampler", "batch_size": "--batch-size", "save_inversion": "--save-inversion"}
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
 
@@ -61,6 +60,10 @@ def model_of(args, cache: dict, model=None):
                              f"--{given[0].replace('_', '-')}; leave it out")
     key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), *(bool(getattr(args, k)) for k in SD3_OPTIONS), device,
            dtype)
+    given = [flag for k, flag in SD3_OPTIONS.items() if getattr(args, k)]
+    if given and Path(model).is_dir() and not is_sd3(Path(model)):  # a local folder: refused before loading
+        raise MinleditsError(f"{given[0]} is an option of Stable Diffusion 3; {shorten(str(model))} is not one (a "
+                             "folder of another pipeline): leave it out")
     if key not in cache and model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
     if key not in cache:
@@ -86,9 +89,6 @@ def check_kind(args, sd, sampler_given: bool = True) -> None:
     if not flow and method == "flowedit":
         raise MinleditsError(f"--method flowedit needs a rectified-flow model (Stable Diffusion 3); {name} predicts "
                              f"{sd.prediction_type}: use --method ledits, leditspp or p2p")
-    if flow and getattr(args, "trace", None) is not None:  # tools/trace.py's latent-to-RGB map has 4 channels
-        raise MinleditsError(f"--trace is for Stable Diffusion 1.x, 2.x and XL for now; {name} is Stable Diffusion 3 "
-                             "(16 latent channels): leave --trace out")
     sampler = getattr(args, "sampler", None)
     if flow and sampler_given and sampler in SD_SAMPLERS:
         raise MinleditsError(f"--sampler {sampler} is for Stable Diffusion 1.x, 2.x and XL; {name} is a rectified flow "
@@ -565,7 +565,8 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
 
 def cmd_flowedit(args, cache=None, names=OUTPUTS):
     """edit --method flowedit: the image edited by FlowEdit (flowedit.py) on a rectified-flow model, no inversion;
-    every option checked before the work, the PNG written last (--compare: input | edit)."""
+    every option checked before the work, the PNG written last (--compare: input | edit; --trace: tools/trace.py's
+    FlowTrace)."""
     start = time.time()
     flowedit_options(args)
     named = check_outputs(args, names)
@@ -578,15 +579,20 @@ def cmd_flowedit(args, cache=None, names=OUTPUTS):
                    n_max=args.n_max, n_min=args.n_min, n_avg=args.n_avg, source_guidance=args.source_guidance,
                    target_guidance=args.target_guidance, seed=args.seed, negative_prompt=args.negative_prompt,
                    size=size, keep_aspect=args.keep_aspect)
+    x = to_tensor(image, size, args.keep_aspect)
+    trace_files = [p for key, p in named if key == "trace"]
     with all_or_none([p for _, p in named]):
+        trace = FlowTrace(sd, x, args.steps) if trace_files else None
         with bar(args, "edit", args.n_max) as b:
-            w0 = flowedit.edit(sd, image, **options, callback=lambda step: b.update())
+            w0 = flowedit.edit(sd, image, **options, callback=lambda step: (b.update(), trace and trace(step)))
         im = decoded(args, sd, w0)
         p = dict(model_made_with(args, sd), method="flowedit", **options)
         record = dict(command="edit", input=str(args.input), fingerprint=sd.fingerprint, **p)
         argv = ["edit", str(args.input), *to_argv(p)]
         if compare:
-            write_png(side_by_side([to_pil(to_tensor(image, size, args.keep_aspect))[0], im]), compare, record, argv)
+            write_png(side_by_side([to_pil(x)[0], im]), compare, record, argv)
+        if trace:
+            trace.save(*trace_files)
         write_png(im, out, record, argv)
     finish(start, f"edit: {args.input} -> {out}", sd.model_id)
 

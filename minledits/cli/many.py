@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p
 from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings
 from ..io import store
@@ -24,6 +24,7 @@ from ..tools import compare, metrics, ranks, sweep
 from .commands import (
     MODEL_OPTIONS,
     OUTPUTS,
+    check_kind,
     check_method_options,
     clip_of,
     cmd_edit,
@@ -292,6 +293,7 @@ def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
     concepts. A cell is kept only where its record holds all of them."""
     s = dict(source)
     if inv is None:
+        check_kind(c, sd, c.sampler is not None)  # on SD3 the flow sampler where none is given
         resolve(c, INVERT + COMMON)
         inverted = inversion_settings(c, sd.default_size)
         if c.batch_size < 1:
@@ -486,6 +488,7 @@ def cmd_sweep(args):
 # --------------------------------------------------------------------------------------------- compare
 P2P_OPTIONS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "reweight": "--reweight",
                "local_blend": "--local-blend"}
+FLOW_OPTIONS = {"n_max": "--n-max", "n_min": "--n-min", "n_avg": "--n-avg"}  # the FlowEdit panel's (on SD3)
 
 
 class OptionError(ValueError):
@@ -494,8 +497,8 @@ class OptionError(ValueError):
 
 
 def compare_inputs(args):
-    """(output, record, LEDITS concepts, LEDITS++ concepts, the Prompt-to-Prompt options given), every input checked
-    before any work."""
+    """(output, record, LEDITS concepts, LEDITS++ concepts, the Prompt-to-Prompt options given, FlowEdit's options
+    given), every input checked before any work."""
     if args.trace is not None or args.compare or args.user_mask is not None or args.method is not None \
             or args.save_inversion is not None:
         raise ValueError("--trace, --compare, --user-mask, --save-inversion and --method are options of edit: "
@@ -504,6 +507,7 @@ def compare_inputs(args):
     if out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: the comparison is a .png file")
     given = [k for k in P2P_OPTIONS if getattr(args, k) is not None]  # before concepts_of fills in the defaults
+    flow_given = {k: getattr(args, k) for k in FLOW_OPTIONS if getattr(args, k) is not None}
     concepts = concepts_of(args)  # LEDITS' (--method is refused above: its default)
     pp_concepts = leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
     require_regular(args.input)
@@ -511,7 +515,7 @@ def compare_inputs(args):
     for p in (out, out.with_suffix(".json")):
         refuse_output(p, args.force, inputs_of(args))
         require_writable(p)
-    return out, out.with_suffix(".json"), concepts, pp_concepts, given
+    return out, out.with_suffix(".json"), concepts, pp_concepts, given, flow_given
 
 
 def compare_p2p(args, given, src, sd=None):
@@ -520,6 +524,8 @@ def compare_p2p(args, given, src, sd=None):
     naming them."""
     if not given:
         return
+    if sd is not None and sd.prediction_type == "flow":
+        raise OptionError(f"{', '.join(P2P_OPTIONS[k] for k in given)}: {compare.P2P_ON_FLOW}: leave them out")
     try:
         check_p2p(args, src, sd)
     except ValueError as e:
@@ -540,22 +546,39 @@ def compare_inversion(args, cache, given):
     return sd, inv, n[0]
 
 
+def check_flowedit(args, inv, given: dict) -> None:
+    """FlowEdit's options given (given: {name: value}) checked against the inversion (flowedit.check_options), or
+    refused where no FlowEdit panel is drawn (an inversion of another sampler than flow): an OptionError."""
+    if not given:
+        return
+    flags = ", ".join(FLOW_OPTIONS[k] for k in given)
+    if inv.settings.sampler != "flow":
+        raise OptionError(f"{flags} (the FlowEdit panel's): FlowEdit runs on a rectified flow (Stable Diffusion 3), "
+                          f"and this is a {inv.settings.sampler} inversion: leave {flags} out")
+    o = compare.flowedit_options(inv, args.target_prompt, args.target_guidance, **given)
+    try:
+        flowedit.check_options(o["steps"], o["n_max"], o["n_min"], o["n_avg"], 0.0, 0.0, 0, {})
+    except ValueError as e:
+        raise OptionError(f"{flags} (the FlowEdit panel's, its steps the inversion's): {e}") from None
+
+
 def cmd_compare(args):
     start, cache = time.time(), {}
     try:
-        out, record, concepts, pp_concepts, given = compare_inputs(args)
+        out, record, concepts, pp_concepts, given, flow_given = compare_inputs(args)
     except (MinleditsError, ValueError) as e:  # bad input: one line, exit 2, before any work
         report(e, args.verbose)
         return 2
     try:
         sd, inv, inversion_rows = compare_inversion(args, cache, given)
+        check_flowedit(args, inv, flow_given)
     except OptionError as e:  # found once the model or inversion file is read, still before any UNet work
         report(e, args.verbose)
         return 2
     run, left_out = compare.method_edits(inv.settings.source_prompt, args.target_prompt, args.target_guidance,
                                          concepts, args.momentum_scale, args.momentum_beta, pp_concepts,
                                          {k: getattr(args, k) for k in P2P_OPTIONS}, inv.settings.sampler,
-                                         mask=args.mask, negative_prompt=args.negative_prompt,
+                                         flow_given, mask=args.mask, negative_prompt=args.negative_prompt,
                                          guidance_rescale=args.guidance_rescale)
     for method, why in left_out.items():
         print(f"minledits: note: {compare.LABELS[method]} left out: {why}", file=sys.stderr)
@@ -568,6 +591,8 @@ def cmd_compare(args):
     # the P2P options only where a P2P panel is drawn: a rerun of the line would refuse them otherwise
     if {"p2p", "ddim+p2p"} & set(run):
         p.update({k: getattr(args, k) for k in P2P_OPTIONS})
+    if "flowedit" in run:  # FlowEdit's steps are the inversion's; n_max as it ran
+        p.update({k: v for k, v in compare.flowedit_options(inv, "", 0, **flow_given).items() if k in FLOW_OPTIONS})
     rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
              "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(
                  found[0].image, x.image, text, clip).items()}} for x in found]

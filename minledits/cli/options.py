@@ -110,7 +110,8 @@ EDIT = [
     (("--n-avg",), FLOWEDIT_DEFAULTS["n_avg"], "flowedit: noise draws averaged per step", INT),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
-     "each concept's mask; leditspp: also its attention map and noise mask)", dict(metavar="T")),
+     "each concept's mask; leditspp: also its attention map and noise mask; flowedit: the target's x0 prediction and "
+     "the edit's latent)", dict(metavar="T")),
     (("--compare",), False, "also write OUT-compare.png: input | reconstruction | edit", BOOL)]
 # The edit options of each method (--method, the outputs: every method's); edit refuses another method's (given
 # otherwise than its default): it would be ignored without a word
@@ -130,8 +131,9 @@ COMMANDS = {
     "sweep": "IMAGE|INV -> a grid of edits, options varied (--vary KEY=V1,V2,...): a contact sheet, one PNG per "
              "cell, a table of settings, times and metrics; inverts once per inversion setting; a rerun resumes",
     "compare": "IMAGE|INV -> the methods side by side on one inversion (input | reconstruction | DDPM inversion | "
-               "DDPM + P2P | LEDITS | LEDITS++; DDIM ... on a --sampler ddim inversion), labelled, with their metrics "
-               "and UNet evaluations in a JSON file",
+               "DDPM + P2P | LEDITS | LEDITS++; DDIM ... on a --sampler ddim inversion; on SD3: reconstruction | flow "
+               "inversion | FlowEdit | LEDITS | LEDITS++), labelled, with their metrics and UNet evaluations in a JSON "
+               "file",
     "evaluate": "PIE_DIR -> the PIE-Bench table: each method's edits where the benchmark looks for them, per-image "
                 "and summary metrics (needs the eval extra); a rerun resumes",
     "app": "a page in the browser: invert once, try edits, see where each concept acts (needs the app extra)",

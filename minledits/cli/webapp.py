@@ -33,7 +33,7 @@ from ..errors import MinleditsError, shorten
 from ..inversion import invert
 from ..io import store
 from ..io.image import open_rgb, to_pil
-from ..tools.trace import AttentionTrace, Trace, latent_rgb, side_by_side, tile
+from ..tools.trace import AttentionTrace, Trace, side_by_side, tile
 from . import commands
 from .options import COMMON, EDIT, INVERT, dest, parser, to_argv
 
@@ -110,7 +110,9 @@ class App:
         start = time.time()
         if commands.is_inversion_file(args.input):
             return commands.inversion_of(args, self.models)[1], False, time.time() - start
+        sampler_given = args.sampler is not None
         commands.resolve_inversion_options(args)
+        commands.check_kind(args, self.sd, sampler_given)  # on SD3 the flow sampler; p2p refused there
         settings = commands.inversion_settings(args, self.sd.default_size)
         if args.method == "p2p" and args.local_blend:
             p2p.check_levels(self.sd.unet.config)
@@ -153,6 +155,9 @@ class App:
             shutil.rmtree(out.parent / str(session["runs"] - 1), ignore_errors=True)
         args = self.arguments(photo, {**options, "user_mask": None}, out / "edit.png")
         args.user_mask = user_mask
+        if args.method == "flowedit":
+            raise MinleditsError("--method flowedit is not in the app: it edits the photo itself, without an "
+                                 "inversion; run minledits edit PHOTO --method flowedit")
         concepts = commands.concepts_of(args)
         picture = commands.read_user_mask(args)
         inv, inverted, invert_s = self.invert(session, args, progress)
@@ -189,15 +194,27 @@ class App:
         return result
 
 
+def choices_for(sd, key: str, choices) -> list:
+    """The values the page offers for the field `key` on model sd: --method flowedit never (it edits the photo
+    without an inversion: the command runs it), p2p not on a rectified flow; the flow sampler only there, the others
+    only elsewhere."""
+    flow = sd.prediction_type == "flow"
+    if key == "method":
+        return [m for m in choices if m != "flowedit" and not (flow and m == "p2p")]
+    if key == "sampler":
+        return [x for x in choices if (x == "flow") == flow]
+    return list(choices)
+
+
 def stop(session: dict) -> None:
     if session["cancel"].is_set():
         raise Cancelled("cancelled")
 
 
 def frames(trace: Trace, labels: list[str]):
-    """A function: step s (from 1) -> [(picture, caption)]: the x0 prediction (through trace.latent_rgb), then per
+    """A function: step s (from 1) -> [(picture, caption)]: the x0 prediction (through trace.rgb), then per
     concept (or word) each of its maps, white where it acts, enlarged (nearest) to at least 128 px."""
-    x0 = latent_rgb(trace.inv)(torch.stack(trace.steps["x0_hat"])[:, -1])  # [S, 3, h, w] in [0, 1]
+    x0 = trace.rgb(torch.stack(trace.steps["x0_hat"])[:, -1])  # [S, 3, h, w] in [0, 1]
     maps = [(MAP_NAMES[n], tile(torch.stack(trace.steps[n]), x0.shape[-2:])) for n in trace.ROWS if n in trace.steps]
     zoom = max(1, -(-128 // x0.shape[-1]))
 
@@ -275,7 +292,9 @@ def page(app: App):
         if options.get("action") == "store_true":
             return gr.Checkbox(value=default, label=label, info=help, elem_id=key)
         if "choices" in options:
-            return gr.Radio(options["choices"], value=default, label=label, info=help, elem_id=key)
+            choices = choices_for(app.sd, key, options["choices"])
+            return gr.Radio(choices, value=default if default in choices else choices[0], label=label, info=help,
+                            elem_id=key)
         if options.get("type") in (int, float) and default is not None:  # (an empty Number would read 0)
             return gr.Number(value=default, label=label, info=help, elem_id=key,
                              precision=0 if options["type"] is int else None)

@@ -7,6 +7,12 @@
                      cross_replace, self_replace, reweight, local_blend as given, else p2p.edit's defaults)
     LEDITS           the target prompt and the SEGA concepts (ledits.py)
     LEDITS++         the concepts with LEDITS++' implicit masks (leditspp.py), on the same inversion
+On a flow inversion (sampler "flow": Stable Diffusion 3) the middle panels are "flow inversion" (its regeneration
+steered by the target prompt alone, key "flow") and "FlowEdit" (flowedit.py from the inversion's picture, inv.image,
+with the inversion's source prompt, steps, source guidance and seed, the target prompt and guidance, n_max (by default
+the inversion's edited steps N - skip: both start at one noise level), n_min, n_avg, the negative prompt); no P2P
+panel (Prompt-to-Prompt replaces a UNet's cross-attention). FlowEdit needs no inversion: its panel equals
+`minledits edit PHOTO --method flowedit` with those options.
 On a DDIM inversion (sampler "ddim") the two middle panels are "DDIM inversion" (its DDIM regeneration steered by
 the target prompt alone) and "DDIM + P2P" (Prompt-to-Prompt on it: the classic baseline), keys "ddim" and
 "ddim+p2p"; LEDITS and LEDITS++ run on it too (their steps take the DDIM step; its noise maps are 0), and the
@@ -14,7 +20,7 @@ reconstruction is its regeneration without guidance (DDIM inversion is not exact
 Every method walks the one inversion it is given (they all take every sampler's inversion), so their inputs are
 equal by construction. A method whose inputs are missing (DDPM without a target prompt, P2P without a source and a
 target prompt, LEDITS and LEDITS++ without concepts) is left out, and said so.
-Each panel comes with its UNet image-evaluations (rows of the UNet's batches) and its time.
+Each panel comes with its UNet image-evaluations (rows of the UNet's batches; on SD3 the transformer's) and its time.
 """
 import time
 from contextlib import contextmanager
@@ -22,13 +28,16 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .. import ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p
 from ..io.image import to_pil
 from ..model import decode
 from .sweep import text_tile
 
 LABELS = {"input": "input", "reconstruction": "reconstruction", "ddpm": "DDPM inversion", "p2p": "DDPM + P2P",
-          "ddim": "DDIM inversion", "ddim+p2p": "DDIM + P2P", "ledits": "LEDITS", "leditspp": "LEDITS++"}
+          "ddim": "DDIM inversion", "ddim+p2p": "DDIM + P2P", "flow": "flow inversion", "flowedit": "FlowEdit",
+          "flow+p2p": "flow + P2P",
+          "ledits": "LEDITS", "leditspp": "LEDITS++"}
+P2P_ON_FLOW = "Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow (Stable Diffusion 3)"
 
 
 @dataclass
@@ -52,24 +61,33 @@ def unet_rows(unet):
 
 def method_edits(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list,
                  momentum_scale: float, momentum_beta: float, pp_concepts: list, p2p_options: dict,
-                 sampler: str = "ddpm", **pp) -> tuple[dict, dict]:
+                 sampler: str = "ddpm", flow_options: dict | None = None, **pp) -> tuple[dict, dict]:
     """({method: function(sd, inv) -> w0}, {method: why it is left out}). concepts: LEDITS' (sega.Concept),
     pp_concepts: the same with LEDITS++' defaults (leditspp.concept); p2p_options: p2p.edit's cross_replace,
     self_replace, reweight, local_blend; sampler: the inversion's (its name keys the middle panels: "ddim" and
-    "ddim+p2p" on a DDIM inversion, else "ddpm" and "p2p"); pp: leditspp.edit's mask, negative_prompt,
-    guidance_rescale."""
-    plain, with_p2p = ("ddim", "ddim+p2p") if sampler == "ddim" else ("ddpm", "p2p")
+    "ddim+p2p" on a DDIM inversion, "flow" and "flowedit" on a flow one, else "ddpm" and "p2p"); flow_options:
+    FlowEdit's n_max (None: the inversion's edited steps), n_min, n_avg; pp: leditspp.edit's mask,
+    negative_prompt, guidance_rescale (FlowEdit takes its negative_prompt too)."""
+    plain, with_p2p = {"ddim": ("ddim", "ddim+p2p"), "flow": ("flow", "flowedit")}.get(sampler, ("ddpm", "p2p"))
     run, left_out = {"reconstruction": lambda sd, inv: ledits.edit(sd, inv)}, {}
     if target_prompt:
         run[plain] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
                                                  target_guidance=target_guidance)
     else:
         left_out[plain] = "it edits by the target prompt alone: give --target-prompt"
-    if source_prompt and target_prompt:
+    if sampler == "flow" and source_prompt and target_prompt:
+        run["flowedit"] = lambda sd, inv: flowedit.edit(sd, to_pil(inv.image)[0], **flowedit_options(
+            inv, target_prompt, target_guidance, pp.get("negative_prompt", ""), **(flow_options or {})))
+    elif sampler == "flow":
+        left_out["flowedit"] = ("it edits from the source prompt to the target prompt: give --source-prompt (to the "
+                                "inversion) and --target-prompt")
+    elif source_prompt and target_prompt:
         run[with_p2p] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, **p2p_options)
     else:
         left_out[with_p2p] = ("it maps the source prompt's words to the target's: give --source-prompt and "
                               "--target-prompt")
+    if sampler == "flow":
+        left_out["flow+p2p"] = P2P_ON_FLOW
     if concepts:
         run["ledits"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
                                                     target_guidance=target_guidance, concepts=concepts,
@@ -78,6 +96,16 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
     else:
         left_out.update(ledits="it needs concepts: give -e", leditspp="it needs concepts: give -e")
     return run, left_out
+
+
+def flowedit_options(inv, target_prompt: str, target_guidance: float, negative_prompt: str = "", n_max=None,
+                     n_min=0, n_avg=1) -> dict:
+    """flowedit.edit's options for the FlowEdit panel of a flow inversion inv (module docstring)."""
+    s = inv.settings
+    return dict(source_prompt=s.source_prompt, target_prompt=target_prompt, steps=s.steps,
+                n_max=len(inv.zs) if n_max is None else n_max, n_min=n_min, n_avg=n_avg,
+                source_guidance=s.source_guidance, target_guidance=target_guidance, seed=s.seed,
+                negative_prompt=negative_prompt, size=s.size, keep_aspect=s.keep_aspect)
 
 
 def panels(sd, inv, run: dict) -> list[Panel]:

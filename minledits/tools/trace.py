@@ -7,9 +7,15 @@
                       [S, C, h', w'], "m_noise", "m_attn", "M", ...}
     trace.picture()   per step (columns, 16 per band): the x0 prediction, then per concept (one row each) its
                       LEDITS++ attention map A~_c (scaled to its maximum) and noise mask if the edit made them, and
-                      the mask that was applied (white where the concept acts, averaged over the 4 latent channels)
-The x0 predictions are shown through a linear latent -> RGB map fitted on the input image and its latent,
-not by the VAE (one decode per step would cost more than the edit).
+                      the mask that was applied (white where the concept acts, averaged over the latent channels)
+    FlowTrace(sd, image, steps); flowedit.edit(sd, image, ..., callback=trace): FlowEdit's steps (flowedit.py):
+                      "x0_hat" the target branch's clean prediction, the mean over the draws j of
+                      Z_t^tar,j - sigma_k V^tar,j (in the SDEdit-style tail: X_t^tar - sigma_k V^tar), "x" the edit's
+                      state after the step (Z^FE, itself a clean latent: it runs from the photo's to the edit's),
+                      "v_delta" (the tail: V^tar), "t", "tail"; its picture: the x0 prediction above the state
+The x0 predictions are shown through a linear latent -> RGB map (C channels + bias -> 3) fitted by least squares on
+the input image and its latent (SD's 4 channels and SD3's 16 alike), not by the VAE (one decode per step would cost
+more than the edit). With fewer latent pixels than C + 1 the fit is underdetermined (a rough picture).
 """
 import dataclasses
 import json
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save as save_bytes
 
+from ..flowmatch import FlowEuler
 from ..io.files import atomic
 from ..io.image import to_pil
 
@@ -43,10 +50,13 @@ class Trace:
     """An edit callback that keeps a CPU copy of every tensor of every step, plus xhat_0 and mu_t (sampler.py)."""
     ROWS = ("attn", "m_noise", "M", "acts")  # the per-concept rows of the picture, in this order, where present
 
+    PICTURED = ("x0_hat",)  # the latents pictured per step, one row each, above the concepts' rows
+
     def __init__(self, sd, inv):
         # its own sampler, called in the edit's order of k (a multistep sampler keeps a history)
         self.inv, self.sampler = inv, inv.settings.new_sampler(sd.schedule)
         self.steps = defaultdict(list)
+        self.rgb = latent_rgb(inv.w0, inv.image)
 
     def __call__(self, st):
         for k, v in self.row(st).items():
@@ -81,10 +91,10 @@ class Trace:
     def picture(self):
         """Per step (columns): the x0 prediction of the edited row (P2P: the target), then one row per concept (or
         word) of each of its maps in ROWS."""
-        x0 = latent_rgb(self.inv)(torch.stack(self.steps["x0_hat"])[:, -1])  # [S, 3, h, w] in [0, 1]
-        maps = [tile(torch.stack(self.steps[name]), x0.shape[-2:]) for name in self.ROWS if name in self.steps]
+        x0 = [self.rgb(torch.stack(self.steps[name])[:, -1]) for name in self.PICTURED]  # [S, 3, h, w] in [0, 1]
+        maps = [tile(torch.stack(self.steps[name]), x0[0].shape[-2:]) for name in self.ROWS if name in self.steps]
         C = maps[0].shape[1] if maps else 0
-        rows = [x0] + [m[:, c, None].expand_as(x0) for c in range(C) for m in maps]
+        rows = x0 + [m[:, c, None].expand_as(x0[0]) for c in range(C) for m in maps]
         return grid(torch.stack(rows, 1))
 
 
@@ -97,13 +107,15 @@ def tile(m: torch.Tensor, hw) -> torch.Tensor:
     return F.interpolate(m, size=tuple(hw))
 
 
-def latent_rgb(inv):
-    """A least-squares linear map latent [4] (+ bias) -> RGB, fitted on w0 and the input image at latent size."""
-    w0 = inv.w0.float().cpu()
-    rgb = F.interpolate(inv.image.float().cpu(), size=w0.shape[-2:], mode="area")
-    X = torch.cat([w0[0].flatten(1), torch.ones(1, w0[0, 0].numel())]).T            # [hw, 5]
-    A = torch.linalg.lstsq(X, rgb[0].flatten(1).T).solution.T                       # [3, 5]
-    rgb = lambda lat: torch.einsum("rc,schw->srhw", A[:, :4], lat.float()) + A[:, 4, None, None]  # in [-1, 1]
+def latent_rgb(w0: torch.Tensor, image: torch.Tensor):
+    """A least-squares linear map latent [C] (+ bias) -> RGB, fitted on w0 [1, C, h, w] and the input image
+    [1, 3, H, W] in [-1, 1] at latent size: a function latents [S, C, h, w] -> [S, 3, h, w] in [0, 1]."""
+    w0 = w0.float().cpu()
+    C = w0.shape[1]
+    rgb = F.interpolate(image.float().cpu(), size=w0.shape[-2:], mode="area")
+    X = torch.cat([w0[0].flatten(1), torch.ones(1, w0[0, 0].numel())]).T            # [hw, C + 1]
+    A = torch.linalg.lstsq(X, rgb[0].flatten(1).T).solution                        # [C + 1, 3]
+    rgb = lambda lat: torch.einsum("cr,schw->srhw", A[:C], lat.float().cpu()) + A[C, :, None, None]  # in [-1, 1]
     return lambda lat: (rgb(lat) / 2 + 0.5).clamp(0, 1)
 
 
@@ -118,6 +130,31 @@ def grid(tiles: torch.Tensor, cols: int = 16):
     tiles = torch.cat([tiles, tiles.new_ones(bands * cols - S, R, 3, h, w)])
     img = tiles.view(bands, cols, R, 3, h, w).permute(3, 0, 2, 4, 1, 5).reshape(3, bands * R * h, cols * w)
     return to_pil(img[None] * 2 - 1)[0]
+
+
+class FlowTrace(Trace):
+    """A FlowEdit edit's callback (flowedit.FlowStep): per step the target branch's x0 prediction, the edit's state,
+    V_delta, t and whether the step is of the SDEdit-style tail (module docstring); the RGB map is fitted on the first
+    step's state (the photo's latent X_0^src) and `image` [1, 3, H, W], the picture edited (preprocessed)."""
+    PICTURED, ROWS = ("x0_hat", "x"), ()
+
+    def __init__(self, sd, image: torch.Tensor, steps: int):
+        self.flow, self.image, self.rgb = FlowEuler(sd.schedule, steps), image, None
+        self.steps = defaultdict(list)
+
+    def __call__(self, st):
+        if self.rgb is None:
+            self.rgb = latent_rgb(st.x, self.image)
+        for k, v in self.row(st).items():
+            self.steps[k].append(v.detach().to("cpu", copy=True))
+
+    def row(self, st) -> dict:
+        x0_hat = self.flow.x0_hat(st.k, st.zt_tar, st.v_tar).mean(0, keepdim=True)
+        return dict(x0_hat=x0_hat, x=st.x_next, v_delta=st.v_delta, t=torch.as_tensor(st.t),
+                    tail=torch.tensor(st.tail))
+
+    def labels(self, concepts=()) -> dict:
+        return {}
 
 
 def side_by_side(images):
