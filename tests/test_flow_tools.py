@@ -27,29 +27,12 @@ from minledits.io import store
 from minledits.io.image import to_tensor
 from minledits.model import decode
 from minledits.tools.trace import FlowTrace, latent_rgb
-from tests import sd3_hub
-from tests.helpers import photo as random_photo
+from tests import test_cli_flow
 from tests.helpers import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FLOW = ["--method", "flowedit", "--source-prompt", "a cat", "--target-prompt", "a dog", "--steps", "6", "--n-max",
-        "4", "--n-min", "1", "--size", "64"]
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return sd3_hub.make(tmp_path_factory.mktemp("sd3") / "sd3").folder
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    random_photo(size=(80, 64)).save(path)
-    return path
+sd3, photo = test_cli_flow.sd3, test_cli_flow.photo  # fixtures: the tiny SD3 folder, a photo (module-scoped)
+FLOW, pixels = test_cli_flow.FLOW, test_cli_flow.pixels
 
 
 @pytest.fixture(scope="module")
