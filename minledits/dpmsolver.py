@@ -63,7 +63,7 @@ class DPMSolverPP:
     reset(), starts a run. noise_map also takes a slice of steps (row i of x, x_prev, out is step start + i) and
     maps them in order: the inversion's x_t are independent, so their UNet outputs can be batched first.
     """
-    name, trajectory = "dpmsolver++", False
+    name, trajectory, outputs = "dpmsolver++", False, ("epsilon", "v_prediction")
 
     def __init__(self, schedule: Schedule, N: int, final: str = "zero"):
         """ValueError (one line) for N outside 1..T-2 and for scheduler options this solver does not implement.

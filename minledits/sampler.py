@@ -45,7 +45,7 @@ class Sampler(Protocol):
     name: str                # its key in SAMPLERS (inversion files record it)
     N: int                   # inference steps
     timesteps: list[int]     # tau_k, k = 0..N-1, descending (a flow's: T sigma_k, a float32 tensor; numbers())
-    outputs: tuple[str, ...]  # the model outputs it takes (prediction types); absent: ("epsilon", "v_prediction")
+    outputs: tuple[str, ...]  # the model outputs it takes (prediction types: eps and v, or a flow's velocity)
 
     @classmethod  # a fresh sampler for an inversion (schedule: sd.schedule, a flow's a dict); keep_last_noise: one
     # whose last step has a noise map
@@ -70,7 +70,7 @@ def numbers(timesteps) -> list:
 
 def takes(sampler, prediction_type: str) -> bool:
     """Whether the sampler (class or object) works on a model whose output is prediction_type."""
-    return prediction_type in getattr(sampler, "outputs", ("epsilon", "v_prediction"))
+    return prediction_type in sampler.outputs
 
 
 class Step(NamedTuple):
@@ -88,7 +88,7 @@ def abar_prev(schedule: Schedule, t: int, D: int) -> torch.Tensor:
 
 class DDPM:
     """The DDPM posterior step over N inference steps of `schedule`, and its inverse."""
-    name, trajectory = "ddpm", False
+    name, trajectory, outputs = "ddpm", False, ("epsilon", "v_prediction")
 
     def __init__(self, schedule: Schedule, N: int):
         """ValueError (one line) for N outside 1..T, and for a step the posterior is undefined at."""

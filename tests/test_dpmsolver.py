@@ -285,7 +285,7 @@ def test_regenerating_from_the_inversion_walks_its_latents(sd1):
 def test_unknown_sampler_fails_before_any_unet_work(sd1, monkeypatch):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
     monkeypatch.setattr(sd1, "vae", None)
-    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', got 'nope'$"):
+    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', 'flow', got 'nope'$"):
         minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="nope")
     with pytest.raises(ValueError, match="dpmsolver"):  # and its step limit, before any work too
         minledits.invert(sd1, photo(), steps=999, skip=SKIP, size=SIZE, sampler="dpmsolver++")
@@ -299,7 +299,7 @@ def test_files_keep_the_sampler(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("sampler, keep, words", [
-    ("euler", False, "made with sampler 'euler', which this minledits does not have (ddpm, ddim, dpmsolver++)"),
+    ("euler", False, "made with sampler 'euler', which this minledits does not have (ddpm, ddim, dpmsolver++, flow)"),
     ("dpmsolver++", True, None)])
 def test_files_a_sampler_cannot_serve_are_refused(sd1, tmp_path, sampler, keep, words):
     """A sampler this version lacks (a newer file): one line; the others load."""
