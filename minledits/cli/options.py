@@ -59,7 +59,7 @@ COMMON = [
 INVERT = [
     (("--source-prompt",), "", "text describing the input image (optional)", TEXT),
     (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
-    (("--steps",), INV.steps, "diffusion steps N (--method flowedit: {FLOWEDIT_SHARED['steps']})", INT),
+    (("--steps",), INV.steps, f"diffusion steps N (--method flowedit: {FLOWEDIT_SHARED['steps']})", INT),
     (("--skip",), None, "steps skipped at the noisy end: more keeps more of the input (default: the method's share of "
      f"N: {SAMPLERS['ddpm'].default_skip(100)} of 100; --method p2p: {p2p.default_skip(100)} of 100; --sampler "
      f"dpmsolver++: {SAMPLERS['dpmsolver++'].default_skip(100)} of 100, diffusers' skip=0.15; --sampler ddim: "
