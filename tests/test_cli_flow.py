@@ -142,8 +142,8 @@ def test_invert_then_leditspp_and_reconstruct(sd3, photo, tmp_path, capsys):
     (["edit", "{photo}", *FLOW, "--n-max", "7"], "--n-max (the steps edited) must be in 1..--steps (6), got 7"),
     (["edit", "{photo}", *FLOW, "--n-avg", "0"], "--n-avg (noise draws per step) must be >= 1, got 0"),
     (["edit", "{photo}", *FLOW, "--size", "96"], "--size must be a multiple of 64 (at least 64), got 96"),
-    (["sweep", "{photo}", *FLOW, "--vary", "seed=1,2"], "--method flowedit edits one image without an inversion: "
-     "sweep does not run it; use minledits edit (or batch)"),
+    (["sweep", "{photo}", *FLOW, "--vary", "skip=1,2"], "--method flowedit takes no --skip: it edits the image "
+     "itself, without an inversion (the steps it edits are --n-max); leave it out"),
     (["download", "--offload-text"], "--offload-text is an option of running a model, not of download; leave it "
      "out")])
 def test_refusals_on_sd3(sd3, photo, tmp_path, capsys, argv, message):

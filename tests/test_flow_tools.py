@@ -165,6 +165,22 @@ def test_sweep_over_skip_on_a_flow_inverts_once(sd3, photo, tmp_path, capsys):
     assert rc == 2 and "--sampler ddim is for Stable Diffusion 1.x, 2.x and XL" in err
 
 
+def test_sweep_of_flowedit_over_n_max(sd3, photo, tmp_path, capsys):
+    """FlowEdit's cells need no inversion: each is the edit command's picture."""
+    sweep = ["sweep", photo, "-o", tmp_path / "s.png", "--model", sd3, *FLOW[:-6], "--n-min", "1", "--size", "64",
+             "--vary", "n_max=2,4", "--clip-model", "none"]
+    rc, _, err = run(capsys, *sweep)
+    assert rc == 0, err
+    assert "sweep of 2 cells, 0 done already: 0 inversion(s) and 2 edit(s)" in err
+    cells = json.loads((tmp_path / "s.json").read_text())["cells"]
+    assert [(c["settings"]["method"], c["settings"]["n_max"]) for c in cells] == [("flowedit", 2), ("flowedit", 4)]
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", sd3, *FLOW, "-q")
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "s" / "001.png"), pixels(tmp_path / "e.png"))
+    rc, out, err = run(capsys, *sweep, "-q")  # a rerun keeps its cells
+    assert rc == 0 and "sweep: 0 cells done, 2 kept, 0 failed" in out, err
+
+
 def test_the_app_on_sd3(sd3, photo, tmp_path):
     """The app offers no FlowEdit (it edits without an inversion; refused in one line through the API) and, on SD3,
     no P2P and only the flow sampler; its edit is the command's."""

@@ -415,9 +415,9 @@ def concepts_of(args):
 def flowedit_options(args) -> list:
     """--method flowedit's options (its defaults where not given: FLOWEDIT_SHARED) checked before any work, and the
     input an image; what only an inversion uses is refused. No concepts: []."""
-    if args.cmd != "edit":
+    if args.cmd not in ("edit", "sweep"):
         raise MinleditsError(f"--method flowedit edits one image without an inversion: {args.cmd} does not run it; "
-                             "use minledits edit (or batch)")
+                             "use minledits edit (or batch, sweep)")
     if given := [flag for key, flag in NO_INVERSION.items() if getattr(args, key, None) not in (None, False)]:
         raise MinleditsError(f"--method flowedit takes no {given[0]}: it edits the image itself, without an "
                              "inversion (the steps it edits are --n-max); leave it out")
@@ -574,27 +574,40 @@ def cmd_flowedit(args, cache=None, names=OUTPUTS):
     image = read_image(args.input)
     sd = model_of(args, {} if cache is None else cache)
     check_kind(args, sd)
-    size = sd.default_size if args.size is None else args.size
-    options = dict(source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps,
-                   n_max=args.n_max, n_min=args.n_min, n_avg=args.n_avg, source_guidance=args.source_guidance,
-                   target_guidance=args.target_guidance, seed=args.seed, negative_prompt=args.negative_prompt,
-                   size=size, keep_aspect=args.keep_aspect)
-    x = to_tensor(image, size, args.keep_aspect)
+    options = flowedit_settings(args, sd)
+    x = to_tensor(image, options["size"], args.keep_aspect)
     trace_files = [p for key, p in named if key == "trace"]
     with all_or_none([p for _, p in named]):
         trace = FlowTrace(sd, x, args.steps) if trace_files else None
-        with bar(args, "edit", args.n_max) as b:
-            w0 = flowedit.edit(sd, image, **options, callback=lambda step: (b.update(), trace and trace(step)))
-        im = decoded(args, sd, w0)
-        p = dict(model_made_with(args, sd), method="flowedit", **options)
-        record = dict(command="edit", input=str(args.input), fingerprint=sd.fingerprint, **p)
-        argv = ["edit", str(args.input), *to_argv(p)]
+        im = run_flowedit(args, sd, image, options, trace)
         if compare:
-            write_png(side_by_side([to_pil(x)[0], im]), compare, record, argv)
+            write_png(side_by_side([to_pil(x)[0], im]), compare, *flowedit_record(args, sd, options))
         if trace:
             trace.save(*trace_files)
-        write_png(im, out, record, argv)
+        write_png(im, out, *flowedit_record(args, sd, options))
     finish(start, f"edit: {args.input} -> {out}", sd.model_id)
+
+
+def flowedit_settings(args, sd) -> dict:
+    """flowedit.edit's options of args (checked by flowedit_options), the size the model's where not given."""
+    return dict(source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps,
+                n_max=args.n_max, n_min=args.n_min, n_avg=args.n_avg, source_guidance=args.source_guidance,
+                target_guidance=args.target_guidance, seed=args.seed, negative_prompt=args.negative_prompt,
+                size=sd.default_size if args.size is None else args.size, keep_aspect=args.keep_aspect)
+
+
+def run_flowedit(args, sd, image, options: dict, trace=None):
+    """The picture (PIL) FlowEdit makes of image with `options` (flowedit_settings), with progress bars."""
+    with bar(args, "edit", options["n_max"]) as b:
+        w0 = flowedit.edit(sd, image, **options, callback=lambda step: (b.update(), trace and trace(step)))
+    return decoded(args, sd, w0)
+
+
+def flowedit_record(args, sd, options: dict) -> tuple[dict, list]:
+    """(the PNG's record, the edit command line that makes it again) of a FlowEdit picture (write_png)."""
+    p = dict(model_made_with(args, sd), method="flowedit", **options)
+    return dict(command="edit", input=str(args.input), fingerprint=sd.fingerprint, **p), \
+        ["edit", str(args.input), *to_argv(p)]
 
 
 def cmd_metrics(args):

@@ -31,6 +31,8 @@ from .commands import (
     concepts_of,
     file_name,
     finish,
+    flowedit_record,
+    flowedit_settings,
     inputs_of,
     inversion_of,
     inversion_settings,
@@ -40,9 +42,11 @@ from .commands import (
     one_line,
     outputs,
     protect,
+    read_image,
     refuse_existing,
     report,
     run_edit,
+    run_flowedit,
     save_png,
     spec,
     write_png,
@@ -214,6 +218,7 @@ def cmd_batch(args):
 INVERT_NAMES = [dest(flags, options) for flags, _, _, options in INVERT]
 NOT_VARIED = ("concepts", "save_inversion", "trace", "compare", "user_mask")
 EDIT_SETTINGS = [dest(flags, o) for flags, _, _, o in EDIT if dest(flags, o) not in NOT_VARIED]
+FLOWEDIT_KEY = ("flowedit",)  # the group of FlowEdit's cells: no inversion to share
 BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -292,6 +297,11 @@ def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
     sampler slices: sweep.shared_key; inv: an inversion file's, which fixes them), every edit option and the
     concepts. A cell is kept only where its record holds all of them."""
     s = dict(source)
+    if c.method == "flowedit":  # no inversion: every cell its own (concepts_of checked its options)
+        check_kind(c, sd)
+        options = flowedit_settings(c, sd)
+        sd.check_fits(options["size"], options["size"])
+        return {**s, "method": "flowedit", **options}, FLOWEDIT_KEY
     if inv is None:
         check_kind(c, sd, c.sampler is not None)  # on SD3 the flow sampler where none is given
         resolve(c, INVERT + COMMON)
@@ -374,7 +384,10 @@ def sweep_text(c, concepts):
 
 def sweep_group(args, cache, out, items, skips, clip):
     """The cells of one inversion: invert once (at the smallest skip where the sampler slices), edit each, write PNG
-    and record (a failed cell: neither). Returns {cell: why it failed}."""
+    and record (a failed cell: neither); FlowEdit's cells (FLOWEDIT_KEY) each edit the image. Returns {cell: why it
+    failed}."""
+    if items[0][3] == FLOWEDIT_KEY:
+        return sweep_flowedit(args, cache, out, items, clip)
     s = items[0][2]  # an image's settings: the group's, but a sliceable inversion's skip is its smallest
     skip = {"skip": min(skips)} if "sampler" in s and sweep.sliceable(s["sampler"]) else {}
     inverted = InversionSettings(**{**{k: s[k] for k in store.SETTINGS}, **skip}) if "sampler" in s else None
@@ -401,6 +414,32 @@ def sweep_group(args, cache, out, items, skips, clip):
                 save_png(im, png, c, sd, inv_c, concepts, ledits.idle(concepts or [], len(inv_c.zs)))
                 found = metrics.measure(to_pil(inv_c.image)[0], im, sweep_text(c, concepts), clip)
                 sweep.write_json(record, {"settings": settings, "invert_s": round(invert_s, 3),
+                                          "edit_s": round(time.time() - start, 3),
+                                          **{k: sweep.finite(v) for k, v in found.items()}})
+        except Exception as e:
+            failed[n] = one_line(e)
+            report(e, args.verbose, f"cell {n} ({png}) failed")
+    return failed
+
+
+def sweep_flowedit(args, cache, out, items, clip):
+    """FlowEdit's cells: each the image edited (cmd_flowedit's edit and PNG), its record. Returns {cell: why it
+    failed}."""
+    failed = {}
+    for n, c, settings, _ in items:
+        png, record = sweep.cell_paths(out, n)
+        png.unlink(missing_ok=True)
+        try:
+            with all_or_none([png, record]):
+                start = time.time()
+                sweep.write_json(record, {"settings": settings})
+                sd, image = model_of(c, cache), read_image(c.input)
+                options = flowedit_settings(c, sd)
+                im = run_flowedit(c, sd, image, options)
+                write_png(im, png, *flowedit_record(c, sd, options))
+                found = metrics.measure(to_pil(to_tensor(image, options["size"], c.keep_aspect))[0], im,
+                                        c.target_prompt or None, clip)
+                sweep.write_json(record, {"settings": settings, "invert_s": 0.0,
                                           "edit_s": round(time.time() - start, 3),
                                           **{k: sweep.finite(v) for k, v in found.items()}})
         except Exception as e:
@@ -460,7 +499,8 @@ def cmd_sweep(args):
     rows = sum(sweep.patch_rows([t[2]["skip"] for t in g], min(t[2]["skip"] for t in g), g[0][2]["batch_size"],
                                 g[0][2]["steps"]) for g in groups.values() if g[0][2].get("sampler") == "ddpm")
     if rank == 0 and not args.quiet:
-        print(f"minledits: sweep of {len(cells)} cells, {len(cells) - len(todo)} done already: {len(groups)} "
+        print(f"minledits: sweep of {len(cells)} cells, {len(cells) - len(todo)} done already: "
+              f"{sum(key != FLOWEDIT_KEY for key in groups)} "
               f"inversion(s){f' (+{rows} UNet rows to align skips)' if rows else ''} and {len(todo)} edit(s)"
               f"{f' on {world} processes' if world > 1 else ''}", file=sys.stderr)
     out.with_suffix("").mkdir(parents=True, exist_ok=True)
