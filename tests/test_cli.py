@@ -6,6 +6,7 @@ Small pictures and few steps: 64 px, 6 steps, skip 2.
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import types
@@ -193,6 +194,13 @@ def test_help_documents_the_concept_syntax_and_defaults(capsys):
                  "(default: 0.6)", "the model's, 512", "--trace", "--compare", "--save-inversion", "random-tiny"]:
         assert text in " ".join(out.split()), text
     assert run(capsys, "--help")[0] == 0
+
+
+@pytest.mark.parametrize("command", sorted(cli.HANDLERS))
+def test_no_help_text_shows_code(command, capsys):
+    """An f-string written without its f shows its braces: '{NAME[...]}' or '{x:g}' in a help text."""
+    rc, out, _ = run(capsys, command, "--help")
+    assert rc == 0 and not re.search(r"\{[A-Za-z_][\w.]*(\[[^\]]*\])*(:[^}]*)?\}", out), out
 
 
 # --------------------------------------------------------------------------------------------- errors
