@@ -74,6 +74,15 @@ def test_trace_of_leditspp_on_a_flow_inversion(sd3, inversion, tmp_path, capsys)
     assert picture.size == (4 * 66, (1 + 3 * C) * 66)
 
 
+def test_trace_of_ledits_on_a_flow_inversion(sd3, inversion, tmp_path, capsys):
+    rc, _, err = run(capsys, "edit", inversion, "-o", tmp_path / "a.png", "--model", sd3, "--target-prompt", "a dog",
+                     "-e", "glasses", "--trace", tmp_path / "t", "-q")
+    assert rc == 0, err
+    t = load_file(tmp_path / "t.safetensors")
+    assert t["x0_hat"].shape == (4, 1, 16, 8, 8) and t["acts"].shape == (4, 1, 1, 16, 8, 8)
+    assert Image.open(tmp_path / "t.png").size == (4 * 66, 2 * 66)  # x0, then the concept's SEGA mask
+
+
 def test_trace_of_flowedit(sd3, photo, tmp_path, capsys):
     rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", "--model", sd3, *FLOW, "--trace", tmp_path / "t",
                      "-q")

@@ -104,7 +104,7 @@ EDIT = [
     (("--local-blend",), None, "p2p: edit only where these words attend: source words,target words (each side "
      "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR", type=text)),
     (("--n-max",), FLOWEDIT_DEFAULTS["n_max"], "flowedit: the steps edited, the last N of --steps (more: a stronger "
-     "edit)", INT),
+     "edit; compare's FlowEdit panel: by default the flow inversion's edited steps, N - skip)", INT),
     (("--n-min",), FLOWEDIT_DEFAULTS["n_min"], "flowedit: of those, the last N sample the target prompt alone "
      "(SDEdit-style)", INT),
     (("--n-avg",), FLOWEDIT_DEFAULTS["n_avg"], "flowedit: noise draws averaged per step", INT),
