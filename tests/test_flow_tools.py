@@ -211,6 +211,11 @@ def test_the_app_on_sd3(sd3, photo, tmp_path):
     assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
     with pytest.raises(MinleditsError, match="^--method flowedit is not in the app: it edits the photo itself"):
         app.edit(session, photo, dict(method="flowedit", source_prompt="a cat", target_prompt="a dog"))
+    pytest.importorskip("gradio")
+    radios = {b.elem_id: (b.choices, b.value) for b in webapp.page(app).blocks.values()
+              if getattr(b, "elem_id", None) in ("method", "sampler")}
+    assert radios == {"method": ([("ledits", "ledits"), ("leditspp", "leditspp")], "ledits"),
+                      "sampler": ([("flow", "flow")], "flow")}
 
 
 def test_the_app_on_sd1_offers_no_flow(tiny_sd1):
