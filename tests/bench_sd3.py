@@ -17,8 +17,9 @@ fp32 transformer alone is 8 GB), after the weight files were read once (a warm p
                tests/oracle_flowedit.flowedit_sd3 (the authors' FlowEditSD3; torch.manual_seed, then randn_like of
                a contiguous latent) on the same preprocessed picture -> VAE decode
   transformers both transformers in one process (ours takes diffusers' tensors: one copy), calls alternating on
-               the same inputs (77 random CLIP rows + 256 zero rows, batch 4 as a FlowEdit step): seconds per
-               evaluation, ours with 333 rows and with 77 + 1, the median of --repeats after a warm-up
+               the same inputs (77 random CLIP rows + 256 zero rows, --batch rows): seconds per evaluation, ours
+               with 333 rows and with 77 + 1, the fastest (the least disturbed) and the median of --repeats
+               rounds, each starting with the next variant (on CUDA after a warm-up round); and the FLOPs of both
 
 Same picture, seed and noise: the final latents must agree to 1e-4 (relative to their largest magnitude) in float32.
 The default step counts (--steps 50 --n-max 2: two FlowEdit steps of 4 rows each) are small enough for a 2-core CPU;
@@ -29,8 +30,8 @@ float32. Not a pytest test (pytest collects test_*.py only).
 import argparse
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -43,8 +44,8 @@ from minledits import flowedit
 from minledits.io.image import to_tensor
 from minledits.io.load import ALIASES, dtype_of
 from minledits.nets import mmdit
-from tests import hub, oracle_flowedit, sd3_hub
-from tests.bench import photo
+from tests import bench, hub, oracle_flowedit, sd3_hub
+from tests.bench import photo, warm_page_cache
 
 CACHE = Path(os.environ.get("TMPDIR") or "/tmp") / "minledits-bench"
 FOLDER = CACHE / "sd3-medium"
@@ -81,7 +82,7 @@ def parse(argv=None):
     p.add_argument("--collapse", default="both", choices=["on", "off", "both"],
                    help="ours: the 256 equal text rows counted once (on), all 333 rows (off), or each in turn")
     p.add_argument("--repeats", type=int, default=3, help="transformers: timed calls per variant (median)")
-    p.add_argument("--batch", type=int, default=4, help="transformers: rows per call (a FlowEdit step: 4)")
+    p.add_argument("--batch", type=int, default=1, help="transformers: rows per call (a FlowEdit step makes 4)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--paths", default="ours,reference,transformers")
     p.add_argument("--model", type=Path, default=FOLDER,
@@ -137,16 +138,13 @@ def write(folder) -> None:
 
 
 # --------------------------------------------------------------------------------------------- measuring
-class Meter:
-    """Wall time per phase; transformer seconds and evaluations (batch rows) through forward hooks."""
+class Meter(bench.Meter):
+    """Wall time per phase; transformer seconds and evaluations (batch rows) through forward hooks (tests/bench.py's
+    Meter: sync, peak_memory)."""
 
     def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.wall, self.transformer_s, self.rows, self._start = {}, 0.0, 0, 0.0
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        super().__init__(device)
+        self.transformer_s, self.rows, self._start = 0.0, 0, 0.0
 
     def watch(self, transformer):
         def pre(module, args, kwargs):
@@ -160,34 +158,23 @@ class Meter:
         transformer.register_forward_pre_hook(pre, with_kwargs=True)
         transformer.register_forward_hook(post, with_kwargs=True)
 
-    def timed(self, phase, fn, *a, **kw):
-        self.sync()
-        start = time.perf_counter()
-        out = fn(*a, **kw)
-        self.sync()
-        self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - start
-        return out
-
-    def peak_memory(self) -> tuple[str, float]:
-        if self.cuda:
-            return "peak CUDA memory", torch.cuda.max_memory_allocated() / 2**30
-        return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # --------------------------------------------------------------------------------------------- the paths
 def run_ours(args, meter, collapse: bool):
     dtype = dtype_of(args.dtype)
-    sd = meter.timed("load", minledits.load, args.model, args.device, dtype=dtype, t5=False)
+    sd = meter.timed("load", minledits.load)(args.model, args.device, dtype=dtype, t5=False)
 
     def predict(x, t, c):  # the transformer called directly: collapsed (77 + 1 rows) or not (333)
         context, counts = mmdit.collapse(c[0]) if collapse else (c[0], None)
         return sd.transformer(x, t, context, c[1], counts)
     sd.predict = predict
     meter.watch(sd.transformer)
-    w = meter.timed("encode + edit", flowedit.edit, sd, photo(), source_prompt=args.source, target_prompt=args.target,
-                    steps=args.steps, n_max=args.n_max, n_avg=args.n_avg, seed=args.seed, size=args.size)
+    w = meter.timed("encode + edit", flowedit.edit)(sd, photo(), source_prompt=args.source,
+                                                    target_prompt=args.target, steps=args.steps, n_max=args.n_max,
+                                                    n_avg=args.n_avg, seed=args.seed, size=args.size)
     with torch.inference_mode():
-        meter.timed("decode", sd.decode, w)
+        meter.timed("decode", sd.decode)(w)
     return w
 
 
@@ -198,16 +185,17 @@ def run_reference(args, meter):
         torch.randn_like = lambda x: torch.randn(x.shape, dtype=torch.float32).to(x)
     pipe = meter.timed("load", lambda: StableDiffusion3Pipeline.from_pretrained(
         str(args.model), dtype=dtype, transformer=diffusers_transformer(args.model, dtype), text_encoder_3=None,
-        tokenizer_3=None).to(args.device))
+        tokenizer_3=None).to(args.device))()
     pipe.set_progress_bar_config(disable=True)
     meter.watch(pipe.transformer)
     x = to_tensor(photo(), args.size).to(args.device, dtype)
     with torch.no_grad():
-        x_src = meter.timed("encode + edit", oracle_flowedit.encode_image, pipe, x)
-        w = meter.timed("encode + edit", oracle_flowedit.flowedit_sd3, pipe, x_src, args.source, args.target,
-                        T_steps=args.steps, n_avg=args.n_avg, n_max=args.n_max, seed=args.seed)
+        x_src = meter.timed("encode + edit", oracle_flowedit.encode_image)(pipe, x)
+        w = meter.timed("encode + edit", oracle_flowedit.flowedit_sd3)(pipe, x_src, args.source, args.target,
+                                                                       T_steps=args.steps, n_avg=args.n_avg,
+                                                                       n_max=args.n_max, seed=args.seed)
         vae = pipe.vae.config
-        meter.timed("decode", lambda: pipe.vae.decode(w / vae.scaling_factor + vae.shift_factor).sample)
+        meter.timed("decode", lambda: pipe.vae.decode(w / vae.scaling_factor + vae.shift_factor).sample)()
     return w
 
 
@@ -233,6 +221,11 @@ def transformer_inputs(args, config, dtype, M_clip=77, M_t5=256):
     return [u.to(args.device, dtype) for u in (x, c, pooled)] + [torch.full((b,), 800.0, device=args.device)]
 
 
+def rotated(items: list, k: int) -> list:
+    """items starting at the k-th (each round of the interleaved calls starts with another: none is always first)."""
+    return items[k % len(items):] + items[:k % len(items)]
+
+
 def run_transformers(args):
     """Both transformers, one copy of the weights, calls alternating (module docstring): seconds per evaluation."""
     dtype, meter = dtype_of(args.dtype), Meter(args.device)
@@ -249,18 +242,33 @@ def run_transformers(args):
              f"ours, {short.shape[1]} rows": lambda: ours(x, t, short, pooled, counts)}
     times, outs = {name: [] for name in calls}, {}
     with torch.inference_mode():
-        for k in range(args.repeats + 1):
-            for name, call in calls.items():
+        for k in range(args.repeats + meter.cuda):  # CUDA: a first round to warm up
+            for name, call in rotated(list(calls.items()), k):
                 meter.sync()
                 start = time.perf_counter()
                 outs[name] = call()
                 meter.sync()
-                if k:  # the first round warms up
+                if k or not meter.cuda:
                     times[name].append((time.perf_counter() - start) / args.batch)
     v = outs["diffusers"].float()
     diff = {name: ((o.float() - v).abs().max() / v.abs().max()).item() for name, o in outs.items()}
-    return dict(seconds={name: sorted(s)[len(s) // 2] for name, s in times.items()}, all=times, rel_diff=diff,
-                memory=meter.peak_memory())
+    return dict(seconds={name: min(s) for name, s in times.items()}, all=times, rel_diff=diff,
+                memory=meter.peak_memory(), flops=transformer_flops(args, dict(ref.config), short.shape[1]))
+
+
+def transformer_flops(args, config, rows) -> dict:
+    """FLOPs of one evaluation of ours with 333 and with `rows` text rows (FlopCounterMode on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = mmdit.MMDiT(config)
+    h, out, empty = args.size // 8, {}, lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    for M in (333, rows):
+        counts = None if M == 333 else torch.tensor([1] * (M - 1) + [333 - M + 1])
+        with FlopCounterMode(display=False) as fc:
+            model(empty(1, config["in_channels"], h, h), empty(1), empty(1, M, config["joint_attention_dim"]),
+                  empty(1, config["pooled_projection_dim"]), counts)
+        out[M] = fc.get_total_flops()
+    return out
 
 
 def child(args):
@@ -278,13 +286,6 @@ def child(args):
 
 
 # --------------------------------------------------------------------------------------------- the report
-def warm_page_cache(folder):
-    for f in sorted(folder.rglob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while fh.read(1 << 26):
-                pass
-
-
 def spawn(argv, name, out):
     subprocess.run([sys.executable, "-m", "tests.bench_sd3", *argv, "--child", name, "--out", str(out)], check=True)
 
@@ -319,13 +320,17 @@ def report(args, res, latents):
     if "transformers" in res:
         tr = res["transformers"]
         s = tr["seconds"]
-        print(f"\ntransformers interleaved, batch {args.batch}, median of {args.repeats} (s / evaluation; relative "
-              f"difference from diffusers' output):")
+        print(f"\ntransformers interleaved, batch {args.batch}, the fastest of {args.repeats} (s / evaluation, "
+              f"median; relative difference from diffusers' output):")
         for name, sec in s.items():
-            print(f"  {name:<16} {sec:8.3f}  {tr['rel_diff'][name]:.1e}"
+            print(f"  {name:<16} {sec:8.3f} {statistics.median(tr['all'][name]):8.3f}  {tr['rel_diff'][name]:.1e}"
                   + ("" if name == "diffusers" else f"  ours / diffusers = {ratio(sec, s['diffusers'], 1.0)}"))
         names = list(s)
         print(f"  collapse speed-up (333 rows / 78 rows): {s[names[1]] / s[names[2]]:.2f}x")
+        if "flops" in tr:
+            (a, fa), (b, fb) = tr["flops"].items()
+            print(f"  FLOPs per evaluation (FlopCounterMode): {a} rows {fa / 1e9:.0f} GFLOP, {b} rows "
+                  f"{fb / 1e9:.0f} GFLOP ({fa / fb:.2f}x)")
     per_step = [r["transformer_s"] / r["rows"] for r in res.values() if "rows" in r]
     if per_step:
         rows = 4 * args.n_avg
