@@ -112,6 +112,24 @@ def test_predict_matches_transformer(ref35):
     assert v.shape == x.shape and rel(v, expected) <= 1e-5
 
 
+def test_predict_without_t5_counts_its_zero_rows_once(ref35):
+    """Without T5 the transformer gets 77 + 1 text rows, the last standing for the 256 equal ones; the velocity is the
+    pipeline's on all 333 rows."""
+    sd = minledits.load(ref35.folder, t5=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c, pooled = sd.text_embeddings(PROMPTS[:2])
+    x = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(2))
+    seen = []
+    hook = sd.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[2].shape[1]))
+    with torch.no_grad():
+        v = sd.predict(x, 500.0, (c, pooled))
+        expected = ref35.pipe.transformer(hidden_states=x, timestep=torch.full((2,), 500.0), encoder_hidden_states=c,
+                                          pooled_projections=pooled).sample
+    hook.remove()
+    assert c.shape[1] == 333 and seen == [78] and rel(v, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("kind", ["sd3", "sd35"])
 def test_sampling_matches_pipeline(kind, ref, ref35):
     """FlowEuler + predict + classifier-free guidance, N = 3 steps, as StableDiffusion3Pipeline from the same x_0."""
