@@ -285,7 +285,8 @@ def test_regenerating_from_the_inversion_walks_its_latents(sd1):
 def test_unknown_sampler_fails_before_any_unet_work(sd1, monkeypatch):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
     monkeypatch.setattr(sd1, "vae", None)
-    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', 'flow', got 'nope'$"):
+    with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', 'flow', "
+                                         r"got 'nope'$"):
         minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="nope")
     with pytest.raises(ValueError, match="dpmsolver"):  # and its step limit, before any work too
         minledits.invert(sd1, photo(), steps=999, skip=SKIP, size=SIZE, sampler="dpmsolver++")
