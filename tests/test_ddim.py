@@ -202,7 +202,7 @@ def test_the_reconstruction_table(tiny_sd1):
     found = reconstruction.measure(sd, photo(), 3, 64, SRC, [3.5])
     assert found["VAE alone", None][0] == 0 and found["VAE alone", None][3] == float("inf")
     assert found["DDPM, exact", 3.5][0] < 1e-3 < found["DDIM", 3.5][0]
-    assert "| DDIM | 3.5 |" in reconstruction.table(found)
+    assert "| 3 | DDIM | 3.5 |" in reconstruction.table(found, 3)
 
 
 @pytest.mark.parametrize("source_prompt", ["", SRC])

@@ -23,7 +23,7 @@ from minledits.flowmatch import FlowEuler
 from minledits.io import store
 from minledits.nets.layers import AttentionLayer
 from minledits.sampler import SAMPLERS
-from tests import sd3_hub
+from tests import reconstruction, sd3_hub
 from tests.helpers import photo
 
 SCHEDULE = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
@@ -261,3 +261,13 @@ def test_on_the_tiny_sd3(sd3, sd1, tmp_path):
         ledits.edit(sd1, back)
     with pytest.raises(InversionError, match="ddpm sampler, for another kind of model"):
         ledits.edit(sd3, minledits.invert(sd1, photo(), steps=4, size=64))
+
+
+def test_the_reconstruction_table_on_a_flow(sd3):
+    """tests/reconstruction.py's flow rows (tiny SD3, 64 px): Euler's error halves as the steps double when the
+    inversion and the regeneration take the same guidance; regenerated at 1 after source guidance 3.5, it stays."""
+    found = {n: reconstruction.measure(sd3, photo(), n, 64, "a photo", [1, 3.5]) for n in (8, 16)}
+    for s in (1, 3.5):
+        assert 0.35 < found[16]["flow", s][0] / found[8]["flow", s][0] < 0.65
+    assert found[16]["flow, regenerated at 1", 3.5][0] > 4 * found[16]["flow", 3.5][0]
+    assert "| 16 | flow, regenerated at 1 | 3.5 |" in reconstruction.table(found[16], 16)
