@@ -3,6 +3,7 @@ the prompt embeddings (with and without T5, truncation), the transformer's veloc
 classifier-free guidance; and loading: strictness, sharded and fp16 files, t5=False, the Hub's download patterns."""
 import shutil
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors import safe_open
 import minledits
 from minledits.errors import LoadError
 from minledits.flowmatch import FlowEuler
+from minledits.io import load as load_module
 from minledits.model import repeat_rows, rows
 from minledits.sd3 import StableDiffusion3
 from tests import hub, sd3_hub
@@ -184,6 +186,26 @@ def test_sharded_t5_and_fp16(ref, tmp_path):
     with pytest.raises(LoadError, match="lacks the shards model.safetensors.index.json names "
                                         r"\(model-00002-of-00003.safetensors\)"):
         minledits.load(sharded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_load_of_fp32_files_holds_one_fp32_tensor_at_a_time(ref, dtype, monkeypatch):
+    """No fp32 copy of a model: each fp32 tensor read from the files is gone (cast, then dropped) by the time the one
+    after the next is read (fill holds the last one while reading the next), except T5's wo, kept in fp32 under fp16
+    on purpose."""
+    read, alive = load_module._read, []
+
+    def watched(f, key, squeeze=False):
+        kept = [k for k, r in alive[:-1] if r() is not None and not (dtype == torch.float16 and k.endswith(".wo.weight"))]
+        assert not kept, kept
+        tensor = read(f, key, squeeze)
+        if tensor.dtype == torch.float32:
+            alive.append((key, weakref.ref(tensor)))
+        return tensor
+
+    monkeypatch.setattr(load_module, "_read", watched)
+    sd = minledits.load(ref.folder, dtype=dtype)      # the folder holds fp32 files only
+    assert len(alive) > 100 and {p.dtype for p in sd.transformer.parameters()} == {dtype}
 
 
 def test_hub_patterns(ref, tmp_path, monkeypatch):
