@@ -374,6 +374,9 @@ def attention_edit(sd: StableDiffusion, inv: Inversion, target_prompt, target_gu
                    reweight, local_blend) -> AttentionEdit:
     """The AttentionEdit of an edit, every option checked (check_options) and the UNet's levels too, before any UNet
     work."""
+    if sd.prediction_type == "flow":
+        raise ValueError("Prompt-to-Prompt replaces a UNet's cross-attention maps; this model (a rectified flow) has "
+                         "joint attention instead: use leditspp or flowedit")
     src, N = inv.settings.source_prompt, inv.settings.steps
     c_x, c_s, weights, words = check_options(src, target_prompt, target_guidance, cross_replace, self_replace,
                                              reweight, local_blend, sd.dtype, sd.tokenizer)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import minledits
 import minledits.flowmatch  # adds "flow" to sampler.SAMPLERS
-from minledits import ledits, parity
+from minledits import ledits, p2p, parity
 from minledits.errors import InversionError
 from minledits.flowmatch import FlowEuler
 from minledits.io import store
@@ -271,3 +271,10 @@ def test_the_reconstruction_table_on_a_flow(sd3):
         assert 0.35 < found[16]["flow", s][0] / found[8]["flow", s][0] < 0.65
     assert found[16]["flow, regenerated at 1", 3.5][0] > 4 * found[16]["flow", 3.5][0]
     assert "| 16 | flow, regenerated at 1 | 3.5 |" in reconstruction.table(found[16], 16)
+
+
+def test_prompt_to_prompt_refuses_a_flow_in_one_line(sd3):
+    inv = minledits.invert(sd3, photo(), sampler="flow", steps=4, size=64, source_prompt="a cat")
+    with pytest.raises(ValueError, match=r"^Prompt-to-Prompt replaces a UNet's cross-attention maps; this model \(a "
+                                         r"rectified flow\) has joint attention instead: use leditspp or flowedit$"):
+        p2p.edit(sd3, inv, "a dog")
