@@ -116,6 +116,9 @@ def edit(sd, image, *, source_prompt: str, target_prompt: str, steps=50, n_max=3
     Decode them with minledits.decode(sd, latents)."""
     check_options(steps, n_max, n_min, n_avg, source_guidance, target_guidance, seed,
                   {"source prompt": source_prompt, "target prompt": target_prompt, "negative prompt": negative_prompt})
+    if sd.prediction_type != "flow":
+        raise ValueError(f"FlowEdit runs on a rectified flow (SD3); this model predicts {sd.prediction_type}: use "
+                         "ledits, leditspp or p2p")
     flow = FlowEuler(sd.schedule, steps)
     size = sd.default_size if size is None else size
     sd.check_fits(size, size)

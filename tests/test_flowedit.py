@@ -24,7 +24,7 @@ PROMPTS = dict(source_prompt="a photo of a cat", target_prompt="a photo of a dog
 
 class Pipe:
     """diffusers' StableDiffusion3Pipeline with the model interface flowedit.edit calls."""
-    default_size = 1024
+    default_size, prediction_type = 1024, "flow"
 
     def __init__(self, pipe):
         self.pipe, self.device, self.dtype = pipe, torch.device("cpu"), torch.float32
@@ -176,3 +176,10 @@ def test_bad_options_are_one_line(pipe, options, message):
     with pytest.raises(ValueError) as e:
         flowedit.edit(pipe, photo(), size=SIZE, **options)
     assert str(e.value) == message
+
+
+def test_a_model_that_is_no_flow_is_refused_in_one_line():
+    sd = minledits.load("random-tiny")
+    with pytest.raises(ValueError, match=r"^FlowEdit runs on a rectified flow \(SD3\); this model predicts epsilon: "
+                                         r"use ledits, leditspp or p2p$"):
+        flowedit.edit(sd, photo(), source_prompt="a cat", target_prompt="a dog", steps=4, n_max=2, size=64)
