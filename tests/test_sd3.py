@@ -196,7 +196,8 @@ def test_a_half_precision_load_of_fp32_files_holds_one_fp32_tensor_at_a_time(ref
     read, alive = load_module._read, []
 
     def watched(f, key, squeeze=False):
-        kept = [k for k, r in alive[:-1] if r() is not None and not (dtype == torch.float16 and k.endswith(".wo.weight"))]
+        fp32_on_purpose = lambda k: dtype == torch.float16 and k.endswith(".wo.weight")  # noqa: E731
+        kept = [k for k, r in alive[:-1] if r() is not None and not fp32_on_purpose(k)]
         assert not kept, kept
         tensor = read(f, key, squeeze)
         if tensor.dtype == torch.float32:
