@@ -134,34 +134,47 @@ def edit(sd, image, *, source_prompt: str, target_prompt: str, steps=50, n_max=3
 
     zt_edit, xt_tar, N = x_src, None, steps
     for i, k in enumerate(range(N - n_max, N)):
-        t = flow.timesteps[k]
         if k < N - n_min:  # FlowEdit: the ODE on the velocity difference, averaged over n_avg draws
-            noise, zt_src, zt_tar, v_src, v_tar = [], [], [], [], []
-            V_delta = torch.zeros_like(x_src)
-            for _ in range(n_avg):
-                noise.append(draw())
-                zt_src.append(flow.scale_noise(k, x_src, noise[-1]))
-                zt_tar.append(zt_edit + zt_src[-1] - x_src)
-                x = torch.cat([zt_src[-1].expand(n_s, -1, -1, -1), zt_tar[-1].expand(n_t, -1, -1, -1)])
-                v = sd.predict(x, t, c_both)
-                v_src.append(guided(v[:n_s], s_src))
-                v_tar.append(guided(v[n_s:], s_tar))
-                V_delta = V_delta + (1 / n_avg) * (v_tar[-1] - v_src[-1])
-            x_next = flow.move(zt_edit, flow.sigmas[k], flow.sigmas[k + 1], V_delta)
-            step = FlowStep(i, k, t, False, zt_edit, torch.cat(noise), torch.cat(zt_src), torch.cat(zt_tar),
-                            torch.cat(v_src), torch.cat(v_tar), V_delta, x_next)
-            zt_edit = x_next
+            noise = [draw() for _ in range(n_avg)]
+            step = flowedit_step(sd, flow, i, k, x_src, zt_edit, noise, c_both, (n_s, n_t), (s_src, s_tar))
+            zt_edit = step.x_next
         else:  # the SDEdit-style tail: the target prompt's own flow from the edit, noised once more
-            noise = zt_src = None
-            if k == N - n_min:
-                noise = draw()
-                zt_src = flow.scale_noise(k, x_src, noise)
-                xt_tar = zt_edit + zt_src - x_src
-            v_tar = guided(sd.predict(xt_tar.expand(n_t, -1, -1, -1), t, c_tar), s_tar)
-            x_next = flow.move(xt_tar, flow.sigmas[k], flow.sigmas[k + 1], v_tar)
-            step = FlowStep(i, k, t, True, xt_tar, noise, zt_src, xt_tar, None, v_tar, v_tar, x_next)
-            xt_tar = x_next
-        check_finite(i, t, x_next)
+            noise = draw() if k == N - n_min else None
+            x = zt_edit if noise is not None else xt_tar
+            step = tail_step(sd, flow, i, k, x_src, x, noise, c_tar, n_t, s_tar)
+            xt_tar = step.x_next
+        check_finite(i, step.t, step.x_next)
         if callback:
             callback(step)
     return zt_edit if n_min == 0 else xt_tar
+
+
+def flowedit_step(sd, flow, i, k, x_src, zt_edit, noise: list, c_both, rows: tuple, scales: tuple) -> FlowStep:
+    """One FlowEdit step: per draw N_k^j, zt_src, zt_tar and both guided velocities in one transformer call (rows:
+    the source's and the target's, scales: s_src, s_tar), V_delta their mean difference, then zt_edit's Euler step."""
+    (n_s, n_t), (s_src, s_tar) = rows, scales
+    t, zt_src, zt_tar, v_src, v_tar = flow.timesteps[k], [], [], [], []
+    V_delta = torch.zeros_like(x_src)
+    for n in noise:
+        zt_src.append(flow.scale_noise(k, x_src, n))
+        zt_tar.append(zt_edit + zt_src[-1] - x_src)
+        x = torch.cat([zt_src[-1].expand(n_s, -1, -1, -1), zt_tar[-1].expand(n_t, -1, -1, -1)])
+        v = sd.predict(x, t, c_both)
+        v_src.append(guided(v[:n_s], s_src))
+        v_tar.append(guided(v[n_s:], s_tar))
+        V_delta = V_delta + (1 / len(noise)) * (v_tar[-1] - v_src[-1])
+    x_next = flow.move(zt_edit, flow.sigmas[k], flow.sigmas[k + 1], V_delta)
+    return FlowStep(i, k, t, False, zt_edit, torch.cat(noise), torch.cat(zt_src), torch.cat(zt_tar), torch.cat(v_src),
+                    torch.cat(v_tar), V_delta, x_next)
+
+
+def tail_step(sd, flow, i, k, x_src, x, noise, c_tar, n_t, s_tar) -> FlowStep:
+    """One step of the SDEdit-style tail from x: at its first step (noise given) x is zt_edit, noised once more to
+    xt_tar = zt_edit + scale_noise(k, x_src, N) - x_src; then the Euler step on the target's guided velocity."""
+    t, zt_src = flow.timesteps[k], None
+    if noise is not None:
+        zt_src = flow.scale_noise(k, x_src, noise)
+        x = x + zt_src - x_src
+    v_tar = guided(sd.predict(x.expand(n_t, -1, -1, -1), t, c_tar), s_tar)
+    x_next = flow.move(x, flow.sigmas[k], flow.sigmas[k + 1], v_tar)
+    return FlowStep(i, k, t, True, x, noise, zt_src, x, None, v_tar, v_tar, x_next)
