@@ -1,6 +1,7 @@
-"""The Euler sampler of a rectified flow (Stable Diffusion 3), beside its inverse: the ODE run forward, from the
-clean latent to noise. Every number is diffusers' FlowMatchEulerDiscreteScheduler's, as SD3 configures it
-(scheduler/scheduler_config.json: num_train_timesteps 1000, shift 3.0), with static shifting only.
+"""The Euler sampler of a rectified flow (Stable Diffusion 3, FLUX.1), beside its inverse: the ODE run forward, from
+the clean latent to noise. Every number is diffusers' FlowMatchEulerDiscreteScheduler's, as SD3 configures it
+(scheduler/scheduler_config.json: num_train_timesteps 1000, shift 3.0: the static shift) and as FLUX.1's pipeline does
+(sigmas linspace(1, 1/N, N) passed to set_timesteps; FLUX.1-dev's dynamic shift, its mu from the image's tokens).
 
 Notation (code name -> symbol), k = 0..N-1 the inference step (0 = the noisiest), sigma_N = 0
     T         T                 number of training timesteps (num_train_timesteps, 1000)
@@ -11,6 +12,14 @@ Notation (code name -> symbol), k = 0..N-1 the inference step (0 = the noisiest)
                                 linspace order; u_{N-1} = sigma_min exactly; N = 1: u_0 = sigma_max)
     sigmas    sigma_k           f(u_k) in float64, rounded to float32; then sigma_N = 0 appended. f is applied twice
                                 to the ends (sigma_min is already shifted), as in the scheduler
+  FLUX.1 (uniform_sigmas, minledits' own key, on by default with the dynamic shift: the pipeline passes its u):
+    u         u_k               1 + k (1/N - 1) / (N - 1) in float64 (numpy's linspace(1, 1/N, N)), rounded to float32;
+                                sigma_k = f(u_k) or g(u_k) in float32
+    tokens    n                 the image's token count: (h // 2) (w // 2) for an h x w latent (image_tokens)
+    mu_of     mu                n m + b, m = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len),
+                                b = base_shift - m base_image_seq_len: the line through (256, 0.5) and (4096, 1.15)
+    time_shifted g(u)           e^mu / (e^mu + (1/u - 1)) ("exponential"; "linear": mu / (mu + (1/u - 1))): the
+                                dynamic shift, in u's dtype (its static ends: sigma_min = 1 / T unshifted)
     timesteps t_k               T sigma_k in float32: the model's timestep input at step k
     x         x_k               the latent at sigma_k: x_sigma = (1 - sigma) x_0 + sigma eps
     v         v                 the model's velocity, d x / d sigma = eps - x_0
@@ -32,36 +41,68 @@ As a sampler (sampler.py's protocol, SAMPLERS["flow"]) it is a trajectory: the i
 the model run at (x_{k+1}, inv_timesteps[k]); step takes the protocol's z and ignores it, every noise map is 0, mu is
 the step itself; the schedule it is made from is the model's scheduler config (a dict: flow_config).
 """
+import math
+
 import torch
 
 from .sampler import SAMPLERS
-from .schedule import is_int
+from .schedule import is_int, is_number
 
 # FlowMatchEulerDiscreteScheduler's defaults: what a missing key means (SD3's config sets only T and the shift).
 FLOW_DEFAULTS = {
-    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "invert_sigmas": False,
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+    "base_image_seq_len": 256, "max_image_seq_len": 4096, "time_shift_type": "exponential", "invert_sigmas": False,
     "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
     "stochastic_sampling": False}
-# The options minledits does not implement, and the value that turns each off (FLUX's dynamic shift is issue 29's
-# part 2); the dynamic shift's own parameters (base_shift, ..., time_shift_type) are unused without it.
-UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
-               "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+# The options minledits does not implement, and the value that turns each off.
+UNSUPPORTED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+               "stochastic_sampling")
+TIME_SHIFTS = ("exponential", "linear")
 
 
 def flow_config(config: dict) -> dict:
-    """The scheduler config with defaults filled in; a one-line ValueError naming the key for a value minledits
-    cannot use as diffusers would."""
+    """The scheduler config with defaults filled in (and uniform_sigmas, minledits' own key: the pipeline passes
+    linspace(1, 1/N, N), as FLUX.1's does; it defaults to use_dynamic_shifting); a one-line ValueError naming the key
+    for a value minledits cannot use as diffusers would."""
     cfg = {**FLOW_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    cfg.setdefault("uniform_sigmas", cfg["use_dynamic_shifting"])
     T, s = cfg["num_train_timesteps"], cfg["shift"]
     if not (is_int(T) and T >= 1):
         raise ValueError(f"num_train_timesteps must be an integer >= 1, got {T!r:.60}")
-    if not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < float("inf")):
+    if not (is_number(s) and s > 0):
         raise ValueError(f"shift must be a positive number, got {s!r:.60}")
+    for key in ("use_dynamic_shifting", "uniform_sigmas"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key} must be true or false, got {cfg[key]!r:.60}")
+    if cfg["use_dynamic_shifting"]:
+        for key in ("base_shift", "max_shift"):
+            if not is_number(cfg[key]):
+                raise ValueError(f"{key} must be a number, got {cfg[key]!r:.60}")
+        lo, hi = cfg["base_image_seq_len"], cfg["max_image_seq_len"]
+        if not (is_int(lo) and is_int(hi) and lo != hi):
+            raise ValueError(f"base_image_seq_len and max_image_seq_len must be two different integers, got "
+                             f"{lo!r:.20} and {hi!r:.20}")
+        if (kind := cfg["time_shift_type"]) not in TIME_SHIFTS:
+            raise ValueError(f"time_shift_type must be one of {', '.join(TIME_SHIFTS)}, got {kind!r:.60}")
     for key in UNSUPPORTED:
         if cfg[key]:
             raise ValueError(f"{key} = {cfg[key]!r:.60} is not supported by minledits' flow sampler (only the static "
-                             f"shift of Stable Diffusion 3); remove it from the scheduler config")
+                             f"shift of Stable Diffusion 3 and the dynamic shift of FLUX.1); remove it from the "
+                             f"scheduler config")
     return cfg
+
+
+def image_tokens(h: int, w: int) -> int:
+    """n: the tokens of an h x w latent, packed in 2 x 2 patches (FluxPipeline's image_seq_len)."""
+    return (h // 2) * (w // 2)
+
+
+def mu_of(cfg: dict, n: int) -> float:
+    """mu = n m + b: the line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), in
+    Python floats in the pipeline's order (calculate_shift)."""
+    m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+    b = cfg["base_shift"] - m * cfg["base_image_seq_len"]
+    return n * m + b
 
 
 def shifted(s: float, u: torch.Tensor) -> torch.Tensor:
@@ -69,34 +110,53 @@ def shifted(s: float, u: torch.Tensor) -> torch.Tensor:
     return s * u / (1 + (s - 1) * u)
 
 
-def flow_sigmas(config: dict, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigmas [N + 1], timesteps [N]), float32: those of FlowMatchEulerDiscreteScheduler(**config).set_timesteps(N),
-    bit for bit. ValueError (one line) for N outside 1..T."""
+def time_shifted(cfg: dict, mu: float, u: torch.Tensor) -> torch.Tensor:
+    """g(u) = a / (a + (1/u - 1)), a = e^mu (exponential) or mu (linear), in u's dtype (a rounded to it first, as
+    numpy does with the scheduler's Python float)."""
+    a = torch.full_like(u, math.exp(mu) if cfg["time_shift_type"] == "exponential" else mu)
+    return a / (a + (torch.ones_like(u) / u - 1))
+
+
+def linspace(start: float, stop: float, N: int) -> torch.Tensor:
+    """numpy's linspace(start, stop, N) in float64, bit for bit: start + k (stop - start) / (N - 1), the last stop."""
+    if N == 1:
+        return torch.tensor([start], dtype=torch.float64)
+    u = torch.arange(N, dtype=torch.float64) * ((stop - start) / (N - 1)) + start
+    u[-1] = stop
+    return u
+
+
+def flow_sigmas(config: dict, N: int, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas [N + 1], timesteps [N]), float32: those of FlowMatchEulerDiscreteScheduler(**config).set_timesteps(N)
+    (with uniform_sigmas: set_timesteps(sigmas=linspace(1, 1/N, N)); with the dynamic shift: mu=mu(tokens)), bit for
+    bit. ValueError (one line) for N outside 1..T or tokens missing where the dynamic shift needs them."""
     cfg = flow_config(config)
-    T, s = cfg["num_train_timesteps"], cfg["shift"]
+    T, s, dynamic = cfg["num_train_timesteps"], cfg["shift"], cfg["use_dynamic_shifting"]
     if not (is_int(N) and 1 <= N <= T):
         raise ValueError(f"the number of flow steps must be an integer in 1..{T}, got {N!r:.60}")
-    sigma_lo = shifted(s, torch.tensor([1.0], dtype=torch.float32) / T).item()
-    sigma_hi = shifted(s, torch.tensor([float(T)], dtype=torch.float32) / T).item()
-    start, stop = sigma_hi * T, sigma_lo * T
-    if N == 1:
-        tau = torch.tensor([start], dtype=torch.float64)
+    if dynamic and not (is_int(tokens) and tokens >= 1):
+        raise ValueError(f"the dynamic shift needs the image's token count (an integer >= 1: image_tokens(h, w) of "
+                         f"the latent), got {tokens!r:.60}")
+    if cfg["uniform_sigmas"]:
+        u = linspace(1.0, 1 / N, N).to(torch.float32)
     else:
-        tau = torch.arange(N, dtype=torch.float64) * ((stop - start) / (N - 1)) + start
-        tau[-1] = stop
-    sigmas = shifted(s, tau / T).to(torch.float32)
+        ends = torch.tensor([1.0, float(T)], dtype=torch.float32) / T
+        sigma_lo, sigma_hi = (ends if dynamic else shifted(s, ends)).tolist()
+        u = linspace(sigma_hi * T, sigma_lo * T, N) / T
+    sigmas = (time_shifted(cfg, mu_of(cfg, tokens), u) if dynamic else shifted(s, u)).to(torch.float32)
     timesteps = sigmas * T
     return torch.cat([sigmas, torch.zeros(1)]), timesteps
 
 
 class FlowEuler:
     """The Euler step of a rectified flow over N inference steps (FlowMatchEulerDiscreteScheduler's step) and its
-    inverse (unstep), from the model's scheduler config. timesteps and inv_timesteps are float32 tensors."""
+    inverse (unstep), from the model's scheduler config; tokens = image_tokens(h, w) of the latent, which the dynamic
+    shift needs (ignored without it). timesteps and inv_timesteps are float32 tensors."""
     name, trajectory, outputs = "flow", True, ("flow",)
 
-    def __init__(self, config: dict, N: int):
+    def __init__(self, config: dict, N: int, tokens: int | None = None):
         self.N = N
-        self.sigmas, self.timesteps = flow_sigmas(config, N)
+        self.sigmas, self.timesteps = flow_sigmas(config, N, tokens)
         self.inv_timesteps = self.sigmas[1:] * flow_config(config)["num_train_timesteps"]  # T sigma_{k+1}
 
     def move(self, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, v: torch.Tensor):
@@ -106,8 +166,8 @@ class FlowEuler:
         return (x.to(torch.float32) + d * v).to(v.dtype)
 
     @classmethod
-    def for_inversion(cls, schedule: dict, N: int, keep_last_noise: bool) -> "FlowEuler":
-        return cls(schedule, N)  # no noise maps: keep_last_noise has no meaning (InversionSettings refuses it)
+    def for_inversion(cls, schedule: dict, N: int, keep_last_noise: bool, tokens: int | None = None) -> "FlowEuler":
+        return cls(schedule, N, tokens)  # no noise maps: keep_last_noise has no meaning (InversionSettings refuses it)
 
     @staticmethod
     def default_skip(N: int) -> int:
