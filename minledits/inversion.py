@@ -21,10 +21,14 @@ sampler="ddim", deterministic DDIM inversion (diffusers' DDIMInverseScheduler), 
                                latent and tau_k (sampler.py), so the UNet runs N - skip times one after the other
     zs[j]    z_k               0: the DDIM step injects no noise; the edit regenerates from xts[0] alone
                                (keep_last_noise and zero_noise_steps have no meaning and are refused)
-sampler="flow" (a rectified flow, SD3: flowmatch.py), the same trajectory: x_k = unstep(k, x_{k+1}, v) =
+sampler="flow" (a rectified flow, SD3 and FLUX: flowmatch.py), the same trajectory: x_k = unstep(k, x_{k+1}, v) =
 x_{k+1} + (sigma_k - sigma_{k+1}) v, v the (guided) velocity at (x_{k+1}, T sigma_{k+1}), the ODE run forward;
-its timesteps T sigma_k are float32 numbers. Regenerating it returns w_0 only up to Euler's first-order error
-(flowmatch.py says what holds exactly)
+its timesteps T sigma_k are float32 numbers, on FLUX shifted by the latent's token count (image_tokens(h, w): the
+sampler is built from the settings and the latent's size, Inversion.new_sampler). Regenerating it returns w_0 only up
+to Euler's first-order error (flowmatch.py says what holds exactly)
+An RF-Inversion (rfinversion.py; settings.gamma set, sampler "flow", skip 0) has the same layout: xts[0] the
+inverted latent, xts[-1] y_0, its forward ODE's path between; only rfinversion.edit takes it (check_model refuses it
+for every other method, and a plain inversion for RF-Inversion's edit)
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
@@ -41,6 +45,7 @@ import torch
 
 from . import parity
 from .errors import InversionError, MinleditsError, shorten
+from .flowmatch import FlowEuler, image_tokens
 from .io.image import to_tensor
 from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
 from .sampler import SAMPLERS, Sampler, numbers, takes
@@ -63,6 +68,7 @@ class InversionSettings:
     sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++), "ddim"
                                   # (deterministic DDIM inversion: the DDIM + P2P baseline)
     zero_noise_steps: int | None = None  # the last maps set to 0 unless keep_last_noise; None: the model's (invert)
+    gamma: float | None = None    # RF-Inversion's controller strength (rfinversion.invert); None: no RF inversion
 
     def __post_init__(self):
         for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
@@ -91,13 +97,24 @@ class InversionSettings:
         if z is not None and z > self.steps - self.skip:  # it counts the last of the maps the edit runs on
             raise ValueError(f"zero_noise_steps {z} is more than the {self.steps - self.skip} noise maps the edit runs "
                              f"on (steps {self.steps} - skip {self.skip})")
+        if self.gamma is not None and not (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
+                                           and 0 <= self.gamma <= 1):
+            raise ValueError(f"gamma must be a number from 0 to 1, got {shorten(self.gamma)}")
+        if self.gamma is not None and (self.sampler != FlowEuler.name or self.skip != 0):
+            raise ValueError(f"an RF inversion (gamma {self.gamma}) runs the flow sampler from skip 0, not the "
+                             f"{self.sampler} sampler from skip {self.skip}")
 
     def dict(self) -> dict:
         return asdict(self)
 
-    def new_sampler(self, schedule) -> Sampler:
-        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule."""
-        return SAMPLERS[self.sampler].for_inversion(schedule, self.steps, self.keep_last_noise)
+    def new_sampler(self, schedule, latent_size: tuple[int, int] | None = None) -> Sampler:
+        """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule. The flow sampler
+        takes the latent's size (h, w): FLUX's dynamic shift depends on its token count (refused without it there)."""
+        kind = SAMPLERS[self.sampler]
+        if kind is FlowEuler:
+            tokens = image_tokens(*latent_size) if latent_size is not None else None
+            return kind.for_inversion(schedule, self.steps, self.keep_last_noise, tokens)
+        return kind.for_inversion(schedule, self.steps, self.keep_last_noise)
 
 
 @dataclass
@@ -117,6 +134,15 @@ class Inversion:
         return self.xts[-1:]
 
     @property
+    def rf(self) -> bool:
+        """Whether it is an RF-Inversion (rfinversion.invert)."""
+        return self.settings.gamma is not None
+
+    def new_sampler(self, schedule) -> Sampler:
+        """A fresh sampler for the edit: the settings' kind, for this inversion's latent size."""
+        return self.settings.new_sampler(schedule, tuple(self.xts.shape[-2:]))
+
+    @property
     def latent_scale(self) -> int:
         """Pixels per latent pixel of the model it was made with (its image's height over its latents')."""
         return max(self.image.shape[-2] // max(self.xts.shape[-2], 1), 1)
@@ -134,8 +160,16 @@ class Inversion:
             if not getattr(self, name).isfinite().all():
                 raise InversionError(f"{source} is damaged: its {name} hold inf or NaN values; invert again")
 
-    def check_model(self, sd: StableDiffusion, source: str = "the inversion") -> None:
-        """Refuse a model other than the one the inversion was made with (its noise maps belong to that one)."""
+    def check_model(self, sd: StableDiffusion, source: str = "the inversion", rf: bool | None = False) -> None:
+        """Refuse a model other than the one the inversion was made with (its noise maps belong to that one), and
+        an RF-Inversion for a method that cannot use it (rf False), or another inversion where one is needed (rf True;
+        None takes either)."""
+        if rf is not None and self.rf != rf:
+            raise InversionError(
+                f"{source} is an RF-Inversion (gamma {self.settings.gamma}): only RF-Inversion's edit "
+                "(rfinversion.edit, --method rf-inversion) takes it; for this method invert again with the flow sampler"
+                if self.rf else f"{source} is no RF-Inversion (its sampler: {self.settings.sampler}): RF-Inversion's "
+                "edit needs one from rfinversion.invert; invert again with it")
         if not takes(SAMPLERS[self.settings.sampler], sd.prediction_type):
             raise InversionError(f"{source} was made with the {self.settings.sampler} sampler, for another kind of "
                                  f"model than this one (it predicts {sd.prediction_type}): invert again with this "
@@ -153,7 +187,7 @@ class Inversion:
                                  f"{shorten(self.fingerprint)}), "
                                  f"not {sd.model_id} (fingerprint {sd.fingerprint}){same}: "
                                  "invert again with this model")
-        if numbers(self.settings.new_sampler(sd.schedule).timesteps)[self.settings.skip:] != list(self.timesteps):
+        if numbers(self.new_sampler(sd.schedule).timesteps)[self.settings.skip:] != list(self.timesteps):
             raise InversionError(f"{source}'s timesteps do not match this model's schedule: invert again")
 
 
@@ -200,6 +234,11 @@ def trajectory(sd, sampler, w0, skip, context, source_guidance, callback=None) -
     return torch.cat(xts[::-1])
 
 
+def latent_size(sd, x: torch.Tensor) -> tuple[int, int]:
+    """(h, w) of the latent of pictures x [B, 3, H, W]."""
+    return x.shape[-2] // sd.latent_scale, x.shape[-1] // sd.latent_scale
+
+
 def with_zero_noise_steps(s: InversionSettings, sd: StableDiffusion) -> InversionSettings:
     """s with zero_noise_steps decided: given, else 3 for SDXL's dpmsolver++ (LEditsPPPipelineStableDiffusionXL's
     num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion); at most the maps there are; None
@@ -236,10 +275,12 @@ def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None
         fits = [name for name, kind in SAMPLERS.items() if takes(kind, sd.prediction_type)]
         raise ValueError(f"the {s.sampler} sampler does not work on this model (it predicts {sd.prediction_type}); "
                          f"use {' or '.join(fits) or 'another model'}")
+    if s.gamma is not None:
+        raise ValueError("gamma is RF-Inversion's: invert with rfinversion.invert for it")
     s = with_zero_noise_steps(s, sd)
-    sampler = s.new_sampler(sd.schedule)  # refuses more steps than the model was trained with
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
+    sampler = s.new_sampler(sd.schedule, latent_size(sd, x))  # refuses more steps than the model was trained with
     w0 = sd.encode(x)
     if sampler.trajectory:
         xts = trajectory(sd, sampler, w0, s.skip, source_context(sd, s), s.source_guidance, callback)

@@ -8,7 +8,8 @@ An inversion file is one safetensors file:
                                         as the same floats)
               image [1, 3, H, W]        the preprocessed input in [-1, 1] (for --compare and --trace)
     metadata  format, version, model_id, fingerprint, dtype, resolution ("WxH" pixels) and the inversion
-              settings (the fields of inversion.InversionSettings), each value JSON-encoded (safetensors
+              settings (the fields of inversion.InversionSettings; gamma only in an RF-Inversion's file, whose
+              xts are its forward path and zs 0: inversion.py), each value JSON-encoded (safetensors
               metadata holds strings only). A file of another version is refused: invert again.
 """
 import json
@@ -26,7 +27,9 @@ from ..sampler import SAMPLERS
 from .files import atomic, require_regular
 
 FORMAT, VERSION = "minledits.inversion", 2
-SETTINGS = [f.name for f in fields(InversionSettings)]
+# The settings every file holds (the inversion options of the commands); RF_SETTINGS only an RF-Inversion's.
+RF_SETTINGS = ["gamma"]
+SETTINGS = [f.name for f in fields(InversionSettings) if f.name not in RF_SETTINGS]
 # Each tensor of the format: its shape (an int: that size, from the settings; a letter: the same size wherever it
 # appears; "n" = steps - skip) and the dtypes it may have ("dtype": the float dtype the metadata names).
 TENSORS = {"xts": (("n+1", "C", "h", "w"), "dtype"), "zs": (("n", "C", "h", "w"), "dtype"),
@@ -48,8 +51,9 @@ def is_inversion(path) -> bool:
 def save(inv: Inversion, path) -> None:
     """Write `inv` to `path`, atomically."""
     H, W = inv.image.shape[-2:]
+    settings = {k: v for k, v in inv.settings.dict().items() if k in SETTINGS or inv.rf}
     meta = dict(format=FORMAT, version=VERSION, model_id=inv.model_id, fingerprint=inv.fingerprint,
-                dtype=str(inv.xts.dtype).removeprefix("torch."), resolution=f"{W}x{H}", **inv.settings.dict())
+                dtype=str(inv.xts.dtype).removeprefix("torch."), resolution=f"{W}x{H}", **settings)
     whole = all(isinstance(t, int) for t in inv.timesteps)
     tensors = {"xts": inv.xts, "zs": inv.zs,
                "timesteps": torch.tensor(inv.timesteps, dtype=torch.int64 if whole else torch.float32),
@@ -81,7 +85,8 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} was made with sampler {shorten(meta['sampler'])}, which this minledits "
                                  f"does not have ({', '.join(SAMPLERS)}): invert again")
     try:
-        settings = InversionSettings(**{k: meta[k] for k in SETTINGS})
+        settings = InversionSettings(**{k: meta[k] for k in SETTINGS}, **{k: meta[k] for k in RF_SETTINGS
+                                                                          if k in meta})
         check_format(path, tensors, settings, meta["dtype"])
         inv = Inversion(tensors["timesteps"].tolist(), tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
