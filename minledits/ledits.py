@@ -123,7 +123,7 @@ def start(sd: StableDiffusion, inv) -> tuple[Inversion, object]:
     inv = as_inversion(inv)
     inv.check_tensors()
     inv.check_model(sd)
-    return inv, inv.settings.new_sampler(sd.schedule)
+    return inv, inv.new_sampler(sd.schedule)
 
 
 def check_finite(i: int, t: int, out: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor) -> None:

@@ -310,8 +310,6 @@ def test_a_dynamic_shift_takes_the_latents_token_count(tmp_path):
         inv.settings.new_sampler(sd.schedule)
 
 
-@pytest.mark.xfail(strict=True, reason="ledits.start builds the sampler with inv.settings.new_sampler(sd.schedule), "
-                                       "without the latent's size: it needs inv.new_sampler(sd.schedule)")
 def test_a_dynamic_shift_inversion_regenerates():
     sd = dynamic_flow()
     errors = [rel(regenerate(sd, inv := invert(sd, steps=n)), inv.w0) for n in (10, 20)]
