@@ -13,6 +13,10 @@
                       Z_t^tar,j - sigma_k V^tar,j (in the SDEdit-style tail: X_t^tar - sigma_k V^tar), "x" the edit's
                       state after the step (Z^FE, itself a clean latent: it runs from the photo's to the edit's),
                       "v_delta" (the tail: V^tar), "t", "tail"; its picture: the x0 prediction above the state
+    RFTrace(sd, inv); rfinversion.edit(sd, inv, ..., callback=trace): RF-Inversion's reverse ODE (rfinversion.py):
+                      "x0_hat" the clean latent the transformer predicts at X_k, X_k + sigma_k v_t(X_k) (v: its
+                      velocity negated), "x" X_{k+1}, "v", "v_cond", "v_hat", "eta" (eta_k: the controller's
+                      strength at the step, 0 outside start..stop), "t"; its picture: the x0 prediction above the state
 The x0 predictions are shown through a linear latent -> RGB map (C channels + bias -> 3) fitted by least squares on
 the input image and its latent (SD's 4 channels and SD3's 16 alike), not by the VAE (one decode per step would cost
 more than the edit). With fewer latent pixels than C + 1 the fit is underdetermined (a rough picture).
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save as save_bytes
 
-from ..flowmatch import FlowEuler
+from ..flowmatch import FlowEuler, image_tokens
 from ..io.files import atomic
 from ..io.image import to_pil
 
@@ -54,7 +58,7 @@ class Trace:
 
     def __init__(self, sd, inv):
         # its own sampler, called in the edit's order of k (a multistep sampler keeps a history)
-        self.inv, self.sampler = inv, inv.settings.new_sampler(sd.schedule)
+        self.inv, self.sampler = inv, inv.new_sampler(sd.schedule)
         self.steps = defaultdict(list)
         self.rgb = latent_rgb(inv.w0, inv.image)
 
@@ -135,15 +139,17 @@ def grid(tiles: torch.Tensor, cols: int = 16):
 class FlowTrace(Trace):
     """A FlowEdit edit's callback (flowedit.FlowStep): per step the target branch's x0 prediction, the edit's state,
     V_delta, t and whether the step is of the SDEdit-style tail (module docstring); the RGB map is fitted on the first
-    step's state (the photo's latent X_0^src) and `image` [1, 3, H, W], the picture edited (preprocessed)."""
+    step's state (the photo's latent X_0^src) and `image` [1, 3, H, W], the picture edited (preprocessed); the sigmas
+    are the edit's, for its latent's size (FLUX's dynamic shift)."""
     PICTURED, ROWS = ("x0_hat", "x"), ()
 
     def __init__(self, sd, image: torch.Tensor, steps: int):
-        self.flow, self.image, self.rgb = FlowEuler(sd.schedule, steps), image, None
+        self.schedule, self.N, self.image, self.flow, self.rgb = sd.schedule, steps, image, None, None
         self.steps = defaultdict(list)
 
     def __call__(self, st):
         if self.rgb is None:
+            self.flow = FlowEuler(self.schedule, self.N, image_tokens(*st.x.shape[-2:]))
             self.rgb = latent_rgb(st.x, self.image)
         for k, v in self.row(st).items():
             self.steps[k].append(v.detach().to("cpu", copy=True))
@@ -152,6 +158,27 @@ class FlowTrace(Trace):
         x0_hat = self.flow.x0_hat(st.k, st.zt_tar, st.v_tar).mean(0, keepdim=True)
         return dict(x0_hat=x0_hat, x=st.x_next, v_delta=st.v_delta, t=torch.as_tensor(st.t),
                     tail=torch.tensor(st.tail))
+
+    def labels(self, concepts=()) -> dict:
+        return {}
+
+
+class RFTrace(Trace):
+    """An RF-Inversion edit's callback (rfinversion.RFStep of the reverse ODE): per step the transformer's x0
+    prediction, the state after the step, the three vector fields, eta_k and t (module docstring); the RGB map is fitted
+    on the inversion's y_0 and picture, the sigmas are its sampler's."""
+    PICTURED, ROWS = ("x0_hat", "x"), ()
+
+    def __call__(self, st):
+        if st.ode != "reverse":
+            raise ValueError(f"RFTrace follows RF-Inversion's edit (the reverse ODE), not its {st.ode} ODE")
+        for k, v in self.row(st).items():
+            self.steps[k].append(v.detach().to("cpu", copy=True))
+
+    def row(self, st) -> dict:
+        x0_hat = self.sampler.x0_hat(st.i, st.x, -st.v)  # X_k - sigma_k (-v): v is the velocity negated
+        return dict(x0_hat=x0_hat, x=st.x_next, v=st.v, v_cond=st.v_cond, v_hat=st.v_hat,
+                    eta=torch.tensor(float(st.strength)), t=torch.as_tensor(st.t))
 
     def labels(self, concepts=()) -> dict:
         return {}
