@@ -32,6 +32,16 @@ from .nets.mmdit import collapse
 T5_TOKENS = 256   # StableDiffusion3Pipeline's max_sequence_length: T5's tokens in c (zeros without T5)
 
 
+def t5_hidden(tokenizer, encoder: torch.nn.Module, prompts: list[str], device) -> torch.Tensor:
+    """T5's last hidden state [B, max_length, D] of the prompts (no attention mask); a prompt longer than the
+    tokenizer's max_length is truncated with a warning (attributed to the caller of text_embeddings)."""
+    for prompt, cut in zip(prompts, tokenizer.truncated(prompts)):
+        if cut:
+            warnings.warn(f"prompt longer than {tokenizer.max_length - 1} T5 tokens: truncated ({shorten(prompt)})",
+                          stacklevel=3)
+    return encoder(tokenizer(prompts)[0].to(device))
+
+
 @dataclass
 class StableDiffusion3:
     """SD3 / SD3.5: three tokenizers and text encoders (the T5 pair None when loaded without T5), the MMDiT and the
@@ -73,11 +83,7 @@ class StableDiffusion3:
             if self.text_encoder_3 is None:
                 h_T = torch.zeros(len(prompts), T5_TOKENS, self.transformer.config["joint_attention_dim"], device=d)
             else:
-                for prompt, cut in zip(prompts, self.tokenizer_3.truncated(prompts)):
-                    if cut:
-                        warnings.warn(f"prompt longer than {self.tokenizer_3.max_length - 1} T5 tokens: truncated "
-                                      f"({shorten(prompt)})", stacklevel=2)
-                h_T = self.text_encoder_3(self.tokenizer_3(prompts)[0].to(d))
+                h_T = t5_hidden(self.tokenizer_3, self.text_encoder_3, prompts, d)
         clip = torch.cat([h_L, h_G], dim=-1).to(self.dtype)
         c = torch.cat([F.pad(clip, (0, h_T.shape[-1] - clip.shape[-1])), h_T.to(self.dtype)], dim=-2)
         return c, torch.cat([p_L, p_G], dim=-1).to(self.dtype)
@@ -100,8 +106,8 @@ class StableDiffusion3:
         return self.vae.decode(w)
 
     def offload_text(self) -> None:
-        """Keep the text encoders on the CPU (SD3's T5 is 10.7 GiB in fp16, its wo in fp32): text_embeddings swaps
-        them with the transformer for its call, so the device never holds both."""
+        """Keep the text encoders on the CPU (T5-XXL: SD3's is 10.7 GiB in fp16, its wo in fp32): text_embeddings
+        swaps them with the transformer for its call, so the device never holds both."""
         self._move(self.text_encoders(), "cpu")
         self.text_offloaded = True
 

@@ -17,7 +17,11 @@ An SD3 / SD3.5 folder (model_index.json's _class_name StableDiffusion3Pipeline) 
 text_encoder/ and text_encoder_2/ (both CLIPs projected), text_encoder_3/ (T5), tokenizer/ .. tokenizer_3/ and
 scheduler/, and gives a StableDiffusion3; `t5=False` leaves text_encoder_3/ and tokenizer_3/ unread (and not
 downloaded): SD3's zeros stand for T5's tokens. Its VAE runs in the model's dtype, as StableDiffusion3Pipeline's.
-A network's weights are one file or, as the Hub stores the large ones (SD3's T5, SD3.5-large's transformer),
+A FLUX.1 folder (model_index.json's _class_name FluxPipeline, as black-forest-labs/FLUX.1-dev and FLUX.1-schnell)
+holds transformer/, vae/, text_encoder/ (CLIP-L, its pooled output), text_encoder_2/ (T5), tokenizer/, tokenizer_2/
+and scheduler/, and gives a flux.Flux; T5 is not optional there. FLUX.1-dev is gated on the Hub: accept its licence
+there and log in before the first download.
+A network's weights are one file or, as the Hub stores the large ones (T5, SD3.5-large's and FLUX.1's transformer),
 shards named by `<stem>.safetensors.index[.<variant>].json`. In fp16, T5's feed-forward output weights (wo) stay
 in fp32, as transformers keeps them (nets/t5.py).
 
@@ -51,9 +55,11 @@ from safetensors import safe_open
 
 from ..errors import LoadError, shorten
 from ..flowmatch import flow_config
+from ..flux import T5_TOKENS, Flux, schedule_of
 from ..model import StableDiffusion, StableDiffusionXL
 from ..nets import t5
 from ..nets.clip import TextEncoder, TextEncoderWithProjection
+from ..nets.flux import FluxTransformer
 from ..nets.mmdit import MMDiT
 from ..nets.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
 from ..nets.unet import UNet
@@ -77,6 +83,9 @@ TOKENIZERS = ("tokenizer", "tokenizer_2")
 T5_TOKENIZER_FILES = ["tokenizer_3/tokenizer.json", "tokenizer_3/special_tokens_map.json",
                       "tokenizer_3/tokenizer_config.json"]
 SD3_PIPELINE = "StableDiffusion3Pipeline"
+FLUX_PIPELINE, FLUX_TRANSFORMER = "FluxPipeline", "FluxTransformer2DModel"
+FLUX_NETWORKS = ("transformer", "vae", "text_encoder", "text_encoder_2")   # text_encoder_2: T5
+FLUX_T5_TOKENIZER = "tokenizer_2/tokenizer.json"
 
 # The only alternative key names accepted in a folder (docs/design.md §6). component: [(stored key regex, ours)].
 # Applied in order; None drops the key.
@@ -181,11 +190,13 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 CLASSES = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder, "text_encoder_2": TextEncoderWithProjection}
 SD3_CLASSES = {"transformer": MMDiT, "vae": VAE, "text_encoder": TextEncoderWithProjection,
                "text_encoder_2": TextEncoderWithProjection, "text_encoder_3": t5.T5Encoder}
+FLUX_CLASSES = {"transformer": FluxTransformer, "vae": VAE, "text_encoder": TextEncoder,
+                "text_encoder_2": t5.T5Encoder}
 
 
 def build(component: str, config: dict, source: str, classes: dict = CLASSES) -> torch.nn.Module:
-    """Our network for `component` (classes: CLASSES, or SD3_CLASSES), built from its config on the meta device
-    (instant, no memory)."""
+    """Our network for `component` (classes: CLASSES, SD3_CLASSES or FLUX_CLASSES), built from its config on the
+    meta device (instant, no memory)."""
     cls = classes[component]
     try:
         with torch.device("meta"), SkipInit():
@@ -197,7 +208,9 @@ def build(component: str, config: dict, source: str, classes: dict = CLASSES) ->
 def load_file(module: torch.nn.Module, path: Path | list[Path], component: str, dtype=None,
               device=None) -> torch.nn.Module:
     """fill() `module` from the safetensors file(s) of `component` (several: the shards of one state dict).
-    T5's tied embedding is accepted under either name (t5.tied_keys)."""
+    A T5 (SD3's text_encoder_3, FLUX's text_encoder_2) takes its keys as stored, its tied embedding under either name
+    (t5.tied_keys)."""
+    is_t5 = isinstance(module, t5.T5Encoder)
     paths = path if isinstance(path, list) else [path]
     source = str(paths[0] if len(paths) == 1 else paths[0].parent)
     try:
@@ -205,8 +218,8 @@ def load_file(module: torch.nn.Module, path: Path | list[Path], component: str, 
             getters = {}
             for p in paths:
                 f = files.enter_context(safe_open(str(p), framework="pt", device="cpu"))
-                getters.update(safetensors_getters(f, component))
-            if component == "text_encoder_3":
+                getters.update(safetensors_getters(f, "t5" if is_t5 else component))
+            if is_t5:
                 getters = t5.tied_keys(getters)
             return fill(module, getters, source, dtype, device)
     except LoadError:
@@ -268,7 +281,7 @@ def load_networks(folder: Path, variant=None, dtype=None, device=None, networks=
         module = build(component, read_json(config_path), str(config_path), classes)
         paths = weight_files(folder, component, variant)
         want = dtype.get(component) if isinstance(dtype, dict) else dtype
-        if component == "text_encoder_3" and want == torch.float16:
+        if isinstance(module, t5.T5Encoder) and want == torch.float16:
             module, want = keep_wo_fp32(module), None     # fill casts each tensor to the dtype it has on meta
         nets[component] = load_file(module, [p for p in paths if p.suffix != ".json"], component, want,
                                     device.get(component) if isinstance(device, dict) else device)
@@ -283,6 +296,15 @@ def keep_wo_fp32(module: torch.nn.Module) -> torch.nn.Module:
         if name.endswith(".wo"):
             sub.float()
     return module
+
+
+def is_flux(folder: Path) -> bool:
+    """model_index.json names FluxPipeline (or, without model_index.json, transformer/config.json names
+    FluxTransformer2DModel)."""
+    if (index := folder / "model_index.json").is_file():
+        return read_json(index).get("_class_name") == FLUX_PIPELINE
+    config = folder / "transformer" / "config.json"
+    return config.is_file() and read_json(config).get("_class_name") == FLUX_TRANSFORMER
 
 
 def is_sd3(folder: Path) -> bool:
@@ -360,11 +382,12 @@ def download(repo_id: str, variant: str | None = None, revision: str | None = No
              t5: bool = True) -> Path:
     """Fetch only the files `load` reads (configs, tokenizers, each network's weight file or shards) into the HF
     cache, or into `local_dir`; the `variant` weights (e.g. "fp16") when the repo has them. t5=False leaves out
-    text_encoder_3/ and tokenizer_3/. Returns the folder."""
+    text_encoder_3/ and tokenizer_3/ (SD3's T5; FLUX's, text_encoder_2/, is always fetched). Returns the folder."""
     from huggingface_hub import snapshot_download
     networks = [c for c in ALL_NETWORKS if t5 or c != "text_encoder_3"]
     files = [f for f in CONFIGS if t5 or not f.startswith("text_encoder_3/")] + \
-        [f"{t}/{n}" for t in TOKENIZERS for n in TOKENIZER_FILES] + (T5_TOKENIZER_FILES if t5 else [])
+        [f"{t}/{n}" for t in TOKENIZERS for n in TOKENIZER_FILES] + (T5_TOKENIZER_FILES if t5 else []) + \
+        [FLUX_T5_TOKENIZER]
     weights = [w for c in networks for w in weight_patterns(c, variant)]
     plain_indexes = [weight_patterns(c, None)[1] for c in networks] if variant else []  # to know the fallback
     fetch = partial(_hub, snapshot_download, repo_id, revision=revision, local_dir=local_dir)
@@ -420,16 +443,16 @@ def _hub(fn, repo_id: str, **kwargs):
 def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, variant: str | None = None,
          revision: str | None = None, prediction_type: str | None = None,
          vae: str | os.PathLike | None = None, t5: bool = True,
-         offload_text: bool = False) -> StableDiffusion | StableDiffusion3:
-    """Stable Diffusion (1.x, 2.x, XL or 3) from a folder, a Hub repo id or a single .safetensors file (module
-    docstring).
+         offload_text: bool = False) -> StableDiffusion | StableDiffusion3 | Flux:
+    """Stable Diffusion (1.x, 2.x, XL or 3) or FLUX.1 from a folder, a Hub repo id or a single .safetensors file
+    (module docstring).
 
     device: default "cpu".  dtype: torch dtype or "fp32"/"fp16"/"bf16", default float32.
     variant: weight files `<name>.<variant>.safetensors` to prefer; "fp16" is implied by dtype float16.
     revision: Hub branch, tag or commit.  prediction_type: override (required for SD 2.x single files).
     vae: another VAE (a folder with config.json and its weights, or a model folder with vae/) instead of the model's.
     t5: SD3 only: False runs without the T5 encoder (neither read nor downloaded; its tokens are zeros).
-    offload_text: SD3 only: the text encoders are read to the CPU and kept there (StableDiffusion3.offload_text), so
+    offload_text: SD3 and FLUX.1 only: the text encoders are read to the CPU and kept there (offload_text), so
     the device never holds them beside the transformer, not even while loading.
     """
     device, dtype = torch.device(device or "cpu"), dtype_of(dtype)
@@ -438,7 +461,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, device=None, *, dtype=None, v
     variant = variant or ("fp16" if dtype == torch.float16 else None)
     vae_folder = vae_location(vae) if vae is not None else None   # a bad --vae fails before any loading
     path, sha = locate(os.fspath(model), variant, revision, t5)
-    if path.is_dir() and is_sd3(path):
+    if path.is_dir() and is_flux(path):
+        sd = _flux_folder(path, os.fspath(model), sha, variant, dtype, device, t5, offload_text)
+    elif path.is_dir() and is_sd3(path):
         sd = _sd3_folder(path, os.fspath(model), sha, variant, dtype, device, t5, offload_text)
     elif path.is_dir():
         sd = _folder(path, os.fspath(model), sha, variant, dtype, device, prediction_type)
@@ -480,13 +505,12 @@ def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked
     if absent := [f"{c}/" for c in (*networks, "scheduler", "tokenizer", "tokenizer_2") if not (path / c).is_dir()]:
         raise LoadError(f"{path} has no {', '.join(absent)}: an SD3 model folder holds transformer/, vae/, "
                         "text_encoder/ .. text_encoder_3/, tokenizer/ .. tokenizer_3/, scheduler/")
-    where = {c: torch.device("cpu") if offload_text and c.startswith("text_") else device for c in networks}
-    nets, files = load_networks(path, variant, dtype, where, networks, SD3_CLASSES)
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    try:
-        schedule = flow_config(read_json(scheduler))
-    except ValueError as e:
-        raise LoadError(f"{scheduler}: {e}") from None
+    nets, files = load_networks(path, variant, dtype, text_where(networks, device, offload_text), networks,
+                                SD3_CLASSES)
+    scheduler, schedule = flow_schedule(path, flow_config)
+    if schedule["use_dynamic_shifting"]:
+        raise LoadError(f"{scheduler}: use_dynamic_shifting is not supported for Stable Diffusion 3 (only FLUX.1's); "
+                        "remove it from the scheduler config")
     tokenizers = [folder_tokenizer(path, read_json(path / t.replace("tokenizer", "text_encoder") / "config.json"), t)
                   for t in TOKENIZERS]
     files += [scheduler, path / "model_index.json"] + \
@@ -505,6 +529,45 @@ def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked
                             nets.get("text_encoder_3"), nets["transformer"], nets["vae"], schedule, model_id,
                             (sha or content_hash([p for p in files if p.is_file()])) + ("" if t5_asked else "-no-t5"),
                             device, dtype, offload_text)
+
+
+def _flux_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked: bool, offload_text: bool) -> Flux:
+    """FLUX.1-dev or -schnell from a diffusers-layout folder (module docstring)."""
+    if not t5_asked:
+        raise LoadError(f"{model_id} is a FLUX.1 model: it cannot run without T5 (t5=False, the command line's "
+                        "--no-t5, is for SD3 only)")
+    if absent := [f"{c}/" for c in (*FLUX_NETWORKS, "scheduler", "tokenizer") if not (path / c).is_dir()]:
+        raise LoadError(f"{path} has no {', '.join(absent)}: a FLUX.1 model folder holds transformer/, vae/, "
+                        "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/")
+    if not (tokenizer_json := path / FLUX_T5_TOKENIZER).is_file():
+        raise LoadError(f"{path} has no {FLUX_T5_TOKENIZER} (T5's tokenizer): a FLUX.1 model folder holds it")
+    nets, files = load_networks(path, variant, dtype, text_where(FLUX_NETWORKS, device, offload_text), FLUX_NETWORKS,
+                                FLUX_CLASSES)
+    scheduler, schedule = flow_schedule(path, schedule_of)
+    tokenizer = folder_tokenizer(path, read_json(path / "text_encoder" / "config.json"))
+    try:
+        tokenizer_2 = t5.T5Tokenizer(tokenizer_json, T5_TOKENS)
+    except Exception as e:  # a malformed tokenizer.json
+        raise LoadError(f"{tokenizer_json} cannot be read ({type(e).__name__}: {e})") from None
+    files += [scheduler, path / "model_index.json", tokenizer_json] + \
+        [p for n in TOKENIZER_FILES if (p := path / "tokenizer" / n).is_file()]
+    return Flux(tokenizer, nets["text_encoder"], tokenizer_2, nets["text_encoder_2"], nets["transformer"], nets["vae"],
+                schedule, model_id, sha or content_hash([p for p in files if p.is_file()]), device, dtype,
+                offload_text)
+
+
+def text_where(networks: tuple, device: torch.device, offload_text: bool) -> dict:
+    """{component: device}: the text encoders on the CPU when offload_text, the rest on `device`."""
+    return {c: torch.device("cpu") if offload_text and c.startswith("text_") else device for c in networks}
+
+
+def flow_schedule(path: Path, make: Callable[[dict], dict]) -> tuple[Path, dict]:
+    """(scheduler/scheduler_config.json, make(its config)): a flow schedule, a bad value a one-line LoadError."""
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    try:
+        return scheduler, make(read_json(scheduler))
+    except ValueError as e:
+        raise LoadError(f"{scheduler}: {e}") from None
 
 
 def require_subfolders(folder: Path, networks: tuple) -> tuple:
