@@ -1,8 +1,9 @@
 """nets/flux.py against diffusers' FluxTransformer2DModel on the same weights (loaded with strict=True):
 
 - the tiny FLUX.1-dev (guidance embedding) and schnell transformers of tests/flux_hub.py: equal outputs for square
-  and non-square latents, batch 2, t and guidance per row or one number, in fp32 and bf16; the same state-dict keys;
+  and non-square latents, batch 2, t and guidance per row or one number, in fp32, bf16 and fp16; the same keys;
 - pack / unpack / image_ids / text_ids equal FluxPipeline's static methods; the RoPE angles equal FluxPosEmbed's;
+  FluxPipeline's own transformer calls on the tiny Hub folder (dev, schnell) give the same velocity in ours;
 - the attention controller sees every double-stream block (names, flags, grid size, shapes) and only those, the
   image -> text probabilities equal an explicit softmax of diffusers' own q and k after its RoPE (hooks on its
   norms), rows sum to < 1, reading them changes nothing (the fused kernel's output, bit for bit); a tensor returned
@@ -95,12 +96,14 @@ def test_matches_diffusers(pair, hw):
 
 
 @torch.no_grad()
-def test_matches_diffusers_in_bfloat16():
-    """Half precision takes the same casts (t and guidance to the weights' dtype before x 1000, RoPE in fp32)."""
-    ref = reference("dev").to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_diffusers_in_half_precision(dtype):
+    """Half precision takes the same casts (t and guidance to the weights' dtype before x 1000, RoPE and the qk
+    norms in fp32; fp16's clipping)."""
+    ref = reference("dev").to(dtype)
     ours = ours_on(ref)
     x, t, c, pooled, img_ids, txt_ids, guidance = inputs()
-    x, c, pooled = (a.to(torch.bfloat16) for a in (x, c, pooled))
+    x, c, pooled = (a.to(dtype) for a in (x, c, pooled))
     assert_close(ours(x, t, c, pooled, img_ids, txt_ids, guidance),
                  run_ref(ref, x, t, c, pooled, img_ids, txt_ids, guidance))
 
@@ -141,6 +144,28 @@ def test_rope_equals_diffusers():
         cs = flux.rope(ids, axes)
         assert torch.equal(flux.rotate(q, cs, 3), apply_rotary_emb(q.unflatten(-1, (3, -1)), cs, sequence_dim=1)
                            .flatten(2))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", flux_hub.KINDS)
+def test_takes_what_the_pipeline_passes(kind, tmp_path):
+    """FluxPipeline on the tiny Hub folder (2 steps, 32 x 48 px): each of its transformer calls, given to ours as
+    forward(x, t, c, pooled, img_ids, txt_ids, guidance), gives the same velocity (to rounding: the pipeline's weights
+    are memory-mapped at addresses that take another matmul kernel than the same weights copied)."""
+    ref = flux_hub.make(tmp_path / kind, kind=kind)
+    pipe, calls = ref.pipe, []
+    hook = pipe.transformer.register_forward_hook(lambda m, args, kw, out: calls.append((kw, out[0])),
+                                                  with_kwargs=True)
+    pipe("a red house", height=32, width=48, num_inference_steps=2, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    ours = ours_on(pipe.transformer)
+    assert len(calls) == 2
+    for kw, v in calls:
+        assert (kw["guidance"] is not None) == (kind == "dev") and kw["hidden_states"].shape == (1, 2 * 3, 64)
+        got = ours(kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"], kw["pooled_projections"],
+                   kw["img_ids"], kw["txt_ids"], kw["guidance"])
+        assert_close(got, v)
 
 
 class Recorder:
