@@ -305,3 +305,54 @@ def test_offload_text(refs, monkeypatch):
     offloaded = minledits.load(refs["dev"].folder, offload_text=True)
     assert offloaded.text_offloaded and not isinstance(offloaded, StableDiffusion3)
     assert {p.device.type for m in offloaded.text_encoders() for p in m.parameters()} == {"cpu"}
+
+
+# --------------------------------------------------------------------------------------------- full size
+# black-forest-labs/FLUX.1-dev's configs (transformer/, text_encoder/, text_encoder_2/, vae/ config.json), the keys
+# that matter here.
+FULL = {
+    "transformer": {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+                    "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
+                    "num_layers": 19, "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768},
+    "text_encoder": {"architectures": ["CLIPTextModel"], "eos_token_id": 2, "hidden_act": "quick_gelu",
+                     "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+                     "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
+                     "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408},
+    "text_encoder_2": {"architectures": ["T5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096,
+                       "dense_act_fn": "gelu_new", "feed_forward_proj": "gated-gelu", "is_gated_act": True,
+                       "layer_norm_epsilon": 1e-06, "num_heads": 64, "num_layers": 24,
+                       "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+                       "tie_word_embeddings": False, "vocab_size": 32128},
+    "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 16,
+            "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "scaling_factor": 0.3611,
+            "shift_factor": 0.1159, "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False,
+            "use_quant_conv": False}}
+# Their parameters (the memory table of the README: x 2 bytes in bf16, x 4 in fp32; T5's wo: 1,006,632,960 of its
+# parameters, kept in fp32 under fp16).
+FULL_PARAMETERS = {"transformer": 11_901_408_320, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,
+                   "vae": 83_819_683}
+
+
+def test_full_size_parameter_counts():
+    """Ours built on the meta device from FLUX.1-dev's configs has the parameters diffusers' and transformers' modules
+    have (T5's tied embedding counted once)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    with torch.device("meta"):
+        reference = {"transformer": FluxTransformer2DModel(**clean(FULL["transformer"])),
+                     "text_encoder": CLIPTextModel(CLIPTextConfig(**FULL["text_encoder"])),
+                     "text_encoder_2": T5EncoderModel(T5Config(**FULL["text_encoder_2"])),
+                     "vae": AutoencoderKL(**clean(FULL["vae"]))}
+    for name, config in FULL.items():
+        ours = load_module.build(name, config, name, load_module.FLUX_CLASSES).state_dict()
+        theirs = {key: v.shape for k, v in reference[name].state_dict().items()   # the keys as the loader reads them
+                  if (key := load_module.rename(name if name != "text_encoder_2" else "t5", k)) is not None
+                  and key != "encoder.embed_tokens.weight"}
+        assert {k: v.shape for k, v in ours.items()} == theirs, name
+        assert sum(t.numel() for t in ours.values()) == FULL_PARAMETERS[name], name
+    wo = sum(t.numel() for k, t in load_module.build("text_encoder_2", FULL["text_encoder_2"], "t5",
+                                                     load_module.FLUX_CLASSES).state_dict().items()
+             if k.endswith(".wo.weight"))
+    assert wo == 1_006_632_960
