@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -76,12 +77,14 @@ def build(kind: str = "dev", seed: int = 0) -> dict:
     makers = {"text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**c["text_encoder"])),
               "transformer": lambda: FluxTransformer2DModel(**sd3_hub._clean(c["transformer"])),
               "vae": lambda: AutoencoderKL(**sd3_hub._clean(c["vae"]))}
-    mods = {}
-    for i, (name, maker) in enumerate(makers.items()):
-        torch.manual_seed(seed + 10 * i)
-        mods[name] = maker().float().eval().requires_grad_(False)
-        sd3_hub._randomise_constants(mods[name], torch.Generator().manual_seed(seed + 10 * i + 1))
-    return mods
+    return {name: _seeded(maker, seed + 10 * i) for i, (name, maker) in enumerate(makers.items())}
+
+
+def _seeded(maker, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    module = maker().float().eval().requires_grad_(False)
+    sd3_hub._randomise_constants(module, torch.Generator().manual_seed(seed + 1))
+    return module
 
 
 @dataclass
@@ -90,23 +93,16 @@ class Reference:
     folder: Path
     configs: dict
     modules: dict = field(default_factory=dict)
-    _pipe: object = None
 
-    @property
+    @cached_property
     def pipe(self):
-        """diffusers' FluxPipeline.from_pretrained(folder) (fp32, eval, CPU), built once."""
-        if self._pipe is None:
-            self._pipe = load_pipe(self.folder)
-        return self._pipe
-
-
-def load_pipe(folder):
-    from diffusers import FluxPipeline
-    pipe = FluxPipeline.from_pretrained(str(folder), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
-        getattr(pipe, name).eval().requires_grad_(False)
-    return pipe
+        """diffusers' FluxPipeline.from_pretrained(folder) (fp32, eval, CPU), built on first use."""
+        from diffusers import FluxPipeline
+        pipe = FluxPipeline.from_pretrained(str(self.folder), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):
+            module.eval().requires_grad_(False)
+        return pipe
 
 
 def _save(items: list, folder: Path, stem: str, dtype, shards: int) -> None:

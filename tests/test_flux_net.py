@@ -25,9 +25,9 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from minledits.nets import flux, layers
 from minledits.nets.flux import FluxTransformer
 from tests import flux_hub, sd3_hub
+from tests.test_mmdit import Recorder, assert_close
 
 B, M, HW = 2, 7, (6, 10)  # batch, text tokens, latent size (packed grid 3 x 5: non-square)
-REL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads (conftest)
 
@@ -73,13 +73,6 @@ def run_ref(ref, x, t, c, pooled, img_ids, txt_ids, guidance):
 
 def kind_of(ours):
     return "dev" if ours.guidance_embeds else "schnell"
-
-
-def assert_close(ours, ref, rel=REL):
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
-    print(f"max abs diff {err:.3g}, scale {scale:.3g}, relative {err / scale:.3g} (tolerance {rel})")
-    assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} * {scale:.3g}"
 
 
 @torch.no_grad()
@@ -166,19 +159,6 @@ def test_takes_what_the_pipeline_passes(kind, tmp_path):
         got = ours(kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"], kw["pooled_projections"],
                    kw["img_ids"], kw["txt_ids"], kw["guidance"])
         assert_close(got, v)
-
-
-class Recorder:
-    """Keeps every (layer, size, probs) it is shown; returns None (reads only) unless `give` says what to return."""
-
-    def __init__(self, give=None, wants=None):
-        self.seen, self.give = [], give
-        if wants is not None:
-            self.wants = wants
-
-    def __call__(self, layer, size, probs):
-        self.seen.append((layer, size, probs.clone()))
-        return None if self.give is None else self.give(layer, probs)
 
 
 def hooked_qk(ref):
