@@ -23,7 +23,7 @@ from minledits.flowmatch import FlowEuler, image_tokens
 from minledits.io import store
 from minledits.nets.layers import AttentionLayer
 from minledits.sampler import SAMPLERS
-from tests import reconstruction, sd3_hub
+from tests import flux_hub, reconstruction, sd3_hub
 from tests.helpers import photo
 
 SCHEDULE = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
@@ -314,3 +314,25 @@ def test_a_dynamic_shift_inversion_regenerates():
     sd = dynamic_flow()
     errors = [rel(regenerate(sd, inv := invert(sd, steps=n)), inv.w0) for n in (10, 20)]
     assert 1.6 < errors[0] / errors[1] < 2.4, errors
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return minledits.load(flux_hub.make(tmp_path_factory.mktemp("flux") / "flux").folder)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_on_the_tiny_flux(flux, tmp_path):
+    """invert(flux, sampler="flow") of a wide picture: the sigmas of its latent's token count (FLUX.1-dev's dynamic
+    shift); it regenerates w0 up to Euler's first-order error (halving as the steps double), as SD3's, and through its
+    file bit for bit."""
+    invs = [minledits.invert(flux, photo(size=(160, 80)), sampler="flow", steps=n, skip=0, size=128, keep_aspect=True,
+                             seed=3) for n in (4, 8)]
+    errors = [rel(regenerate(flux, inv), inv.w0) for inv in invs]
+    assert 1.5 < errors[0] / errors[1] < 2.5 and errors[1] > 1e-3, errors
+    inv = invs[0]
+    assert inv.xts.shape == (5, 16, 8, 16) and inv.timesteps == FlowEuler(flux.schedule, 4, 32).timesteps.tolist()
+    assert inv.timesteps != FlowEuler(flux.schedule, 4, 16).timesteps.tolist()  # a square's 16 tokens: other sigmas
+    store.save(inv, tmp_path / "flux.inv")
+    back = store.load(tmp_path / "flux.inv")
+    assert back.timesteps == inv.timesteps and torch.equal(regenerate(flux, back), regenerate(flux, inv))
