@@ -5,6 +5,7 @@ import contextlib
 import fnmatch
 import shutil
 import sys
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 import minledits
 from minledits import Concept, cli
+from minledits.io import load as load_module
 from tests import hub, oracle
 
 N, SKIP, SIZE = 10, 3, 64  # 10 steps, 7 of them edited, 64 px (8x8 latents): tiny models run in milliseconds
@@ -159,3 +161,21 @@ def console_script() -> str | None:
     """The installed `minledits` command (None where the package is not installed)."""
     found = Path(sys.executable).parent / "minledits"
     return str(found) if found.exists() else shutil.which("minledits")
+
+
+def watch_fp32_reads(monkeypatch, fp16: bool = False) -> list:
+    """io.load's _read wrapped: each fp32 tensor read is recorded (key, weak reference); reading one while a tensor
+    read before the last is still alive fails (fill holds the last one while reading the next): no fp32 copy of a model
+    loaded in half precision. fp16: T5's wo, kept in fp32 under fp16 on purpose, is let through."""
+    read, alive = load_module._read, []
+
+    def watched(f, key, squeeze=False):
+        kept = [k for k, r in alive[:-1] if r() is not None and not (fp16 and k.endswith(".wo.weight"))]
+        assert not kept, kept
+        tensor = read(f, key, squeeze)
+        if tensor.dtype == torch.float32:
+            alive.append((key, weakref.ref(tensor)))
+        return tensor
+
+    monkeypatch.setattr(load_module, "_read", watched)
+    return alive

@@ -4,7 +4,6 @@ samplings with FlowEuler's dynamic shift; and loading: FLUX folders, strict keys
 copy, a missing network, the Hub's files for FLUX.1-dev / -schnell (dev gated), offload_text."""
 import shutil
 import types
-import weakref
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from minledits.flux import Flux
 from minledits.io import load as load_module
 from minledits.sd3 import StableDiffusion3
 from tests import flux_hub, hub, sd3_hub
-from tests.helpers import fake_snapshot_download
+from tests.helpers import fake_snapshot_download, watch_fp32_reads
 
 PROMPTS = ["", "a photo of a cat", "watercolor painting of an old man wearing glasses " * 10,   # past 77 CLIP tokens
            "red blue green yellow " * 140]                                                      # past 512 T5 tokens
@@ -203,23 +202,6 @@ def bf16_folder(refs, tmp_path_factory):
     """The dev weights as published: bf16, the transformer and T5 in 2 shards."""
     return flux_hub.write(refs["dev"].modules, tmp_path_factory.mktemp("bf16") / "m", dtype=torch.bfloat16, shards=2)
 
-
-def watch_fp32_reads(monkeypatch, fp16: bool = False) -> list:
-    """load's _read wrapped: each fp32 tensor read is recorded (a weak reference); reading one while a tensor read
-    before the last is still alive fails (fill holds the last one while reading the next), except T5's wo, kept in
-    fp32 under fp16 on purpose."""
-    read, alive = load_module._read, []
-
-    def watched(f, key, squeeze=False):
-        kept = [k for k, r in alive[:-1] if r() is not None and not (fp16 and k.endswith(".wo.weight"))]
-        assert not kept, kept
-        tensor = read(f, key, squeeze)
-        if tensor.dtype == torch.float32:
-            alive.append((key, weakref.ref(tensor)))
-        return tensor
-
-    monkeypatch.setattr(load_module, "_read", watched)
-    return alive
 
 
 def test_bf16_files_load_without_an_fp32_tensor(bf16_folder, refs, monkeypatch):

@@ -3,7 +3,6 @@ the prompt embeddings (with and without T5, truncation), the transformer's veloc
 classifier-free guidance; and loading: strictness, sharded and fp16 files, t5=False, the Hub's download patterns."""
 import shutil
 import warnings
-import weakref
 
 import pytest
 import torch
@@ -12,11 +11,10 @@ from safetensors import safe_open
 import minledits
 from minledits.errors import LoadError
 from minledits.flowmatch import FlowEuler
-from minledits.io import load as load_module
 from minledits.model import repeat_rows, rows
 from minledits.sd3 import StableDiffusion3
 from tests import hub, sd3_hub
-from tests.helpers import fake_snapshot_download
+from tests.helpers import fake_snapshot_download, watch_fp32_reads
 
 PROMPTS = ["", "a photo of a cat", "watercolor painting of an old man wearing glasses " * 10,   # past 77 CLIP tokens
            "red blue green yellow " * 70]                                                       # past 256 T5 tokens
@@ -193,18 +191,7 @@ def test_a_half_precision_load_of_fp32_files_holds_one_fp32_tensor_at_a_time(ref
     """No fp32 copy of a model: each fp32 tensor read from the files is gone (cast, then dropped) by the time the one
     after the next is read (fill holds the last one while reading the next), except T5's wo, kept in fp32 under fp16
     on purpose."""
-    read, alive = load_module._read, []
-
-    def watched(f, key, squeeze=False):
-        fp32_on_purpose = lambda k: dtype == torch.float16 and k.endswith(".wo.weight")  # noqa: E731
-        kept = [k for k, r in alive[:-1] if r() is not None and not fp32_on_purpose(k)]
-        assert not kept, kept
-        tensor = read(f, key, squeeze)
-        if tensor.dtype == torch.float32:
-            alive.append((key, weakref.ref(tensor)))
-        return tensor
-
-    monkeypatch.setattr(load_module, "_read", watched)
+    alive = watch_fp32_reads(monkeypatch, fp16=dtype == torch.float16)
     sd = minledits.load(ref.folder, dtype=dtype)      # the folder holds fp32 files only
     assert len(alive) > 100 and {p.dtype for p in sd.transformer.parameters()} == {dtype}
 
