@@ -119,7 +119,7 @@ def test_compare_on_a_flow_each_panel_is_its_command(sd3, photo, tmp_path, capsy
                      "--source-prompt", "a cat", "--target-prompt", "a dog", "-e", "glasses", "--clip-model", "none")
     assert rc == 0, err
     assert "minledits: note: flow + P2P left out: Prompt-to-Prompt replaces a UNet's cross-attention: none on a " \
-           "rectified flow (Stable Diffusion 3)\n" in err
+           "rectified flow (Stable Diffusion 3, FLUX.1)\n" in err
     record = json.loads((tmp_path / "c.json").read_text())
     assert [p["method"] for p in record["panels"]] == ["input", "reconstruction", "flow", "flowedit", "ledits",
                                                        "leditspp"]
@@ -141,7 +141,7 @@ def test_compare_on_a_flow_each_panel_is_its_command(sd3, photo, tmp_path, capsy
 
 @pytest.mark.parametrize("argv, message", [
     (["--cross-replace", "0.5"], "--cross-replace: Prompt-to-Prompt replaces a UNet's cross-attention: none on a "
-     "rectified flow (Stable Diffusion 3): leave them out"),
+     "rectified flow (Stable Diffusion 3, FLUX.1): leave them out"),
     (["--n-max", "9"], "--n-max (the FlowEdit panel's, its steps the inversion's): n_max (the steps edited) must be "
      "in 1..steps (6), got 9")])
 def test_compare_refusals_on_a_flow(sd3, inversion, tmp_path, capsys, argv, message):
@@ -155,7 +155,7 @@ def test_compare_refuses_flowedit_options_on_sd1(tiny_sd1, photo, tmp_path, caps
     rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", tiny_sd1.folder, "--size", "64",
                      "--steps", "4", "--target-prompt", "a dog", "--n-avg", "2", "--clip-model", "none", "-q")
     assert rc == 2 and err == "minledits: error: --n-avg (the FlowEdit panel's): FlowEdit runs on a rectified flow " \
-                              "(Stable Diffusion 3), and this is a ddpm inversion: leave --n-avg out\n"
+                              "(Stable Diffusion 3, FLUX.1), and this is a ddpm inversion: leave --n-avg out\n"
 
 
 def test_sweep_over_skip_on_a_flow_inverts_once(sd3, photo, tmp_path, capsys):

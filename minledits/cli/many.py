@@ -308,7 +308,8 @@ def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
         inverted = inversion_settings(c, sd.default_size)
         if c.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {c.batch_size}")
-        inverted.new_sampler(sd.schedule)  # steps past the model's schedule
+        side = inverted.size // sd.latent_scale  # (any latent size: FLUX's shift needs one, the check does not)
+        inverted.new_sampler(sd.schedule, (side, side))  # steps past the model's schedule
         sd.check_fits(inverted.size, inverted.size)
         s.update(inverted.dict(), batch_size=c.batch_size)
     if c.method == "p2p":
@@ -528,7 +529,7 @@ def cmd_sweep(args):
 # --------------------------------------------------------------------------------------------- compare
 P2P_OPTIONS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "reweight": "--reweight",
                "local_blend": "--local-blend"}
-FLOW_OPTIONS = {"n_max": "--n-max", "n_min": "--n-min", "n_avg": "--n-avg"}  # the FlowEdit panel's (on SD3)
+FLOW_OPTIONS = {"n_max": "--n-max", "n_min": "--n-min", "n_avg": "--n-avg"}  # the FlowEdit panel's (on a flow)
 
 
 class OptionError(ValueError):
@@ -586,20 +587,24 @@ def compare_inversion(args, cache, given):
     return sd, inv, n[0]
 
 
-def check_flowedit(args, inv, given: dict) -> None:
-    """FlowEdit's options given (given: {name: value}) checked against the inversion (flowedit.check_options), or
-    refused where no FlowEdit panel is drawn (an inversion of another sampler than flow): an OptionError."""
+def check_flowedit(args, sd, inv, given: dict) -> None:
+    """FlowEdit's options given (given: {name: value}) checked against the inversion and the model
+    (flowedit.check_options), or refused where no FlowEdit panel is drawn (an inversion of another sampler than flow,
+    FLUX.1-schnell): an OptionError."""
     if not given:
         return
-    flags = ", ".join(FLOW_OPTIONS[k] for k in given)
+    flags, embeds = ", ".join(FLOW_OPTIONS[k] for k in given), getattr(sd, "guidance_embeds", None)
     if inv.settings.sampler != "flow":
-        raise OptionError(f"{flags} (the FlowEdit panel's): FlowEdit runs on a rectified flow (Stable Diffusion 3), "
-                          f"and this is a {inv.settings.sampler} inversion: leave {flags} out")
-    o = compare.flowedit_options(inv, args.target_prompt, args.target_guidance, **given)
+        raise OptionError(f"{flags} (the FlowEdit panel's): FlowEdit runs on a rectified flow (Stable Diffusion 3, "
+                          f"FLUX.1), and this is a {inv.settings.sampler} inversion: leave {flags} out")
+    if embeds is False:
+        raise OptionError(f"{flags} (the FlowEdit panel's): {compare.NO_EMBEDDING}: leave {flags} out")
+    o = compare.flowedit_options(inv, args.target_prompt, args.target_guidance, guidance_embeds=embeds, **given)
+    steps = "the inversion's" if embeds is None else f"FlowEdit's on FLUX, {o['steps']}"
     try:
         flowedit.check_options(o["steps"], o["n_max"], o["n_min"], o["n_avg"], 0.0, 0.0, 0, {})
     except ValueError as e:
-        raise OptionError(f"{flags} (the FlowEdit panel's, its steps the inversion's): {e}") from None
+        raise OptionError(f"{flags} (the FlowEdit panel's, its steps {steps}): {e}") from None
 
 
 def cmd_compare(args):
@@ -611,14 +616,15 @@ def cmd_compare(args):
         return 2
     try:
         sd, inv, inversion_rows = compare_inversion(args, cache, given)
-        check_flowedit(args, inv, flow_given)
+        check_flowedit(args, sd, inv, flow_given)
     except OptionError as e:  # found once the model or inversion file is read, still before any UNet work
         report(e, args.verbose)
         return 2
+    embeds = getattr(sd, "guidance_embeds", None)  # None: no FLUX.1
     run, left_out = compare.method_edits(inv.settings.source_prompt, args.target_prompt, args.target_guidance,
                                          concepts, args.momentum_scale, args.momentum_beta, pp_concepts,
                                          {k: getattr(args, k) for k in P2P_OPTIONS}, inv.settings.sampler,
-                                         flow_given, mask=args.mask, negative_prompt=args.negative_prompt,
+                                         flow_given, embeds, mask=args.mask, negative_prompt=args.negative_prompt,
                                          guidance_rescale=args.guidance_rescale)
     for method, why in left_out.items():
         print(f"minledits: note: {compare.LABELS[method]} left out: {why}", file=sys.stderr)
@@ -631,8 +637,9 @@ def cmd_compare(args):
     # the P2P options only where a P2P panel is drawn: a rerun of the line would refuse them otherwise
     if {"p2p", "ddim+p2p"} & set(run):
         p.update({k: getattr(args, k) for k in P2P_OPTIONS})
-    if "flowedit" in run:  # FlowEdit's steps are the inversion's; n_max as it ran
-        p.update({k: v for k, v in compare.flowedit_options(inv, "", 0, **flow_given).items() if k in FLOW_OPTIONS})
+    if "flowedit" in run:  # FlowEdit's steps are the inversion's (FLUX: FLUX_DEFAULTS'); n_max as it ran
+        p.update({k: v for k, v in compare.flowedit_options(inv, "", 0, guidance_embeds=embeds, **flow_given).items()
+                  if k in FLOW_OPTIONS})
     rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
              "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(
                  found[0].image, x.image, text, clip).items()}} for x in found]

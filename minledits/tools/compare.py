@@ -13,6 +13,13 @@ with the inversion's source prompt, steps, source guidance and seed, the target 
 the inversion's edited steps N - skip: both start at one noise level), n_min, n_avg, the negative prompt); no P2P
 panel (Prompt-to-Prompt replaces a UNet's cross-attention). FlowEdit needs no inversion: its panel equals
 `minledits edit PHOTO --method flowedit` with those options.
+On FLUX.1 (a flow inversion of a model with sd.guidance_embeds) the FlowEdit panel is FlowEdit with the paper's FLUX
+settings (flowedit.FLUX_DEFAULTS: its steps, n_max, guidances as the guidance embedding's values; no negative prompt;
+n_max, n_min, n_avg as given), with the inversion's source prompt, seed, size: `minledits edit PHOTO --method
+flowedit` on FLUX with those options (left out on schnell: no guidance embedding); and one more panel, "RF-Inversion"
+(key "rf-inversion"): rfinversion.invert of the inversion's picture with its source prompt, seed and size (gamma and
+steps rfinversion's unless given), then rfinversion.edit towards the target prompt (eta, start, stop, guidance
+likewise): `minledits edit PHOTO --method rf-inversion` with those options; its evaluations and time count both ODEs.
 On a DDIM inversion (sampler "ddim") the two middle panels are "DDIM inversion" (its DDIM regeneration steered by
 the target prompt alone) and "DDIM + P2P" (Prompt-to-Prompt on it: the classic baseline), keys "ddim" and
 "ddim+p2p"; LEDITS and LEDITS++ run on it too (their steps take the DDIM step; its noise maps are 0), and the
@@ -28,16 +35,20 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .. import flowedit, ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p, rfinversion
 from ..io.image import to_pil
 from ..model import decode
 from .sweep import text_tile
 
 LABELS = {"input": "input", "reconstruction": "reconstruction", "ddpm": "DDPM inversion", "p2p": "DDPM + P2P",
           "ddim": "DDIM inversion", "ddim+p2p": "DDIM + P2P", "flow": "flow inversion", "flowedit": "FlowEdit",
-          "flow+p2p": "flow + P2P",
+          "flow+p2p": "flow + P2P", "rf-inversion": "RF-Inversion",
           "ledits": "LEDITS", "leditspp": "LEDITS++"}
-P2P_ON_FLOW = "Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow (Stable Diffusion 3)"
+P2P_ON_FLOW = ("Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow (Stable Diffusion 3, "
+               "FLUX.1)")
+NO_EMBEDDING = "FlowEdit on FLUX steers by the guidance embedding, which this model (FLUX.1-schnell) lacks"
+RF_INVERT = ("gamma", "steps")                                    # rf_options: rfinversion.invert's
+RF_EDIT = ("eta", "start_timestep", "stop_timestep", "guidance")  # rfinversion.edit's
 
 
 @dataclass
@@ -61,13 +72,16 @@ def unet_rows(unet):
 
 def method_edits(source_prompt: str, target_prompt: str, target_guidance: float, concepts: list,
                  momentum_scale: float, momentum_beta: float, pp_concepts: list, p2p_options: dict,
-                 sampler: str = "ddpm", flow_options: dict | None = None, **pp) -> tuple[dict, dict]:
+                 sampler: str = "ddpm", flow_options: dict | None = None, guidance_embeds: bool | None = None,
+                 rf_options: dict | None = None, **pp) -> tuple[dict, dict]:
     """({method: function(sd, inv) -> w0}, {method: why it is left out}). concepts: LEDITS' (sega.Concept),
     pp_concepts: the same with LEDITS++' defaults (leditspp.concept); p2p_options: p2p.edit's cross_replace,
     self_replace, reweight, local_blend; sampler: the inversion's (its name keys the middle panels: "ddim" and
     "ddim+p2p" on a DDIM inversion, "flow" and "flowedit" on a flow one, else "ddpm" and "p2p"); flow_options:
-    FlowEdit's n_max (None: the inversion's edited steps), n_min, n_avg; pp: leditspp.edit's mask,
-    negative_prompt, guidance_rescale (FlowEdit takes its negative_prompt too)."""
+    FlowEdit's n_max (None: the inversion's edited steps; FLUX's default), n_min, n_avg; guidance_embeds: the model's
+    (None: no FLUX.1; True: dev; False: schnell), on FLUX the RF-Inversion panel is drawn with rf_options (RF_INVERT,
+    RF_EDIT; absent: rfinversion's defaults); pp: leditspp.edit's mask, negative_prompt, guidance_rescale (FlowEdit
+    on SD3 takes its negative_prompt too)."""
     plain, with_p2p = {"ddim": ("ddim", "ddim+p2p"), "flow": ("flow", "flowedit")}.get(sampler, ("ddpm", "p2p"))
     run, left_out = {"reconstruction": lambda sd, inv: ledits.edit(sd, inv)}, {}
     if target_prompt:
@@ -75,9 +89,12 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
                                                  target_guidance=target_guidance)
     else:
         left_out[plain] = "it edits by the target prompt alone: give --target-prompt"
-    if sampler == "flow" and source_prompt and target_prompt:
+    if sampler == "flow" and guidance_embeds is False:
+        left_out["flowedit"] = NO_EMBEDDING
+    elif sampler == "flow" and source_prompt and target_prompt:
         run["flowedit"] = lambda sd, inv: flowedit.edit(sd, to_pil(inv.image)[0], **flowedit_options(
-            inv, target_prompt, target_guidance, pp.get("negative_prompt", ""), **(flow_options or {})))
+            inv, target_prompt, target_guidance, pp.get("negative_prompt", ""), guidance_embeds,
+            **(flow_options or {})))
     elif sampler == "flow":
         left_out["flowedit"] = ("it edits from the source prompt to the target prompt: give --source-prompt (to the "
                                 "inversion) and --target-prompt")
@@ -88,6 +105,10 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
                               "--target-prompt")
     if sampler == "flow":
         left_out["flow+p2p"] = P2P_ON_FLOW
+    if guidance_embeds is not None and target_prompt:
+        run["rf-inversion"] = lambda sd, inv: rf_edit(sd, inv, target_prompt, rf_options or {})
+    elif guidance_embeds is not None:
+        left_out["rf-inversion"] = "it edits towards the target prompt: give --target-prompt"
     if concepts:
         run["ledits"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
                                                     target_guidance=target_guidance, concepts=concepts,
@@ -98,14 +119,26 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
     return run, left_out
 
 
-def flowedit_options(inv, target_prompt: str, target_guidance: float, negative_prompt: str = "", n_max=None,
-                     n_min=0, n_avg=1) -> dict:
-    """flowedit.edit's options for the FlowEdit panel of a flow inversion inv (module docstring)."""
+def flowedit_options(inv, target_prompt: str, target_guidance: float, negative_prompt: str = "",
+                     guidance_embeds: bool | None = None, n_max=None, n_min=None, n_avg=None) -> dict:
+    """flowedit.edit's options for the FlowEdit panel of a flow inversion inv (module docstring): on SD3 its steps,
+    edited steps and source guidance; on FLUX.1 (guidance_embeds not None) flowedit.FLUX_DEFAULTS."""
     s = inv.settings
-    return dict(source_prompt=s.source_prompt, target_prompt=target_prompt, steps=s.steps,
-                n_max=len(inv.zs) if n_max is None else n_max, n_min=n_min, n_avg=n_avg,
-                source_guidance=s.source_guidance, target_guidance=target_guidance, seed=s.seed,
-                negative_prompt=negative_prompt, size=s.size, keep_aspect=s.keep_aspect)
+    own = dict(flowedit.FLUX_DEFAULTS) if guidance_embeds is not None else dict(
+        steps=s.steps, n_max=len(inv.zs), n_min=0, n_avg=1, source_guidance=s.source_guidance,
+        target_guidance=target_guidance, negative_prompt=negative_prompt)
+    given = {k: v for k, v in dict(n_max=n_max, n_min=n_min, n_avg=n_avg).items() if v is not None}
+    return dict(source_prompt=s.source_prompt, target_prompt=target_prompt, **{**own, **given}, seed=s.seed,
+                size=s.size, keep_aspect=s.keep_aspect)
+
+
+def rf_edit(sd, inv, target_prompt: str, options: dict):
+    """The RF-Inversion panel: rfinversion's own inversion of inv's picture (its source prompt, seed, size), then its
+    edit towards the target prompt; options: RF_INVERT and RF_EDIT's given values."""
+    s = inv.settings
+    rf_inv = rfinversion.invert(sd, to_pil(inv.image)[0], seed=s.seed, size=s.size, keep_aspect=s.keep_aspect,
+                                source_prompt=s.source_prompt, **{k: options[k] for k in RF_INVERT if k in options})
+    return rfinversion.edit(sd, rf_inv, prompt=target_prompt, **{k: options[k] for k in RF_EDIT if k in options})
 
 
 def panels(sd, inv, run: dict) -> list[Panel]:
