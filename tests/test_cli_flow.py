@@ -157,10 +157,10 @@ def test_refusals_on_sd3(sd3, photo, tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["edit", "{photo}", *FLOW], "--method flowedit needs a rectified-flow model (Stable Diffusion 3); {sd1} predicts "
-     "epsilon: use --method ledits, leditspp or p2p"),
+    (["edit", "{photo}", *FLOW], "--method flowedit needs a rectified-flow model (Stable Diffusion 3 or FLUX); {sd1} "
+     "predicts epsilon: use --method ledits, leditspp or p2p"),
     (["invert", "{photo}", "--sampler", "flow", "--size", "64"], "--sampler flow is for rectified-flow models (Stable "
-     "Diffusion 3); {sd1} predicts epsilon: use --sampler ddpm, dpmsolver++ or ddim"),
+     "Diffusion 3, FLUX); {sd1} predicts epsilon: use --sampler ddpm, dpmsolver++ or ddim"),
     (["edit", "{photo}", "--no-t5", "--size", "64"], "--no-t5 is an option of Stable Diffusion 3; {sd1} is not one "
      "(a folder of another pipeline): leave it out"),
     (["edit", "{photo}", "--n-max", "5", "--size", "64"], "--method ledits takes no --n-max: it is an option of "

@@ -19,25 +19,46 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import flowedit, ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p, rfinversion
 from ..errors import InversionFileError, MinleditsError, shorten
+from ..flux import Flux
 from ..inversion import InversionSettings, invert
 from ..io import store, tiny
 from ..io.files import all_or_none, atomic, refuse_output, require_regular, require_writable
 from ..io.image import open_rgb, to_pil, to_tensor
-from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, is_sd3, load
+from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, is_flux, is_sd3, load
 from ..model import decode
 from ..tools import metrics
 from ..tools.trace import AttentionTrace, FlowTrace, Trace, side_by_side
-from .options import COMMON, EDIT, FLOWEDIT_SHARED, INVERT, METHOD_OPTIONS, UsageError, dest, resolve, to_argv
+from .options import (
+    COMMON,
+    EDIT,
+    FLOWEDIT_FLUX,
+    FLOWEDIT_SD3,
+    INVERT,
+    METHOD_OPTIONS,
+    RF_DEFAULTS,
+    UsageError,
+    dest,
+    resolve,
+    to_argv,
+)
 
 FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 MODEL_OPTIONS = ("revision", "variant", "prediction_type", "vae")  # the weights model_of loads besides --model
-SD3_OPTIONS = {"no_t5": "--no-t5", "offload_text": "--offload-text"}  # model options of Stable Diffusion 3 alone
-SD_SAMPLERS = ("ddpm", "dpmsolver++", "ddim")  # the samplers of SD 1.x, 2.x and XL (SD3's: flow)
+TEXT_OPTIONS = {"no_t5": "--no-t5", "offload_text": "--offload-text"}  # the text encoders' options of the flows
+TEXT_OWNERS = {"no_t5": "Stable Diffusion 3", "offload_text": "Stable Diffusion 3 and FLUX"}  # the models taking them
+NO_T5_ON_FLUX = "--no-t5: FLUX cannot run without T5 (its transformer reads the prompt as T5's tokens alone; CLIP " \
+                "gives only the pooled vector): leave it out"
+SD_SAMPLERS = ("ddpm", "dpmsolver++", "ddim")  # the samplers of SD 1.x, 2.x and XL (SD3's and FLUX's: flow)
 # What --method flowedit leaves unused, being no inversion: refused when given
 NO_INVERSION = {"skip": "--skip", "keep_last_noise": "--keep-last-noise", "zero_noise_steps": "--zero-noise-steps",
                 "sampler": "--sampler", "batch_size": "--batch-size", "save_inversion": "--save-inversion"}
+# What --method rf-inversion leaves unused (its inversion is its own controlled flow): refused when given
+RF_UNUSED = {"skip": "--skip", "keep_last_noise": "--keep-last-noise", "zero_noise_steps": "--zero-noise-steps",
+             "sampler": "--sampler", "batch_size": "--batch-size", "source_guidance": "--source-guidance",
+             "trace": "--trace"}
+RF_INVERSION = ("gamma", "steps", "seed", "size", "keep_aspect", "source_prompt")  # rfinversion.invert's options
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
 
@@ -55,15 +76,14 @@ def model_of(args, cache: dict, model=None):
     elif not (torch.cuda if device == "cuda" else torch.backends.mps if device == "mps" else torch.cpu).is_available():
         raise MinleditsError(f"--device {device}: no such device is available to this PyTorch")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
-    if model == tiny.NAME and (given := [k for k in (*MODEL_OPTIONS, *SD3_OPTIONS) if getattr(args, k)]):
+    if model == tiny.NAME and (given := [k for k in (*MODEL_OPTIONS, *TEXT_OPTIONS) if getattr(args, k)]):
         raise MinleditsError(f"random-tiny is built on the fly from random weights: it takes no "
                              f"--{given[0].replace('_', '-')}; leave it out")
-    key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), *(bool(getattr(args, k)) for k in SD3_OPTIONS), device,
+    key = (model, *(getattr(args, k) for k in MODEL_OPTIONS), *(bool(getattr(args, k)) for k in TEXT_OPTIONS), device,
            dtype)
-    given = [flag for k, flag in SD3_OPTIONS.items() if getattr(args, k)]
-    if given and Path(model).is_dir() and not is_sd3(Path(model)):  # a local folder: refused before loading
-        raise MinleditsError(f"{given[0]} is an option of Stable Diffusion 3; {shorten(str(model))} is not one (a "
-                             "folder of another pipeline): leave it out")
+    if Path(model).is_dir():  # a local folder: refused before loading
+        check_text_options(args, str(model), "sd3" if is_sd3(Path(model)) else "flux" if is_flux(Path(model)) else "",
+                           "a folder of another pipeline")
     if key not in cache and model == tiny.NAME and not args.quiet:
         print("minledits: random-tiny has random weights: its pictures are noise (a smoke test)", file=sys.stderr)
     if key not in cache:
@@ -71,30 +91,53 @@ def model_of(args, cache: dict, model=None):
                           prediction_type=args.prediction_type, vae=args.vae, t5=not args.no_t5,
                           offload_text=bool(args.offload_text))  # SD3's alone: refused on the others below
     sd = cache[key]
-    if sd.prediction_type != "flow" and (given := [flag for k, flag in SD3_OPTIONS.items() if getattr(args, k)]):
-        raise MinleditsError(f"{given[0]} is an option of Stable Diffusion 3; {shorten(str(sd.model_id))} is not one "
-                             f"(it predicts {sd.prediction_type}): leave it out")
+    check_text_options(args, str(sd.model_id), "flux" if isinstance(sd, Flux) else "sd3" if sd.prediction_type ==
+                       "flow" else "", f"it predicts {sd.prediction_type}")
     return sd
 
 
+def check_text_options(args, name: str, kind: str, why: str) -> None:
+    """--no-t5 and --offload-text refused where the model (kind: "sd3", "flux", or "" for the others; why: how that
+    is known) does not take them."""
+    for key, flag in TEXT_OPTIONS.items():
+        if not getattr(args, key):
+            continue
+        if kind == "flux" and key == "no_t5":
+            raise MinleditsError(NO_T5_ON_FLUX)
+        if not kind:
+            raise MinleditsError(f"{flag} is an option of {TEXT_OWNERS[key]}; {shorten(name)} is not one ({why}): "
+                                 "leave it out")
+
+
+def family(sd) -> str:
+    """The kind of model sd is, as messages name it."""
+    return "FLUX" if isinstance(sd, Flux) else "Stable Diffusion 3" if sd.prediction_type == "flow" else \
+        "Stable Diffusion 1.x, 2.x or XL"
+
+
 def check_kind(args, sd, sampler_given: bool = True) -> None:
-    """A method or sampler of the other kind of model than sd refused in one line: flowedit and the flow sampler need
-    a rectified flow (Stable Diffusion 3), p2p (the UNet's cross-attention) and the DDPM / DPM-Solver++ / DDIM
-    samplers a diffusion model (SD 1.x, 2.x, XL). On SD3 a sampler not given becomes flow."""
+    """A method or sampler of another kind of model than sd refused in one line: flowedit and the flow sampler need
+    a rectified flow (Stable Diffusion 3 or FLUX), rf-inversion FLUX, p2p (the UNet's cross-attention) and the DDPM /
+    DPM-Solver++ / DDIM samplers a diffusion model (SD 1.x, 2.x, XL). On a flow a sampler not given becomes flow."""
     flow, name, method = sd.prediction_type == "flow", shorten(str(sd.model_id)), getattr(args, "method", None)
+    flux, kind = isinstance(sd, Flux), family(sd)
     if flow and method == "p2p":
         raise MinleditsError(f"--method p2p is for Stable Diffusion 1.x, 2.x and XL (it replaces the UNet's "
-                             f"cross-attention); {name} is a rectified flow (Stable Diffusion 3): use --method "
-                             "flowedit, or leditspp or ledits on a flow inversion")
-    if not flow and method == "flowedit":
-        raise MinleditsError(f"--method flowedit needs a rectified-flow model (Stable Diffusion 3); {name} predicts "
-                             f"{sd.prediction_type}: use --method ledits, leditspp or p2p")
+                             f"cross-attention); {name} is a rectified flow ({kind}): use --method flowedit"
+                             f"{' or rf-inversion' if flux else ''}, or leditspp or ledits on a flow inversion")
+    if not flow and method in ("flowedit", "rf-inversion"):
+        needs = "a rectified-flow model (Stable Diffusion 3 or FLUX)" if method == "flowedit" else "FLUX"
+        raise MinleditsError(f"--method {method} needs {needs}; {name} predicts {sd.prediction_type}: use --method "
+                             "ledits, leditspp or p2p")
+    if flow and not flux and method == "rf-inversion":
+        raise MinleditsError(f"--method rf-inversion needs FLUX; {name} is {kind}: use --method flowedit, or leditspp "
+                             "or ledits on a flow inversion")
     sampler = getattr(args, "sampler", None)
     if flow and sampler_given and sampler in SD_SAMPLERS:
         raise MinleditsError(f"--sampler {sampler} is for Stable Diffusion 1.x, 2.x and XL; {name} is a rectified flow "
-                             "(Stable Diffusion 3): leave --sampler out (flow, its only sampler)")
+                             f"({kind}): leave --sampler out (flow, its only sampler)")
     if not flow and sampler == "flow":
-        raise MinleditsError(f"--sampler flow is for rectified-flow models (Stable Diffusion 3); {name} predicts "
+        raise MinleditsError(f"--sampler flow is for rectified-flow models (Stable Diffusion 3, FLUX); {name} predicts "
                              f"{sd.prediction_type}: use --sampler {', '.join(SD_SAMPLERS[:-1])} or {SD_SAMPLERS[-1]}")
     if flow and not sampler_given:
         args.sampler = "flow"
@@ -259,6 +302,9 @@ def run_edit(args, sd, inv, target_prompt, concepts, trace=None, desc="edit", us
     if args.method == "flowedit":  # cmd_flowedit runs it: it edits the picture, not an inversion
         raise MinleditsError("--method flowedit edits the image itself, not an inversion: run minledits edit on the "
                              "picture")
+    if args.method == "rf-inversion":  # cmd_rfinversion runs it, on its own inversion
+        raise MinleditsError("--method rf-inversion edits its own inversion: run minledits edit --method rf-inversion "
+                             "on the picture or on its inversion file")
     with bar(args, desc, len(inv.zs)) as b, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "concept .* never acts")  # cmd_edit said so in one line already
         if args.method == "p2p" and target_prompt:
@@ -309,7 +355,7 @@ def model_made_with(args, sd) -> dict:
     """The model, the options its weights were read with where given (--revision, ..., --no-t5, --offload-text),
     device and dtype."""
     weights = {k: str(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
-    sd3 = {k: True for k in SD3_OPTIONS if getattr(args, k, None)}
+    sd3 = {k: True for k in TEXT_OPTIONS if getattr(args, k, None)}
     return dict(model=sd.model_id, **weights, **sd3, device=sd.device.type, dtype=dtype_name(sd.dtype))
 
 
@@ -383,7 +429,7 @@ def check_text(args):
 def check_method_options(args) -> None:
     """An option of another method than --method's (METHOD_OPTIONS), given otherwise than its default, is refused
     before any work: it would be ignored without a word."""
-    for flags, default, _, options in EDIT:
+    for flags, default, _, options in EDIT + INVERT:
         key, value = dest(flags, options), getattr(args, dest(flags, options), None)
         owners = [m for m, keys in METHOD_OPTIONS.items() if key in keys]
         if owners and args.method not in owners and value is not None and value != default:
@@ -397,8 +443,13 @@ def concepts_of(args):
     for --method p2p on an image, its source prompt too (an inversion file's is checked when it is read)."""
     if getattr(args, "method", None) == "flowedit":
         return flowedit_options(args)
+    if getattr(args, "method", None) == "rf-inversion":
+        return rf_options(args)
     resolve(args, EDIT)
     check_text(args)
+    if args.cmd == "reconstruct" and args.gamma is not None:
+        raise MinleditsError("reconstruct takes no --gamma: RF-Inversion regenerates with minledits edit --method "
+                             "rf-inversion")
     if args.cmd == "reconstruct":
         return None
     if args.cmd == "edit":
@@ -413,7 +464,8 @@ def concepts_of(args):
 
 
 def flowedit_options(args) -> list:
-    """--method flowedit's options (its defaults where not given: FLOWEDIT_SHARED) checked before any work, and the
+    """--method flowedit's options checked before any work as far as they can be without the model (those whose
+    defaults are the model's, FLOWEDIT_SD3 and FLOWEDIT_FLUX, stay None where not given: flowedit_settings), and the
     input an image; what only an inversion uses is refused. No concepts: []."""
     if args.cmd not in ("edit", "sweep"):
         raise MinleditsError(f"--method flowedit edits one image without an inversion: {args.cmd} does not run it; "
@@ -421,18 +473,38 @@ def flowedit_options(args) -> list:
     if given := [flag for key, flag in NO_INVERSION.items() if getattr(args, key, None) not in (None, False)]:
         raise MinleditsError(f"--method flowedit takes no {given[0]}: it edits the image itself, without an "
                              "inversion (the steps it edits are --n-max); leave it out")
-    for key, value in FLOWEDIT_SHARED.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    resolve(args, EDIT)
-    resolve(args, [row for row in INVERT if dest(row[0], row[3]) not in NO_INVERSION])  # the rest stay None
+    resolve(args, [row for row in EDIT + INVERT if dest(row[0], row[3]) not in {*NO_INVERSION, *FLOWEDIT_SD3}])
     check_text(args)
     check_method_options(args)
     if is_inversion_file(args.input):
         raise MinleditsError(f"--method flowedit edits an image, and {args.input} is an inversion file: give the "
                              "picture itself (FlowEdit needs no inversion)")
-    if args.size is not None and not (args.size >= 64 and args.size % 64 == 0):
-        raise MinleditsError(f"--size must be a multiple of 64 (at least 64), got {args.size}")
+    check_size(args.size, 16)
+    return []
+
+
+def check_size(size: int | None, multiple: int) -> None:
+    """--size refused in one line unless None or a multiple of `multiple` (at least that)."""
+    if size is not None and not (size >= multiple and size % multiple == 0):
+        raise MinleditsError(f"--size must be a multiple of {multiple} (at least {multiple}), got {size}")
+
+
+def flowedit_settings(args, sd) -> dict:
+    """flowedit.edit's options of args (checked before the model by flowedit_options), those not given the model's
+    defaults (FLOWEDIT_SD3; FLOWEDIT_FLUX), all checked against each other and the model in one line; the size the
+    model's where not given."""
+    flux = isinstance(sd, Flux)
+    for key, value in (FLOWEDIT_FLUX if flux else FLOWEDIT_SD3).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_size(args.size, 16 if flux else 64)
+    if flux and not sd.guidance_embeds:
+        raise MinleditsError(f"--method flowedit on FLUX steers by FLUX.1-dev's guidance embedding (--source-guidance, "
+                             f"--target-guidance), which {shorten(str(sd.model_id))} lacks (as FLUX.1-schnell): use "
+                             "FLUX.1-dev, or --method leditspp on a flow inversion")
+    if flux and args.negative_prompt:
+        raise MinleditsError("--negative-prompt: FlowEdit on FLUX has no unconditional branch (FLUX.1 is guided by "
+                             "its guidance embedding, one row per side): leave it out")
     names = {"steps": "--steps", "n_max": "--n-max", "n_min": "--n-min", "n_avg": "--n-avg", "seed": "--seed"}
     try:
         flowedit.check_options(args.steps, args.n_max, args.n_min, args.n_avg, args.source_guidance,
@@ -442,7 +514,10 @@ def flowedit_options(args) -> list:
         for key, flag in names.items():
             text = text.replace(f"{key} (", f"{flag} (").replace(f"{key} must", f"{flag} must")
         raise MinleditsError(text) from None
-    return []
+    return dict(source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps,
+                n_max=args.n_max, n_min=args.n_min, n_avg=args.n_avg, source_guidance=args.source_guidance,
+                target_guidance=args.target_guidance, seed=args.seed, negative_prompt=args.negative_prompt,
+                size=sd.default_size if args.size is None else args.size, keep_aspect=args.keep_aspect)
 
 
 def read_user_mask(args):
@@ -523,7 +598,11 @@ def cmd_invert(args):
     if is_inversion_file(args.input):
         raise MinleditsError(f"{args.input} is an inversion file already: edit or reconstruct it "
                              f"(minledits edit {shlex.quote(str(args.input))} ...)")
-    sd, inv = inversion_of(args, {})
+    if args.gamma is not None:  # an RF-Inversion, for edit --method rf-inversion
+        rf_inversion_options(args)
+        sd, inv = rf_inversion_of(args, {})
+    else:
+        sd, inv = inversion_of(args, {})
     store.save(inv, args.output)
     finish(start, f"inverted {args.input} -> {args.output} ({len(inv.zs)} steps)", sd.model_id)
 
@@ -533,6 +612,8 @@ def cmd_edit(args, cache=None, names=OUTPUTS):
     A batch passes its cache, and names: how messages name the outputs (its jobs' keys)."""
     if getattr(args, "method", None) == "flowedit":
         return cmd_flowedit(args, cache, names)
+    if getattr(args, "method", None) == "rf-inversion":
+        return cmd_rfinversion(args, cache, names)
     start = time.time()
     concepts = concepts_of(args)
     named = check_outputs(args, names)
@@ -588,14 +669,6 @@ def cmd_flowedit(args, cache=None, names=OUTPUTS):
     finish(start, f"edit: {args.input} -> {out}", sd.model_id)
 
 
-def flowedit_settings(args, sd) -> dict:
-    """flowedit.edit's options of args (checked by flowedit_options), the size the model's where not given."""
-    return dict(source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps,
-                n_max=args.n_max, n_min=args.n_min, n_avg=args.n_avg, source_guidance=args.source_guidance,
-                target_guidance=args.target_guidance, seed=args.seed, negative_prompt=args.negative_prompt,
-                size=sd.default_size if args.size is None else args.size, keep_aspect=args.keep_aspect)
-
-
 def run_flowedit(args, sd, image, options: dict, trace=None):
     """The picture (PIL) FlowEdit makes of image with `options` (flowedit_settings), with progress bars."""
     with bar(args, "edit", options["n_max"]) as b:
@@ -605,9 +678,122 @@ def run_flowedit(args, sd, image, options: dict, trace=None):
 
 def flowedit_record(args, sd, options: dict) -> tuple[dict, list]:
     """(the PNG's record, the edit command line that makes it again) of a FlowEdit picture (write_png)."""
-    p = dict(model_made_with(args, sd), method="flowedit", **options)
+    return edit_record(args, sd, dict(model_made_with(args, sd), method="flowedit", **options))
+
+
+def edit_record(args, sd, p: dict) -> tuple[dict, list]:
+    """(the PNG's record, the edit command line that makes it again) of an edit of args.input whose settings are p."""
     return dict(command="edit", input=str(args.input), fingerprint=sd.fingerprint, **p), \
         ["edit", str(args.input), *to_argv(p)]
+
+
+def rf_options(args) -> list:
+    """--method rf-inversion's options (rf_inversion_options, and the edit's: RF_DEFAULTS where not given) checked
+    before any work. No concepts: []."""
+    if args.cmd != "edit":
+        raise MinleditsError(f"--method rf-inversion: {args.cmd} does not run it; use minledits edit (or batch)")
+    rf_inversion_options(args)
+    resolve(args, [row for row in EDIT if dest(row[0], row[3]) not in RF_UNUSED])
+    check_text(args)
+    check_method_options(args)
+    try:  # rfinversion.edit's checks, before any work
+        rfinversion.check_number("--eta", args.eta, 0, 1)
+        rfinversion.check_number("--start-timestep", args.start_timestep, 0)
+        rfinversion.check_number("--stop-timestep", args.stop_timestep, args.start_timestep)
+        if args.guidance is not None:
+            rfinversion.check_number("--guidance", args.guidance)
+    except ValueError as e:
+        raise MinleditsError(str(e)) from None
+    return []
+
+
+def rf_inversion_options(args) -> None:
+    """The inversion options of RF-Inversion (edit --method rf-inversion; invert --gamma) before any work: what it
+    leaves unused refused, its defaults where not given (RF_DEFAULTS; an inversion file's settings are its own,
+    checked when it is read), --size and --gamma checked."""
+    if given := [flag for key, flag in RF_UNUSED.items() if getattr(args, key, None) not in (None, False)]:
+        raise MinleditsError(f"RF-Inversion takes no {given[0]}: its inversion is its own controlled flow (--gamma, "
+                             "--steps, --seed); leave it out")
+    fixed = set(RF_INVERSION) if is_inversion_file(args.input) else set()
+    for key, value in RF_DEFAULTS.items():
+        if getattr(args, key, None) is None and key not in fixed:
+            setattr(args, key, value)
+    resolve(args, [row for row in INVERT if dest(row[0], row[3]) not in {*RF_UNUSED, *fixed}])
+    check_size(args.size, 64)  # an inversion's (InversionSettings)
+    if args.gamma is not None:
+        try:
+            rfinversion.check_number("--gamma", args.gamma, 0, 1)
+        except ValueError as e:
+            raise MinleditsError(str(e)) from None
+
+
+def cmd_rfinversion(args, cache=None, names=OUTPUTS):
+    """edit --method rf-inversion: the image inverted by RF-Inversion's controlled forward ODE (or its inversion file
+    read), then edited by its controlled reverse ODE (rfinversion.py) on FLUX; every option checked before the work,
+    the PNG written last (--compare: input | edit)."""
+    start = time.time()
+    rf_options(args)
+    named = check_outputs(args, names)
+    out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
+    sd, inv = rf_inversion_of(args, {} if cache is None else cache)
+    with all_or_none([p for _, p in named], [p for key, p in named if key == "save_inversion"]):
+        if args.save_inversion is not None:
+            store.save(inv, args.save_inversion)
+        with bar(args, "edit", inv.settings.steps) as b:
+            w0 = rfinversion.edit(sd, inv, prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
+                                  stop_timestep=args.stop_timestep, guidance=args.guidance,
+                                  callback=lambda *_: b.update())
+        im = decoded(args, sd, w0)
+        if compare:
+            write_png(side_by_side([to_pil(inv.image)[0], im]), compare, *rf_record(args, sd, inv))
+        write_png(im, out, *rf_record(args, sd, inv))
+    finish(start, f"edit: {args.input} -> {out}", sd.model_id)
+
+
+def rf_inversion_of(args, cache: dict):
+    """(model, RF-Inversion) of args.input: its inversion file read and checked (the inversion options given must be
+    its own), or the image inverted by rfinversion.invert with a progress bar."""
+    if is_inversion_file(args.input):
+        inv = store.load(args.input)
+        store.check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in RF_INVERSION
+                                                           if getattr(args, k) is not None})
+        sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
+        check_rf_model(args, sd)
+        inv.check_model(sd, args.input, rf=True)
+        return sd, inv
+    image = read_image(args.input)
+    sd = model_of(args, cache)
+    check_rf_model(args, sd)
+    size = sd.default_size if args.size is None else args.size
+    sd.check_fits(size, size)
+    options = {k: getattr(args, k) for k in RF_INVERSION} | {"size": size}
+    key = (id(sd), str(args.input), "rf-inversion", *options.values())
+    if key not in cache:
+        with bar(args, "invert", args.steps) as b:
+            cache[key] = rfinversion.invert(sd, image, **options, callback=lambda *_: b.update())
+    return sd, cache[key]
+
+
+def check_rf_model(args, sd) -> None:
+    """RF-Inversion's model: FLUX (check_kind's message for edit), --guidance only where it has the guidance
+    embedding."""
+    check_kind(args, sd)
+    if not isinstance(sd, Flux):
+        raise MinleditsError(f"--gamma makes an RF-Inversion, which needs FLUX; {shorten(str(sd.model_id))} is "
+                             f"{family(sd)}: leave --gamma out")
+    if getattr(args, "guidance", None) is not None and not sd.guidance_embeds:
+        raise MinleditsError(f"--guidance sets FLUX.1-dev's guidance embedding; {shorten(str(sd.model_id))} has none "
+                             "(as FLUX.1-schnell, distilled to run without guidance): leave it out")
+
+
+def rf_record(args, sd, inv) -> tuple[dict, list]:
+    """(the PNG's record, the edit command line that makes it again) of an RF-Inversion picture (write_png): the
+    inversion's settings and the edit's options, the guidance embedding's value as it ran (none on schnell)."""
+    guidance = args.guidance if args.guidance is not None else sd.default_guidance if sd.guidance_embeds else None
+    return edit_record(args, sd, dict(
+        model_made_with(args, sd), method="rf-inversion", **{k: getattr(inv.settings, k) for k in RF_INVERSION},
+        target_prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
+        stop_timestep=args.stop_timestep, guidance=guidance))
 
 
 def cmd_metrics(args):

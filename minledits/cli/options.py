@@ -9,8 +9,9 @@ import inspect
 import os
 import re
 
-from .. import flowedit, ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p, rfinversion
 from ..errors import shorten
+from ..flux import Flux
 from ..inversion import BATCH_SIZE, InversionSettings
 from ..io import tiny
 from ..io.load import DEFAULT_MODEL, DTYPES
@@ -35,8 +36,13 @@ BOOL, INT, FLOAT, TEXT = dict(action="store_true"), dict(type=int), dict(type=fl
 INV = InversionSettings()  # the defaults of the inversion options
 EDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(ledits.edit).parameters.items()}
 FLOWEDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(flowedit.edit).parameters.items()}
-# --method flowedit's own defaults of options the tables share (the paper's SD3 settings; source guidance is 3.5 too)
-FLOWEDIT_SHARED = {k: FLOWEDIT_DEFAULTS[k] for k in ("steps", "target_guidance")}
+# --method flowedit's defaults of the options that differ by model, the paper's settings: on Stable Diffusion 3 and on
+# FLUX (its guidances are the values of FLUX.1-dev's guidance embedding, each side one transformer row)
+FLOWEDIT_SD3 = {k: FLOWEDIT_DEFAULTS[k] for k in ("steps", "n_max", "source_guidance", "target_guidance")}
+FLOWEDIT_FLUX = {**FLOWEDIT_SD3, **flowedit.FLUX_DEFAULTS}
+# --method rf-inversion's defaults (the community pipeline's); its guidance: FLUX.1-dev's embedding at the edit
+RF_DEFAULTS = {"steps": rfinversion.STEPS, "gamma": rfinversion.GAMMA, "eta": rfinversion.ETA,
+               "start_timestep": rfinversion.START, "stop_timestep": rfinversion.STOP}
 
 # (flags, default, help, argparse options)
 COMMON = [
@@ -50,24 +56,30 @@ COMMON = [
     (("--device",), "auto", "auto: cuda, else mps, else cpu", dict(choices=["auto", "cpu", "cuda", "mps"])),
     (("--dtype",), "auto", "auto: fp16 on CUDA, else fp32", dict(choices=["auto", *DTYPES])),
     (("--no-t5",), False, "Stable Diffusion 3: load without its T5 text encoder (zeros stand for its tokens, as in "
-     "SD3's pipeline; T5-XXL is 9.5 GB in fp16, 19 GB in fp32)", BOOL),
-    (("--offload-text",), False, "Stable Diffusion 3: keep the text encoders on the CPU (the prompts embed there): "
-     "the GPU holds only the transformer and the VAE", BOOL),
+     "SD3's pipeline; T5-XXL is 9.5 GB in fp16, 19 GB in fp32; FLUX cannot: T5 writes all the text it reads)", BOOL),
+    (("--offload-text",), False, "Stable Diffusion 3 and FLUX: keep the text encoders on the CPU (the prompts embed "
+     "there): the GPU holds only the transformer and the VAE", BOOL),
     (("--force",), False, "overwrite outputs that exist", BOOL),
     (("-q", "--quiet"), False, "no progress bars or notes", BOOL),
     (("-v", "--verbose"), False, "show the traceback of an error", BOOL)]
 INVERT = [
     (("--source-prompt",), "", "text describing the input image (optional)", TEXT),
-    (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt", FLOAT),
-    (("--steps",), INV.steps, f"diffusion steps N (--method flowedit: {FLOWEDIT_SHARED['steps']})", INT),
+    (("--source-guidance",), INV.source_guidance, "guidance scale of the source prompt (--method flowedit on FLUX: "
+     f"FLUX.1-dev's guidance embedding at the source rows, {FLOWEDIT_FLUX['source_guidance']:g})", FLOAT),
+    (("--steps",), INV.steps, f"diffusion steps N (--method flowedit: {FLOWEDIT_SD3['steps']}, on FLUX "
+     f"{FLOWEDIT_FLUX['steps']}; --method rf-inversion: {RF_DEFAULTS['steps']})", INT),
+    (("--gamma",), None, "rf-inversion: the controller of its inversion (the forward ODE), from 0 to 1: how far the "
+     "photo's path is pulled towards one noise draw (more: more editable, less faithful); given to invert (FLUX), it "
+     f"makes an RF-Inversion for edit --method rf-inversion (default: {RF_DEFAULTS['gamma']:g})", FLOAT),
     (("--skip",), None, "steps skipped at the noisy end: more keeps more of the input (default: the method's share of "
      f"N: {SAMPLERS['ddpm'].default_skip(100)} of 100; --method p2p: {p2p.default_skip(100)} of 100; --sampler "
      f"dpmsolver++: {SAMPLERS['dpmsolver++'].default_skip(100)} of 100, diffusers' skip=0.15; --sampler ddim: "
      f"{SAMPLERS['ddim'].default_skip(100)}, every step as the DDIM + P2P baseline; --sampler flow: "
      f"{SAMPLERS['flow'].default_skip(100)} of 100, FlowEdit's share)", INT),
     (("--seed",), INV.seed, "seed of the inversion noise", INT),
-    (("--size",), None, "side in pixels (the longest with --keep-aspect), a multiple of 64 (default: the model's, "
-     f"{INV.size}; SDXL: {StableDiffusionXL.default_size}; random-tiny: {tiny.RandomTiny.default_size})", INT),
+    (("--size",), None, "side in pixels (the longest with --keep-aspect), a multiple of 64 (--method flowedit on "
+     f"FLUX: of 16) (default: the model's, {INV.size}; SDXL, SD3 and FLUX: "
+     f"{StableDiffusionXL.default_size}; random-tiny: {tiny.RandomTiny.default_size})", INT),
     (("--keep-aspect",), False, "keep the aspect ratio (sides multiples of 64), do not centre-crop", BOOL),
     (("--keep-last-noise",), False, "keep the last noise map (exact reconstruction; LEDITS zeroes it)", BOOL),
     (("--zero-noise-steps",), None, "noise maps zeroed at the end unless --keep-last-noise (default 1; 3 for SDXL "
@@ -79,13 +91,16 @@ INVERT = [
     (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: docs/benchmarks.md)", INT)]
 EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
-     "made with --sampler dpmsolver++; on SD3 a flow inversion), p2p (Prompt-to-Prompt on the DDPM inversion, or with "
-     "--sampler ddim on the DDIM one: needs --source-prompt and --target-prompt) or flowedit (FlowEdit on Stable "
-     "Diffusion 3: edits the image itself, no inversion; --source-prompt and --target-prompt)",
-     dict(choices=["ledits", "leditspp", "p2p", "flowedit"])),
+     "made with --sampler dpmsolver++; on SD3 and FLUX a flow inversion), p2p (Prompt-to-Prompt on the DDPM "
+     "inversion, or with --sampler ddim on the DDIM one: needs --source-prompt and --target-prompt), flowedit "
+     "(FlowEdit on Stable Diffusion 3 or FLUX: edits the image itself, no inversion; --source-prompt and "
+     "--target-prompt) or rf-inversion (RF-Inversion on FLUX: the photo inverted along a controlled flow, then "
+     "regenerated towards --target-prompt, pulled back to the photo by --eta)",
+     dict(choices=["ledits", "leditspp", "p2p", "flowedit", "rf-inversion"])),
     (("--target-prompt",), "", "text describing the edited image (optional; ledits)", TEXT),
     (("--target-guidance",), EDIT_DEFAULTS["target_guidance"], "guidance scale of the target prompt; concepts need > 1 "
-     f"(--method flowedit: {FLOWEDIT_SHARED['target_guidance']:g}; <= 1: no guidance)", FLOAT),
+     f"(--method flowedit: {FLOWEDIT_SD3['target_guidance']:g}, <= 1: no guidance; on FLUX: FLUX.1-dev's guidance "
+     f"embedding at the target rows, {FLOWEDIT_FLUX['target_guidance']:g})", FLOAT),
     (("-e", "--concept"), None, "concept to add, or -NAME to remove; repeatable (see below)",
      dict(action="append", dest="concepts", metavar="SPEC", type=text)),
     (("--momentum-scale",), EDIT_DEFAULTS["momentum_scale"], "SEGA momentum scale", FLOAT),
@@ -103,11 +118,22 @@ EDIT = [
      dict(metavar="WORD=W,...", type=text)),
     (("--local-blend",), None, "p2p: edit only where these words attend: source words,target words (each side "
      "space-separated words of its prompt), e.g. cat,dog", dict(metavar="SRC,TAR", type=text)),
-    (("--n-max",), FLOWEDIT_DEFAULTS["n_max"], "flowedit: the steps edited, the last N of --steps (more: a stronger "
-     "edit; compare's FlowEdit panel: by default the flow inversion's edited steps, N - skip)", INT),
+    (("--n-max",), None, "flowedit: the steps edited, the last N of --steps (more: a stronger edit; compare's FlowEdit "
+     f"panel: by default the flow inversion's edited steps, N - skip) (default: {FLOWEDIT_SD3['n_max']}; on FLUX: "
+     f"{FLOWEDIT_FLUX['n_max']})", INT),
     (("--n-min",), FLOWEDIT_DEFAULTS["n_min"], "flowedit: of those, the last N sample the target prompt alone "
      "(SDEdit-style)", INT),
     (("--n-avg",), FLOWEDIT_DEFAULTS["n_avg"], "flowedit: noise draws averaged per step", INT),
+    (("--eta",), None, "rf-inversion: the controller of its edit (the reverse ODE): how far it is pulled back "
+     "to the photo from --start-timestep to --stop-timestep; more: more faithful, less edited (default: "
+     f"{RF_DEFAULTS['eta']:g})", FLOAT),
+    (("--start-timestep",), None, "rf-inversion: where --eta starts acting, a fraction of the steps from the noisy end "
+     f"(default: {RF_DEFAULTS['start_timestep']:g})", FLOAT),
+    (("--stop-timestep",), None, "rf-inversion: where it stops (default: "
+     f"{RF_DEFAULTS['stop_timestep']:g})", FLOAT),
+    (("--guidance",), None, "rf-inversion: FLUX.1-dev's guidance embedding at the edit: the guidance strength the "
+     "distilled transformer is told (no classifier-free guidance: one row per step); FLUX.1-schnell has no such "
+     f"embedding (default: {Flux.default_guidance:g})", FLOAT),
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask; leditspp: also its attention map and noise mask; flowedit: the target's x0 prediction and "
@@ -119,7 +145,8 @@ METHOD_OPTIONS = {"ledits": {"target_prompt", "target_guidance", "concepts", "mo
                   "leditspp": {"concepts", "mask", "negative_prompt", "guidance_rescale", "user_mask"},
                   "p2p": {"target_prompt", "target_guidance", "cross_replace", "self_replace", "reweight",
                           "local_blend"},
-                  "flowedit": {"target_prompt", "target_guidance", "negative_prompt", "n_max", "n_min", "n_avg"}}
+                  "flowedit": {"target_prompt", "target_guidance", "negative_prompt", "n_max", "n_min", "n_avg"},
+                  "rf-inversion": {"gamma", "target_prompt", "eta", "start_timestep", "stop_timestep", "guidance"}}
 COMMANDS = {
     "download": "fetch a model from the Hub (into the Hugging Face cache, or --local-dir)",
     "invert": "IMAGE -> inversion file (latents, noise maps, timesteps, settings)",
@@ -146,6 +173,8 @@ EXAMPLES = """examples:
   minledits edit photo.jpg -o smoke.png --model random-tiny   # offline smoke test (noise), in seconds
   minledits edit photo.jpg -o dog.png --method flowedit --model stabilityai/stable-diffusion-3-medium-diffusers \
       --source-prompt "a cat" --target-prompt "a dog"        # FlowEdit on SD3, no inversion
+  minledits edit photo.jpg -o dog.png --method rf-inversion --model black-forest-labs/FLUX.1-dev \
+      --target-prompt "a dog" --dtype bf16 --offload-text     # RF-Inversion on FLUX
 errors print one line and exit 1 (usage errors: 2); outputs are never overwritten without --force"""
 _C = Concept("")
 LEDITSPP_DEFAULTS = ", ".join(f"{k}={v:g}" for k, v in leditspp.CONCEPT_DEFAULTS.items())
@@ -239,7 +268,7 @@ def parser(more=None) -> Parser:
     (evaluate, app); a command not in it is left out."""
     more = more or {}
     raw = argparse.RawDescriptionHelpFormatter
-    p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion.", epilog=EXAMPLES,
+    p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion and FLUX.", epilog=EXAMPLES,
                formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     inversion = ("inversion", INVERT)
