@@ -159,6 +159,8 @@ def test_invert_then_leditspp_and_offload_text(dev, sd, photo, tmp_path, capsys)
      "--steps, --seed); leave it out"),
     ("dev", [*RF, "--source-guidance", "2"], "RF-Inversion takes no --source-guidance: its inversion is its own "
      "controlled flow (--gamma, --steps, --seed); leave it out"),
+    ("dev", [*RF, "--trace", "{tmp}/t"], "--method rf-inversion draws no --trace (rfinversion.edit's callback gives "
+     "each step's tensors); leave it out"),
     ("dev", [*RF, "-e", "glasses"], "--method rf-inversion takes no concepts (-e): it is an option of --method ledits "
      "and leditspp; leave it out"),
     ("dev", [*RF, "--start-timestep", "0.5", "--stop-timestep", "0.25"], "--stop-timestep must be a finite number "
@@ -167,6 +169,7 @@ def test_invert_then_leditspp_and_offload_text(dev, sd, photo, tmp_path, capsys)
     ("dev", [*RF, "--gamma", "-1"], "--gamma must be a finite number from 0 to 1, got -1.0")])
 def test_refusals_on_flux(dev, schnell, photo, tmp_path, capsys, model, argv, message):
     folder = {"dev": dev, "schnell": schnell}[model]
+    argv = [a.format(tmp=tmp_path) for a in argv]
     rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "out.png", "--model", folder, *argv, "-q")
     assert rc == 1 and err == f"minledits: error: {message.format(model=shorten(str(folder)))}\n"
     assert list(tmp_path.iterdir()) == []
@@ -233,3 +236,12 @@ def test_ledits_on_a_flux_flow_inversion(dev, sd, photo, tmp_path, capsys):
                      "-e", "glasses", "--steps", "4", "--size", "64", "-q")
     assert rc == 0, err
     assert record(tmp_path / "a.png")["sampler"] == "flow"
+
+
+def test_batch_runs_rf_inversion_jobs(dev, sd, photo, tmp_path, capsys):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([dict(input=str(photo), output="a.png", method="rf-inversion", target_prompt="a dog",
+                                     steps=4, size=64, eta=0.5)]))
+    rc, _, err = run(capsys, "batch", jobs, "--outdir", tmp_path / "out", "--model", dev, "-q")
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "out" / "a.png"), rf_api(sd, photo, edit=dict(eta=0.5))[1])

@@ -56,8 +56,7 @@ NO_INVERSION = {"skip": "--skip", "keep_last_noise": "--keep-last-noise", "zero_
                 "sampler": "--sampler", "batch_size": "--batch-size", "save_inversion": "--save-inversion"}
 # What --method rf-inversion leaves unused (its inversion is its own controlled flow): refused when given
 RF_UNUSED = {"skip": "--skip", "keep_last_noise": "--keep-last-noise", "zero_noise_steps": "--zero-noise-steps",
-             "sampler": "--sampler", "batch_size": "--batch-size", "source_guidance": "--source-guidance",
-             "trace": "--trace"}
+             "sampler": "--sampler", "batch_size": "--batch-size", "source_guidance": "--source-guidance"}
 RF_INVERSION = ("gamma", "steps", "seed", "size", "keep_aspect", "source_prompt")  # rfinversion.invert's options
 OUTPUTS = {"output": "-o", "compare": "--compare", "trace": "--trace", "save_inversion": "--save-inversion"}
 
@@ -692,6 +691,9 @@ def rf_options(args) -> list:
     before any work. No concepts: []."""
     if args.cmd != "edit":
         raise MinleditsError(f"--method rf-inversion: {args.cmd} does not run it; use minledits edit (or batch)")
+    if args.trace is not None:
+        raise MinleditsError("--method rf-inversion draws no --trace (rfinversion.edit's callback gives each step's "
+                             "tensors); leave it out")
     rf_inversion_options(args)
     resolve(args, [row for row in EDIT if dest(row[0], row[3]) not in RF_UNUSED])
     check_text(args)
