@@ -125,7 +125,11 @@ def test_invert_then_leditspp_and_offload_text(dev, sd, photo, tmp_path, capsys)
                      "--offload-text", "-q")
     assert rc == 0, err
     inv = store.load(inv_file)
-    assert inv.settings.sampler == "flow"
+    assert inv.settings.sampler == "flow" and not inv.rf
+    rc, _, err = run(capsys, "invert", photo, "-o", tmp_path / "b.safetensors", "--model", dev, "--sampler", "flow",
+                     "--steps", "4", "--size", "64", "-q")
+    assert rc == 0, err
+    assert store.load(tmp_path / "b.safetensors").xts.equal(inv.xts)  # offloaded text: the same tensors
     rc, _, err = run(capsys, "edit", inv_file, "-o", tmp_path / "pp.png", "--model", dev, "--method", "leditspp",
                      "-e", "glasses", "--offload-text", "-q")
     assert rc == 0, err
