@@ -194,8 +194,14 @@ def test_refusals_elsewhere(tiny_sd1, sd3, photo, tmp_path, capsys):
          "it is an option of --method rf-inversion; leave it out"),
         (tiny_sd1.folder, ["--gamma", "0.3", "--size", "64"], "--method ledits takes no --gamma: it is an option of "
          "--method rf-inversion; leave it out")]
+    cases += [(sd3, ["invert", "--gamma", "0.5", "--size", "64"], f"--gamma makes an RF-Inversion, which needs FLUX; "
+               f"{shorten(str(sd3))} is Stable Diffusion 3: leave --gamma out"),
+              (sd3, ["reconstruct", "--gamma", "0.5"], "reconstruct takes no --gamma: RF-Inversion regenerates with "
+               "minledits edit --method rf-inversion")]
     for model, argv, message in cases:
-        rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "out.png", "--model", model, *argv, "-q")
+        command, argv = (argv[0], argv[1:]) if argv[0] in ("invert", "reconstruct") else ("edit", argv)
+        out = tmp_path / ("out.safetensors" if command == "invert" else "out.png")
+        rc, _, err = run(capsys, command, photo, "-o", out, "--model", model, *argv, "-q")
         assert rc == 1 and err == f"minledits: error: {message}\n"
         assert list(tmp_path.iterdir()) == []
 
