@@ -1,7 +1,7 @@
 """FlowEdit (Kulikov, Kleiner, Huberman-Spiegelglas & Michaeli 2024): inversion-free editing on a rectified flow.
 No inversion: an ODE runs from the photo's own latent, driven by the difference of the target- and source-conditioned
 velocities at two latents that share one noise draw; the noise cancels in the difference. As the authors'
-FlowEditSD3 (fallenshock/FlowEdit, FlowEdit_utils.py) on Stable Diffusion 3.
+FlowEditSD3 and FlowEditFLUX (fallenshock/FlowEdit, FlowEdit_utils.py) on Stable Diffusion 3 and FLUX.1-dev.
 
 Notation (code name -> symbol); flow symbols in flowmatch.py (sigma_k, t_k = T sigma_k, k = 0 the noisiest, N steps)
     x_src      X_0^src          the photo's latent, sd.encode of the preprocessed picture              [1, C, h, w]
@@ -22,17 +22,22 @@ The SDEdit-style tail, k >= N - n_min (when n_min > 0):
     xt_tar     X_t^tar          at k = N - n_min: zt_edit + scale_noise(k, x_src, N) - x_src, one more draw N;
                                 then xt_tar + (sigma_{k+1} - sigma_k) V^tar(xt_tar): the target prompt's own flow
 The result is zt_edit at sigma_N = 0 (n_min = 0), else xt_tar there.
+On FLUX.1-dev (sd.guidance_embeds), no classifier-free guidance: V^src = V(zt_src, p_src; g = s_src), V^tar =
+V(zt_tar, p_tar; g = s_tar), one row each, s the guidance embedding's value (sd.predict's per-row guidance); N_k^j
+drawn packed, unpack(randn [1, (h/2)(w/2), 4C]); sigma_k shifted by the latent's tokens. Schnell (no embedding) refused.
 
 Each FlowEdit step is one batched transformer call per draw: the rows [src_uncond, src_cond, tar_uncond, tar_cond]
-(the reference's order; a side at guidance <= 1 keeps only its cond row: no classifier-free guidance); each tail step
-one call of the target's rows. The noise comes from one torch.Generator seeded with `seed`, on the CPU in float32
-(the same numbers on every device and dtype, then cast to the latent's): n_avg draws of x_src's shape per FlowEdit
-step in ascending k, then the tail's one draw. These are exactly the reference's draws (torch.manual_seed(seed),
-then torch.randn_like(x_src) each time) where its x_src is a contiguous float32 CPU tensor; on SD3 its x_src is
-channels-last after diffusers' preprocessing, so its randn_like fills memory in that order and the numbers differ.
-The prompts are embedded one per text-encoder call (negative, source, target), as the reference's encode_prompt.
-The reference steps with t_k / T where this uses sigma_k: equal on SD3's 50-step grid, an ulp apart on some others;
-its tail computes all four rows and uses the target's two.
+(the reference's order; a side at guidance <= 1 keeps only its cond row: no classifier-free guidance; on FLUX the
+rows [src, tar], the reference's two calls in one); each tail step one call of the target's rows. The noise comes
+from one torch.Generator seeded with `seed`, on the CPU in float32 (the same numbers on every device and dtype, then
+cast to the latent's): n_avg draws of x_src's shape (FLUX: packed) per FlowEdit step in ascending k, then the tail's
+one draw. These are exactly the reference's draws (torch.manual_seed(seed), then torch.randn_like(x_src) each time)
+where its x_src is a contiguous float32 CPU tensor; on SD3 its x_src is channels-last after diffusers' preprocessing,
+so its randn_like fills memory in that order and the numbers differ.
+On FLUX its randn_like is of the packed latent, a contiguous tensor whatever x_src's layout: the same numbers.
+The prompts are embedded one per text-encoder call (negative, source, target; FLUX: source, target), as the
+reference's encode_prompt. SD3's reference steps with t_k / T where this uses sigma_k: equal on SD3's 50-step grid, an
+ulp apart on some others; its tail computes all four rows and uses the target's two (FLUX's: sigma_k, one row).
 """
 import math
 from dataclasses import dataclass
@@ -41,8 +46,12 @@ import torch
 
 from . import parity
 from .errors import MinleditsError, shorten
-from .flowmatch import FlowEuler
+from .flowmatch import FlowEuler, image_tokens
 from .io.image import to_tensor
+from .nets.flux import unpack
+
+# The paper's FLUX.1-dev settings (the authors' FLUX_exp.yaml); edit's own defaults are its SD3 settings.
+FLUX_DEFAULTS = dict(steps=28, n_max=24, n_min=0, n_avg=1, source_guidance=1.5, target_guidance=5.5)
 
 
 @dataclass
@@ -119,29 +128,43 @@ def edit(sd, image, *, source_prompt: str, target_prompt: str, steps=50, n_max=3
     if sd.prediction_type != "flow":
         raise ValueError(f"FlowEdit runs on a rectified flow (SD3); this model predicts {sd.prediction_type}: use "
                          "ledits, leditspp or p2p")
-    flow = FlowEuler(sd.schedule, steps)
+    embedded = getattr(sd, "guidance_embeds", None)  # None: classifier-free guidance; True: FLUX.1-dev's embedding
+    if embedded is False:
+        raise ValueError("FlowEdit on FLUX steers by the guidance embedding, which this model (FLUX.1-schnell) lacks: "
+                         "use FLUX.1-dev, or ledits or leditspp")
+    if embedded and negative_prompt:
+        raise ValueError("FlowEdit on FLUX takes no negative prompt (no classifier-free guidance)")
     size = sd.default_size if size is None else size
     sd.check_fits(size, size)
     x_src = sd.encode(to_tensor(image, size, keep_aspect))
+    _, C, h, w = x_src.shape
+    flow = FlowEuler(sd.schedule, steps, tokens=image_tokens(h, w))
     s_src, s_tar = source_guidance, target_guidance
-    text = parity.embed(sd, [negative_prompt], [source_prompt], [target_prompt])  # rows: negative, source, target
-    c_src = take(text, [0, 1] if s_src > 1 else [1])
-    c_tar = take(text, [0, 2] if s_tar > 1 else [2])
-    n_s, n_t = 1 + (s_src > 1), 1 + (s_tar > 1)  # rows per side
-    c_both = join(c_src, c_tar)
+    if embedded:  # rows: source, target; each its guidance embedding's value
+        c_both = parity.embed(sd, [source_prompt], [target_prompt])
+        c_tar, n_s, n_t = take(c_both, [1]), 1, 1
+        g_both, g_tar = torch.tensor([s_src, s_tar], device=sd.device), torch.tensor([s_tar], device=sd.device)
+        shape, layout = (1, image_tokens(h, w), 4 * C), lambda n: unpack(n, h, w)
+    else:
+        text = parity.embed(sd, [negative_prompt], [source_prompt], [target_prompt])  # rows: negative, source, target
+        c_src = take(text, [0, 1] if s_src > 1 else [1])
+        c_tar = take(text, [0, 2] if s_tar > 1 else [2])
+        n_s, n_t = 1 + (s_src > 1), 1 + (s_tar > 1)  # rows per side
+        c_both, g_both, g_tar = join(c_src, c_tar), None, None
+        shape, layout = x_src.shape, lambda n: n
     g = torch.Generator().manual_seed(seed)
-    draw = lambda: torch.randn(x_src.shape, generator=g, dtype=torch.float32).to(x_src)  # noqa: E731
+    draw = lambda: layout(torch.randn(shape, generator=g, dtype=torch.float32)).to(x_src)  # noqa: E731
 
     zt_edit, xt_tar, N = x_src, None, steps
     for i, k in enumerate(range(N - n_max, N)):
         if k < N - n_min:  # FlowEdit: the ODE on the velocity difference, averaged over n_avg draws
             noise = [draw() for _ in range(n_avg)]
-            step = flowedit_step(sd, flow, i, k, x_src, zt_edit, noise, c_both, (n_s, n_t), (s_src, s_tar))
+            step = flowedit_step(sd, flow, i, k, x_src, zt_edit, noise, (c_both, g_both), (n_s, n_t), (s_src, s_tar))
             zt_edit = step.x_next
         else:  # the SDEdit-style tail: the target prompt's own flow from the edit, noised once more
             noise = draw() if k == N - n_min else None
             x = zt_edit if noise is not None else xt_tar
-            step = tail_step(sd, flow, i, k, x_src, x, noise, c_tar, n_t, s_tar)
+            step = tail_step(sd, flow, i, k, x_src, x, noise, (c_tar, g_tar), n_t, s_tar)
             xt_tar = step.x_next
         check_finite(i, step.t, step.x_next)
         if callback:
@@ -149,9 +172,16 @@ def edit(sd, image, *, source_prompt: str, target_prompt: str, steps=50, n_max=3
     return zt_edit if n_min == 0 else xt_tar
 
 
-def flowedit_step(sd, flow, i, k, x_src, zt_edit, noise: list, c_both, rows: tuple, scales: tuple) -> FlowStep:
-    """One FlowEdit step: per draw N_k^j, zt_src, zt_tar and both guided velocities in one transformer call (rows:
-    the source's and the target's, scales: s_src, s_tar), V_delta their mean difference, then zt_edit's Euler step."""
+def velocity(sd, x, t, cond: tuple) -> torch.Tensor:
+    """sd.predict at x of cond = (the rows' conditioning, their guidance embedding's values or None: none)."""
+    c, guidance = cond
+    return sd.predict(x, t, c) if guidance is None else sd.predict(x, t, c, guidance=guidance)
+
+
+def flowedit_step(sd, flow, i, k, x_src, zt_edit, noise: list, cond, rows: tuple, scales: tuple) -> FlowStep:
+    """One FlowEdit step: per draw N_k^j, zt_src, zt_tar and both guided velocities in one transformer call (cond:
+    the rows' conditioning and guidance embedding (velocity), rows: the source's and the target's counts, scales:
+    s_src, s_tar), V_delta their mean difference, then zt_edit's Euler step."""
     (n_s, n_t), (s_src, s_tar) = rows, scales
     t, zt_src, zt_tar, v_src, v_tar = flow.timesteps[k], [], [], [], []
     V_delta = torch.zeros_like(x_src)
@@ -159,7 +189,7 @@ def flowedit_step(sd, flow, i, k, x_src, zt_edit, noise: list, c_both, rows: tup
         zt_src.append(flow.scale_noise(k, x_src, n))
         zt_tar.append(zt_edit + zt_src[-1] - x_src)
         x = torch.cat([zt_src[-1].expand(n_s, -1, -1, -1), zt_tar[-1].expand(n_t, -1, -1, -1)])
-        v = sd.predict(x, t, c_both)
+        v = velocity(sd, x, t, cond)
         v_src.append(guided(v[:n_s], s_src))
         v_tar.append(guided(v[n_s:], s_tar))
         V_delta = V_delta + (1 / len(noise)) * (v_tar[-1] - v_src[-1])
@@ -168,13 +198,13 @@ def flowedit_step(sd, flow, i, k, x_src, zt_edit, noise: list, c_both, rows: tup
                     torch.cat(v_tar), V_delta, x_next)
 
 
-def tail_step(sd, flow, i, k, x_src, x, noise, c_tar, n_t, s_tar) -> FlowStep:
+def tail_step(sd, flow, i, k, x_src, x, noise, cond, n_t, s_tar) -> FlowStep:
     """One step of the SDEdit-style tail from x: at its first step (noise given) x is zt_edit, noised once more to
     xt_tar = zt_edit + scale_noise(k, x_src, N) - x_src; then the Euler step on the target's guided velocity."""
     t, zt_src = flow.timesteps[k], None
     if noise is not None:
         zt_src = flow.scale_noise(k, x_src, noise)
         x = x + zt_src - x_src
-    v_tar = guided(sd.predict(x.expand(n_t, -1, -1, -1), t, c_tar), s_tar)
+    v_tar = guided(velocity(sd, x.expand(n_t, -1, -1, -1), t, cond), s_tar)
     x_next = flow.move(x, flow.sigmas[k], flow.sigmas[k + 1], v_tar)
     return FlowStep(i, k, t, True, x, noise, zt_src, x, None, v_tar, v_tar, x_next)
