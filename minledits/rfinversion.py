@@ -14,7 +14,7 @@ latent's tokens, sigma_0 = 1, sigma_N = 0; t_k = T sigma_k; k = 0 the noisiest),
     t_i      t_i              i / (N + 1): its time, also the transformer's timestep (unshifted; never reaches 1)
     u        u_t(Y)           the velocity at (Y_i, T t_i) under the source prompt, guidance embedding 0
     u_cond   u_t(Y | y_1)     (y_1 - Y_i) / (1 - t_i): the straight line to y_1
-    u_hat    u^_t(Y)          u + gamma (u_cond - u): the controlled vector field (the paper's Eq. 8)
+    u_hat    u^_t(Y)          u + gamma (u_cond - u): the controlled vector field (the paper's Eq. 8, Algorithm 1)
     Y        Y_{i+1}          Y_i + u_hat (sigma_i - sigma_{i+1})
   the controlled reverse ODE (edit), k = 0 .. N - 1 from X_0 = Y_N:
     v        v_t(X)           -(the velocity at (X_k, t_k)) under the target prompt, guidance embedding `guidance`
@@ -23,7 +23,7 @@ latent's tokens, sigma_0 = 1, sigma_N = 0; t_k = T sigma_k; k = 0 the noisiest),
     v_cond   v_t(X | y_0)     (y_0 - X_k) / (1 - s_k): the straight line to y_0
     eta_k    eta_k            eta for start <= k < stop, else 0; start = floor(start_timestep N),
                               stop = min(floor(stop_timestep N), N)
-    v_hat    v^_t(X)          v + eta_k (v_cond - v): the controlled vector field (the paper's Eq. 15)
+    v_hat    v^_t(X)          v + eta_k (v_cond - v): the controlled vector field (the paper's Algorithm 2)
     X        X_{k+1}          X_k + v_hat (sigma_k - sigma_{k+1});  the result is X_N
 What the forward ODE's two clocks mean (the reference's, reproduced): the transformer and u_cond are told the time
 t_i of N + 1 uniform steps from 0, while the latent moves by the shifted schedule's step sizes in the edit's order,
