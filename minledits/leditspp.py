@@ -40,6 +40,14 @@ is no reference; what differs:
     M^a_c      0 where n_c = 0 (no tokens of the concept: nothing to attend to; on SD, A_c = 0 thresholds to 1)
     M          "intersect" is M^a_c M^n_c at every step: SD's T_INTERSECT rule (a timestep of its DDPM grid) does
                not carry over to a flow's T sigma, and SDXL's pipeline has none either
+On FLUX (a flow inversion of FLUX.1; every velocity at the guidance embedding's default, sd.predict's) as on SD3 but:
+    A          A_c  = mean over the double-stream blocks (transformer_blocks.0 .. num_layers - 1: 19 on FLUX.1) and
+                      their heads of the image tokens' probabilities (softmax over text and image keys, RoPE applied)
+                      to concept c's T5 columns 0..n_c-1, on the packed grid (h/2, w/2); the single-stream blocks
+                      (one stream of text and image, not shown to controllers) are not read
+    tokens     n_c                 the concept prompt's T5 tokens without </s> (T5 has no start token; at most 511):
+                                   c is T5's 512 columns alone (CLIP gives only the pooled vector)
+An RF-Inversion (rfinversion.py) is refused: its latents follow its controlled ODEs, not the plain flow regenerated.
 """
 import dataclasses
 import math
@@ -113,16 +121,19 @@ class CrossAttentionMaps:
 
 
 class JointAttentionMaps(CrossAttentionMaps):
-    """Attention controller for a flow transformer (SD3): keeps each joint-attention block's head-mean of the
-    concept rows' probabilities to the CLIP columns (the first 77 text keys); changes nothing."""
-    CLIP_TOKENS = 77
+    """Attention controller for a flow transformer (SD3, FLUX): keeps each joint-attention block's head-mean of the
+    concept rows' probabilities to the first `width` text columns (SD3: the 77 CLIP columns); changes nothing."""
+
+    def __init__(self, rows: slice, width: int = 77):
+        super().__init__(rows)
+        self.width = width
 
     def wants(self, layer: AttentionLayer, size) -> bool:
         return layer.cross and layer.place == "joint"
 
     def __call__(self, layer: AttentionLayer, size, probs: torch.Tensor) -> None:
         self.size = tuple(size)
-        self.probs.append(probs[self.rows, :, :, :self.CLIP_TOKENS].mean(1, keepdim=True))  # [C, 1, h' w', 77]
+        self.probs.append(probs[self.rows, :, :, :self.width].mean(1, keepdim=True))  # [C, 1, h' w', width]
 
 
 def kernel(dtype, device) -> torch.Tensor:
@@ -133,12 +144,12 @@ def kernel(dtype, device) -> torch.Tensor:
     return (K / K.sum()).view(1, 1, 3, 3).to(device, dtype)
 
 
-def attention_map(maps: CrossAttentionMaps, tokens: list[int]) -> torch.Tensor:
-    """A~_c [C, h', w']: the layer- and head-mean of each concept's probabilities, summed over its tokens
-    1..n_c, smoothed by K with reflect padding."""
-    P = torch.cat(maps.probs, dim=1)      # [C, L heads, h' w', 77]
+def attention_map(maps: CrossAttentionMaps, tokens: list[int], first: int = 1) -> torch.Tensor:
+    """A~_c [C, h', w']: the layer- and head-mean of each concept's probabilities, summed over its token columns
+    first..first + n_c - 1 (CLIP's 1..n_c), smoothed by K with reflect padding."""
+    P = torch.cat(maps.probs, dim=1)      # [C, L heads, h' w', columns]
     P = P.sum(1) / P.shape[1]             # mean over layers and heads
-    A = torch.stack([P[c, :, 1:1 + n].sum(-1) for c, n in enumerate(tokens)]).unflatten(-1, maps.size)
+    A = torch.stack([P[c, :, first:first + n].sum(-1) for c, n in enumerate(tokens)]).unflatten(-1, maps.size)
     A_s = F.conv2d(F.pad(A[:, None], (1, 1, 1, 1), mode="reflect"), kernel(A.dtype, A.device))
     return A_s[:, 0]
 
@@ -182,6 +193,14 @@ def combine(mask: str, t: int, m_noise, m_attn, g: torch.Tensor, attention_only_
 def token_counts(sd: StableDiffusion, concepts: list[Concept]) -> list[int]:
     """n_c: the CLIP tokens of each concept prompt without start/end (at most 75, as the prompt is cut)."""
     return [min(len(sd.tokenizer.tokenize(c.prompt)), 75) for c in concepts]
+
+
+def token_columns(sd, concepts: list[Concept]) -> tuple[int, list[int]]:
+    """(first, n): concept c's words are the text columns first..first + n_c - 1 of the conditioning: CLIP's tokens
+    1..n_c (token_counts), or on FLUX, whose conditioning is T5's alone, T5's 0..n_c - 1 (its tokens without </s>)."""
+    if getattr(sd, "guidance_embeds", None) is None:
+        return 1, token_counts(sd, concepts)
+    return 0, [int(mask.sum()) - 1 for mask in sd.tokenizer_2([c.prompt for c in concepts])[1]] if concepts else []
 
 
 def user_mask(picture, inv: Inversion) -> torch.Tensor:
@@ -236,7 +255,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
     per_c = (C, 1, 1, 1, 1)
     s_d = torch.tensor([c.scale * (-1 if c.reverse else 1) for c in concepts], device=sd.device).view(per_c)
     u = 1 if user_mask is None else user_mask.to(sd.device, sd.dtype)
-    tokens = token_counts(sd, concepts)
+    first, tokens = token_columns(sd, concepts)
     use_attn, use_noise = C and mask != "noise", C and mask != "cross_attention"
     flow = sd.prediction_type == "flow"
     above = None if isinstance(sd, StableDiffusionXL) or flow else T_INTERSECT  # each family's pipeline
@@ -244,7 +263,8 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
     context = parity.text_kv(sd, parity.embed(sd, [negative_prompt], [c.prompt for c in concepts]))
     x = inv.xts[:1].to(sd.device, sd.dtype)
     for i, (k, t, z) in enumerate(zip(range(skip, sampler.N), inv.timesteps, inv.zs.to(sd.device, sd.dtype))):
-        maps = (JointAttentionMaps if flow else CrossAttentionMaps)(slice(1, None))
+        maps = JointAttentionMaps(slice(1, None), first + max(tokens, default=0)) if flow else \
+            CrossAttentionMaps(slice(1, None))
         with sd.unet.attention_controller(maps if use_attn else None):
             out = sd.predict(x.expand(1 + C, -1, -1, -1), t, context)  # eps_u and every eps_c in one call
         eps_u, eps_c = out[:1], out[1:, None]
@@ -252,7 +272,7 @@ def edit(sd: StableDiffusion, inv: Inversion, *, concepts=(), mask="intersect", 
                           device=sd.device)
         g = s_d.to(out.dtype) * (eps_c - eps_u) * u
         m_noise = noise_mask(g, lam) if use_noise else None
-        A_s = attention_map(maps, tokens) if use_attn else None
+        A_s = attention_map(maps, tokens, first) if use_attn else None
         m_attn = attention_mask(A_s, lam, g) * present.to(g.dtype) if use_attn else None
         M = combine(mask, t, m_noise, m_attn, g, above) * on.view(per_c).to(g.dtype)
         eps = eps_u + (M * g).sum(0)
