@@ -115,3 +115,13 @@ def test_an_rf_inversion_is_refused_in_one_line(flux):
                                              r"edit \(rfinversion.edit, --method rf-inversion\) takes it; for this "
                                              r"method invert again with the flow sampler$"):
         leditspp.edit(flux, inv, concepts=CONCEPTS)
+
+
+def test_a_non_square_inversion_maps_on_its_packed_grid(flux, monkeypatch):
+    """128 x 64 px: an 8 x 16 latent, the controller's grid (4, 8) rows by columns, the masks at the latent's size."""
+    inv = minledits.invert(flux, photo(size=(128, 64)), sampler="flow", steps=3, skip=1, size=128, keep_aspect=True)
+    monkeypatch.setattr(leditspp, "JointAttentionMaps", Recorder)
+    Recorder.seen = []
+    w, steps = run(flux, inv, concepts=CONCEPTS[:1], mask="cross_attention")
+    assert w.shape == (1, 16, 8, 16) and {size for _, size, _ in Recorder.seen} == {(4, 8)}
+    assert all(s.attn.shape == (1, 4, 8) and s.m_attn.shape == (1, 1, 16, 8, 16) and s.m_attn.any() for s in steps)
