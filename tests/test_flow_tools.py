@@ -230,7 +230,7 @@ def test_sd3_options_on_an_sd1_folder_are_refused_before_loading(tiny_sd1, photo
     monkeypatch.setattr(cli_commands, "load", lambda *a, **k: pytest.fail("the model was read"))
     rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", "--model", tiny_sd1.folder, "--offload-text",
                      "-q")
-    assert rc == 1 and err.startswith("minledits: error: --offload-text is an option of Stable Diffusion 3; ")
+    assert rc == 1 and err.startswith("minledits: error: --offload-text is an option of Stable Diffusion 3 and FLUX; ")
     assert err.endswith(" is not one (a folder of another pipeline): leave it out\n") and err.count("\n") == 1
 
 

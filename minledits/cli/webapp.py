@@ -43,6 +43,9 @@ SESSIONS = 16               # sessions kept (browser tabs, clients), each with i
 LOCAL_FONTS, MONO = ["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "monospace"]  # no web fonts
 LOCAL = ("127.0.0.1", "localhost", "::1")
 MAP_NAMES = {"attn": "attention", "m_noise": "noise mask", "M": "applied mask", "acts": "mask"}
+# The methods the page does not run, and why: the command runs them
+NOT_HERE = {"flowedit": "it edits the photo itself, without an inversion",
+            "rf-inversion": "it edits its own inversion (a controlled flow), which the page does not make"}
 OWN = {"input", "output", "concepts", "user_mask", "save_inversion", "trace", "compare"}  # the page's own fields
 INVERSION = {dest(flags, o) for flags, _, _, o in INVERT}
 MODEL = [dest(flags, o) for flags, _, _, o in COMMON if flags[0] not in ("--force", "-q", "-v")]
@@ -155,9 +158,9 @@ class App:
             shutil.rmtree(out.parent / str(session["runs"] - 1), ignore_errors=True)
         args = self.arguments(photo, {**options, "user_mask": None}, out / "edit.png")
         args.user_mask = user_mask
-        if args.method == "flowedit":
-            raise MinleditsError("--method flowedit is not in the app: it edits the photo itself, without an "
-                                 "inversion; run minledits edit PHOTO --method flowedit")
+        if args.method in NOT_HERE:
+            raise MinleditsError(f"--method {args.method} is not in the app: {NOT_HERE[args.method]}; run minledits "
+                                 f"edit PHOTO --method {args.method}")
         concepts = commands.concepts_of(args)
         picture = commands.read_user_mask(args)
         inv, inverted, invert_s = self.invert(session, args, progress)
@@ -195,12 +198,11 @@ class App:
 
 
 def choices_for(sd, key: str, choices) -> list:
-    """The values the page offers for the field `key` on model sd: --method flowedit never (it edits the photo
-    without an inversion: the command runs it), p2p not on a rectified flow; the flow sampler only there, the others
-    only elsewhere."""
+    """The values the page offers for the field `key` on model sd: --method flowedit and rf-inversion never (NOT_HERE:
+    the command runs them), p2p not on a rectified flow; the flow sampler only there, the others only elsewhere."""
     flow = sd.prediction_type == "flow"
     if key == "method":
-        return [m for m in choices if m != "flowedit" and not (flow and m == "p2p")]
+        return [m for m in choices if m not in NOT_HERE and not (flow and m == "p2p")]
     if key == "sampler":
         return [x for x in choices if (x == "flow") == flow]
     return list(choices)

@@ -1,0 +1,215 @@
+"""The tools on FLUX.1 (the tiny random folders of tests/flux_hub.py, dev and schnell, 64 px): `compare` (input |
+reconstruction | flow inversion | FlowEdit with the paper's FLUX settings | RF-Inversion | LEDITS | LEDITS++, each
+panel the API's or the `edit` command's picture, transformer rows counted; on schnell no FlowEdit, said so), `--trace`
+of LEDITS++ on a FLUX flow inversion and of FlowEdit on FLUX (the dynamic shift's sigmas), RF-Inversion's trace
+(tools/trace.py's RFTrace), `sweep` on FLUX (FlowEdit cells, LEDITS++ cells on one flow inversion), the app's methods
+and samplers on FLUX.
+"""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import minledits
+from minledits import flowedit, rfinversion
+from minledits.cli import webapp
+from minledits.cli.options import COMMON, EDIT, INVERT, dest
+from minledits.errors import MinleditsError
+from minledits.flowmatch import FlowEuler, image_tokens
+from minledits.io import store
+from minledits.model import decode
+from minledits.tools.trace import RFTrace
+from tests import flux_hub
+from tests.helpers import photo as random_photo
+from tests.helpers import run
+from tests.test_flow_tools import panel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = ["--size", "64"]
+PROMPTS = ["--source-prompt", "a cat", "--target-prompt", "a dog"]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return flux_hub.make(tmp_path_factory.mktemp("flux") / "dev").folder
+
+
+@pytest.fixture(scope="module")
+def schnell(tmp_path_factory):
+    return flux_hub.make(tmp_path_factory.mktemp("schnell") / "schnell", kind="schnell", seed=1).folder
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    random_photo(size=(80, 64)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inversion(flux, photo, tmp_path_factory):
+    """A flow inversion file of the photo on FLUX.1-dev (6 steps, 64 px: 4 to edit) with a source prompt."""
+    path = tmp_path_factory.mktemp("inv") / "inv.safetensors"
+    rc = minledits.cli.main(["invert", str(photo), "-o", str(path), "--model", str(flux), "--steps", "6", *SIZE,
+                             "--source-prompt", "a cat", "-q"])
+    assert rc == 0
+    return path
+
+
+# --------------------------------------------------------------------------------------------- compare
+def test_compare_on_flux_each_panel_is_its_edit(flux, photo, tmp_path, capsys):
+    rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", flux, "--steps", "6", *SIZE,
+                     *PROMPTS, "-e", "glasses", "--n-max", "4", "--clip-model", "none")
+    assert rc == 0, err
+    assert "flow + P2P left out: Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow " \
+           "(Stable Diffusion 3, FLUX.1)\n" in err
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert [p["method"] for p in record["panels"]] == ["input", "reconstruction", "flow", "flowedit", "rf-inversion",
+                                                       "ledits", "leditspp"]
+    s = record["settings"]
+    assert s["sampler"] == "flow" and (s["n_max"], s["n_min"], s["n_avg"]) == (4, 0, 1)
+    rows = {p["method"]: p["unet_evaluations"] for p in record["panels"]}
+    # FlowEdit: one row per side (the guidance embedding, no CFG) x 4 steps; RF-Inversion: both ODEs of 28 steps
+    assert rows["reconstruction"] == 4 and rows["flowedit"] == 2 * 4 and rows["rf-inversion"] == 2 * rfinversion.STEPS
+    sheet, sd = pixels(tmp_path / "c.png"), minledits.load(flux)
+    w0 = flowedit.edit(sd, photo, source_prompt="a cat", target_prompt="a dog", size=64,
+                       **dict(flowedit.FLUX_DEFAULTS, n_max=4))
+    assert np.array_equal(panel(sheet, 3), np.asarray(decode(sd, w0))), "FlowEdit's panel: FLUX_DEFAULTS, n_max 4"
+    inv = rfinversion.invert(sd, photo, size=64, source_prompt="a cat")
+    w0 = rfinversion.edit(sd, inv, prompt="a dog")
+    assert np.array_equal(panel(sheet, 4), np.asarray(decode(sd, w0))), "RF-Inversion's panel: its defaults"
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "pp.png", "--model", flux, "--method", "leditspp", "-e",
+                     "glasses", "--steps", "6", *SIZE, "--source-prompt", "a cat", "-q")
+    assert rc == 0, err
+    assert np.array_equal(panel(sheet, 6), pixels(tmp_path / "pp.png")), "LEDITS++' panel is the edit command's"
+
+
+def test_compare_on_schnell_leaves_flowedit_out(schnell, photo, tmp_path, capsys):
+    rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", schnell, "--steps", "4", *SIZE,
+                     *PROMPTS, "--clip-model", "none")
+    assert rc == 0, err
+    assert "minledits: note: FlowEdit left out: FlowEdit on FLUX steers by the guidance embedding, which this model " \
+           "(FLUX.1-schnell) lacks\n" in err
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert [p["method"] for p in record["panels"]] == ["input", "reconstruction", "flow", "rf-inversion"]
+    assert "n_max" not in record["settings"]
+
+
+def test_compare_refusals_on_flux(flux, photo, inversion, tmp_path, capsys):
+    rf = tmp_path / "rf.safetensors"
+    store.save(rfinversion.invert(minledits.load(flux), photo, steps=2, size=64), rf)
+    rc, _, err = run(capsys, "compare", rf, "-o", tmp_path / "c.png", "--model", flux, "--target-prompt", "a dog",
+                     "--clip-model", "none", "-q")
+    assert rc == 1 and err.startswith(f"minledits: error: {rf} is an RF-Inversion (gamma 0.5): only RF-Inversion's "
+                                      "edit") and err.count("\n") == 1  # compare makes RF-Inversion's own
+    rc, _, err = run(capsys, "compare", inversion, "-o", tmp_path / "c.png", "--model", flux, "--target-prompt",
+                     "a dog", "--n-max", "29", "--clip-model", "none", "-q")
+    assert rc == 2 and err == "minledits: error: --n-max (the FlowEdit panel's, its steps FlowEdit's on FLUX, 28): " \
+                              "n_max (the steps edited) must be in 1..steps (28), got 29\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rf.safetensors"]
+
+
+# --------------------------------------------------------------------------------------------- traces
+def test_rf_trace(flux, photo):
+    sd = minledits.load(flux)
+    inv = rfinversion.invert(sd, photo, steps=6, size=64, source_prompt="a cat")
+    steps, trace = [], RFTrace(sd, inv)
+    w0 = rfinversion.edit(sd, inv, prompt="a dog", stop_timestep=0.5, callback=lambda st: (steps.append(st), trace(st)))
+    t = trace.tensors()
+    assert sorted(t) == ["eta", "t", "v", "v_cond", "v_hat", "x", "x0_hat"]
+    assert t["x"].shape == t["x0_hat"].shape == (6, 1, 16, 8, 8) and torch.equal(t["x"][-1], w0)
+    assert t["eta"].tolist() == [1.0] * 3 + [0.0] * 3  # eta inside start..stop (0..3 of 6 steps)
+    sigmas = FlowEuler(sd.schedule, 6, image_tokens(8, 8)).sigmas
+    for i, st in enumerate(steps):  # the transformer's clean prediction: X_k - sigma_k u, u = -v
+        torch.testing.assert_close(t["x0_hat"][i], st.x + sigmas[i] * st.v)
+    assert trace.picture().size == (6 * 66, 2 * 66)  # the x0 prediction above the state
+    with pytest.raises(ValueError, match="^RFTrace follows RF-Inversion's edit"):
+        rfinversion.invert(sd, photo, steps=2, size=64, callback=RFTrace(sd, inv))
+
+
+def test_trace_of_flowedit_on_flux(flux, photo, tmp_path, capsys):
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", "--model", flux, "--method", "flowedit", *PROMPTS,
+                     *SIZE, "--steps", "6", "--n-max", "4", "--trace", tmp_path / "t", "-q")
+    assert rc == 0, err
+    sd, steps = minledits.load(flux), []
+    options = dict(source_prompt="a cat", target_prompt="a dog", steps=6, n_max=4, size=64)
+    w0 = flowedit.edit(sd, photo, **{**flowedit.FLUX_DEFAULTS, **options}, callback=steps.append)
+    assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(decode(sd, w0))), "the trace changes nothing"
+    t = load_file(tmp_path / "t.safetensors")
+    sigmas = FlowEuler(sd.schedule, 6, image_tokens(8, 8)).sigmas  # FLUX's shift for 16 tokens
+    assert not torch.equal(sigmas, FlowEuler(sd.schedule, 6, image_tokens(16, 16)).sigmas)
+    for i, st in enumerate(steps):
+        torch.testing.assert_close(t["x0_hat"][i], (st.zt_tar - sigmas[st.k] * st.v_tar).mean(0, keepdim=True))
+
+
+def test_trace_of_leditspp_on_a_flux_inversion(flux, inversion, tmp_path, capsys):
+    rc, _, err = run(capsys, "edit", inversion, "-o", tmp_path / "pp.png", "--model", flux, "--method", "leditspp",
+                     "-e", "glasses", "-e", "-hat", "--trace", tmp_path / "t", "-q")
+    assert rc == 0, err
+    t = load_file(tmp_path / "t.safetensors")
+    S, C = 4, 2
+    assert t["x0_hat"].shape == (S, 1, 16, 8, 8) and t["attn"].shape == (S, C, 4, 4)  # the packed grid: 8 / 2
+    flow, inv = FlowEuler(minledits.load(flux).schedule, 6, image_tokens(8, 8)), store.load(inversion)
+    x_t = torch.cat([inv.xts[:1], t["x"][:-1, 0]])
+    for i in range(S):
+        torch.testing.assert_close(t["x0_hat"][i], flow.x0_hat(2 + i, x_t[i:i + 1], t["eps"][i]))
+    assert Image.open(tmp_path / "t.png").size == (4 * 66, (1 + 3 * C) * 66)
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def test_sweep_of_leditspp_over_skip_on_flux_inverts_once(flux, photo, tmp_path, capsys):
+    rc, _, err = run(capsys, "sweep", photo, "-o", tmp_path / "s.png", "--model", flux, "--steps", "6", *SIZE,
+                     "--method", "leditspp", "-e", "glasses", "--vary", "skip=1,3", "--clip-model", "none")
+    assert rc == 0, err
+    assert "sweep of 2 cells, 0 done already: 1 inversion(s) and 2 edit(s)" in err
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, "--steps", "6", *SIZE,
+                     "--skip", "3", "--method", "leditspp", "-e", "glasses", "-q")
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "s" / "001.png"), pixels(tmp_path / "e.png")), "a sliced cell is its edit"
+
+
+def test_sweep_of_flowedit_on_flux(flux, photo, tmp_path, capsys):
+    flow = ["--method", "flowedit", *PROMPTS, "--steps", "6", *SIZE]
+    rc, _, err = run(capsys, "sweep", photo, "-o", tmp_path / "s.png", "--model", flux, *flow, "--vary", "n_max=2,4",
+                     "--clip-model", "none")
+    assert rc == 0, err
+    assert "sweep of 2 cells, 0 done already: 0 inversion(s) and 2 edit(s)" in err
+    cells = json.loads((tmp_path / "s.json").read_text())["cells"]
+    assert [c["settings"]["n_max"] for c in cells] == [2, 4]
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, *flow, "--n-max", "4", "-q")
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "s" / "001.png"), pixels(tmp_path / "e.png"))
+
+
+# --------------------------------------------------------------------------------------------- the app
+def test_the_app_on_flux(flux, photo, tmp_path):
+    """The app offers LEDITS and LEDITS++ on a flow inversion of FLUX (no P2P, no FlowEdit or RF-Inversion: each
+    refused in one line; only the flow sampler); its edit is the command's."""
+    sd = minledits.load(flux)
+    method = next(o["choices"] for f, _, _, o in EDIT if dest(f, o) == "method")
+    sampler = next(o["choices"] for f, _, _, o in INVERT if dest(f, o) == "sampler")
+    assert webapp.choices_for(sd, "method", method) == ["ledits", "leditspp"]
+    assert webapp.choices_for(sd, "sampler", sampler) == ["flow"]
+    args = argparse.Namespace(**{dest(f, o): None for f, _, _, o in COMMON}, cmd="app")
+    args.model = str(flux)
+    app = webapp.App(args, tmp_path / "app")
+    session = app.session("a")
+    result = app.edit(session, photo, dict(method="leditspp", concepts="glasses", steps=6, size=64))
+    assert result["inversion"].settings.sampler == "flow" and result["steps"] == 4
+    assert len(result["frames"](1)) == 1 + 3
+    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(flux), "-q",
+                               "--method", "leditspp", "-e", "glasses", "--steps", "6", "--size", "64"]) == 0
+    assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
+    with pytest.raises(MinleditsError, match="^--method p2p is for Stable Diffusion 1.x"):
+        app.edit(session, photo, dict(method="p2p", source_prompt="a cat", target_prompt="a dog"))
+    with pytest.raises(MinleditsError, match="^--method rf-inversion is not in the app: it edits its own inversion"):
+        app.edit(session, photo, dict(method="rf-inversion", target_prompt="a dog"))
+
