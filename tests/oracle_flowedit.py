@@ -30,8 +30,9 @@ On FLUX.1 (flowedit_flux, the authors' FlowEditFLUX), its semantics, step by ste
 - everything on the packed latent: x_src [1, C, h, w] packed to tokens [1, (h/2)(w/2), 4C] by pipe._pack_latents,
   the image ids of the (h/2) x (w/2) grid, the result unpacked at the end;
 - the sigmas FluxPipeline's: set_timesteps(sigmas=linspace(1, 1/T_steps, T_steps), mu=calculate_shift(the packed
-  token count, the scheduler config's base/max lengths and shifts)); t_i = scheduler.sigmas[i] and t_im1 the next
-  sigma (the last 0); the transformer's timestep t / 1000, t = the scheduler's timesteps[i];
+  token count, the scheduler config's base/max lengths and shifts)); t_i = scheduler.sigmas[i] (theirs looks i up by
+  _init_step_index(t): the timesteps are distinct) and t_im1 the next sigma (the last 0); the transformer's timestep
+  t / 1000, t = the scheduler's timesteps[i];
 - each prompt through pipe.encode_prompt (no negative prompt: no classifier-free guidance); its text ids;
 - each side one transformer call of one row: the source's at zt_src with the guidance embedding's value
   src_guidance_scale, the target's at zt_tar with tar_guidance_scale (None on a transformer without the embedding);
@@ -44,8 +45,9 @@ What differs from the authors' file, and why:
   FluxPipeline.vae_scale_factor was 16; on 0.42.1 it is 8 (the VAE's true factor, the packing's 2 counted apart), so
   their size is half the picture's: prepare_latents then makes image ids for (h/4)(w/4) tokens beside the (h/2)(w/2)
   packed ones and the first transformer call fails in apply_rotary_emb ("The size of tensor a (512 + hw/4) must match
-  the size of tensor b (512 + hw/16)"); check_inputs warns where h / 4 is odd, and their final _unpack_latents would
-  fail too. The oracle takes the pixel size h * pipe.vae_scale_factor (what theirs means: 8 h on both versions).
+  the size of tensor b (512 + hw/16)"); check_inputs warns where a side of the picture is no multiple of 32, and
+  their final _unpack_latents would fail too (a view of (h/2)(w/2) tokens as (h/4) x (w/4)). The oracle takes the
+  pixel size h * pipe.vae_scale_factor (what theirs means: 8 h on both versions).
   Nothing else needed changing: their file with that line patched runs on 0.42.1 and gives the oracle's latents.
 - x_src given and the transformer's prompts computed once per prompt, as theirs; their tqdm and their dtype casts of
   the Euler update (float32 in and out here) kept as they are.
@@ -90,6 +92,19 @@ def velocities(pipe, latents, prompt_embeds, pooled, per_side, guidance, t):
     return out
 
 
+def flowedit_step(x_src, zt_edit, t_i, t_im1, n_avg, both):
+    """Both references' FlowEdit step: per draw zt_src, zt_tar and (V_src, V_tar) = both(zt_src, zt_tar), their
+    difference averaged from zeros, then zt_edit's Euler step in float32, cast back to V_delta_avg's dtype."""
+    V_delta_avg = torch.zeros_like(x_src)
+    for _ in range(n_avg):
+        fwd_noise = torch.randn_like(x_src)
+        zt_src = (1 - t_i) * x_src + t_i * fwd_noise
+        zt_tar = zt_edit + zt_src - x_src
+        Vt_src, Vt_tar = both(zt_src, zt_tar)
+        V_delta_avg += (1 / n_avg) * (Vt_tar - Vt_src)
+    return (zt_edit.to(torch.float32) + (t_im1 - t_i) * V_delta_avg).to(V_delta_avg.dtype)
+
+
 @torch.no_grad()
 def flowedit_sd3(pipe, x_src, src_prompt, tar_prompt, negative_prompt="", T_steps=50, n_avg=1, src_guidance_scale=3.5,
                  tar_guidance_scale=13.5, n_min=0, n_max=33, seed=0):
@@ -107,17 +122,10 @@ def flowedit_sd3(pipe, x_src, src_prompt, tar_prompt, negative_prompt="", T_step
         t_i = t / 1000
         t_im1 = timesteps[i + 1] / 1000 if i + 1 < len(timesteps) else torch.zeros_like(t_i)
         if T_steps - i > n_min:
-            V_delta_avg = torch.zeros_like(x_src)
-            for _ in range(n_avg):
-                fwd_noise = torch.randn_like(x_src)
-                zt_src = (1 - t_i) * x_src + t_i * fwd_noise
-                zt_tar = zt_edit + zt_src - x_src
-                latents = torch.cat([zt_src] * per_side[0] + [zt_tar] * per_side[1])
-                Vt_src, Vt_tar = velocities(pipe, latents, prompt_embeds, pooled, per_side, guidance, t)
-                V_delta_avg += (1 / n_avg) * (Vt_tar - Vt_src)
-            zt_edit = zt_edit.to(torch.float32)
-            zt_edit = zt_edit + (t_im1 - t_i) * V_delta_avg
-            zt_edit = zt_edit.to(V_delta_avg.dtype)
+            both = lambda zt_src, zt_tar: velocities(  # noqa: E731
+                pipe, torch.cat([zt_src] * per_side[0] + [zt_tar] * per_side[1]), prompt_embeds, pooled, per_side,
+                guidance, t)
+            zt_edit = flowedit_step(x_src, zt_edit, t_i, t_im1, n_avg, both)
         else:
             if i == T_steps - n_min:
                 fwd_noise = torch.randn_like(x_src)
@@ -169,15 +177,9 @@ def flowedit_flux(pipe, x_src, src_prompt, tar_prompt, T_steps=28, n_avg=1, src_
             continue
         t_i, t_im1 = sigmas[i], sigmas[i + 1]
         if T_steps - i > n_min:
-            V_delta_avg = torch.zeros_like(x_src)
-            for _ in range(n_avg):
-                noise = torch.randn_like(x_src)
-                zt_src = (1 - t_i) * x_src + t_i * noise
-                zt_tar = zt_edit + zt_src - x_src
-                V_src = flux_velocity(pipe, zt_src, src_text, src_g, img_ids, t)
-                V_tar = flux_velocity(pipe, zt_tar, tar_text, tar_g, img_ids, t)
-                V_delta_avg += (1 / n_avg) * (V_tar - V_src)
-            zt_edit = (zt_edit.to(torch.float32) + (t_im1 - t_i) * V_delta_avg).to(V_delta_avg.dtype)
+            both = lambda zt_src, zt_tar: (flux_velocity(pipe, zt_src, src_text, src_g, img_ids, t),  # noqa: E731
+                                           flux_velocity(pipe, zt_tar, tar_text, tar_g, img_ids, t))
+            zt_edit = flowedit_step(x_src, zt_edit, t_i, t_im1, n_avg, both)
         else:
             if i == T_steps - n_min:
                 noise = torch.randn_like(x_src)
