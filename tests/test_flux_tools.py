@@ -18,7 +18,7 @@ import minledits
 from minledits import flowedit, rfinversion
 from minledits.cli import webapp
 from minledits.cli.options import COMMON, EDIT, INVERT, dest
-from minledits.errors import MinleditsError
+from minledits.errors import MinleditsError, shorten
 from minledits.flowmatch import FlowEuler, image_tokens
 from minledits.io import store
 from minledits.model import decode
@@ -66,8 +66,9 @@ def inversion(flux, photo, tmp_path_factory):
 
 # --------------------------------------------------------------------------------------------- compare
 def test_compare_on_flux_each_panel_is_its_edit(flux, photo, tmp_path, capsys):
+    rf = ["--gamma", "0.6", "--eta", "0.8", "--stop-timestep", "0.5"]
     rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", flux, "--steps", "6", *SIZE,
-                     *PROMPTS, "-e", "glasses", "--n-max", "4", "--clip-model", "none")
+                     *PROMPTS, "-e", "glasses", "--n-max", "4", *rf, "--clip-model", "none")
     assert rc == 0, err
     assert "flow + P2P left out: Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow " \
            "(Stable Diffusion 3, FLUX.1)\n" in err
@@ -76,20 +77,22 @@ def test_compare_on_flux_each_panel_is_its_edit(flux, photo, tmp_path, capsys):
                                                        "ledits", "leditspp"]
     s = record["settings"]
     assert s["sampler"] == "flow" and (s["n_max"], s["n_min"], s["n_avg"]) == (4, 0, 1)
+    assert (s["gamma"], s["eta"], s["start_timestep"], s["stop_timestep"]) == (0.6, 0.8, 0.0, 0.5)
     rows = {p["method"]: p["unet_evaluations"] for p in record["panels"]}
     # FlowEdit: one row per side (the guidance embedding, no CFG) x 4 steps; RF-Inversion: both ODEs of 28 steps
     assert rows["reconstruction"] == 4 and rows["flowedit"] == 2 * 4 and rows["rf-inversion"] == 2 * rfinversion.STEPS
-    sheet, sd = pixels(tmp_path / "c.png"), minledits.load(flux)
-    w0 = flowedit.edit(sd, photo, source_prompt="a cat", target_prompt="a dog", size=64,
-                       **dict(flowedit.FLUX_DEFAULTS, n_max=4))
-    assert np.array_equal(panel(sheet, 3), np.asarray(decode(sd, w0))), "FlowEdit's panel: FLUX_DEFAULTS, n_max 4"
-    inv = rfinversion.invert(sd, photo, size=64, source_prompt="a cat")
-    w0 = rfinversion.edit(sd, inv, prompt="a dog")
-    assert np.array_equal(panel(sheet, 4), np.asarray(decode(sd, w0))), "RF-Inversion's panel: its defaults"
-    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "pp.png", "--model", flux, "--method", "leditspp", "-e",
-                     "glasses", "--steps", "6", *SIZE, "--source-prompt", "a cat", "-q")
-    assert rc == 0, err
-    assert np.array_equal(panel(sheet, 6), pixels(tmp_path / "pp.png")), "LEDITS++' panel is the edit command's"
+    sheet = pixels(tmp_path / "c.png")
+    edits = {3: ["--method", "flowedit", *PROMPTS, "--n-max", "4"],  # FLUX_DEFAULTS' 28 steps, not the inversion's
+             4: ["--method", "rf-inversion", *PROMPTS, *rf],
+             6: ["--method", "leditspp", "-e", "glasses", "--steps", "6", "--source-prompt", "a cat"]}
+    for j, argv in edits.items():
+        rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / f"{j}.png", "--model", flux, *SIZE, *argv, "-q")
+        assert rc == 0, err
+        assert np.array_equal(panel(sheet, j), pixels(tmp_path / f"{j}.png")), f"panel {j} is the edit command's"
+    sd = minledits.load(flux)  # and the API's
+    w0 = rfinversion.edit(sd, rfinversion.invert(sd, photo, gamma=0.6, size=64, source_prompt="a cat"), prompt="a dog",
+                          eta=0.8, stop_timestep=0.5)
+    assert np.array_equal(panel(sheet, 4), np.asarray(decode(sd, w0)))
 
 
 def test_compare_on_schnell_leaves_flowedit_out(schnell, photo, tmp_path, capsys):
@@ -114,7 +117,31 @@ def test_compare_refusals_on_flux(flux, photo, inversion, tmp_path, capsys):
                      "a dog", "--n-max", "29", "--clip-model", "none", "-q")
     assert rc == 2 and err == "minledits: error: --n-max (the FlowEdit panel's, its steps FlowEdit's on FLUX, 28): " \
                               "n_max (the steps edited) must be in 1..steps (28), got 29\n"
+    rc, _, err = run(capsys, "compare", inversion, "-o", tmp_path / "c.png", "--model", flux, "--target-prompt",
+                     "a dog", "--start-timestep", "0.5", "--clip-model", "none", "-q")
+    assert rc == 2 and err == "minledits: error: --stop-timestep must be a finite number >= 0.5, got 0.25 (the " \
+                              "RF-Inversion panel's)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rf.safetensors"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "2"], "--guidance (the RF-Inversion panel's) sets FLUX.1-dev's guidance embedding, which this "
+     "model (FLUX.1-schnell) lacks: leave it out"),
+    (["--n-max", "2"], "--n-max (the FlowEdit panel's): FlowEdit on FLUX steers by the guidance embedding, which this "
+     "model (FLUX.1-schnell) lacks: leave --n-max out")])
+def test_compare_refusals_on_schnell(schnell, photo, tmp_path, capsys, argv, message):
+    rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", schnell, "--steps", "2", *SIZE,
+                     "--target-prompt", "a dog", *argv, "--clip-model", "none", "-q")
+    assert rc == 2 and err == f"minledits: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_refuses_rf_options_on_sd1(tiny_sd1, photo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(minledits.inversion, "noise_maps", lambda *a, **k: pytest.fail("inverted"))
+    rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", tiny_sd1.folder, "--size", "64",
+                     "--steps", "4", "--target-prompt", "a dog", "--eta", "0.5", "--clip-model", "none", "-q")
+    assert rc == 2 and err == f"minledits: error: --eta (the RF-Inversion panel's): RF-Inversion runs on FLUX.1, and " \
+                              f"{shorten(str(tiny_sd1.folder))} is not one: leave --eta out\n"
 
 
 # --------------------------------------------------------------------------------------------- traces

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import flowedit, ledits, leditspp, p2p
+from .. import flowedit, ledits, leditspp, p2p, rfinversion
 from ..errors import MinleditsError, shorten
 from ..inversion import InversionSettings
 from ..io import store
@@ -51,7 +51,7 @@ from .commands import (
     spec,
     write_png,
 )
-from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, dest, parser, resolve, to_argv
+from .options import COMMON, EDIT, INVERT, METHOD_OPTIONS, RF_DEFAULTS, dest, parser, resolve, to_argv
 
 JOB_KEYS = {key: f'"{key}"' for key in OUTPUTS}  # a job's outputs in messages: its keys
 JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
@@ -530,6 +530,8 @@ def cmd_sweep(args):
 P2P_OPTIONS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "reweight": "--reweight",
                "local_blend": "--local-blend"}
 FLOW_OPTIONS = {"n_max": "--n-max", "n_min": "--n-min", "n_avg": "--n-avg"}  # the FlowEdit panel's (on a flow)
+RF_OPTIONS = {"gamma": "--gamma", "eta": "--eta", "start_timestep": "--start-timestep",
+              "stop_timestep": "--stop-timestep", "guidance": "--guidance"}  # the RF-Inversion panel's (on FLUX)
 
 
 class OptionError(ValueError):
@@ -539,7 +541,7 @@ class OptionError(ValueError):
 
 def compare_inputs(args):
     """(output, record, LEDITS concepts, LEDITS++ concepts, the Prompt-to-Prompt options given, FlowEdit's options
-    given), every input checked before any work."""
+    given, RF-Inversion's options given), every input checked before any work."""
     if args.trace is not None or args.compare or args.user_mask is not None or args.method is not None \
             or args.save_inversion is not None:
         raise ValueError("--trace, --compare, --user-mask, --save-inversion and --method are options of edit: "
@@ -549,6 +551,7 @@ def compare_inputs(args):
         raise ValueError(f"-o {out}: the comparison is a .png file")
     given = [k for k in P2P_OPTIONS if getattr(args, k) is not None]  # before concepts_of fills in the defaults
     flow_given = {k: getattr(args, k) for k in FLOW_OPTIONS if getattr(args, k) is not None}
+    rf_given = rf_options(args)
     concepts = concepts_of(args)  # LEDITS' (--method is refused above: its default)
     pp_concepts = leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
     require_regular(args.input)
@@ -556,7 +559,37 @@ def compare_inputs(args):
     for p in (out, out.with_suffix(".json")):
         refuse_output(p, args.force, inputs_of(args))
         require_writable(p)
-    return out, out.with_suffix(".json"), concepts, pp_concepts, given, flow_given
+    return out, out.with_suffix(".json"), concepts, pp_concepts, given, flow_given, rf_given
+
+
+def rf_options(args) -> dict:
+    """The RF-Inversion panel's options given ({name: value}), checked as rfinversion checks them (the others its
+    defaults, RF_DEFAULTS), before any work."""
+    given = {k: getattr(args, k) for k in RF_OPTIONS if getattr(args, k) is not None}
+    o = {**RF_DEFAULTS, **given}
+    bounds = {"gamma": (0, 1), "eta": (0, 1), "start_timestep": (0, None), "guidance": (None, None),
+              "stop_timestep": (o["start_timestep"], None)}
+    try:
+        for k, (low, high) in bounds.items():
+            if k in given or k == "stop_timestep" and "start_timestep" in given:
+                rfinversion.check_number(RF_OPTIONS[k], o[k], low, high)
+    except ValueError as e:
+        raise ValueError(f"{e} (the RF-Inversion panel's)") from None
+    return given
+
+
+def check_rf(given: dict, sd) -> None:
+    """RF-Inversion's options given refused where the model draws no RF-Inversion panel (it is no FLUX.1), and
+    --guidance where it has no guidance embedding (schnell): an OptionError."""
+    if not given:
+        return
+    flags, embeds = ", ".join(RF_OPTIONS[k] for k in given), getattr(sd, "guidance_embeds", None)
+    if embeds is None:
+        raise OptionError(f"{flags} (the RF-Inversion panel's): RF-Inversion runs on FLUX.1, and "
+                          f"{shorten(str(sd.model_id))} is not one: leave {flags} out")
+    if "guidance" in given and not embeds:
+        raise OptionError("--guidance (the RF-Inversion panel's) sets FLUX.1-dev's guidance embedding, which this "
+                          "model (FLUX.1-schnell) lacks: leave it out")
 
 
 def compare_p2p(args, given, src, sd=None):
@@ -573,15 +606,17 @@ def compare_p2p(args, given, src, sd=None):
         raise OptionError(f"{', '.join(P2P_OPTIONS[k] for k in given)} (the Prompt-to-Prompt panel's): {e}") from None
 
 
-def compare_inversion(args, cache, given):
+def compare_inversion(args, cache, given, rf_given):
     """(model, inversion, UNet image-evaluations of the inversion: 0 when read from a file); the Prompt-to-Prompt
-    options given are checked against the model and the source prompt before any UNet work."""
+    and RF-Inversion options given are checked against the model and the source prompt before any UNet work."""
     if is_inversion_file(args.input):
         sd, inv = inversion_of(args, cache)
         compare_p2p(args, given, inv.settings.source_prompt, sd)
+        check_rf(rf_given, sd)
         return sd, inv, 0
     sd = model_of(args, cache)
     compare_p2p(args, given, args.source_prompt or "", sd)
+    check_rf(rf_given, sd)
     with compare.unet_rows(sd.unet) as n:
         sd, inv = inversion_of(args, cache)
     return sd, inv, n[0]
@@ -610,12 +645,12 @@ def check_flowedit(args, sd, inv, given: dict) -> None:
 def cmd_compare(args):
     start, cache = time.time(), {}
     try:
-        out, record, concepts, pp_concepts, given, flow_given = compare_inputs(args)
+        out, record, concepts, pp_concepts, given, flow_given, rf_given = compare_inputs(args)
     except (MinleditsError, ValueError) as e:  # bad input: one line, exit 2, before any work
         report(e, args.verbose)
         return 2
     try:
-        sd, inv, inversion_rows = compare_inversion(args, cache, given)
+        sd, inv, inversion_rows = compare_inversion(args, cache, given, rf_given)
         check_flowedit(args, sd, inv, flow_given)
     except OptionError as e:  # found once the model or inversion file is read, still before any UNet work
         report(e, args.verbose)
@@ -624,8 +659,8 @@ def cmd_compare(args):
     run, left_out = compare.method_edits(inv.settings.source_prompt, args.target_prompt, args.target_guidance,
                                          concepts, args.momentum_scale, args.momentum_beta, pp_concepts,
                                          {k: getattr(args, k) for k in P2P_OPTIONS}, inv.settings.sampler,
-                                         flow_given, embeds, mask=args.mask, negative_prompt=args.negative_prompt,
-                                         guidance_rescale=args.guidance_rescale)
+                                         flow_given, embeds, rf_given, mask=args.mask,
+                                         negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale)
     for method, why in left_out.items():
         print(f"minledits: note: {compare.LABELS[method]} left out: {why}", file=sys.stderr)
     found, clip = compare.panels(sd, inv, run), clip_of(args)
@@ -640,6 +675,8 @@ def cmd_compare(args):
     if "flowedit" in run:  # FlowEdit's steps are the inversion's (FLUX: FLUX_DEFAULTS'); n_max as it ran
         p.update({k: v for k, v in compare.flowedit_options(inv, "", 0, guidance_embeds=embeds, **flow_given).items()
                   if k in FLOW_OPTIONS})
+    if "rf-inversion" in run:  # its options as it ran (the guidance: the model's default where not given)
+        p.update({k: v for k, v in {**RF_DEFAULTS, **rf_given}.items() if k in RF_OPTIONS})
     rows = [{"method": x.method, "label": compare.LABELS[x.method], "unet_evaluations": x.unet_evaluations,
              "seconds": round(x.seconds, 3), **{k: sweep.finite(v) for k, v in metrics.measure(
                  found[0].image, x.image, text, clip).items()}} for x in found]

@@ -17,9 +17,10 @@ On FLUX.1 (a flow inversion of a model with sd.guidance_embeds) the FlowEdit pan
 settings (flowedit.FLUX_DEFAULTS: its steps, n_max, guidances as the guidance embedding's values; no negative prompt;
 n_max, n_min, n_avg as given), with the inversion's source prompt, seed, size: `minledits edit PHOTO --method
 flowedit` on FLUX with those options (left out on schnell: no guidance embedding); and one more panel, "RF-Inversion"
-(key "rf-inversion"): rfinversion.invert of the inversion's picture with its source prompt, seed and size (gamma and
-steps rfinversion's unless given), then rfinversion.edit towards the target prompt (eta, start, stop, guidance
-likewise): `minledits edit PHOTO --method rf-inversion` with those options; its evaluations and time count both ODEs.
+(key "rf-inversion"): rfinversion.invert of the inversion's picture with its source prompt, seed and size (its own
+steps, rfinversion.STEPS; gamma as given, else rfinversion's), then rfinversion.edit towards the target prompt (eta,
+start, stop, guidance likewise): `minledits edit PHOTO --method rf-inversion` with those options; its evaluations and
+time count both ODEs.
 On a DDIM inversion (sampler "ddim") the two middle panels are "DDIM inversion" (its DDIM regeneration steered by
 the target prompt alone) and "DDIM + P2P" (Prompt-to-Prompt on it: the classic baseline), keys "ddim" and
 "ddim+p2p"; LEDITS and LEDITS++ run on it too (their steps take the DDIM step; its noise maps are 0), and the
@@ -27,7 +28,8 @@ reconstruction is its regeneration without guidance (DDIM inversion is not exact
 Every method walks the one inversion it is given (they all take every sampler's inversion), so their inputs are
 equal by construction. A method whose inputs are missing (DDPM without a target prompt, P2P without a source and a
 target prompt, LEDITS and LEDITS++ without concepts) is left out, and said so.
-Each panel comes with its UNet image-evaluations (rows of the UNet's batches; on SD3 the transformer's) and its time.
+Each panel comes with its UNet image-evaluations (rows of the UNet's batches; on SD3 and FLUX the transformer's) and
+its time.
 """
 import time
 from contextlib import contextmanager
@@ -47,7 +49,7 @@ LABELS = {"input": "input", "reconstruction": "reconstruction", "ddpm": "DDPM in
 P2P_ON_FLOW = ("Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow (Stable Diffusion 3, "
                "FLUX.1)")
 NO_EMBEDDING = "FlowEdit on FLUX steers by the guidance embedding, which this model (FLUX.1-schnell) lacks"
-RF_INVERT = ("gamma", "steps")                                    # rf_options: rfinversion.invert's
+RF_INVERT = ("gamma",)                                            # rf_options: rfinversion.invert's
 RF_EDIT = ("eta", "start_timestep", "stop_timestep", "guidance")  # rfinversion.edit's
 
 
