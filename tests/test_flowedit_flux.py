@@ -16,11 +16,12 @@ import torch
 
 import minledits
 from minledits import flowedit
-from minledits.flowmatch import FlowEuler, flow_config, image_tokens
+from minledits.flowmatch import FlowEuler, image_tokens
 from minledits.io.image import to_tensor
 from minledits.nets.flux import unpack
-from tests import flux_hub, oracle_flowedit
+from tests import flux_hub, oracle_flowedit, test_flowedit
 from tests.helpers import photo
+from tests.test_flowedit import relative
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE, STEPS = 32, 7
@@ -28,13 +29,11 @@ PROMPTS = dict(source_prompt="a photo of a cat", target_prompt="a photo of a dog
 GUIDANCE = {k: flowedit.FLUX_DEFAULTS[k] for k in ("source_guidance", "target_guidance")}  # edit's own: SD3's
 
 
-class Pipe:
-    """diffusers' FluxPipeline with the model interface flowedit.edit calls."""
-    default_size, prediction_type = 1024, "flow"
+class Pipe(test_flowedit.Pipe):
+    """diffusers' FluxPipeline with the model interface flowedit.edit calls (SD3's adapter for the rest)."""
 
     def __init__(self, pipe):
-        self.pipe, self.device, self.dtype = pipe, torch.device("cpu"), torch.float32
-        self.schedule = flow_config(dict(pipe.scheduler.config))
+        super().__init__(pipe)
         self.guidance_embeds = pipe.transformer.config.guidance_embeds
 
     def text_embeddings(self, prompts):
@@ -51,12 +50,6 @@ class Pipe:
         return self.pipe._unpack_latents(v, h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor,
                                          self.pipe.vae_scale_factor)
 
-    def encode(self, x):
-        return oracle_flowedit.encode_image(self.pipe, x)
-
-    def check_fits(self, height, width):
-        pass
-
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
@@ -71,10 +64,6 @@ def pipe(ref):
 @pytest.fixture(scope="module")
 def flux(ref):
     return minledits.load(ref.folder)
-
-
-def relative(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def oracle(ref, options: dict, image, keep_aspect=False):
