@@ -122,7 +122,8 @@ def edit(sd, image, *, source_prompt: str, target_prompt: str, steps=50, n_max=3
          callback=None) -> torch.Tensor:
     """The edited latents [1, C, h, w] of image (a path or PIL image, centre-cropped and resized to size, by default
     sd.default_size; keep_aspect: resized only). callback(FlowStep) receives every intermediate tensor of every step.
-    Decode them with minledits.decode(sd, latents)."""
+    Decode them with minledits.decode(sd, latents). The defaults are the paper's SD3 settings; on FLUX.1-dev pass
+    **FLUX_DEFAULTS (as the CLI does)."""
     check_options(steps, n_max, n_min, n_avg, source_guidance, target_guidance, seed,
                   {"source prompt": source_prompt, "target prompt": target_prompt, "negative prompt": negative_prompt})
     if sd.prediction_type != "flow":
