@@ -2,8 +2,8 @@
 reconstruction | flow inversion | FlowEdit with the paper's FLUX settings | RF-Inversion | LEDITS | LEDITS++, each
 panel the API's or the `edit` command's picture, transformer rows counted; on schnell no FlowEdit, said so), `--trace`
 of LEDITS++ on a FLUX flow inversion and of FlowEdit on FLUX (the dynamic shift's sigmas), RF-Inversion's trace
-(tools/trace.py's RFTrace), `sweep` on FLUX (FlowEdit cells, LEDITS++ cells on one flow inversion), the app's methods
-and samplers on FLUX.
+(tools/trace.py's RFTrace), `sweep` on FLUX (FlowEdit cells, LEDITS++ cells on one flow inversion, RF-Inversion cells:
+one inversion per gamma), the app's methods and samplers on FLUX.
 """
 import argparse
 import json
@@ -214,6 +214,29 @@ def test_sweep_of_flowedit_on_flux(flux, photo, tmp_path, capsys):
     rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, *flow, "--n-max", "4", "-q")
     assert rc == 0, err
     assert np.array_equal(pixels(tmp_path / "s" / "001.png"), pixels(tmp_path / "e.png"))
+
+
+def test_sweep_of_rf_inversion_over_gamma_and_eta(flux, photo, inversion, tmp_path, capsys):
+    """RF-Inversion's cells invert once per gamma (its own inversion), each cell the edit command's picture."""
+    rf = ["--method", "rf-inversion", *PROMPTS, "--steps", "6", *SIZE]
+    sweep = ["sweep", photo, "-o", tmp_path / "s.png", "--model", flux, *rf, "--vary", "gamma=0.3,0.6", "--vary",
+             "eta=0.5,1", "--clip-model", "none"]
+    rc, _, err = run(capsys, *sweep)
+    assert rc == 0, err
+    assert "sweep of 4 cells, 0 done already: 2 inversion(s) and 4 edit(s)" in err
+    cells = json.loads((tmp_path / "s.json").read_text())["cells"]
+    assert [(c["settings"]["gamma"], c["settings"]["eta"]) for c in cells] == [(0.3, 0.5), (0.3, 1), (0.6, 0.5),
+                                                                                (0.6, 1)]
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, *rf, "--gamma", "0.6", "--eta",
+                     "0.5", "-q")
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "s" / "002.png"), pixels(tmp_path / "e.png"))
+    rc, out, err = run(capsys, *sweep, "-q")  # a rerun keeps its cells
+    assert rc == 0 and "sweep: 0 cells done, 4 kept, 0 failed" in out, err
+    rc, _, err = run(capsys, "sweep", inversion, "-o", tmp_path / "f.png", "--model", flux, "--method", "rf-inversion",
+                     "--target-prompt", "a dog", "--vary", "eta=0.5,1", "--clip-model", "none", "-q")
+    assert rc == 2 and err == "minledits: error: --method rf-inversion: a sweep makes RF-Inversion's inversions from " \
+                              "the picture: give the picture, not an inversion file\n"
 
 
 # --------------------------------------------------------------------------------------------- the app

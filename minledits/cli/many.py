@@ -24,11 +24,15 @@ from ..tools import compare, metrics, ranks, sweep
 from .commands import (
     MODEL_OPTIONS,
     OUTPUTS,
+    RF_INVERSION,
+    bar,
     check_kind,
     check_method_options,
+    check_rf_model,
     clip_of,
     cmd_edit,
     concepts_of,
+    decoded,
     file_name,
     finish,
     flowedit_record,
@@ -45,6 +49,8 @@ from .commands import (
     read_image,
     refuse_existing,
     report,
+    rf_inversion_of,
+    rf_record,
     run_edit,
     run_flowedit,
     save_png,
@@ -219,6 +225,8 @@ INVERT_NAMES = [dest(flags, options) for flags, _, _, options in INVERT]
 NOT_VARIED = ("concepts", "save_inversion", "trace", "compare", "user_mask")
 EDIT_SETTINGS = [dest(flags, o) for flags, _, _, o in EDIT if dest(flags, o) not in NOT_VARIED]
 FLOWEDIT_KEY = ("flowedit",)  # the group of FlowEdit's cells: no inversion to share
+RF_KEY = ("rf-inversion",)    # RF-Inversion's groups start so: its own inversion, of their options
+RF_EDIT = ("target_prompt", "eta", "start_timestep", "stop_timestep", "guidance")  # rfinversion.edit's (the CLI's)
 BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -250,6 +258,8 @@ def sweep_cell(args, cell):
             c.concepts = sweep.set_concept_option(c.concepts or [], int(m[1]), m[2], value)
         else:
             setattr(c, key, value)
+    if c.method == "rf-inversion":  # its options are checked as the edit's (commands.rf_options)
+        c.cmd = "edit"
     return c
 
 
@@ -302,6 +312,12 @@ def sweep_settings(c, concepts, sd, inv, source: dict) -> tuple[dict, tuple]:
         options = flowedit_settings(c, sd)
         sd.check_fits(options["size"], options["size"])
         return {**s, "method": "flowedit", **options}, FLOWEDIT_KEY
+    if c.method == "rf-inversion":  # its own inversion, one per group of equal inversion options (rf_options
+        check_rf_model(c, sd)       # checked the rest)
+        inverted = {**{k: getattr(c, k) for k in RF_INVERSION}, "size": c.size or sd.default_size}
+        sd.check_fits(inverted["size"], inverted["size"])
+        return {**s, "method": "rf-inversion", **inverted, **{k: getattr(c, k) for k in RF_EDIT}}, \
+            RF_KEY + tuple(inverted.items())
     if inv is None:
         check_kind(c, sd, c.sampler is not None)  # on SD3 the flow sampler where none is given
         resolve(c, INVERT + COMMON)
@@ -350,6 +366,9 @@ def sweep_grid(args, cache):
     if from_file and (fixed := [k for k, _ in vary if k in INVERT_NAMES]):
         raise ValueError(f"--vary {fixed[0]}: an inversion file fixes the inversion options; vary them on the image")
     grid = [sweep_cell(args, cell) for cell in sweep.grid_cells(vary)]
+    if from_file and any(c.method == "rf-inversion" for c in grid):
+        raise ValueError("--method rf-inversion: a sweep makes RF-Inversion's inversions from the picture: give the "
+                         "picture, not an inversion file")
     concepts = [cell_concepts(c, [k for k, _ in vary]) for c in grid]
     sweep_outputs(args, vary, out, len(grid))
     sd, inv, source = sweep_source(args, cache, from_file)
@@ -385,10 +404,12 @@ def sweep_text(c, concepts):
 
 def sweep_group(args, cache, out, items, skips, clip):
     """The cells of one inversion: invert once (at the smallest skip where the sampler slices), edit each, write PNG
-    and record (a failed cell: neither); FlowEdit's cells (FLOWEDIT_KEY) each edit the image. Returns {cell: why it
-    failed}."""
+    and record (a failed cell: neither); FlowEdit's cells (FLOWEDIT_KEY) each edit the image, RF-Inversion's (RF_KEY)
+    make their own inversion once per group (sweep_alone). Returns {cell: why it failed}."""
     if items[0][3] == FLOWEDIT_KEY:
-        return sweep_flowedit(args, cache, out, items, clip)
+        return sweep_alone(args, cache, out, items, clip, partial(flowedit_cell, cache))
+    if items[0][3][:1] == RF_KEY:
+        return sweep_alone(args, cache, out, items, clip, partial(rf_cell, cache))
     s = items[0][2]  # an image's settings: the group's, but a sliceable inversion's skip is its smallest
     skip = {"skip": min(skips)} if "sampler" in s and sweep.sliceable(s["sampler"]) else {}
     inverted = InversionSettings(**{**{k: s[k] for k in store.SETTINGS}, **skip}) if "sampler" in s else None
@@ -423,9 +444,11 @@ def sweep_group(args, cache, out, items, skips, clip):
     return failed
 
 
-def sweep_flowedit(args, cache, out, items, clip):
-    """FlowEdit's cells: each the image edited (cmd_flowedit's edit and PNG), its record. Returns {cell: why it
-    failed}."""
+def sweep_alone(args, cache, out, items, clip, edit):
+    """The cells that each edit the picture on their own - FlowEdit's (no inversion), RF-Inversion's (its own, made
+    once per group through the cache) - each its PNG and record (a failed cell: neither). edit(cell args) -> (picture,
+    the input as edited (PIL), the PNG's record and command line (write_png), seconds inverting). Returns {cell: why
+    it failed}."""
     failed = {}
     for n, c, settings, _ in items:
         png, record = sweep.cell_paths(out, n)
@@ -434,19 +457,42 @@ def sweep_flowedit(args, cache, out, items, clip):
             with all_or_none([png, record]):
                 start = time.time()
                 sweep.write_json(record, {"settings": settings})
-                sd, image = model_of(c, cache), read_image(c.input)
-                options = flowedit_settings(c, sd)
-                im = run_flowedit(c, sd, image, options)
-                write_png(im, png, *flowedit_record(c, sd, options))
-                found = metrics.measure(to_pil(to_tensor(image, options["size"], c.keep_aspect))[0], im,
-                                        c.target_prompt or None, clip)
-                sweep.write_json(record, {"settings": settings, "invert_s": 0.0,
-                                          "edit_s": round(time.time() - start, 3),
+                im, source, made, invert_s = edit(c)
+                write_png(im, png, *made)
+                found = metrics.measure(source, im, c.target_prompt or None, clip)
+                sweep.write_json(record, {"settings": settings, "invert_s": round(invert_s, 3),
+                                          "edit_s": round(time.time() - start - invert_s, 3),
                                           **{k: sweep.finite(v) for k, v in found.items()}})
         except Exception as e:
             failed[n] = one_line(e)
             report(e, args.verbose, f"cell {n} ({png}) failed")
     return failed
+
+
+def flowedit_cell(cache, c):
+    """A FlowEdit cell's edit (sweep_alone): cmd_flowedit's edit and PNG."""
+    sd, image = model_of(c, cache), read_image(c.input)
+    options = flowedit_settings(c, sd)
+    im = run_flowedit(c, sd, image, options)
+    return im, to_pil(to_tensor(image, options["size"], c.keep_aspect))[0], flowedit_record(c, sd, options), 0.0
+
+
+def run_rfinversion(args, sd, inv):
+    """The picture (PIL) RF-Inversion's edit makes of inv with args' options, with progress bars (as cmd_rfinversion
+    runs it)."""
+    with bar(args, "edit", inv.settings.steps) as b:
+        w0 = rfinversion.edit(sd, inv, prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
+                              stop_timestep=args.stop_timestep, guidance=args.guidance, callback=lambda *_: b.update())
+    return decoded(args, sd, w0)
+
+
+def rf_cell(cache, c):
+    """An RF-Inversion cell's edit (sweep_alone): cmd_rfinversion's inversion (shared by the cells of its group
+    through the cache), edit and PNG."""
+    start = time.time()
+    sd, inv = rf_inversion_of(c, cache)
+    invert_s = time.time() - start
+    return run_rfinversion(c, sd, inv), to_pil(inv.image)[0], rf_record(c, sd, inv), invert_s
 
 
 def sweep_assemble(args, vary, out, cells, kept, failed):
