@@ -240,17 +240,22 @@ def test_sweep_of_rf_inversion_over_gamma_and_eta(flux, photo, inversion, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- the app
-def test_the_app_on_flux(flux, photo, tmp_path):
-    """The app offers LEDITS and LEDITS++ on a flow inversion of FLUX (no P2P, no FlowEdit or RF-Inversion: each
-    refused in one line; only the flow sampler); its edit is the command's."""
+def app_on(folder, tmp_path):
+    args = argparse.Namespace(**{dest(f, o): None for f, _, _, o in COMMON}, cmd="app")
+    args.model = str(folder)
+    return webapp.App(args, tmp_path / "app")
+
+
+def test_the_app_on_flux(flux, schnell, photo, tmp_path):
+    """The app offers LEDITS and LEDITS++ on a flow inversion of FLUX and RF-Inversion (no P2P, no FlowEdit: refused
+    in one line; only the flow sampler); its LEDITS++ edit is the command's."""
     sd = minledits.load(flux)
     method = next(o["choices"] for f, _, _, o in EDIT if dest(f, o) == "method")
     sampler = next(o["choices"] for f, _, _, o in INVERT if dest(f, o) == "sampler")
-    assert webapp.choices_for(sd, "method", method) == ["ledits", "leditspp"]
+    assert webapp.choices_for(sd, "method", method) == ["ledits", "leditspp", "rf-inversion"]
+    assert webapp.choices_for(minledits.load(schnell), "method", method) == ["ledits", "leditspp", "rf-inversion"]
     assert webapp.choices_for(sd, "sampler", sampler) == ["flow"]
-    args = argparse.Namespace(**{dest(f, o): None for f, _, _, o in COMMON}, cmd="app")
-    args.model = str(flux)
-    app = webapp.App(args, tmp_path / "app")
+    app = app_on(flux, tmp_path)
     session = app.session("a")
     result = app.edit(session, photo, dict(method="leditspp", concepts="glasses", steps=6, size=64))
     assert result["inversion"].settings.sampler == "flow" and result["steps"] == 4
@@ -260,6 +265,34 @@ def test_the_app_on_flux(flux, photo, tmp_path):
     assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
     with pytest.raises(MinleditsError, match="^--method p2p is for Stable Diffusion 1.x"):
         app.edit(session, photo, dict(method="p2p", source_prompt="a cat", target_prompt="a dog"))
-    with pytest.raises(MinleditsError, match="^--method rf-inversion is not in the app: it edits its own inversion"):
-        app.edit(session, photo, dict(method="rf-inversion", target_prompt="a dog"))
+    with pytest.raises(MinleditsError, match="^--method flowedit is not in the app: it edits the photo itself"):
+        app.edit(session, photo, dict(method="flowedit", source_prompt="a cat", target_prompt="a dog"))
 
+
+def test_rf_inversion_in_the_app(flux, photo, tmp_path):
+    """RF-Inversion in the app: its own inversion (kept in the session, made by /invert where gamma is given), the
+    edit the command's picture, its trace's x0 predictions, its files; the flow inversion's fields the page sends
+    are left out."""
+    app, page = app_on(flux, tmp_path), dict(sampler="flow", batch_size=4, source_guidance=3.5, keep_last_noise=False)
+    session = app.session("a")
+    options = dict(page, method="rf-inversion", source_prompt="a cat", target_prompt="a dog", steps=6, size=64,
+                   eta=0.5, compare=True)
+    result = app.edit(session, photo, options)
+    assert result["inverted"] and result["inversion"].rf and result["steps"] == 6
+    assert [caption for _, caption in result["frames"](6)] == ["x0 prediction"]
+    argv = ["--method", "rf-inversion", "--source-prompt", "a cat", "--target-prompt", "a dog", "--steps", "6",
+            "--size", "64", "--eta", "0.5", "--compare"]
+    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(flux), "-q",
+                               *argv]) == 0
+    assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
+    assert np.array_equal(pixels(result["compare"]), pixels(tmp_path / "cli-compare.png"))
+    again = app.edit(session, photo, dict(options, eta=1.0))
+    assert not again["inverted"], "another eta reuses the inversion"
+    png, inv, tensors, _ = app.files(session)
+    assert store.load(inv).rf and load_file(tensors)["eta"].tolist() == [1.0] + [0.0] * 5  # stop 0.25 of 6 steps
+    args = app.arguments(photo, dict(page, source_prompt="a cat", steps=6, size=64, gamma=0.5), tmp_path / "x.png")
+    inv, made, _ = app.invert(session, args)  # /invert with gamma: RF-Inversion's, the one the edits made
+    assert not made and inv.rf
+    pytest.importorskip("gradio")
+    ids = {getattr(b, "elem_id", None) for b in webapp.page(app).blocks.values()}
+    assert {"gamma", "eta", "start_timestep", "stop_timestep", "guidance"} <= ids

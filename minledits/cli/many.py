@@ -477,12 +477,13 @@ def flowedit_cell(cache, c):
     return im, to_pil(to_tensor(image, options["size"], c.keep_aspect))[0], flowedit_record(c, sd, options), 0.0
 
 
-def run_rfinversion(args, sd, inv):
+def run_rfinversion(args, sd, inv, trace=None):
     """The picture (PIL) RF-Inversion's edit makes of inv with args' options, with progress bars (as cmd_rfinversion
-    runs it)."""
+    runs it); trace: a callback of each step too (the app's)."""
     with bar(args, "edit", inv.settings.steps) as b:
         w0 = rfinversion.edit(sd, inv, prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
-                              stop_timestep=args.stop_timestep, guidance=args.guidance, callback=lambda *_: b.update())
+                              stop_timestep=args.stop_timestep, guidance=args.guidance,
+                              callback=lambda step: (b.update(), trace and trace(step)))
     return decoded(args, sd, w0)
 
 

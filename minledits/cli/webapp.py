@@ -23,18 +23,20 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .. import ledits, p2p
+from .. import ledits, p2p, rfinversion
 from ..errors import MinleditsError, shorten
 from ..inversion import invert
 from ..io import store
 from ..io.image import open_rgb, to_pil
-from ..tools.trace import AttentionTrace, Trace, side_by_side, tile
+from ..tools.trace import AttentionTrace, RFTrace, Trace, side_by_side, tile
 from . import commands
+from .many import run_rfinversion
 from .options import COMMON, EDIT, INVERT, dest, parser, to_argv
 
 MAX_UPLOAD_MB = 50          # the largest file the page takes; a picture's pixels are limited as any (io.image)
@@ -44,8 +46,8 @@ LOCAL_FONTS, MONO = ["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace
 LOCAL = ("127.0.0.1", "localhost", "::1")
 MAP_NAMES = {"attn": "attention", "m_noise": "noise mask", "M": "applied mask", "acts": "mask"}
 # The methods the page does not run, and why: the command runs them
-NOT_HERE = {"flowedit": "it edits the photo itself, without an inversion",
-            "rf-inversion": "it edits its own inversion (a controlled flow), which the page does not make"}
+NOT_HERE = {"flowedit": "it edits the photo itself, without an inversion"}
+RF = "rf-inversion"  # its own inversion (rfinversion.invert), made by /invert where gamma is given
 OWN = {"input", "output", "concepts", "user_mask", "save_inversion", "trace", "compare"}  # the page's own fields
 INVERSION = {dest(flags, o) for flags, _, _, o in INVERT}
 MODEL = [dest(flags, o) for flags, _, _, o in COMMON if flags[0] not in ("--force", "-q", "-v")]
@@ -96,6 +98,8 @@ class App:
         """The Namespace of `minledits edit PHOTO -o OUTPUT --OPTION=VALUE ...` (the command's parser: its types,
         choices and one-line usage errors), on the app's model, device and dtype."""
         brought = INVERSION if commands.is_inversion_file(photo) else set()  # an inversion file's own settings
+        if options.get("method") == RF or options.get("gamma") not in (None, ""):  # the flow inversion's fields
+            brought = brought | set(commands.RF_UNUSED)
         given = {k: v for k, v in options.items() if v is not None and v != "" and k not in ("concepts", "user_mask")
                  and k not in brought}
         concepts = [line.strip() for line in (options.get("concepts") or "").splitlines() if line.strip()]
@@ -108,18 +112,29 @@ class App:
 
     # ----------------------------------------------------------------------------------------- the work
     def invert(self, session: dict, args, progress=lambda done, total, what: None):
-        """(the inversion of args.input, whether it was made now (else reused from the session), seconds).
-        An inversion file is read and checked as the command reads it."""
+        """(the inversion of args.input, whether it was made now (else reused from the session), seconds): for
+        --method rf-inversion, or where --gamma is given, RF-Inversion's own (as `minledits invert --gamma`). An
+        inversion file is read and checked as the command reads it."""
         start = time.time()
+        rf = args.method == RF or args.gamma is not None
         if commands.is_inversion_file(args.input):
-            return commands.inversion_of(args, self.models)[1], False, time.time() - start
-        sampler_given = args.sampler is not None
-        commands.resolve_inversion_options(args)
-        commands.check_kind(args, self.sd, sampler_given)  # on SD3 the flow sampler; p2p refused there
-        settings = commands.inversion_settings(args, self.sd.default_size)
-        if args.method == "p2p" and args.local_blend:
-            p2p.check_levels(self.sd.unet.config)
-        key = (Path(args.input).name, settings, args.batch_size)
+            return (commands.rf_inversion_of if rf else commands.inversion_of)(args, self.models)[1], False, \
+                time.time() - start
+        if rf:
+            commands.rf_inversion_options(args)  # its defaults; what it leaves unused refused
+            commands.check_rf_model(args, self.sd)
+            options = {k: getattr(args, k) for k in commands.RF_INVERSION}
+            options["size"] = args.size or self.sd.default_size
+            self.sd.check_fits(options["size"], options["size"])
+            key = (Path(args.input).name, RF, *options.items())
+        else:
+            sampler_given = args.sampler is not None
+            commands.resolve_inversion_options(args)
+            commands.check_kind(args, self.sd, sampler_given)  # on SD3 the flow sampler; p2p refused there
+            settings = commands.inversion_settings(args, self.sd.default_size)
+            if args.method == "p2p" and args.local_blend:
+                p2p.check_levels(self.sd.unet.config)
+            key = (Path(args.input).name, settings, args.batch_size)
         if key in session["inversions"]:
             session["inversions"].move_to_end(key)
             return session["inversions"][key], False, time.time() - start
@@ -128,7 +143,10 @@ class App:
         def step(done, total):
             stop(session)
             progress(done, total, "invert")
-        inv = invert(self.sd, image, batch_size=args.batch_size, callback=step, **settings.dict())
+        if rf:
+            inv = rfinversion.invert(self.sd, image, **options, callback=lambda st: step(st.i + 1, options["steps"]))
+        else:
+            inv = invert(self.sd, image, batch_size=args.batch_size, callback=step, **settings.dict())
         session["inversions"][key] = inv
         while len(session["inversions"]) > KEEP:
             session["inversions"].popitem(last=False)
@@ -168,9 +186,9 @@ class App:
         mask = None if picture is None else commands.user_mask_of(args, picture, inv)
         idle = ledits.idle(concepts or [], len(inv.zs))
         trace = AttentionTrace(self.sd, inv, p2p.word_positions(self.sd.tokenizer, args.target_prompt)) \
-            if args.method == "p2p" else Trace(self.sd, inv)
+            if args.method == "p2p" else RFTrace(self.sd, inv) if args.method == RF else Trace(self.sd, inv)
         labels = [w for w, _ in trace.words] if args.method == "p2p" else \
-            [("-" if c.reverse else "") + c.prompt for c in concepts]
+            [("-" if c.reverse else "") + c.prompt for c in concepts or []]
 
         def traced(st):  # each edit step: kept, counted, and the place where Cancel stops the work
             stop(session)
@@ -182,27 +200,33 @@ class App:
         def counted(st):
             stop(session)
             progress(next(count), len(inv.zs), "reconstruct")
-        im = commands.run_edit(args, self.sd, inv, args.target_prompt, concepts or [], traced, "edit", mask)
-        recon = commands.run_edit(args, self.sd, inv, "", [], counted, "reconstruct") if args.compare else None
+        if args.method == RF:  # its edit, as the command's; --compare: input | edit, as the command's
+            im, recon = run_rfinversion(args, self.sd, inv, traced), None
+            record, argv = commands.rf_record(args, self.sd, inv)
+            save = partial(commands.write_png, record=record, argv=argv)
+        else:
+            im = commands.run_edit(args, self.sd, inv, args.target_prompt, concepts or [], traced, "edit", mask)
+            recon = commands.run_edit(args, self.sd, inv, "", [], counted, "reconstruct") if args.compare else None
+            save = partial(commands.save_png, args=args, sd=self.sd, inv=inv, concepts=concepts, idle=idle)
         edit_s = time.time() - start
-        commands.save_png(im, args.output, args, self.sd, inv, concepts, idle)
+        save(im, args.output)
         result = dict(inversion=inv, inverted=inverted, invert_s=invert_s, edit_s=edit_s, png=args.output,
                       idle=idle, steps=len(trace.steps["t"]), compare=None, frames=frames(trace, labels))
-        if recon is not None:
+        if args.compare:
             result["compare"] = out / "compare.png"
-            commands.save_png(side_by_side([to_pil(inv.image)[0], recon, im]), result["compare"], args, self.sd,
-                              inv, concepts, idle)
+            save(side_by_side([to_pil(inv.image)[0], *([recon] if recon else []), im]), result["compare"])
         session["last"] = dict(png=Path(args.output), inversion=inv, trace=trace,
                                concepts=[commands.spec(c) for c in concepts])
         return result
 
 
 def choices_for(sd, key: str, choices) -> list:
-    """The values the page offers for the field `key` on model sd: --method flowedit and rf-inversion never (NOT_HERE:
-    the command runs them), p2p not on a rectified flow; the flow sampler only there, the others only elsewhere."""
-    flow = sd.prediction_type == "flow"
+    """The values the page offers for the field `key` on model sd: --method flowedit never (NOT_HERE: the command runs
+    it), p2p not on a rectified flow, rf-inversion on FLUX alone; the flow sampler only on a flow, the others only
+    elsewhere."""
+    flow, flux = sd.prediction_type == "flow", getattr(sd, "guidance_embeds", None) is not None
     if key == "method":
-        return [m for m in choices if m not in NOT_HERE and not (flow and m == "p2p")]
+        return [m for m in choices if m not in NOT_HERE and not (flow and m == "p2p") and (flux or m != RF)]
     if key == "sampler":
         return [x for x in choices if (x == "flow") == flow]
     return list(choices)
@@ -357,6 +381,12 @@ def page(app: App):
                                         height=100)
                 with gr.Accordion("Prompt-to-Prompt options", open=True, visible=False) as g_p2p:
                     fields_of(EDIT, ["cross_replace", "self_replace", "reweight", "local_blend"])
+                groups = [g_ledits, g_pp, g_p2p]
+                if RF in choices_for(sd, "method", [RF]):  # its inversion's gamma, its edit's options (FLUX)
+                    with gr.Accordion("RF-Inversion options (empty: its defaults)", open=True, visible=False) as g_rf:
+                        fields_of(INVERT, ["gamma"])
+                        fields_of(EDIT, ["eta", "start_timestep", "stop_timestep", "guidance"])
+                    groups.append(g_rf)
             with gr.Column(scale=1):
                 said = gr.Textbox(label="status", interactive=False, lines=1, elem_id="status")
                 edited = gr.Image(elem_id="edited", label="Edit", interactive=False, format="png", height=320)
@@ -444,7 +474,7 @@ def page(app: App):
             return (text.rstrip("\n") + "\n" if text and text.strip() else "") + line, "", False
 
         def method_shown(method):
-            return [gr.update(visible=method == m) for m in ("ledits", "leditspp", "p2p")]
+            return [gr.update(visible=method == m) for m in ("ledits", "leditspp", "p2p", RF)[:len(groups)]]
 
         inv_kw = {k: fields[k] for k in names if k in INVERSION}
         optional(do_invert, inv_kw)
@@ -461,7 +491,7 @@ def page(app: App):
         add.click(add_concept, inputs=[concepts, c_prompt, c_remove, *c_opts], outputs=[concepts, c_prompt, c_remove],
                   api_visibility="private", queue=False)
         clear.click(lambda: "", outputs=[concepts], api_visibility="private", queue=False)
-        fields["method"].change(method_shown, inputs=[fields["method"]], outputs=[g_ledits, g_pp, g_p2p],
+        fields["method"].change(method_shown, inputs=[fields["method"]], outputs=groups,
                                 api_visibility="private", queue=False)
     return demo
 
