@@ -23,51 +23,31 @@ from minledits.flowmatch import FlowEuler, image_tokens
 from minledits.io import store
 from minledits.model import decode
 from minledits.tools.trace import RFTrace
-from tests import flux_hub
-from tests.helpers import photo as random_photo
+from tests import test_cli_flow, test_cli_flux
 from tests.helpers import run
 from tests.test_flow_tools import panel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+dev, schnell = test_cli_flux.dev, test_cli_flux.schnell  # fixtures: the tiny FLUX.1 folders (module-scoped)
+photo, pixels = test_cli_flow.photo, test_cli_flow.pixels  # an 80 x 64 photo
 SIZE = ["--size", "64"]
 PROMPTS = ["--source-prompt", "a cat", "--target-prompt", "a dog"]
 
 
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return flux_hub.make(tmp_path_factory.mktemp("flux") / "dev").folder
-
-
-@pytest.fixture(scope="module")
-def schnell(tmp_path_factory):
-    return flux_hub.make(tmp_path_factory.mktemp("schnell") / "schnell", kind="schnell", seed=1).folder
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    random_photo(size=(80, 64)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inversion(flux, photo, tmp_path_factory):
+def inversion(dev, photo, tmp_path_factory):
     """A flow inversion file of the photo on FLUX.1-dev (6 steps, 64 px: 4 to edit) with a source prompt."""
     path = tmp_path_factory.mktemp("inv") / "inv.safetensors"
-    rc = minledits.cli.main(["invert", str(photo), "-o", str(path), "--model", str(flux), "--steps", "6", *SIZE,
+    rc = minledits.cli.main(["invert", str(photo), "-o", str(path), "--model", str(dev), "--steps", "6", *SIZE,
                              "--source-prompt", "a cat", "-q"])
     assert rc == 0
     return path
 
 
 # --------------------------------------------------------------------------------------------- compare
-def test_compare_on_flux_each_panel_is_its_edit(flux, photo, tmp_path, capsys):
+def test_compare_on_flux_each_panel_is_its_edit(dev, photo, tmp_path, capsys):
     rf = ["--gamma", "0.6", "--eta", "0.8", "--stop-timestep", "0.5"]
-    rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", flux, "--steps", "6", *SIZE,
+    rc, _, err = run(capsys, "compare", photo, "-o", tmp_path / "c.png", "--model", dev, "--steps", "6", *SIZE,
                      *PROMPTS, "-e", "glasses", "--n-max", "4", *rf, "--clip-model", "none")
     assert rc == 0, err
     assert "flow + P2P left out: Prompt-to-Prompt replaces a UNet's cross-attention: none on a rectified flow " \
@@ -86,10 +66,10 @@ def test_compare_on_flux_each_panel_is_its_edit(flux, photo, tmp_path, capsys):
              4: ["--method", "rf-inversion", *PROMPTS, *rf],
              6: ["--method", "leditspp", "-e", "glasses", "--steps", "6", "--source-prompt", "a cat"]}
     for j, argv in edits.items():
-        rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / f"{j}.png", "--model", flux, *SIZE, *argv, "-q")
+        rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / f"{j}.png", "--model", dev, *SIZE, *argv, "-q")
         assert rc == 0, err
         assert np.array_equal(panel(sheet, j), pixels(tmp_path / f"{j}.png")), f"panel {j} is the edit command's"
-    sd = minledits.load(flux)  # and the API's
+    sd = minledits.load(dev)  # and the API's
     w0 = rfinversion.edit(sd, rfinversion.invert(sd, photo, gamma=0.6, size=64, source_prompt="a cat"), prompt="a dog",
                           eta=0.8, stop_timestep=0.5)
     assert np.array_equal(panel(sheet, 4), np.asarray(decode(sd, w0)))
@@ -106,18 +86,18 @@ def test_compare_on_schnell_leaves_flowedit_out(schnell, photo, tmp_path, capsys
     assert "n_max" not in record["settings"]
 
 
-def test_compare_refusals_on_flux(flux, photo, inversion, tmp_path, capsys):
+def test_compare_refusals_on_flux(dev, photo, inversion, tmp_path, capsys):
     rf = tmp_path / "rf.safetensors"
-    store.save(rfinversion.invert(minledits.load(flux), photo, steps=2, size=64), rf)
-    rc, _, err = run(capsys, "compare", rf, "-o", tmp_path / "c.png", "--model", flux, "--target-prompt", "a dog",
+    store.save(rfinversion.invert(minledits.load(dev), photo, steps=2, size=64), rf)
+    rc, _, err = run(capsys, "compare", rf, "-o", tmp_path / "c.png", "--model", dev, "--target-prompt", "a dog",
                      "--clip-model", "none", "-q")
     assert rc == 1 and err.startswith(f"minledits: error: {rf} is an RF-Inversion (gamma 0.5): only RF-Inversion's "
                                       "edit") and err.count("\n") == 1  # compare makes RF-Inversion's own
-    rc, _, err = run(capsys, "compare", inversion, "-o", tmp_path / "c.png", "--model", flux, "--target-prompt",
+    rc, _, err = run(capsys, "compare", inversion, "-o", tmp_path / "c.png", "--model", dev, "--target-prompt",
                      "a dog", "--n-max", "29", "--clip-model", "none", "-q")
     assert rc == 2 and err == "minledits: error: --n-max (the FlowEdit panel's, its steps FlowEdit's on FLUX, 28): " \
                               "n_max (the steps edited) must be in 1..steps (28), got 29\n"
-    rc, _, err = run(capsys, "compare", inversion, "-o", tmp_path / "c.png", "--model", flux, "--target-prompt",
+    rc, _, err = run(capsys, "compare", inversion, "-o", tmp_path / "c.png", "--model", dev, "--target-prompt",
                      "a dog", "--start-timestep", "0.5", "--clip-model", "none", "-q")
     assert rc == 2 and err == "minledits: error: --stop-timestep must be a finite number >= 0.5, got 0.25 (the " \
                               "RF-Inversion panel's)\n"
@@ -145,8 +125,8 @@ def test_compare_refuses_rf_options_on_sd1(tiny_sd1, photo, tmp_path, capsys, mo
 
 
 # --------------------------------------------------------------------------------------------- traces
-def test_rf_trace(flux, photo):
-    sd = minledits.load(flux)
+def test_rf_trace(dev, photo):
+    sd = minledits.load(dev)
     inv = rfinversion.invert(sd, photo, steps=6, size=64, source_prompt="a cat")
     steps, trace = [], RFTrace(sd, inv)
     w0 = rfinversion.edit(sd, inv, prompt="a dog", stop_timestep=0.5, callback=lambda st: (steps.append(st), trace(st)))
@@ -162,11 +142,11 @@ def test_rf_trace(flux, photo):
         rfinversion.invert(sd, photo, steps=2, size=64, callback=RFTrace(sd, inv))
 
 
-def test_trace_of_flowedit_on_flux(flux, photo, tmp_path, capsys):
-    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", "--model", flux, "--method", "flowedit", *PROMPTS,
+def test_trace_of_flowedit_on_flux(dev, photo, tmp_path, capsys):
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", "--model", dev, "--method", "flowedit", *PROMPTS,
                      *SIZE, "--steps", "6", "--n-max", "4", "--trace", tmp_path / "t", "-q")
     assert rc == 0, err
-    sd, steps = minledits.load(flux), []
+    sd, steps = minledits.load(dev), []
     options = dict(source_prompt="a cat", target_prompt="a dog", steps=6, n_max=4, size=64)
     w0 = flowedit.edit(sd, photo, **{**flowedit.FLUX_DEFAULTS, **options}, callback=steps.append)
     assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(decode(sd, w0))), "the trace changes nothing"
@@ -177,14 +157,14 @@ def test_trace_of_flowedit_on_flux(flux, photo, tmp_path, capsys):
         torch.testing.assert_close(t["x0_hat"][i], (st.zt_tar - sigmas[st.k] * st.v_tar).mean(0, keepdim=True))
 
 
-def test_trace_of_leditspp_on_a_flux_inversion(flux, inversion, tmp_path, capsys):
-    rc, _, err = run(capsys, "edit", inversion, "-o", tmp_path / "pp.png", "--model", flux, "--method", "leditspp",
+def test_trace_of_leditspp_on_a_flux_inversion(dev, inversion, tmp_path, capsys):
+    rc, _, err = run(capsys, "edit", inversion, "-o", tmp_path / "pp.png", "--model", dev, "--method", "leditspp",
                      "-e", "glasses", "-e", "-hat", "--trace", tmp_path / "t", "-q")
     assert rc == 0, err
     t = load_file(tmp_path / "t.safetensors")
     S, C = 4, 2
     assert t["x0_hat"].shape == (S, 1, 16, 8, 8) and t["attn"].shape == (S, C, 4, 4)  # the packed grid: 8 / 2
-    flow, inv = FlowEuler(minledits.load(flux).schedule, 6, image_tokens(8, 8)), store.load(inversion)
+    flow, inv = FlowEuler(minledits.load(dev).schedule, 6, image_tokens(8, 8)), store.load(inversion)
     x_t = torch.cat([inv.xts[:1], t["x"][:-1, 0]])
     for i in range(S):
         torch.testing.assert_close(t["x0_hat"][i], flow.x0_hat(2 + i, x_t[i:i + 1], t["eps"][i]))
@@ -192,34 +172,34 @@ def test_trace_of_leditspp_on_a_flux_inversion(flux, inversion, tmp_path, capsys
 
 
 # --------------------------------------------------------------------------------------------- sweep
-def test_sweep_of_leditspp_over_skip_on_flux_inverts_once(flux, photo, tmp_path, capsys):
-    rc, _, err = run(capsys, "sweep", photo, "-o", tmp_path / "s.png", "--model", flux, "--steps", "6", *SIZE,
+def test_sweep_of_leditspp_over_skip_on_flux_inverts_once(dev, photo, tmp_path, capsys):
+    rc, _, err = run(capsys, "sweep", photo, "-o", tmp_path / "s.png", "--model", dev, "--steps", "6", *SIZE,
                      "--method", "leditspp", "-e", "glasses", "--vary", "skip=1,3", "--clip-model", "none")
     assert rc == 0, err
     assert "sweep of 2 cells, 0 done already: 1 inversion(s) and 2 edit(s)" in err
-    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, "--steps", "6", *SIZE,
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", dev, "--steps", "6", *SIZE,
                      "--skip", "3", "--method", "leditspp", "-e", "glasses", "-q")
     assert rc == 0, err
     assert np.array_equal(pixels(tmp_path / "s" / "001.png"), pixels(tmp_path / "e.png")), "a sliced cell is its edit"
 
 
-def test_sweep_of_flowedit_on_flux(flux, photo, tmp_path, capsys):
+def test_sweep_of_flowedit_on_flux(dev, photo, tmp_path, capsys):
     flow = ["--method", "flowedit", *PROMPTS, "--steps", "6", *SIZE]
-    rc, _, err = run(capsys, "sweep", photo, "-o", tmp_path / "s.png", "--model", flux, *flow, "--vary", "n_max=2,4",
+    rc, _, err = run(capsys, "sweep", photo, "-o", tmp_path / "s.png", "--model", dev, *flow, "--vary", "n_max=2,4",
                      "--clip-model", "none")
     assert rc == 0, err
     assert "sweep of 2 cells, 0 done already: 0 inversion(s) and 2 edit(s)" in err
     cells = json.loads((tmp_path / "s.json").read_text())["cells"]
     assert [c["settings"]["n_max"] for c in cells] == [2, 4]
-    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, *flow, "--n-max", "4", "-q")
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", dev, *flow, "--n-max", "4", "-q")
     assert rc == 0, err
     assert np.array_equal(pixels(tmp_path / "s" / "001.png"), pixels(tmp_path / "e.png"))
 
 
-def test_sweep_of_rf_inversion_over_gamma_and_eta(flux, photo, inversion, tmp_path, capsys):
+def test_sweep_of_rf_inversion_over_gamma_and_eta(dev, photo, inversion, tmp_path, capsys):
     """RF-Inversion's cells invert once per gamma (its own inversion), each cell the edit command's picture."""
     rf = ["--method", "rf-inversion", *PROMPTS, "--steps", "6", *SIZE]
-    sweep = ["sweep", photo, "-o", tmp_path / "s.png", "--model", flux, *rf, "--vary", "gamma=0.3,0.6", "--vary",
+    sweep = ["sweep", photo, "-o", tmp_path / "s.png", "--model", dev, *rf, "--vary", "gamma=0.3,0.6", "--vary",
              "eta=0.5,1", "--clip-model", "none"]
     rc, _, err = run(capsys, *sweep)
     assert rc == 0, err
@@ -227,13 +207,13 @@ def test_sweep_of_rf_inversion_over_gamma_and_eta(flux, photo, inversion, tmp_pa
     cells = json.loads((tmp_path / "s.json").read_text())["cells"]
     assert [(c["settings"]["gamma"], c["settings"]["eta"]) for c in cells] == [(0.3, 0.5), (0.3, 1), (0.6, 0.5),
                                                                                 (0.6, 1)]
-    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", flux, *rf, "--gamma", "0.6", "--eta",
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "e.png", "--model", dev, *rf, "--gamma", "0.6", "--eta",
                      "0.5", "-q")
     assert rc == 0, err
     assert np.array_equal(pixels(tmp_path / "s" / "002.png"), pixels(tmp_path / "e.png"))
     rc, out, err = run(capsys, *sweep, "-q")  # a rerun keeps its cells
     assert rc == 0 and "sweep: 0 cells done, 4 kept, 0 failed" in out, err
-    rc, _, err = run(capsys, "sweep", inversion, "-o", tmp_path / "f.png", "--model", flux, "--method", "rf-inversion",
+    rc, _, err = run(capsys, "sweep", inversion, "-o", tmp_path / "f.png", "--model", dev, "--method", "rf-inversion",
                      "--target-prompt", "a dog", "--vary", "eta=0.5,1", "--clip-model", "none", "-q")
     assert rc == 2 and err == "minledits: error: --method rf-inversion: a sweep makes RF-Inversion's inversions from " \
                               "the picture: give the picture, not an inversion file\n"
@@ -246,21 +226,21 @@ def app_on(folder, tmp_path):
     return webapp.App(args, tmp_path / "app")
 
 
-def test_the_app_on_flux(flux, schnell, photo, tmp_path):
+def test_the_app_on_flux(dev, schnell, photo, tmp_path):
     """The app offers LEDITS and LEDITS++ on a flow inversion of FLUX and RF-Inversion (no P2P, no FlowEdit: refused
     in one line; only the flow sampler); its LEDITS++ edit is the command's."""
-    sd = minledits.load(flux)
+    sd = minledits.load(dev)
     method = next(o["choices"] for f, _, _, o in EDIT if dest(f, o) == "method")
     sampler = next(o["choices"] for f, _, _, o in INVERT if dest(f, o) == "sampler")
     assert webapp.choices_for(sd, "method", method) == ["ledits", "leditspp", "rf-inversion"]
     assert webapp.choices_for(minledits.load(schnell), "method", method) == ["ledits", "leditspp", "rf-inversion"]
     assert webapp.choices_for(sd, "sampler", sampler) == ["flow"]
-    app = app_on(flux, tmp_path)
+    app = app_on(dev, tmp_path)
     session = app.session("a")
     result = app.edit(session, photo, dict(method="leditspp", concepts="glasses", steps=6, size=64))
     assert result["inversion"].settings.sampler == "flow" and result["steps"] == 4
     assert len(result["frames"](1)) == 1 + 3
-    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(flux), "-q",
+    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(dev), "-q",
                                "--method", "leditspp", "-e", "glasses", "--steps", "6", "--size", "64"]) == 0
     assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
     with pytest.raises(MinleditsError, match="^--method p2p is for Stable Diffusion 1.x"):
@@ -269,11 +249,11 @@ def test_the_app_on_flux(flux, schnell, photo, tmp_path):
         app.edit(session, photo, dict(method="flowedit", source_prompt="a cat", target_prompt="a dog"))
 
 
-def test_rf_inversion_in_the_app(flux, photo, tmp_path):
+def test_rf_inversion_in_the_app(dev, photo, tmp_path):
     """RF-Inversion in the app: its own inversion (kept in the session, made by /invert where gamma is given), the
     edit the command's picture, its trace's x0 predictions, its files; the flow inversion's fields the page sends
     are left out."""
-    app, page = app_on(flux, tmp_path), dict(sampler="flow", batch_size=4, source_guidance=3.5, keep_last_noise=False)
+    app, page = app_on(dev, tmp_path), dict(sampler="flow", batch_size=4, source_guidance=3.5, keep_last_noise=False)
     session = app.session("a")
     options = dict(page, method="rf-inversion", source_prompt="a cat", target_prompt="a dog", steps=6, size=64,
                    eta=0.5, compare=True)
@@ -282,7 +262,7 @@ def test_rf_inversion_in_the_app(flux, photo, tmp_path):
     assert [caption for _, caption in result["frames"](6)] == ["x0 prediction"]
     argv = ["--method", "rf-inversion", "--source-prompt", "a cat", "--target-prompt", "a dog", "--steps", "6",
             "--size", "64", "--eta", "0.5", "--compare"]
-    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(flux), "-q",
+    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(dev), "-q",
                                *argv]) == 0
     assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
     assert np.array_equal(pixels(result["compare"]), pixels(tmp_path / "cli-compare.png"))
