@@ -270,6 +270,8 @@ def test_rf_inversion_in_the_app(dev, photo, tmp_path):
     assert not again["inverted"], "another eta reuses the inversion"
     png, inv, tensors, _ = app.files(session)
     assert store.load(inv).rf and load_file(tensors)["eta"].tolist() == [1.0] + [0.0] * 5  # stop 0.25 of 6 steps
+    from_file = app.edit(app.session("b"), inv, dict(page, method="rf-inversion", target_prompt="a dog", eta=1.0))
+    assert np.array_equal(pixels(from_file["png"]), pixels(png)), "its inversion file edits as the inversion"
     args = app.arguments(photo, dict(page, source_prompt="a cat", steps=6, size=64, gamma=0.5), tmp_path / "x.png")
     inv, made, _ = app.invert(session, args)  # /invert with gamma: RF-Inversion's, the one the edits made
     assert not made and inv.rf
