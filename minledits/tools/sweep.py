@@ -8,7 +8,8 @@ metrics. The command line wiring is cli/many.py's; this module holds the grid an
               (`sliceable`): DDPM's x_t and z_k of step k do not depend on the skip (inversion.py), and a trajectory
               (DDIM, flow) at a larger skip is the start of the same walk, so the group inverts once at its smallest
               skip and each cell takes a slice (at_skip); DPM-Solver++'s maps follow one another from the first
-              inverted step, so there skip is an inversion setting like the others
+              inverted step, so there skip is an inversion setting like the others; FlowEdit's cells need no
+              inversion, RF-Inversion's (FLUX) share one per value of its inversion options (gamma, steps, ...)
     files     OUT.png (sheets: OUT.png, or OUT-1.png, OUT-2.png, ... with more than two keys), OUT/NNN.png (the cells,
               each with the command that reproduces it, as `edit` writes it) and OUT/NNN.json (its settings, times,
               metrics), OUT.csv and OUT.json (the table), OUT-tradeoff.png (CLIP score against SSIM, matplotlib)
