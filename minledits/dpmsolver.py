@@ -93,7 +93,7 @@ class DPMSolverPP:
         self.reset()
 
     @classmethod
-    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "DPMSolverPP":
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool, latent_size=None) -> "DPMSolverPP":
         return cls(schedule, N, "sigma_min" if keep_last_noise else "zero")
 
     @staticmethod

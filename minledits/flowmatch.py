@@ -166,8 +166,10 @@ class FlowEuler:
         return (x.to(torch.float32) + d * v).to(v.dtype)
 
     @classmethod
-    def for_inversion(cls, schedule: dict, N: int, keep_last_noise: bool, tokens: int | None = None) -> "FlowEuler":
-        return cls(schedule, N, tokens)  # no noise maps: keep_last_noise has no meaning (InversionSettings refuses it)
+    def for_inversion(cls, schedule: dict, N: int, keep_last_noise: bool, latent_size=None) -> "FlowEuler":
+        """No noise maps: keep_last_noise has no meaning (InversionSettings refuses it); the latent's size (h, w)
+        gives the dynamic shift its token count (refused without it there)."""
+        return cls(schedule, N, None if latent_size is None else image_tokens(*latent_size))
 
     @staticmethod
     def default_skip(N: int) -> int:

@@ -23,12 +23,9 @@ sampler="ddim", deterministic DDIM inversion (diffusers' DDIMInverseScheduler), 
                                (keep_last_noise and zero_noise_steps have no meaning and are refused)
 sampler="flow" (a rectified flow, SD3 and FLUX: flowmatch.py), the same trajectory: x_k = unstep(k, x_{k+1}, v) =
 x_{k+1} + (sigma_k - sigma_{k+1}) v, v the (guided) velocity at (x_{k+1}, T sigma_{k+1}), the ODE run forward;
-its timesteps T sigma_k are float32 numbers, on FLUX shifted by the latent's token count (image_tokens(h, w): the
-sampler is built from the settings and the latent's size, Inversion.new_sampler). Regenerating it returns w_0 only up
-to Euler's first-order error (flowmatch.py says what holds exactly)
-An RF-Inversion (rfinversion.py; settings.gamma set, sampler "flow", skip 0) has the same layout: xts[0] the
-inverted latent, xts[-1] y_0, its forward ODE's path between; only rfinversion.edit takes it (check_model refuses it
-for every other method, and a plain inversion for RF-Inversion's edit)
+its timesteps T sigma_k are float32 numbers (FLUX's shifted for the latent's size: Inversion.new_sampler).
+Regenerating it returns w_0 only up to Euler's first-order error (flowmatch.py says what holds exactly)
+An RF-Inversion (rfinversion.py: settings.gamma set) has this layout; only rfinversion.edit takes it (check_model)
 Index convention: k counts the N inference steps from the noisiest (k = 0); the edit starts at k = skip,
 so an Inversion keeps only k >= skip (xts[j], zs[j] belong to k = skip + j) and the UNet never runs for
 the steps the edit does not use. The noise eps_k is drawn for every k in ascending t from one generator,
@@ -45,7 +42,6 @@ import torch
 
 from . import parity
 from .errors import InversionError, MinleditsError, shorten
-from .flowmatch import FlowEuler, image_tokens
 from .io.image import to_tensor
 from .model import StableDiffusion, StableDiffusionXL, repeat_rows, rows
 from .sampler import SAMPLERS, Sampler, numbers, takes
@@ -68,7 +64,7 @@ class InversionSettings:
     sampler: str = "ddpm"         # a name in sampler.SAMPLERS: "ddpm" (LEDITS), "dpmsolver++" (LEDITS++), "ddim"
                                   # (deterministic DDIM inversion: the DDIM + P2P baseline)
     zero_noise_steps: int | None = None  # the last maps set to 0 unless keep_last_noise; None: the model's (invert)
-    gamma: float | None = None    # RF-Inversion's controller strength (rfinversion.invert); None: no RF inversion
+    gamma: float | None = None    # set by rfinversion.invert alone (its controller strength): an RF-Inversion
 
     def __post_init__(self):
         for name, kind in [("seed", int), ("source_prompt", str), ("keep_last_noise", bool), ("keep_aspect", bool)]:
@@ -97,12 +93,6 @@ class InversionSettings:
         if z is not None and z > self.steps - self.skip:  # it counts the last of the maps the edit runs on
             raise ValueError(f"zero_noise_steps {z} is more than the {self.steps - self.skip} noise maps the edit runs "
                              f"on (steps {self.steps} - skip {self.skip})")
-        if self.gamma is not None and not (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
-                                           and 0 <= self.gamma <= 1):
-            raise ValueError(f"gamma must be a number from 0 to 1, got {shorten(self.gamma)}")
-        if self.gamma is not None and (self.sampler != FlowEuler.name or self.skip != 0):
-            raise ValueError(f"an RF inversion (gamma {self.gamma}) runs the flow sampler from skip 0, not the "
-                             f"{self.sampler} sampler from skip {self.skip}")
 
     def dict(self) -> dict:
         return asdict(self)
@@ -110,11 +100,7 @@ class InversionSettings:
     def new_sampler(self, schedule, latent_size: tuple[int, int] | None = None) -> Sampler:
         """A fresh sampler of this kind over the N steps (sampler.py); refuses N past the schedule. The flow sampler
         takes the latent's size (h, w): FLUX's dynamic shift depends on its token count (refused without it there)."""
-        kind = SAMPLERS[self.sampler]
-        if kind is FlowEuler:
-            tokens = image_tokens(*latent_size) if latent_size is not None else None
-            return kind.for_inversion(schedule, self.steps, self.keep_last_noise, tokens)
-        return kind.for_inversion(schedule, self.steps, self.keep_last_noise)
+        return SAMPLERS[self.sampler].for_inversion(schedule, self.steps, self.keep_last_noise, latent_size)
 
 
 @dataclass
@@ -161,9 +147,8 @@ class Inversion:
                 raise InversionError(f"{source} is damaged: its {name} hold inf or NaN values; invert again")
 
     def check_model(self, sd: StableDiffusion, source: str = "the inversion", rf: bool | None = False) -> None:
-        """Refuse a model other than the one the inversion was made with (its noise maps belong to that one), and
-        an RF-Inversion for a method that cannot use it (rf False), or another inversion where one is needed (rf True;
-        None takes either)."""
+        """Refuse a model other than the one the inversion was made with (its noise maps belong to that one), and an
+        inversion of the other kind than rf says (True: RF-Inversion's edit, False: the others, None: either)."""
         if rf is not None and self.rf != rf:
             raise InversionError(
                 f"{source} is an RF-Inversion (gamma {self.settings.gamma}): only RF-Inversion's edit "
@@ -234,11 +219,6 @@ def trajectory(sd, sampler, w0, skip, context, source_guidance, callback=None) -
     return torch.cat(xts[::-1])
 
 
-def latent_size(sd, x: torch.Tensor) -> tuple[int, int]:
-    """(h, w) of the latent of pictures x [B, 3, H, W]."""
-    return x.shape[-2] // sd.latent_scale, x.shape[-1] // sd.latent_scale
-
-
 def with_zero_noise_steps(s: InversionSettings, sd: StableDiffusion) -> InversionSettings:
     """s with zero_noise_steps decided: given, else 3 for SDXL's dpmsolver++ (LEditsPPPipelineStableDiffusionXL's
     num_zero_noise_steps), else 1 (LEDITS, and LEditsPPPipelineStableDiffusion); at most the maps there are; None
@@ -280,7 +260,7 @@ def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None
     s = with_zero_noise_steps(s, sd)
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
-    sampler = s.new_sampler(sd.schedule, latent_size(sd, x))  # refuses more steps than the model was trained with
+    sampler = s.new_sampler(sd.schedule, tuple(d // sd.latent_scale for d in x.shape[-2:]))  # refuses N > T
     w0 = sd.encode(x)
     if sampler.trajectory:
         xts = trajectory(sd, sampler, w0, s.skip, source_context(sd, s), s.source_guidance, callback)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MinleditsError, shorten
-from .inversion import Inversion, InversionSettings, latent_size
+from .inversion import Inversion, InversionSettings
 from .io.image import to_tensor
 from .ledits import as_inversion
 from .nets.flux import unpack
@@ -119,12 +119,13 @@ def invert(sd, image, *, gamma=GAMMA, steps=STEPS, seed=0, size=None, keep_aspec
     check_model(sd)
     if not isinstance(source_prompt, str):
         raise ValueError(f"the source prompt must be text, got {shorten(source_prompt)}")
+    check_number("gamma", gamma, 0, 1)
     s = InversionSettings(steps=steps, skip=0, seed=seed, size=sd.default_size if size is None else size,
                           source_prompt=source_prompt, source_guidance=SOURCE_GUIDANCE, keep_aspect=keep_aspect,
                           sampler="flow", gamma=gamma)
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
-    h, w = latent_size(sd, x)
+    h, w = (d // sd.latent_scale for d in x.shape[-2:])
     flow = s.new_sampler(sd.schedule, (h, w))  # refuses more steps than the model was trained with
     eps_E, y_1 = draws(seed, sd.vae.config["latent_channels"], h, w)
     y_0 = posterior_sample(sd, x, eps_E)

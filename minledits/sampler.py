@@ -48,8 +48,8 @@ class Sampler(Protocol):
     outputs: tuple[str, ...]  # the model outputs it takes (prediction types: eps and v, or a flow's velocity)
 
     @classmethod  # a fresh sampler for an inversion (schedule: sd.schedule, a flow's a dict); keep_last_noise: one
-    # whose last step has a noise map
-    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "Sampler": ...
+    # whose last step has a noise map; latent_size (h, w): what a schedule that depends on it takes (FLUX's shift)
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool, latent_size=None) -> "Sampler": ...
     @staticmethod  # the skip its method's reference uses, in proportion to N
     def default_skip(N: int) -> int: ...
     def add_noise(self, k, x0, noise): ...
@@ -117,7 +117,7 @@ class DDPM:
         self.timesteps = [s.t for s in self.steps]
 
     @classmethod
-    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool) -> "DDPM":
+    def for_inversion(cls, schedule: Schedule, N: int, keep_last_noise: bool, latent_size=None) -> "DDPM":
         return cls(schedule, N)  # its last step always has a noise map
 
     @staticmethod

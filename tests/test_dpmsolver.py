@@ -284,7 +284,7 @@ def test_regenerating_from_the_inversion_walks_its_latents(sd1):
 # ------------------------------------------------------------------------------------------- settings and files
 def test_unknown_sampler_fails_before_any_unet_work(sd1, monkeypatch):
     monkeypatch.setattr(sd1, "unet", lambda *a: pytest.fail("the UNet ran"))
-    monkeypatch.setattr(sd1, "vae", None)
+    monkeypatch.setattr(sd1.vae, "encode", lambda *a: pytest.fail("the VAE ran"))
     with pytest.raises(ValueError, match=r"^sampler must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', 'flow', "
                                          r"got 'nope'$"):
         minledits.invert(sd1, photo(), steps=N, skip=SKIP, size=SIZE, sampler="nope")

@@ -145,7 +145,7 @@ def method_settings(args, sd, e: piebench.Entry, m: str, base: dict) -> tuple:
         ledits.check_options(args.target_guidance, concepts, args.momentum_scale, args.momentum_beta, sd.dtype)
     else:
         leditspp.check_options(concepts, args.mask, None, args.guidance_rescale, None, sd.unet.config)
-    s.new_sampler(sd.schedule)
+    s.new_sampler(sd.schedule, (s.size // sd.latent_scale,) * 2)
     sd.check_fits(s.size, s.size)
     return s, {**base, "method": m, **s.dict(), "batch_size": args.batch_size, "target_prompt": e.target,
                **{k: getattr(ns, k) for k in EDIT_KEYS[EDITOR[m]]}, "concepts": concepts}

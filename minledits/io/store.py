@@ -27,9 +27,7 @@ from ..sampler import SAMPLERS
 from .files import atomic, require_regular
 
 FORMAT, VERSION = "minledits.inversion", 2
-# The settings every file holds (the inversion options of the commands); RF_SETTINGS only an RF-Inversion's.
-RF_SETTINGS = ["gamma"]
-SETTINGS = [f.name for f in fields(InversionSettings) if f.name not in RF_SETTINGS]
+SETTINGS = [f.name for f in fields(InversionSettings) if f.name != "gamma"]  # the commands' inversion options
 # Each tensor of the format: its shape (an int: that size, from the settings; a letter: the same size wherever it
 # appears; "n" = steps - skip) and the dtypes it may have ("dtype": the float dtype the metadata names).
 TENSORS = {"xts": (("n+1", "C", "h", "w"), "dtype"), "zs": (("n", "C", "h", "w"), "dtype"),
@@ -85,8 +83,7 @@ def load(path) -> Inversion:
         raise InversionFileError(f"{path} was made with sampler {shorten(meta['sampler'])}, which this minledits "
                                  f"does not have ({', '.join(SAMPLERS)}): invert again")
     try:
-        settings = InversionSettings(**{k: meta[k] for k in SETTINGS}, **{k: meta[k] for k in RF_SETTINGS
-                                                                          if k in meta})
+        settings = InversionSettings(**{k: meta[k] for k in SETTINGS}, gamma=meta.get("gamma"))
         check_format(path, tensors, settings, meta["dtype"])
         inv = Inversion(tensors["timesteps"].tolist(), tensors["xts"], tensors["zs"], tensors["image"],
                         settings, str(meta["model_id"]), str(meta["fingerprint"]))
