@@ -129,48 +129,69 @@ def edit(sd, image, *, source_prompt: str, target_prompt: str, steps=50, n_max=3
     if sd.prediction_type != "flow":
         raise ValueError(f"FlowEdit runs on a rectified flow (SD3); this model predicts {sd.prediction_type}: use "
                          "ledits, leditspp or p2p")
+    embedded = check_model(sd, negative_prompt)
+    size = sd.default_size if size is None else size
+    sd.check_fits(size, size)
+    x_src = sd.encode(to_tensor(image, size, keep_aspect))
+    flow = FlowEuler(sd.schedule, steps, tokens=image_tokens(*x_src.shape[-2:]))
+    s_src, s_tar = source_guidance, target_guidance
+    both, tar, (n_s, n_t) = conditioning(sd, embedded, negative_prompt, source_prompt, target_prompt, s_src, s_tar)
+    draw = drawer(seed, x_src, packed=embedded)
+
+    zt_edit, xt_tar, N = x_src, None, steps
+    for i, k in enumerate(range(N - n_max, N)):
+        if k < N - n_min:  # FlowEdit: the ODE on the velocity difference, averaged over n_avg draws
+            noise = [draw() for _ in range(n_avg)]
+            step = flowedit_step(sd, flow, i, k, x_src, zt_edit, noise, both, (n_s, n_t), (s_src, s_tar))
+            zt_edit = step.x_next
+        else:  # the SDEdit-style tail: the target prompt's own flow from the edit, noised once more
+            noise = draw() if k == N - n_min else None
+            x = zt_edit if noise is not None else xt_tar
+            step = tail_step(sd, flow, i, k, x_src, x, noise, tar, n_t, s_tar)
+            xt_tar = step.x_next
+        check_finite(i, step.t, step.x_next)
+        if callback:
+            callback(step)
+    return zt_edit if n_min == 0 else xt_tar
+
+
+def check_model(sd, negative_prompt: str) -> bool:
+    """Whether sd steers by a guidance embedding (FLUX.1-dev) rather than classifier-free guidance (SD3); a model
+    FlowEdit cannot run on refused in one line (ValueError)."""
+    if sd.prediction_type != "flow":
+        raise ValueError(f"FlowEdit runs on a rectified flow (SD3, FLUX); this model predicts {sd.prediction_type}: "
+                         "use ledits, leditspp or p2p")
     embedded = getattr(sd, "guidance_embeds", None)  # None: classifier-free guidance; True: FLUX.1-dev's embedding
     if embedded is False:
         raise ValueError("FlowEdit on FLUX steers by the guidance embedding, which this model (FLUX.1-schnell) lacks: "
                          "use FLUX.1-dev, or ledits or leditspp")
     if embedded and negative_prompt:
         raise ValueError("FlowEdit on FLUX takes no negative prompt (no classifier-free guidance)")
-    size = sd.default_size if size is None else size
-    sd.check_fits(size, size)
-    x_src = sd.encode(to_tensor(image, size, keep_aspect))
-    _, C, h, w = x_src.shape
-    flow = FlowEuler(sd.schedule, steps, tokens=image_tokens(h, w))
-    s_src, s_tar = source_guidance, target_guidance
-    if embedded:  # rows: source, target; each its guidance embedding's value
-        c_both = parity.embed(sd, [source_prompt], [target_prompt])
-        c_tar, n_s, n_t = take(c_both, [1]), 1, 1
-        g_both, g_tar = torch.tensor([s_src, s_tar], device=sd.device), torch.tensor([s_tar], device=sd.device)
-        shape, layout = (1, image_tokens(h, w), 4 * C), lambda n: unpack(n, h, w)
-    else:
-        text = parity.embed(sd, [negative_prompt], [source_prompt], [target_prompt])  # rows: negative, source, target
-        c_src = take(text, [0, 1] if s_src > 1 else [1])
-        c_tar = take(text, [0, 2] if s_tar > 1 else [2])
-        n_s, n_t = 1 + (s_src > 1), 1 + (s_tar > 1)  # rows per side
-        c_both, g_both, g_tar = join(c_src, c_tar), None, None
-        shape, layout = x_src.shape, lambda n: n
-    g = torch.Generator().manual_seed(seed)
-    draw = lambda: layout(torch.randn(shape, generator=g, dtype=torch.float32)).to(x_src)  # noqa: E731
+    return bool(embedded)
 
-    zt_edit, xt_tar, N = x_src, None, steps
-    for i, k in enumerate(range(N - n_max, N)):
-        if k < N - n_min:  # FlowEdit: the ODE on the velocity difference, averaged over n_avg draws
-            noise = [draw() for _ in range(n_avg)]
-            step = flowedit_step(sd, flow, i, k, x_src, zt_edit, noise, (c_both, g_both), (n_s, n_t), (s_src, s_tar))
-            zt_edit = step.x_next
-        else:  # the SDEdit-style tail: the target prompt's own flow from the edit, noised once more
-            noise = draw() if k == N - n_min else None
-            x = zt_edit if noise is not None else xt_tar
-            step = tail_step(sd, flow, i, k, x_src, x, noise, (c_tar, g_tar), n_t, s_tar)
-            xt_tar = step.x_next
-        check_finite(i, step.t, step.x_next)
-        if callback:
-            callback(step)
-    return zt_edit if n_min == 0 else xt_tar
+
+def conditioning(sd, embedded: bool, negative_prompt, source_prompt, target_prompt, s_src, s_tar):
+    """(both sides' rows, the target's rows, (n_s, n_t) rows per side); rows = (conditioning, guidance embedding's
+    values per row or None). SD3: [negative, source] and [negative, target] (a side at guidance <= 1: its prompt
+    alone); FLUX.1-dev: [source] and [target], each with its scale as the embedding's value."""
+    if embedded:
+        c = parity.embed(sd, [source_prompt], [target_prompt])
+        g = torch.tensor([s_src, s_tar], device=sd.device)
+        return (c, g), (take(c, [1]), g[1:]), (1, 1)
+    text = parity.embed(sd, [negative_prompt], [source_prompt], [target_prompt])  # rows: negative, source, target
+    c_src = take(text, [0, 1] if s_src > 1 else [1])
+    c_tar = take(text, [0, 2] if s_tar > 1 else [2])
+    return (join(c_src, c_tar), None), (c_tar, None), (1 + (s_src > 1), 1 + (s_tar > 1))
+
+
+def drawer(seed: int, x_src: torch.Tensor, packed: bool):
+    """The draws N_k^j one after another: a CPU float32 generator seeded with `seed`, each draw of x_src's shape
+    (packed: drawn as FLUX's tokens [1, (h/2)(w/2), 4C], then unpacked), cast to x_src's dtype and device."""
+    g, (_, C, h, w) = torch.Generator().manual_seed(seed), x_src.shape
+    if packed:
+        tokens = (1, image_tokens(h, w), 4 * C)
+        return lambda: unpack(torch.randn(tokens, generator=g, dtype=torch.float32), h, w).to(x_src)
+    return lambda: torch.randn(x_src.shape, generator=g, dtype=torch.float32).to(x_src)
 
 
 def velocity(sd, x, t, cond: tuple) -> torch.Tensor:
