@@ -12,9 +12,11 @@ import shlex
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 import minledits
 from minledits import flowedit, leditspp, rfinversion
+from minledits.cli import commands
 from minledits.errors import shorten
 from minledits.io import store
 from minledits.model import decode
@@ -163,8 +165,6 @@ def test_invert_then_leditspp_and_offload_text(dev, sd, photo, tmp_path, capsys)
      "--steps, --seed); leave it out"),
     ("dev", [*RF, "--source-guidance", "2"], "RF-Inversion takes no --source-guidance: its inversion is its own "
      "controlled flow (--gamma, --steps, --seed); leave it out"),
-    ("dev", [*RF, "--trace", "{tmp}/t"], "--method rf-inversion draws no --trace (rfinversion.edit's callback gives "
-     "each step's tensors); leave it out"),
     ("dev", [*RF, "-e", "glasses"], "--method rf-inversion takes no concepts (-e): it is an option of --method ledits "
      "and leditspp; leave it out"),
     ("dev", [*RF, "--start-timestep", "0.5", "--stop-timestep", "0.25"], "--stop-timestep must be a finite number "
@@ -229,6 +229,24 @@ def test_invert_with_gamma_makes_an_rf_inversion(dev, sd, photo, tmp_path, capsy
                      "--gamma", "0.25", "-q")
     assert rc == 1 and err.startswith(f"minledits: error: {inv_file} was made with gamma=0.5")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_rf_inversion_trace(dev, sd, photo, tmp_path, capsys, monkeypatch):
+    """--trace of RF-Inversion: its edit's steps (RFTrace), the PNG the same bit for bit; on a failure nothing
+    written."""
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "a.png", "--model", dev, *RF, "--trace", tmp_path / "t",
+                     "-q")
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "a.png"), rf_api(sd, photo)[1])
+    tensors = load_file(tmp_path / "t.safetensors")
+    assert tensors["x0_hat"].shape == tensors["x"].shape == (4, 1, 16, 8, 8) and tensors["eta"].shape == (4,)
+    assert np.array_equal(np.asarray(decode(sd, tensors["x"][-1])), pixels(tmp_path / "a.png")), "the edit's last step"
+    assert Image.open(tmp_path / "t.png").width > 0
+    monkeypatch.setattr(commands, "write_png", lambda *a: (_ for _ in ()).throw(OSError("the disk is full")))
+    rc, _, err = run(capsys, "edit", photo, "-o", tmp_path / "b.png", "--model", dev, *RF, "--trace", tmp_path / "u",
+                     "--compare", "-q")
+    assert rc == 1 and err.startswith("minledits: error: ") and "the disk is full" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "t.png", "t.safetensors"]
 
 
 def test_rf_inversion_on_schnell(schnell, photo, tmp_path, capsys):

@@ -7,6 +7,7 @@ one inversion per gamma), the app's methods and samplers on FLUX.
 """
 import argparse
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -278,3 +279,23 @@ def test_rf_inversion_in_the_app(dev, photo, tmp_path):
     pytest.importorskip("gradio")
     ids = {getattr(b, "elem_id", None) for b in webapp.page(app).blocks.values()}
     assert {"gamma", "eta", "start_timestep", "stop_timestep", "guidance"} <= ids
+
+
+def test_the_app_runs_rf_inversion_s_own_steps(dev, photo, tmp_path):
+    """The steps field left at the page's default: RF-Inversion's own (rfinversion.STEPS), the picture the command's
+    without --steps, and the command line the page shows makes it again; /invert with gamma makes that inversion."""
+    app, page = app_on(dev, tmp_path), dict(steps=webapp.STEPS, seed=0, sampler="flow", batch_size=4)
+    session = app.session("a")
+    result = app.edit(session, photo, dict(page, method="rf-inversion", target_prompt="a dog", size=64))
+    assert result["inversion"].settings.steps == result["steps"] == rfinversion.STEPS != webapp.STEPS
+    assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(dev), "-q",
+                               "--method", "rf-inversion", "--target-prompt", "a dog", "--size", "64"]) == 0
+    assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
+    argv = shlex.split(webapp.command(result["png"], "p.png"))[1:]
+    assert f"--steps={rfinversion.STEPS}" in argv and argv[-2:] == ["-o", "edit.png"]
+    argv[1], argv[-1] = str(photo), str(tmp_path / "line.png")
+    assert minledits.cli.main([*argv, "-q"]) == 0
+    assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "line.png")), "the page's command line makes it"
+    args = app.arguments(photo, dict(page, gamma=rfinversion.GAMMA, size=64), tmp_path / "x.png")
+    inv, made, _ = app.invert(session, args)
+    assert not made and inv is result["inversion"], "the inversion /invert makes at the page's steps: the same"

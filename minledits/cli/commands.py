@@ -29,7 +29,7 @@ from ..io.image import open_rgb, to_pil, to_tensor
 from ..io.load import DEFAULT_MODEL, DTYPES, download, dtype_name, is_flux, is_sd3, load
 from ..model import decode
 from ..tools import metrics
-from ..tools.trace import AttentionTrace, FlowTrace, Trace, side_by_side
+from ..tools.trace import AttentionTrace, FlowTrace, RFTrace, Trace, side_by_side
 from .options import (
     COMMON,
     EDIT,
@@ -689,11 +689,9 @@ def edit_record(args, sd, p: dict) -> tuple[dict, list]:
 def rf_options(args) -> list:
     """--method rf-inversion's options (rf_inversion_options, and the edit's: RF_DEFAULTS where not given) checked
     before any work. No concepts: []."""
-    if args.cmd != "edit":
-        raise MinleditsError(f"--method rf-inversion: {args.cmd} does not run it; use minledits edit (or batch)")
-    if args.trace is not None:
-        raise MinleditsError("--method rf-inversion draws no --trace (rfinversion.edit's callback gives each step's "
-                             "tensors); leave it out")
+    if args.cmd not in ("edit", "sweep"):
+        raise MinleditsError(f"--method rf-inversion: {args.cmd} does not run it; use minledits edit (or batch, "
+                             "sweep)")
     rf_inversion_options(args)
     resolve(args, [row for row in EDIT if dest(row[0], row[3]) not in RF_UNUSED])
     check_text(args)
@@ -732,24 +730,34 @@ def rf_inversion_options(args) -> None:
 def cmd_rfinversion(args, cache=None, names=OUTPUTS):
     """edit --method rf-inversion: the image inverted by RF-Inversion's controlled forward ODE (or its inversion file
     read), then edited by its controlled reverse ODE (rfinversion.py) on FLUX; every option checked before the work,
-    the PNG written last (--compare: input | edit)."""
+    the PNG written last (--compare: input | edit; --trace: tools/trace.py's RFTrace)."""
     start = time.time()
     rf_options(args)
     named = check_outputs(args, names)
     out, compare = named[0][1], next((p for key, p in named if key == "compare"), None)
+    trace_files = [p for key, p in named if key == "trace"]
     sd, inv = rf_inversion_of(args, {} if cache is None else cache)
     with all_or_none([p for _, p in named], [p for key, p in named if key == "save_inversion"]):
         if args.save_inversion is not None:
             store.save(inv, args.save_inversion)
-        with bar(args, "edit", inv.settings.steps) as b:
-            w0 = rfinversion.edit(sd, inv, prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
-                                  stop_timestep=args.stop_timestep, guidance=args.guidance,
-                                  callback=lambda *_: b.update())
-        im = decoded(args, sd, w0)
+        trace = RFTrace(sd, inv) if trace_files else None
+        im = run_rfinversion(args, sd, inv, trace)
         if compare:
             write_png(side_by_side([to_pil(inv.image)[0], im]), compare, *rf_record(args, sd, inv))
+        if trace:
+            trace.save(*trace_files)
         write_png(im, out, *rf_record(args, sd, inv))
     finish(start, f"edit: {args.input} -> {out}", sd.model_id)
+
+
+def run_rfinversion(args, sd, inv, trace=None):
+    """The picture (PIL) RF-Inversion's edit makes of inv with args' options, with progress bars: the one way the
+    command, sweep and the app run it; trace: a callback of each step too (RFTrace)."""
+    with bar(args, "edit", inv.settings.steps) as b:
+        w0 = rfinversion.edit(sd, inv, prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
+                              stop_timestep=args.stop_timestep, guidance=args.guidance,
+                              callback=lambda step: (b.update(), trace and trace(step)))
+    return decoded(args, sd, w0)
 
 
 def rf_inversion_of(args, cache: dict):

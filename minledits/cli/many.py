@@ -25,14 +25,12 @@ from .commands import (
     MODEL_OPTIONS,
     OUTPUTS,
     RF_INVERSION,
-    bar,
     check_kind,
     check_method_options,
     check_rf_model,
     clip_of,
     cmd_edit,
     concepts_of,
-    decoded,
     file_name,
     finish,
     flowedit_record,
@@ -53,6 +51,7 @@ from .commands import (
     rf_record,
     run_edit,
     run_flowedit,
+    run_rfinversion,
     save_png,
     spec,
     write_png,
@@ -258,8 +257,6 @@ def sweep_cell(args, cell):
             c.concepts = sweep.set_concept_option(c.concepts or [], int(m[1]), m[2], value)
         else:
             setattr(c, key, value)
-    if c.method == "rf-inversion":  # its options are checked as the edit's (commands.rf_options)
-        c.cmd = "edit"
     return c
 
 
@@ -475,16 +472,6 @@ def flowedit_cell(cache, c):
     options = flowedit_settings(c, sd)
     im = run_flowedit(c, sd, image, options)
     return im, to_pil(to_tensor(image, options["size"], c.keep_aspect))[0], flowedit_record(c, sd, options), 0.0
-
-
-def run_rfinversion(args, sd, inv, trace=None):
-    """The picture (PIL) RF-Inversion's edit makes of inv with args' options, with progress bars (as cmd_rfinversion
-    runs it); trace: a callback of each step too (the app's)."""
-    with bar(args, "edit", inv.settings.steps) as b:
-        w0 = rfinversion.edit(sd, inv, prompt=args.target_prompt, eta=args.eta, start_timestep=args.start_timestep,
-                              stop_timestep=args.stop_timestep, guidance=args.guidance,
-                              callback=lambda step: (b.update(), trace and trace(step)))
-    return decoded(args, sd, w0)
 
 
 def rf_cell(cache, c):

@@ -137,7 +137,8 @@ EDIT = [
     (("--save-inversion",), None, "also save the inversion of an input image", dict(metavar="INV")),
     (("--trace",), None, "write T.safetensors (every per-step tensor) and T.png (per step: x0 prediction and "
      "each concept's mask; leditspp: also its attention map and noise mask; flowedit: the target's x0 prediction and "
-     "the edit's latent)", dict(metavar="T")),
+     "the edit's latent; rf-inversion: the x0 prediction and the state after each step of its edit)",
+     dict(metavar="T")),
     (("--compare",), False, "also write OUT-compare.png: input | reconstruction | edit", BOOL)]
 # The edit options of each method (--method, the outputs: every method's); edit refuses another method's (given
 # otherwise than its default): it would be ignored without a word

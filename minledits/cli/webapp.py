@@ -36,7 +36,6 @@ from ..io import store
 from ..io.image import open_rgb, to_pil
 from ..tools.trace import AttentionTrace, RFTrace, Trace, side_by_side, tile
 from . import commands
-from .many import run_rfinversion
 from .options import COMMON, EDIT, INVERT, dest, parser, to_argv
 
 MAX_UPLOAD_MB = 50          # the largest file the page takes; a picture's pixels are limited as any (io.image)
@@ -50,6 +49,7 @@ NOT_HERE = {"flowedit": "it edits the photo itself, without an inversion"}
 RF = "rf-inversion"  # its own inversion (rfinversion.invert), made by /invert where gamma is given
 OWN = {"input", "output", "concepts", "user_mask", "save_inversion", "trace", "compare"}  # the page's own fields
 INVERSION = {dest(flags, o) for flags, _, _, o in INVERT}
+STEPS = next(default for flags, default, _, o in INVERT if dest(flags, o) == "steps")  # the steps field's default
 MODEL = [dest(flags, o) for flags, _, _, o in COMMON if flags[0] not in ("--force", "-q", "-v")]
 
 
@@ -96,12 +96,16 @@ class App:
 
     def arguments(self, photo: Path, options: dict, output: Path):
         """The Namespace of `minledits edit PHOTO -o OUTPUT --OPTION=VALUE ...` (the command's parser: its types,
-        choices and one-line usage errors), on the app's model, device and dtype."""
-        brought = INVERSION if commands.is_inversion_file(photo) else set()  # an inversion file's own settings
+        choices and one-line usage errors), on the app's model, device and dtype; the fields the method leaves to
+        its input or itself left out (an inversion file's settings; RF-Inversion's: the flow inversion's, and the
+        steps at the page's default, which run its own as the command does without --steps)."""
+        left = INVERSION if commands.is_inversion_file(photo) else set()  # an inversion file's own settings
         if options.get("method") == RF or options.get("gamma") not in (None, ""):  # the flow inversion's fields
-            brought = brought | set(commands.RF_UNUSED)
+            left = left | set(commands.RF_UNUSED)
+            if options.get("steps") == STEPS:  # the page's default: RF-Inversion's own, as the command without --steps
+                left = left | {"steps"}
         given = {k: v for k, v in options.items() if v is not None and v != "" and k not in ("concepts", "user_mask")
-                 and k not in brought}
+                 and k not in left}
         concepts = [line.strip() for line in (options.get("concepts") or "").splitlines() if line.strip()]
         argv = ["edit", str(photo), "-o", str(output), *to_argv(given), *[f"--concept={c}" for c in concepts]]
         args = parser().parse_args(argv)
@@ -201,7 +205,7 @@ class App:
             stop(session)
             progress(next(count), len(inv.zs), "reconstruct")
         if args.method == RF:  # its edit, as the command's; --compare: input | edit, as the command's
-            im, recon = run_rfinversion(args, self.sd, inv, traced), None
+            im, recon = commands.run_rfinversion(args, self.sd, inv, traced), None
             record, argv = commands.rf_record(args, self.sd, inv)
             save = partial(commands.write_png, record=record, argv=argv)
         else:
