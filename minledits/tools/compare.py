@@ -91,26 +91,16 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
                                                  target_guidance=target_guidance)
     else:
         left_out[plain] = "it edits by the target prompt alone: give --target-prompt"
-    if sampler == "flow" and guidance_embeds is False:
-        left_out["flowedit"] = NO_EMBEDDING
-    elif sampler == "flow" and source_prompt and target_prompt:
-        run["flowedit"] = lambda sd, inv: flowedit.edit(sd, to_pil(inv.image)[0], **flowedit_options(
-            inv, target_prompt, target_guidance, pp.get("negative_prompt", ""), guidance_embeds,
-            **(flow_options or {})))
-    elif sampler == "flow":
-        left_out["flowedit"] = ("it edits from the source prompt to the target prompt: give --source-prompt (to the "
-                                "inversion) and --target-prompt")
+    if sampler == "flow":
+        more, why = flow_edits(source_prompt, target_prompt, target_guidance, pp.get("negative_prompt", ""),
+                               flow_options or {}, guidance_embeds, rf_options or {})
+        run.update(more)
+        left_out.update(why)
     elif source_prompt and target_prompt:
         run[with_p2p] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, **p2p_options)
     else:
         left_out[with_p2p] = ("it maps the source prompt's words to the target's: give --source-prompt and "
                               "--target-prompt")
-    if sampler == "flow":
-        left_out["flow+p2p"] = P2P_ON_FLOW
-    if guidance_embeds is not None and target_prompt:
-        run["rf-inversion"] = lambda sd, inv: rf_edit(sd, inv, target_prompt, rf_options or {})
-    elif guidance_embeds is not None:
-        left_out["rf-inversion"] = "it edits towards the target prompt: give --target-prompt"
     if concepts:
         run["ledits"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
                                                     target_guidance=target_guidance, concepts=concepts,
@@ -118,6 +108,26 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
         run["leditspp"] = lambda sd, inv: leditspp.edit(sd, inv, concepts=pp_concepts, **pp)
     else:
         left_out.update(ledits="it needs concepts: give -e", leditspp="it needs concepts: give -e")
+    return run, left_out
+
+
+def flow_edits(source_prompt: str, target_prompt: str, target_guidance: float, negative_prompt: str,
+               flow_options: dict, guidance_embeds: bool | None, rf_options: dict) -> tuple[dict, dict]:
+    """method_edits' panels of a flow inversion besides LEDITS': FlowEdit (from the inversion's picture, no
+    inversion; not on FLUX.1-schnell) and, on FLUX.1, RF-Inversion (its own inversion of that picture)."""
+    run, left_out = {}, {"flow+p2p": P2P_ON_FLOW}
+    if guidance_embeds is False:
+        left_out["flowedit"] = NO_EMBEDDING
+    elif source_prompt and target_prompt:
+        run["flowedit"] = lambda sd, inv: flowedit.edit(sd, to_pil(inv.image)[0], **flowedit_options(
+            inv, target_prompt, target_guidance, negative_prompt, guidance_embeds, **flow_options))
+    else:
+        left_out["flowedit"] = ("it edits from the source prompt to the target prompt: give --source-prompt (to the "
+                                "inversion) and --target-prompt")
+    if guidance_embeds is not None and target_prompt:
+        run["rf-inversion"] = lambda sd, inv: rf_edit(sd, inv, target_prompt, rf_options)
+    elif guidance_embeds is not None:
+        left_out["rf-inversion"] = "it edits towards the target prompt: give --target-prompt"
     return run, left_out
 
 
