@@ -264,9 +264,11 @@ def test_rf_inversion_in_the_app(dev, photo, tmp_path):
     argv = ["--method", "rf-inversion", "--source-prompt", "a cat", "--target-prompt", "a dog", "--steps", "6",
             "--size", "64", "--eta", "0.5", "--compare"]
     assert minledits.cli.main(["edit", str(photo), "-o", str(tmp_path / "cli.png"), "--model", str(dev), "-q",
-                               *argv]) == 0
+                               *argv, "--trace", str(tmp_path / "cli-trace")]) == 0
     assert np.array_equal(pixels(result["png"]), pixels(tmp_path / "cli.png"))
     assert np.array_equal(pixels(result["compare"]), pixels(tmp_path / "cli-compare.png"))
+    page_trace, cli_trace = load_file(app.files(session)[2]), load_file(tmp_path / "cli-trace.safetensors")
+    assert page_trace.keys() == cli_trace.keys() and all(page_trace[k].equal(cli_trace[k]) for k in cli_trace)
     again = app.edit(session, photo, dict(options, eta=1.0))
     assert not again["inverted"], "another eta reuses the inversion"
     png, inv, tensors, _ = app.files(session)
