@@ -6,11 +6,13 @@
     minledits.decode(sd, w0).save("edited.png")
 
 Reading order (each file opens with its notation): schedule -> sampler -> inversion -> sega -> ledits, then the other
-methods, leditspp (LEDITS++) and p2p (Prompt-to-Prompt); model (what the methods call: predict, encode, decode) and
+methods, leditspp (LEDITS++) and p2p (Prompt-to-Prompt), and for rectified flows (SD3, FLUX) flowmatch, flowedit
+(FlowEdit) and rfinversion (RF-Inversion); model (what the methods call: predict, encode, decode) and
 parity (what exists only to match a reference's rounding or to save work). The support sits below: nets/ (the
 networks), io/ (models, inversion files, pictures), tools/ (traces, sweeps, comparisons, metrics), cli/ (the command).
 """
-from . import dpmsolver, ledits, leditspp, p2p, parity  # dpmsolver: adds "dpmsolver++" to sampler.SAMPLERS
+# dpmsolver and flowmatch add "dpmsolver++" and "flow" to sampler.SAMPLERS
+from . import dpmsolver, flowedit, flowmatch, ledits, leditspp, p2p, parity, rfinversion
 from .errors import InversionError, InversionFileError, LoadError, MinleditsError, SingleFileError
 from .inversion import Inversion, InversionSettings, invert
 from .io.load import load
@@ -20,4 +22,5 @@ from .sega import Concept, Guidance, SegaParams, sega
 
 __all__ = ["load", "StableDiffusion", "invert", "Inversion", "InversionSettings", "edit", "decode", "EditStep",
            "Concept", "sega", "SegaParams", "Guidance", "MinleditsError", "LoadError", "SingleFileError",
-           "InversionError", "InversionFileError", "dpmsolver", "ledits", "leditspp", "p2p", "parity"]
+           "InversionError", "InversionFileError", "dpmsolver", "flowedit", "flowmatch", "ledits", "leditspp", "p2p",
+           "parity", "rfinversion"]

@@ -5,6 +5,8 @@ machine name."""
 import ast
 import io
 import re
+import subprocess
+import sys
 import tokenize
 from pathlib import Path
 
@@ -196,3 +198,13 @@ def test_no_package_docstring_or_comment_holds_a_benchmark_figure_or_a_machine_n
 def test_the_banned_words_are_found_where_they_are():
     text = 'def f():\n    """2x faster on an H100."""\n    return "earlier"  # Xeon\n'
     assert [BANNED.search(t).group() for t in docstrings_and_comments(text)] == ["2x faster", "Xeon"]
+
+
+def test_every_method_module_is_an_attribute_of_the_package():
+    """`import minledits` alone makes minledits.<method>.edit work for every method module the docs name, and
+    registers every sampler (a fresh interpreter: other tests have imported the modules already)."""
+    code = ("import minledits; from minledits.sampler import SAMPLERS; "
+            "assert all(callable(getattr(minledits, m).edit) for m in ('ledits', 'leditspp', 'p2p', 'flowedit', "
+            "'rfinversion')); assert callable(minledits.rfinversion.invert); "
+            "assert set(SAMPLERS) == {'ddpm', 'ddim', 'dpmsolver++', 'flow'}, SAMPLERS")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
