@@ -26,10 +26,9 @@ import torch
 
 from .errors import MinleditsError
 from .flowmatch import flow_config
-from .model import StableDiffusion
 from .nets.clip import eos_positions
 from .nets.flux import image_ids, pack, text_ids, unpack
-from .sd3 import StableDiffusion3, t5_hidden
+from .sd3 import RectifiedFlow, t5_hidden
 
 T5_TOKENS = 512         # FluxPipeline's max_sequence_length: T5's tokens in c
 PATCH = 16              # a picture's sides are multiples of it: the VAE's 8 x the 2 x 2 patches
@@ -41,32 +40,16 @@ def schedule_of(config: dict) -> dict:
     return flow_config({**config, "uniform_sigmas": True})
 
 
-@dataclass
-class Flux:
-    """FLUX.1-dev or -schnell: CLIP-L (pooled) and T5 with their tokenizers, the transformer and the 16-channel VAE,
-    the flow-matching scheduler config, on one device in one dtype (the module docstring)."""
+@dataclass(kw_only=True)
+class Flux(RectifiedFlow):
+    """FLUX.1-dev or -schnell: CLIP-L (pooled) and T5 with their tokenizers, the transformer (nets/flux.py: (X, tau, c,
+    pooled, img_ids, txt_ids, g) -> V; .guidance_embeds) and the 16-channel VAE, the flow-matching scheduler config
+    (schedule_of: FlowEuler takes it with the image's tokens), on one device in one dtype (the module docstring)."""
     tokenizer: Callable              # CLIP-L: prompts -> ids [B, 77], padded with <|endoftext|>  (nets/tokenizer.py)
     text_encoder: torch.nn.Module    # CLIP-L without projection                                  (nets/clip.py)
     tokenizer_2: Callable            # T5: prompts -> (ids [B, 512], mask)                         (nets/t5.py)
     text_encoder_2: torch.nn.Module  # T5 encoder: ids -> [B, 512, 4096]
-    transformer: torch.nn.Module     # (X, tau, c, pooled, img_ids, txt_ids, g) -> V; .config, .guidance_embeds
-    vae: torch.nn.Module             # as SD3's: 16 channels, .shift_factor                        (nets/vae.py)
-    schedule: dict                   # schedule_of(scheduler_config.json) (FlowEuler takes it, with the image's tokens)
-    model_id: str
-    fingerprint: str
-    device: torch.device
-    dtype: torch.dtype
-    text_offloaded: bool = False     # offload_text: the text encoders live on the CPU
-    default_size = 1024
     default_guidance = 3.5           # FluxPipeline's guidance_scale: g when predict is given none (dev)
-    latent_scale = StableDiffusion.latent_scale
-    unet = StableDiffusion3.unet
-    prediction_type = StableDiffusion3.prediction_type
-    encode = StableDiffusion3.encode
-    decode = StableDiffusion3.decode
-    offload_text = StableDiffusion3.offload_text
-    text_swapped_in = StableDiffusion3.text_swapped_in
-    _move = StableDiffusion3._move
 
     @property
     def guidance_embeds(self) -> bool:
@@ -78,7 +61,7 @@ class Flux:
         if height % PATCH or width % PATCH:
             raise MinleditsError(f"{width}x{height} px does not fit FLUX.1: both sides must be multiples of {PATCH} "
                                  f"(the VAE's factor 8 times its 2 x 2 patches)")
-        StableDiffusion.check_fits(self, height, width)
+        super().check_fits(height, width)
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2]

@@ -91,8 +91,7 @@ def check_model(sd) -> None:
 
 def posterior_sample(sd, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """y_0 = f (mu_E(x) + s_E(x) eps - shift) in the model's dtype (the VAE's moments: mean, then log-variance)."""
-    moments = sd.vae.quant_conv(sd.vae.encoder(x.to(sd.device, sd.vae.conv_dtype)))
-    mean, logvar = moments.chunk(2, dim=1)
+    mean, logvar = sd.vae.moments(x.to(sd.device, sd.vae.conv_dtype))
     sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps.to(mean)
     return ((sample - sd.vae.shift_factor) * sd.vae.scaling_factor).to(sd.dtype)
 

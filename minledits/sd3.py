@@ -42,17 +42,12 @@ def t5_hidden(tokenizer, encoder: torch.nn.Module, prompts: list[str], device) -
     return encoder(tokenizer(prompts)[0].to(device))
 
 
-@dataclass
-class StableDiffusion3:
-    """SD3 / SD3.5: three tokenizers and text encoders (the T5 pair None when loaded without T5), the MMDiT and the
-    16-channel VAE, the flow-matching scheduler config, on one device in one dtype (the module docstring)."""
-    tokenizer: Callable              # CLIP-L: prompts -> ids [B, 77], padded with <|endoftext|>  (nets/tokenizer.py)
-    text_encoder: torch.nn.Module    # CLIP-L with projection: .penultimate_and_pooled            (nets/clip.py)
-    tokenizer_2: Callable            # CLIP-G: padded with "!"
-    text_encoder_2: torch.nn.Module  # CLIP-G with projection
-    tokenizer_3: Callable | None     # T5: prompts -> (ids [B, 256], mask)                         (nets/t5.py)
-    text_encoder_3: torch.nn.Module | None   # T5 encoder: ids -> [B, 256, 4096]
-    transformer: torch.nn.Module     # (x_t, t, c, pooled) -> v; .config, .attention_controller     (nets/mmdit.py)
+@dataclass(kw_only=True)
+class RectifiedFlow:
+    """What SD3 and FLUX.1 share: the transformer and the 16-channel VAE, the flow-matching scheduler config, on one
+    device in one dtype; encode / decode with the VAE's shift, and the text encoders' offloading. A subclass adds its
+    text encoders (text_encoders lists them), text_embeddings and predict."""
+    transformer: torch.nn.Module     # (x_t, t, c, ...) -> v; .config, .attention_controller (nets/mmdit, nets/flux)
     vae: torch.nn.Module             # as StableDiffusion's, with .shift_factor                    (nets/vae.py)
     schedule: dict                   # scheduler_config.json through flowmatch.flow_config (FlowEuler takes it)
     model_id: str
@@ -72,6 +67,58 @@ class StableDiffusion3:
     @property
     def prediction_type(self) -> str:
         return "flow"
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """w0 = f (E(x) - s) for images x [B, 3, H, W] in [-1, 1], in the model's dtype."""
+        w0 = (self.vae.encode(x.to(self.device, self.vae.conv_dtype)) - self.vae.shift_factor) * self.vae.scaling_factor
+        return w0.to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """D(w0 / f + s): images [B, 3, H, W] in about [-1, 1], in the VAE's dtype."""
+        w = latents.to(self.device, self.vae.conv_dtype) / self.vae.scaling_factor + self.vae.shift_factor
+        return self.vae.decode(w)
+
+    def offload_text(self) -> None:
+        """Keep the text encoders on the CPU (T5-XXL: SD3's is 10.7 GiB in fp16, its wo in fp32): text_embeddings
+        swaps them with the transformer for its call, so the device never holds both."""
+        self._move(self.text_encoders(), "cpu")
+        self.text_offloaded = True
+
+    @contextlib.contextmanager
+    def text_swapped_in(self):
+        """After offload_text, within: the transformer on the CPU, then the text encoders on the model's device;
+        after: the other way round (each leaves before the other arrives). Otherwise nothing moves."""
+        if not self.text_offloaded:
+            yield
+            return
+        self._move([self.transformer], "cpu")
+        self._move(self.text_encoders(), self.device)
+        try:
+            yield
+        finally:
+            self._move(self.text_encoders(), "cpu")
+            self._move([self.transformer], self.device)
+
+    def _move(self, modules: list[torch.nn.Module], device) -> None:
+        for m in modules:
+            m.to(device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()       # what left is free for what comes
+
+
+@dataclass(kw_only=True)
+class StableDiffusion3(RectifiedFlow):
+    """SD3 / SD3.5: three tokenizers and text encoders (the T5 pair None when loaded without T5), the MMDiT and the
+    16-channel VAE, the flow-matching scheduler config, on one device in one dtype (the module docstring)."""
+    tokenizer: Callable              # CLIP-L: prompts -> ids [B, 77], padded with <|endoftext|>  (nets/tokenizer.py)
+    text_encoder: torch.nn.Module    # CLIP-L with projection: .penultimate_and_pooled            (nets/clip.py)
+    tokenizer_2: Callable            # CLIP-G: padded with "!"
+    text_encoder_2: torch.nn.Module  # CLIP-G with projection
+    tokenizer_3: Callable | None     # T5: prompts -> (ids [B, 256], mask)                         (nets/t5.py)
+    text_encoder_3: torch.nn.Module | None   # T5 encoder: ids -> [B, 256, 4096]
 
     def text_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(c [B, 77 + 256, D], pooled [B, P]) (module docstring), in the model's dtype on its device. A prompt
@@ -95,42 +142,5 @@ class StableDiffusion3:
         context, counts = collapse(c[0])
         return self.transformer(x, t, context, c[1], counts)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """w0 = f (E(x) - s) for images x [B, 3, H, W] in [-1, 1], in the model's dtype."""
-        w0 = (self.vae.encode(x.to(self.device, self.vae.conv_dtype)) - self.vae.shift_factor) * self.vae.scaling_factor
-        return w0.to(self.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """D(w0 / f + s): images [B, 3, H, W] in about [-1, 1], in the VAE's dtype."""
-        w = latents.to(self.device, self.vae.conv_dtype) / self.vae.scaling_factor + self.vae.shift_factor
-        return self.vae.decode(w)
-
-    def offload_text(self) -> None:
-        """Keep the text encoders on the CPU (T5-XXL: SD3's is 10.7 GiB in fp16, its wo in fp32): text_embeddings
-        swaps them with the transformer for its call, so the device never holds both."""
-        self._move(self.text_encoders(), "cpu")
-        self.text_offloaded = True
-
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
-
-    @contextlib.contextmanager
-    def text_swapped_in(self):
-        """After offload_text, within: the transformer on the CPU, then the text encoders on the model's device;
-        after: the other way round (each leaves before the other arrives). Otherwise nothing moves."""
-        if not self.text_offloaded:
-            yield
-            return
-        self._move([self.transformer], "cpu")
-        self._move(self.text_encoders(), self.device)
-        try:
-            yield
-        finally:
-            self._move(self.text_encoders(), "cpu")
-            self._move([self.transformer], self.device)
-
-    def _move(self, modules: list[torch.nn.Module], device) -> None:
-        for m in modules:
-            m.to(device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()       # what left is free for what comes

@@ -520,15 +520,14 @@ def _sd3_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked
         if not (tokenizer_json := path / "tokenizer_3" / "tokenizer.json").is_file():
             raise LoadError(f"{path} has no tokenizer_3/tokenizer.json (T5's tokenizer): load it with t5=False "
                             "(the command line's --no-t5) to run without T5")
-        try:
-            tokenizer_3 = t5.T5Tokenizer(tokenizer_json)
-        except Exception as e:  # a malformed tokenizer.json
-            raise LoadError(f"{tokenizer_json} cannot be read ({type(e).__name__}: {e})") from None
+        tokenizer_3 = t5_tokenizer(tokenizer_json, t5.SD3_MAX_LENGTH)
         files.append(tokenizer_json)
-    return StableDiffusion3(tokenizers[0], nets["text_encoder"], tokenizers[1], nets["text_encoder_2"], tokenizer_3,
-                            nets.get("text_encoder_3"), nets["transformer"], nets["vae"], schedule, model_id,
-                            (sha or content_hash([p for p in files if p.is_file()])) + ("" if t5_asked else "-no-t5"),
-                            device, dtype, offload_text)
+    fingerprint = (sha or content_hash([p for p in files if p.is_file()])) + ("" if t5_asked else "-no-t5")
+    return StableDiffusion3(tokenizer=tokenizers[0], text_encoder=nets["text_encoder"], tokenizer_2=tokenizers[1],
+                            text_encoder_2=nets["text_encoder_2"], tokenizer_3=tokenizer_3,
+                            text_encoder_3=nets.get("text_encoder_3"), transformer=nets["transformer"], vae=nets["vae"],
+                            schedule=schedule, model_id=model_id, fingerprint=fingerprint, device=device, dtype=dtype,
+                            text_offloaded=offload_text)
 
 
 def _flux_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_asked: bool, offload_text: bool) -> Flux:
@@ -545,15 +544,23 @@ def _flux_folder(path: Path, model_id: str, sha, variant, dtype, device, t5_aske
                                 FLUX_CLASSES)
     scheduler, schedule = flow_schedule(path, schedule_of)
     tokenizer = folder_tokenizer(path, read_json(path / "text_encoder" / "config.json"))
-    try:
-        tokenizer_2 = t5.T5Tokenizer(tokenizer_json, T5_TOKENS)
-    except Exception as e:  # a malformed tokenizer.json
-        raise LoadError(f"{tokenizer_json} cannot be read ({type(e).__name__}: {e})") from None
+    tokenizer_2 = t5_tokenizer(tokenizer_json, T5_TOKENS)
     files += [scheduler, path / "model_index.json", tokenizer_json] + \
         [p for n in TOKENIZER_FILES if (p := path / "tokenizer" / n).is_file()]
-    return Flux(tokenizer, nets["text_encoder"], tokenizer_2, nets["text_encoder_2"], nets["transformer"], nets["vae"],
-                schedule, model_id, sha or content_hash([p for p in files if p.is_file()]), device, dtype,
-                offload_text)
+    fingerprint = sha or content_hash([p for p in files if p.is_file()])
+    return Flux(tokenizer=tokenizer, text_encoder=nets["text_encoder"], tokenizer_2=tokenizer_2,
+                text_encoder_2=nets["text_encoder_2"], transformer=nets["transformer"], vae=nets["vae"],
+                schedule=schedule, model_id=model_id, fingerprint=fingerprint, device=device, dtype=dtype,
+                text_offloaded=offload_text)
+
+
+def t5_tokenizer(tokenizer_json: Path, max_length: int) -> t5.T5Tokenizer:
+    """T5's tokenizer from its tokenizer.json, padding / truncating to max_length tokens; a malformed file refused in
+    one line (LoadError)."""
+    try:
+        return t5.T5Tokenizer(tokenizer_json, max_length)
+    except Exception as e:
+        raise LoadError(f"{tokenizer_json} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def text_where(networks: tuple, device: torch.device, offload_text: bool) -> dict:

@@ -129,10 +129,13 @@ class VAE(nn.Module):
         """The dtype the VAE computes in (its weights')."""
         return self.decoder.conv_in.weight.dtype
 
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's (mean, log-variance), each [B, latent_channels, h, w]."""
+        return self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Posterior mean E(x): the first half of the moments (the second half is the log-variance)."""
-        moments = self.quant_conv(self.encoder(images))
-        return moments[:, : moments.shape[1] // 2]
+        """Posterior mean E(x)."""
+        return self.moments(images)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(latents))
