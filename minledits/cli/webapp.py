@@ -189,10 +189,7 @@ class App:
         start = time.time()
         mask = None if picture is None else commands.user_mask_of(args, picture, inv)
         idle = ledits.idle(concepts or [], len(inv.zs))
-        trace = AttentionTrace(self.sd, inv, p2p.word_positions(self.sd.tokenizer, args.target_prompt)) \
-            if args.method == "p2p" else RFTrace(self.sd, inv) if args.method == RF else Trace(self.sd, inv)
-        labels = [w for w, _ in trace.words] if args.method == "p2p" else \
-            [("-" if c.reverse else "") + c.prompt for c in concepts or []]
+        trace, labels = self.trace_of(args, inv, concepts)
 
         def traced(st):  # each edit step: kept, counted, and the place where Cancel stops the work
             stop(session)
@@ -204,14 +201,7 @@ class App:
         def counted(st):
             stop(session)
             progress(next(count), len(inv.zs), "reconstruct")
-        if args.method == RF:  # its edit, as the command's; --compare: input | edit, as the command's
-            im, recon = commands.run_rfinversion(args, self.sd, inv, traced), None
-            record, argv = commands.rf_record(args, self.sd, inv)
-            save = partial(commands.write_png, record=record, argv=argv)
-        else:
-            im = commands.run_edit(args, self.sd, inv, args.target_prompt, concepts or [], traced, "edit", mask)
-            recon = commands.run_edit(args, self.sd, inv, "", [], counted, "reconstruct") if args.compare else None
-            save = partial(commands.save_png, args=args, sd=self.sd, inv=inv, concepts=concepts, idle=idle)
+        im, recon, save = self.pictures(args, inv, concepts, mask, idle, traced, counted)
         edit_s = time.time() - start
         save(im, args.output)
         result = dict(inversion=inv, inverted=inverted, invert_s=invert_s, edit_s=edit_s, png=args.output,
@@ -222,6 +212,27 @@ class App:
         session["last"] = dict(png=Path(args.output), inversion=inv, trace=trace,
                                concepts=[commands.spec(c) for c in concepts])
         return result
+
+    def trace_of(self, args, inv, concepts) -> tuple:
+        """(the edit's trace, the labels of its masks): Prompt-to-Prompt's words, or the concepts (RF-Inversion's:
+        none)."""
+        if args.method == "p2p":
+            trace = AttentionTrace(self.sd, inv, p2p.word_positions(self.sd.tokenizer, args.target_prompt))
+            return trace, [w for w, _ in trace.words]
+        trace = RFTrace(self.sd, inv) if args.method == RF else Trace(self.sd, inv)
+        return trace, [("-" if c.reverse else "") + c.prompt for c in concepts or []]
+
+    def pictures(self, args, inv, concepts, mask, idle, traced, counted) -> tuple:
+        """(the edit, the reconstruction or None, save(picture, path)) as the command makes and writes them:
+        RF-Inversion's edit (--compare: input | edit) or the other methods' (--compare: input | reconstruction |
+        edit); traced / counted: the edit's and the reconstruction's step callbacks."""
+        if args.method == RF:
+            im = commands.run_rfinversion(args, self.sd, inv, traced)
+            record, argv = commands.rf_record(args, self.sd, inv)
+            return im, None, partial(commands.write_png, record=record, argv=argv)
+        im = commands.run_edit(args, self.sd, inv, args.target_prompt, concepts or [], traced, "edit", mask)
+        recon = commands.run_edit(args, self.sd, inv, "", [], counted, "reconstruct") if args.compare else None
+        return im, recon, partial(commands.save_png, args=args, sd=self.sd, inv=inv, concepts=concepts, idle=idle)
 
 
 def choices_for(sd, key: str, choices) -> list:
