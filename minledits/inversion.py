@@ -229,6 +229,21 @@ def with_zero_noise_steps(s: InversionSettings, sd: StableDiffusion) -> Inversio
     return replace(s, zero_noise_steps=min(n, s.steps - s.skip))
 
 
+def settings_of(sd: StableDiffusion, settings: InversionSettings | None, fields: dict) -> InversionSettings:
+    """invert's settings (an InversionSettings and/or its fields; the size sd.default_size where neither gives it),
+    checked against the model, zero_noise_steps decided (with_zero_noise_steps)."""
+    if settings is not None and not isinstance(settings, InversionSettings):
+        raise TypeError(f"invert's settings must be an InversionSettings, got {type(settings).__name__}")
+    s = replace(settings, **fields) if settings else InversionSettings(**{"size": sd.default_size, **fields})
+    if not takes(SAMPLERS[s.sampler], sd.prediction_type):
+        fits = [name for name, kind in SAMPLERS.items() if takes(kind, sd.prediction_type)]
+        raise ValueError(f"the {s.sampler} sampler does not work on this model (it predicts {sd.prediction_type}); "
+                         f"use {' or '.join(fits) or 'another model'}")
+    if s.gamma is not None:
+        raise ValueError("gamma is RF-Inversion's: invert with rfinversion.invert for it")
+    return with_zero_noise_steps(s, sd)
+
+
 @torch.inference_mode()
 def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None, *, batch_size: int = BATCH_SIZE,
            callback=None, **fields) -> Inversion:
@@ -248,16 +263,7 @@ def invert(sd: StableDiffusion, image, settings: InversionSettings | None = None
     """
     if not (type(batch_size) is int and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {shorten(batch_size)}")
-    if settings is not None and not isinstance(settings, InversionSettings):
-        raise TypeError(f"invert's settings must be an InversionSettings, got {type(settings).__name__}")
-    s = replace(settings, **fields) if settings else InversionSettings(**{"size": sd.default_size, **fields})
-    if not takes(SAMPLERS[s.sampler], sd.prediction_type):
-        fits = [name for name, kind in SAMPLERS.items() if takes(kind, sd.prediction_type)]
-        raise ValueError(f"the {s.sampler} sampler does not work on this model (it predicts {sd.prediction_type}); "
-                         f"use {' or '.join(fits) or 'another model'}")
-    if s.gamma is not None:
-        raise ValueError("gamma is RF-Inversion's: invert with rfinversion.invert for it")
-    s = with_zero_noise_steps(s, sd)
+    s = settings_of(sd, settings, fields)
     sd.check_fits(s.size, s.size)
     x = to_tensor(image, s.size, s.keep_aspect)
     sampler = s.new_sampler(sd.schedule, tuple(d // sd.latent_scale for d in x.shape[-2:]))  # refuses N > T
