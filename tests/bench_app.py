@@ -2,12 +2,14 @@
 in this process (`cmd_edit`, the model and the inversion in its cache) and from the command as a user runs it (a new
 process editing the photo's inversion file: start, load, edit), alternating.
 
-    python -m tests.bench_app                                   # random-tiny, 64 px, 100 steps, skip 36
-    python -m tests.bench_app --model FOLDER --size 256 --steps 20 --skip 6 --repeat 3
+    python -m tests.bench_app                          # random-tiny, 256 px, 100 steps, skip 36
+    python -m tests.bench_app --sd15 1                 # and, in the same run, the SD 1.5 architecture (random
+                                                       # weights, tests.bench's folder) at 256 px, 20 steps, skip 6
+    python -m tests.bench_app --model FOLDER --size 512 --steps 20 --skip 6
 
-Both run PyTorch on one thread (the server as tests/app_server starts it; this process sets it), edit
-examples/photo.jpg with two concepts, and must give the same pixels. Prints the median seconds of each and the
-app's share on top of each. The first edit of each (the inversion, the model's warm-up) is not timed.
+All run PyTorch on one thread (the server as tests/app_server starts it; this process sets it), edit
+examples/photo.jpg with two concepts, and must give the same pixels. Prints, per model, the median seconds of each
+and the app's share on top of each. The first edit of each (the inversion, the model's warm-up) is not timed.
 """
 import argparse
 import os
@@ -34,21 +36,31 @@ CONCEPTS = ["glasses", "-beard"]
 def main():
     a = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a.add_argument("--model", default="random-tiny")
-    a.add_argument("--size", type=int, default=64)
+    a.add_argument("--size", type=int, default=256)
     a.add_argument("--steps", type=int, default=100)
     a.add_argument("--skip", type=int, default=36)
-    a.add_argument("--repeat", type=int, default=15)
+    a.add_argument("--repeat", type=int, default=5)
+    a.add_argument("--sd15", type=int, default=0, metavar="REPEAT",
+                   help="then the SD 1.5 architecture at --size, 20 steps, skip 6, REPEAT times (~4 min each)")
     o = a.parse_args()
-    import gradio_client  # the app's test extra
     torch.set_num_threads(1)
-    options = ["--model", o.model, "--size", str(o.size), "--steps", str(o.steps), "--skip", str(o.skip)]
-    with tempfile.TemporaryDirectory() as folder, running(Path(folder), "--model", o.model) as server:
+    measure(o.model, o.size, o.steps, o.skip, o.repeat)
+    if o.sd15:
+        from tests.bench import model_folder
+        measure(str(model_folder("sd15")), o.size, 20, 6, o.sd15, "SD 1.5 architecture (random weights)")
+
+
+def measure(model: str, size: int, steps: int, skip: int, repeat: int, name: str = ""):
+    """The three ways alternating, repeat times each after one untimed edit; prints one line of medians."""
+    import gradio_client  # the app's test extra
+    options = ["--model", model, "--size", str(size), "--steps", str(steps), "--skip", str(skip)]
+    with tempfile.TemporaryDirectory() as folder, running(Path(folder), "--model", model) as server:
         client = gradio_client.Client(server.url, verbose=False, download_files=str(Path(folder) / "downloads"))
         cli_png, cache = Path(folder) / "cli.png", {}
 
         def by_app():
-            return client.predict(photo=gradio_client.handle_file(str(PHOTO)), api_name="/edit", size=str(o.size),
-                                  steps=o.steps, skip=str(o.skip), concepts="\n".join(CONCEPTS))[1]
+            return client.predict(photo=gradio_client.handle_file(str(PHOTO)), api_name="/edit", size=str(size),
+                                  steps=steps, skip=str(skip), concepts="\n".join(CONCEPTS))[1]
 
         def by_command():
             argv = ["edit", str(PHOTO), "-o", str(cli_png), "--force", "-q", *options,
@@ -59,7 +71,7 @@ def main():
 
         def by_process():
             subprocess.run([sys.executable, "-m", "minledits", "edit", str(inv), "-o", str(cli_png), "--force", "-q",
-                            "--model", o.model, *(f"--concept={c}" for c in CONCEPTS)], check=True,
+                            "--model", model, *(f"--concept={c}" for c in CONCEPTS)], check=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
 
         app_png = by_app()
@@ -69,14 +81,14 @@ def main():
         same = np.array_equal(np.asarray(Image.open(app_png).convert("RGB")),
                               np.asarray(Image.open(cli_png).convert("RGB")))
         times = {"command": [], "app": [], "process": []}
-        for _ in range(o.repeat):
-            for name, fn in (("command", by_command), ("app", by_app), ("process", by_process)):
+        for _ in range(repeat):
+            for way, fn in (("command", by_command), ("app", by_app), ("process", by_process)):
                 start = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                times[way].append(time.perf_counter() - start)
     c, p, q = (statistics.median(times[k]) for k in ("command", "app", "process"))
-    print(f"{o.model}, {o.size} px, {o.steps} steps, skip {o.skip}, {len(CONCEPTS)} concepts, 1 thread, "
-          f"median of {o.repeat} alternating runs")
+    print(f"{name or model}, {size} px, {steps} steps, skip {skip}, {len(CONCEPTS)} concepts, 1 thread, "
+          f"median of {repeat} alternating runs")
     print(f"  command in this process {c:.3f} s   app {p:.3f} s ({(p / c - 1) * 100:+.1f}%)   "
           f"command as a process {q:.3f} s (the app {(p / q - 1) * 100:+.1f}%)   same pixels: {same}")
 
