@@ -11,8 +11,8 @@ methods, leditspp (LEDITS++) and p2p (Prompt-to-Prompt), and for rectified flows
 parity (what exists only to match a reference's rounding or to save work). The support sits below: nets/ (the
 networks), io/ (models, inversion files, pictures), tools/ (traces, sweeps, comparisons, metrics), cli/ (the command).
 """
-# dpmsolver and flowmatch add "dpmsolver++" and "flow" to sampler.SAMPLERS
-from . import dpmsolver, flowedit, flowmatch, ledits, leditspp, p2p, parity, rfinversion
+# ddim, dpmsolver and flowmatch add "ddim", "dpmsolver++" and "flow" to sampler.SAMPLERS
+from . import ddim, dpmsolver, flowedit, flowmatch, ledits, leditspp, p2p, parity, rfinversion
 from .errors import InversionError, InversionFileError, LoadError, MinleditsError, SingleFileError
 from .inversion import Inversion, InversionSettings, invert
 from .io.load import load
@@ -22,5 +22,5 @@ from .sega import Concept, Guidance, SegaParams, sega
 
 __all__ = ["load", "StableDiffusion", "invert", "Inversion", "InversionSettings", "edit", "decode", "EditStep",
            "Concept", "sega", "SegaParams", "Guidance", "MinleditsError", "LoadError", "SingleFileError",
-           "InversionError", "InversionFileError", "dpmsolver", "flowedit", "flowmatch", "ledits", "leditspp", "p2p",
-           "parity", "rfinversion"]
+           "InversionError", "InversionFileError", "ddim", "dpmsolver", "flowedit", "flowmatch", "ledits", "leditspp",
+           "p2p", "parity", "rfinversion"]

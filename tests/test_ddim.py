@@ -15,9 +15,10 @@ from PIL import Image
 
 import minledits
 from minledits import InversionSettings, ledits, p2p
+from minledits.ddim import DDIM
 from minledits.io import store
 from minledits.io.image import to_tensor
-from minledits.sampler import DDIM, SAMPLERS
+from minledits.sampler import SAMPLERS
 from minledits.schedule import Schedule
 from tests import hub, oracle, oracle_ddim, oracle_p2p, reconstruction
 from tests.helpers import SIZE, N, deep, photo, run

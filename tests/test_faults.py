@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import minledits
 from minledits import Concept, InversionError, InversionFileError, MinleditsError
+from minledits.cli import commands
 from minledits.io import store
 from minledits.io.image import to_tensor
 from tests.helpers import SIZE, SKIP, N, photo
@@ -182,7 +183,7 @@ def test_nan_in_an_inversion_file_is_refused(inv1, tmp_path):
     three = {"xts": inv1.xts[:, :3].contiguous(), "zs": inv1.zs[:, :3].contiguous()}
     inv = store.load(tampered(inv1, tmp_path, "three.safetensors", tensors=three))  # consistent, but 3 channels:
     with pytest.raises(InversionError, match="3-channel"):                        # refused by the model
-        store.check_made_with(inv, minledits.load(inv1.model_id))
+        commands.check_made_with(inv, minledits.load(inv1.model_id))
 
 
 def test_in_memory_inversions_are_checked_too(sd1, inv1, no_unet):

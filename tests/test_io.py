@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import minledits
 from minledits import Concept, ledits, p2p
+from minledits.cli import commands
 from minledits.errors import InversionFileError
 from minledits.io import store
 from minledits.nets.vae import VAE
@@ -48,7 +49,7 @@ def test_quoted_file_values_and_settings_are_shortened(inv1, tmp_path):
         store.load(other)
     assert len(str(e.value)) < 300
     with pytest.raises(InversionFileError, match="not 'y+'…: leave the option out") as e:
-        store.check_made_with(inv1, source_prompt="y" * 10000, skip=inv1.settings.skip)
+        commands.check_made_with(inv1, source_prompt="y" * 10000, skip=inv1.settings.skip)
     assert len(str(e.value)) < 300 and f"skip={inv1.settings.skip}" not in str(e.value)
 
 

@@ -22,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 from .. import flowedit, ledits, leditspp, p2p, rfinversion
 from ..errors import InversionFileError, MinleditsError, shorten
 from ..flux import Flux
-from ..inversion import InversionSettings, invert
+from ..inversion import Inversion, InversionSettings, invert
 from ..io import store, tiny
 from ..io.files import all_or_none, atomic, refuse_output, require_regular, require_writable
 from ..io.image import open_rgb, to_pil, to_tensor
@@ -263,6 +263,17 @@ def read_image(path) -> Image.Image:
         raise MinleditsError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
+def check_made_with(inv: Inversion, sd=None, source="the inversion", **settings) -> None:
+    """Refuse an inversion made with other settings than those given (e.g. size=512), or with another model than sd."""
+    H, W = inv.image.shape[-2:]
+    for k, v in settings.items():
+        if v != (made := getattr(inv.settings, k)):
+            raise InversionFileError(f"{source} was made with {k}={shorten(made)} ({W}x{H} px), not {shorten(v)}: "
+                                     "leave the option out, or invert again")
+    if sd is not None:
+        inv.check_model(sd, source)
+
+
 def resolve_inversion_options(args) -> None:
     """The inversion options of args given their defaults, --batch-size checked."""
     resolve(args, INVERT)
@@ -275,11 +286,11 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
     (by default inversion_settings'), after check_model(model) (an edit's checks that need the model)."""
     if is_inversion_file(args.input):
         inv = store.load(args.input)
-        store.check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
+        check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
                                                            if getattr(args, k) is not None})
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         check_kind(args, sd, sampler_given=False)
-        store.check_made_with(inv, sd, source=args.input)
+        check_made_with(inv, sd, source=args.input)
         return sd, inv
     image = read_image(args.input)
     sampler_given = getattr(args, "sampler", None) is not None
@@ -765,7 +776,7 @@ def rf_inversion_of(args, cache: dict):
     its own), or the image inverted by rfinversion.invert with a progress bar."""
     if is_inversion_file(args.input):
         inv = store.load(args.input)
-        store.check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in RF_INVERSION
+        check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in RF_INVERSION
                                                            if getattr(args, k) is not None})
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         check_rf_model(args, sd)

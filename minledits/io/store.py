@@ -22,7 +22,6 @@ from safetensors.torch import save as save_bytes
 
 from ..errors import InversionError, InversionFileError, shorten
 from ..inversion import Inversion, InversionSettings
-from ..model import StableDiffusion
 from ..sampler import SAMPLERS
 from .files import atomic, require_regular
 
@@ -134,13 +133,3 @@ def check_format(path, tensors: dict, settings: InversionSettings, dtype) -> Non
         raise InversionFileError(f"{path} is a damaged minledits inversion file: its timesteps are not descending "
                                  "whole numbers from 0 to 2**31 - 1 (or a flow's float32 ones): invert again")
 
-
-def check_made_with(inv: Inversion, sd: StableDiffusion | None = None, source="the inversion", **settings) -> None:
-    """Refuse an inversion made with other settings than those given (e.g. size=512), or with another model than sd."""
-    H, W = inv.image.shape[-2:]
-    for k, v in settings.items():
-        if v != (made := getattr(inv.settings, k)):
-            raise InversionFileError(f"{source} was made with {k}={shorten(made)} ({W}x{H} px), not {shorten(v)}: "
-                                     "leave the option out, or invert again")
-    if sd is not None:
-        inv.check_model(sd, source)
