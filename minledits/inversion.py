@@ -18,7 +18,7 @@ Notation (code name -> symbol); sampler symbols as in sampler.py
 sampler="ddim", deterministic DDIM inversion (diffusers' DDIMInverseScheduler), a trajectory instead:
     xts[j]   x_{tau_k}         unstep(k, x_{tau_{k+1}}, out(x_{tau_{k+1}}, tau_k)) for k = N-1 down to skip, from
                                x_{tau_N} = w0: each latent from the next cleaner one, the model run at the cleaner
-                               latent and tau_k (sampler.py), so the UNet runs N - skip times one after the other
+                               latent and tau_k (ddim.py), so the UNet runs N - skip times one after the other
     zs[j]    z_k               0: the DDIM step injects no noise; the edit regenerates from xts[0] alone
                                (keep_last_noise and zero_noise_steps have no meaning and are refused)
 sampler="flow" (a rectified flow, SD3 and FLUX: flowmatch.py), the same trajectory: x_k = unstep(k, x_{k+1}, v) =
