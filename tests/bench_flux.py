@@ -307,13 +307,16 @@ def compare(args, flux, pipe, picture, x) -> dict:
 
 
 def offloaded(args, flux, picture, x) -> dict:
-    """{method: seconds, peak, reserved} of ours after flux.offload_text() (the reference's networks gone)."""
+    """{method: seconds, peak, reserved, resident} of ours after flux.offload_text() (the reference's networks gone;
+    resident: what the device holds before the run, the transformer and the VAE)."""
+    gc.collect()
     flux.offload_text()
     rows = {}
     for method in args.methods:
+        resident = torch.cuda.memory_allocated(args.device) if args.device.type == "cuda" else None
         m = measured(args.device, lambda: RUNS[method][0](args, flux, picture, x))
         m.pop("out")
-        rows[method] = m
+        rows[method] = dict(m, resident=resident)
         print(f"  {method} ours, text encoders offloaded: {m['seconds']:.2f} s{peak_text(m)}", flush=True)
     return rows
 
@@ -330,7 +333,7 @@ def gib(v) -> str:
     return "-" if v is None else f"{v / GiB:.2f}"
 
 
-def table(args, rows: dict, offload: dict | None) -> list[str]:
+def table(args, rows: dict) -> list[str]:
     dtype = load.dtype_name(args.dtype)
     lines = ["method       | ours s | reference s | ratio | ours peak GiB | reference peak GiB | ratio | latents' "
              "relative difference"]
@@ -340,17 +343,26 @@ def table(args, rows: dict, offload: dict | None) -> list[str]:
                      f"{ratio(o['seconds'], ref['seconds']):>5} | {gib(o['peak']):>13} | {gib(ref['peak']):>18} | "
                      f"{ratio(o['peak'], ref['peak']):>5} | {r['difference']:.1e}"
                      + (" (fp32: at most 1e-4)" if dtype == "fp32" else f" ({dtype}: printed, not checked)"))
-    for method, m in (offload or {}).items():
+    return lines
+
+
+def offload_lines(offload: dict) -> list[str]:
+    lines = []
+    for method, m in offload.items():
         fits = "" if m["peak"] is None else (" - fits a 24 GB card" if m["reserved"] <= CARD_24GB else
                                              " - does not fit a 24 GB card") + f" (<= {CARD_24GB / GiB} GiB reserved)"
-        lines.append(f"ours with --offload-text, {method}: {m['seconds']:.2f} s, peak {gib(m['peak'])} GiB allocated, "
-                     f"{gib(m['reserved'])} GiB reserved{fits}; the reference has no such option")
+        lines.append(f"ours with --offload-text, {method}: {m['seconds']:.2f} s, {gib(m['resident'])} GiB resident, "
+                     f"peak {gib(m['peak'])} GiB allocated, {gib(m['reserved'])} GiB reserved{fits}; the reference "
+                     "has no such option")
     return lines
 
 
 def main(argv=None):
     args = parse(argv)
-    args.device = torch.device(args.device)
+    cuda = args.device == "cuda"
+    args.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if args.dtype == torch.float32:   # fp32 means fp32: no TF32 convolutions or matrix products on the GPU
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     c = CONFIGS[args.config]()
     t = time.perf_counter()
     mods = networks(c, args.device, args.dtype)
@@ -363,32 +375,34 @@ def main(argv=None):
         ours_s = time.perf_counter() - t
         pipe = reference_pipe(mods, c, files)
     own, theirs = extra_bytes(flux, mods)
-    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
-        f"cpu, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(args.device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"FLUX.1-dev {args.config} ({' + '.join(f'{n / 1e9:.3g}e9' for n in counts.values())} parameters), "
           f"{load.dtype_name(args.dtype)} on {where}: built in {build_s:.1f} s, ours filled with its tensors in "
           f"{ours_s:.1f} s (ours holds {own / 2**20:.1f} MiB of its own, the reference {theirs / 2**20:.1f} MiB)",
           flush=True)
     picture = photo((args.size, args.size))
     x = to_tensor(picture, args.size).to(args.device, args.dtype)
-    rows = compare(args, flux, pipe, picture, x)
-    offload = None
-    if args.offload_text:
-        del pipe, mods
-        offload = offloaded(args, flux, picture, x)
+    figures = dict(config=args.config, device=where, dtype=load.dtype_name(args.dtype), size=args.size,
+                   steps=args.steps, n_max=args.n_max, repeat=args.repeat, warmup=args.warmup, parameters=counts,
+                   build_s=build_s, rows=compare(args, flux, pipe, picture, x))
     print(f"{', '.join(args.methods)}, FLUX.1-dev {args.config}, {args.size} px, {args.steps} steps (RF-Inversion: "
           f"{args.steps} + {args.steps}; FlowEdit: n_max {args.n_max}), {load.dtype_name(args.dtype)} on {where}, "
           f"fastest of {args.repeat} after {args.warmup} warm-up:")
-    lines = table(args, rows, offload)
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps(dict(
-            config=args.config, device=where, dtype=load.dtype_name(args.dtype), size=args.size, steps=args.steps,
-            n_max=args.n_max, repeat=args.repeat, warmup=args.warmup, parameters=counts, build_s=build_s,
-            rows=rows, offload_text=offload), indent=2))
-    bad = {m: r["difference"] for m, r in rows.items() if not r["difference"] <= 1e-4}
+    print("\n".join(table(args, figures["rows"])), flush=True)
+    save(args.json, figures)
+    if args.offload_text:
+        del pipe, mods
+        figures["offload_text"] = offloaded(args, flux, picture, x)
+        print("\n".join(offload_lines(figures["offload_text"])))
+        save(args.json, figures)
+    bad = {m: r["difference"] for m, r in figures["rows"].items() if not r["difference"] <= 1e-4}
     if args.dtype == torch.float32 and bad:
         raise SystemExit(f"the two paths disagree: relative difference {bad} > 1e-4")
+
+
+def save(path: Path | None, figures: dict) -> None:
+    if path:
+        path.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
