@@ -11,7 +11,7 @@ weights: RF-Inversion (rfinversion.invert + edit) against the community pipeline
 The model (--config): mid, FLUX.1-dev's layout, scheduler and VAE with a transformer of FLUX's head width (128), 8
 heads, 2 double- and 4 single-stream blocks and the guidance embedding, CLIP-L's width with 4 layers, a T5 of 2 layers
 whose width is the transformer's joint_attention_dim (1024); full, FLUX.1-dev's architecture (full_configs: the
-transformer 11.9e9 parameters, T5-XXL's encoder 4.76e9, CLIP-L 0.12e9, the VAE 0.08e9; 31.5 GiB in bf16).
+transformer 11.9e9 parameters, T5-XXL's encoder 4.76e9, CLIP-L 0.12e9, the VAE 0.08e9; 31.4 GiB in bf16).
 The weights: the reference's networks (diffusers' and transformers' classes) built where they run and in the run's
 dtype, seeded, by their own initialisation, the tensors that start constant randomised (as tests/flux_hub.py does);
 ours built on the meta device from the same configs (minledits.io.load.build) and filled with those very tensors
@@ -28,7 +28,7 @@ those and the text embeddings that encode_prompt(device=cpu) hands back, a few M
 the VAE posterior's randn_tensor) are taken on the CPU in float32 and cast, as ours are on every device: on the CPU in
 float32 these are the reference's own numbers.
 The edited latents' relative difference ||ours - reference|| / ||reference||: in float32 at most 1e-4, or the run
-fails; in bf16 (or fp16) printed only: each path rounds its intermediates to 8 bits of mantissa at its own places
+fails; in bf16 (or fp16) printed only: each path rounds its intermediates to 8 (11) significant bits at its own places
 (its own kernels, casts and orders of operations), and 2 x 28 evaluations of a random network in a closed loop carry
 those differences forward, so that figure measures rounding, not whether the methods agree (the float32 runs and the
 parity tests check that).
@@ -267,20 +267,22 @@ def drawn_as_ours():
 
 
 def measured(device: torch.device, run) -> dict:
-    """run()'s seconds (synchronised on CUDA) and, on CUDA, its peaks of allocated and reserved memory; its result."""
-    cuda = device.type == "cuda"
+    """run()'s seconds (synchronised on CUDA) and, on CUDA, what was allocated before it (resident) and its peaks of
+    allocated and reserved memory; its result."""
+    cuda, resident = device.type == "cuda", None
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     out = run()
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)) if cuda else (None, None)
-    return dict(seconds=seconds, peak=peak[0], reserved=peak[1], out=out)
+    return dict(seconds=seconds, resident=resident, peak=peak[0], reserved=peak[1], out=out)
 
 
 def compare(args, flux, pipe, picture, x) -> dict:
@@ -298,7 +300,7 @@ def compare(args, flux, pipe, picture, x) -> dict:
                 print(f"  {method} {name} run {k + 1}{' (warm-up)' if k < args.warmup else ''}: "
                       f"{m['seconds']:.2f} s{peak_text(m)}", flush=True)
                 if k >= args.warmup:
-                    b = best.setdefault(name, dict(seconds=float("inf"), peak=None))
+                    b = best.setdefault(name, dict(seconds=float("inf"), peak=None, resident=m["resident"]))
                     b["seconds"] = min(b["seconds"], m["seconds"])
                     b["peak"] = max(b["peak"] or 0, m["peak"]) if m["peak"] is not None else None
         a, b = last["ours"].float().cpu(), last["reference"].float().cpu()
@@ -307,16 +309,15 @@ def compare(args, flux, pipe, picture, x) -> dict:
 
 
 def offloaded(args, flux, picture, x) -> dict:
-    """{method: seconds, peak, reserved, resident} of ours after flux.offload_text() (the reference's networks gone;
-    resident: what the device holds before the run, the transformer and the VAE)."""
+    """{method: seconds, resident, peak, reserved} of ours after flux.offload_text() (the reference's networks gone:
+    resident, the transformer and the VAE)."""
     gc.collect()
     flux.offload_text()
     rows = {}
     for method in args.methods:
-        resident = torch.cuda.memory_allocated(args.device) if args.device.type == "cuda" else None
         m = measured(args.device, lambda: RUNS[method][0](args, flux, picture, x))
         m.pop("out")
-        rows[method] = dict(m, resident=resident)
+        rows[method] = m
         print(f"  {method} ours, text encoders offloaded: {m['seconds']:.2f} s{peak_text(m)}", flush=True)
     return rows
 
@@ -343,6 +344,13 @@ def table(args, rows: dict) -> list[str]:
                      f"{ratio(o['seconds'], ref['seconds']):>5} | {gib(o['peak']):>13} | {gib(ref['peak']):>18} | "
                      f"{ratio(o['peak'], ref['peak']):>5} | {r['difference']:.1e}"
                      + (" (fp32: at most 1e-4)" if dtype == "fp32" else f" ({dtype}: printed, not checked)"))
+    for method, r in rows.items():
+        o, ref = r["ours"], r["reference"]
+        if o["peak"] is not None:
+            above = [p["peak"] - p["resident"] for p in (o, ref)]
+            lines.append(f"{method}: peaks above the {gib(o['resident'])} / {gib(ref['resident'])} GiB resident "
+                         f"before the run (the shared weights): ours {gib(above[0])} GiB, reference {gib(above[1])} "
+                         f"GiB, ratio {ratio(*above)}")
     return lines
 
 

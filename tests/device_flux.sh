@@ -20,7 +20,9 @@
 #   2. the mid-size model in float32 on the GPU, 256 px, 4 steps: the paths must agree (relative difference at most
 #      1e-4), which checks the reference's device moves and draws there (a minute at most);
 #   3. FLUX.1-dev's full size in bf16 at 1024 px, 28 steps, both methods, each path once to warm up and twice timed,
-#      then ours with --offload-text (estimated 4 to 6 minutes; cut at 7.5 so that the logs come back).
+#      then ours with --offload-text: an edit is 4.2 PFLOP (RF-Inversion, 28 + 28 transformer calls) or 3.6 PFLOP
+#      (FlowEdit, 24 calls of 2 rows), about 10 s and 9 s at 400 TFLOP/s; with the build and the offloaded runs'
+#      transfers about 4 minutes, 6.5 at 250 TFLOP/s and slow copies; cut at 7.5 so that the logs come back.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_flux}
 mkdir -p "$OUT"
