@@ -10,7 +10,8 @@ process editing the photo's inversion file: start, load, edit), alternating.
 All run PyTorch on one thread (the server as tests/app_server starts it; this process sets it), edit
 examples/photo.jpg with two concepts, and must give the same pixels. Prints, per model, each way's fastest and median
 seconds and the app's share on top of the others (other work on the machine only slows a run down: the fastest is
-the steadier figure). The first edit of each (the inversion, the model's warm-up) is not timed.
+the steadier figure), and the median of each app run against the command run just before it (a pair shares the
+machine's state of the moment). The first edit of each (the inversion, the model's warm-up) is not timed.
 """
 import argparse
 import os
@@ -93,6 +94,9 @@ def measure(model: str, size: int, steps: int, skip: int, repeat: int, name: str
         c, p, q = (of(times[k]) for k in ("command", "app", "process"))
         print(f"  {what}: command in this process {c:.3f} s   app {p:.3f} s ({(p / c - 1) * 100:+.1f}%)   "
               f"command as a process {q:.3f} s (the app {(p / q - 1) * 100:+.1f}%)")
+    pairs = [a / c - 1 for a, c in zip(times["app"], times["command"])]  # each app run against the command just before
+    print(f"  the app against the command run just before it, median of {repeat} pairs: "
+          f"{statistics.median(pairs) * 100:+.1f}% (from {min(pairs) * 100:+.1f}% to {max(pairs) * 100:+.1f}%)")
 
 
 if __name__ == "__main__":
