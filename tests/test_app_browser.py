@@ -60,6 +60,11 @@ def test_a_person_edits_a_photo_in_the_browser(tmp_path):
             page.locator("#files").click()
             playwright.expect(page.locator("#downloads")).to_contain_text(re.compile(r"trace\s*\.safetensors"))
             page.screenshot(path=str(SHOT), full_page=True)
+            page.locator("#method").get_by_label("p2p").check()  # no concepts in Prompt-to-Prompt: the list hides
+            playwright.expect(page.locator("#concepts textarea")).to_be_hidden()
+            playwright.expect(page.locator("#cross_replace")).to_be_visible()
+            page.locator("#method").get_by_label("ledits", exact=True).check()
+            playwright.expect(page.locator("#concepts textarea")).to_be_visible()
         finally:
             browser.close()
     if os.environ.get("MINLEDITS_SCREENSHOT"):

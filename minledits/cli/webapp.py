@@ -371,6 +371,7 @@ def page(app: App):
                 with gr.Group():
                     fields_of(EDIT, ["method"])
                     fields_of(EDIT, ["target_prompt", "target_guidance"])
+                with gr.Group() as g_concepts:  # LEDITS' and LEDITS++' (hidden for the methods without concepts)
                     concepts = gr.Textbox(label="concepts (one per line: glasses adds, -beard removes; "
                                           "glasses:scale=6 sets an option)", lines=3, placeholder="glasses\n-beard",
                                           elem_id="concepts")
@@ -488,8 +489,9 @@ def page(app: App):
                 raise gr.Error(str(e), print_exception=False) from None
             return (text.rstrip("\n") + "\n" if text and text.strip() else "") + line, "", False
 
-        def method_shown(method):
-            return [gr.update(visible=method == m) for m in ("ledits", "leditspp", "p2p", RF)[:len(groups)]]
+        def method_shown(method):  # each method's options; concepts for LEDITS and LEDITS++; CFG but for RF-Inversion
+            return [gr.update(visible=method == m) for m in ("ledits", "leditspp", "p2p", RF)[:len(groups)]] + [
+                gr.update(visible=method in ("ledits", "leditspp")), gr.update(visible=method != RF)]
 
         inv_kw = {k: fields[k] for k in names if k in INVERSION}
         optional(do_invert, inv_kw)
@@ -506,7 +508,8 @@ def page(app: App):
         add.click(add_concept, inputs=[concepts, c_prompt, c_remove, *c_opts], outputs=[concepts, c_prompt, c_remove],
                   api_visibility="private", queue=False)
         clear.click(lambda: "", outputs=[concepts], api_visibility="private", queue=False)
-        fields["method"].change(method_shown, inputs=[fields["method"]], outputs=groups,
+        fields["method"].change(method_shown, inputs=[fields["method"]],
+                                outputs=[*groups, g_concepts, fields["target_guidance"]],
                                 api_visibility="private", queue=False)
     return demo
 
