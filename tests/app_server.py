@@ -2,6 +2,7 @@
 
     with running(folder, "--model", "random-tiny") as server:   # server.url, server.log(), server.process
         ...
+    with client_temporaries(folder / "client"): ...             # gradio_client's leftovers kept in there
 The server runs PyTorch on one thread (env may say otherwise), is stopped (SIGTERM, then SIGKILL) on leaving, and
 writes its output to folder/app.log.
 """
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -34,6 +36,18 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def client_temporaries(folder: Path):
+    """Within: Python's temporary folder is `folder`. gradio_client downloads each file through a folder of its own in
+    the temporary folder and leaves it there, empty: a test's client litters its folder, not the machine's /tmp."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    before, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
 
 
 @contextlib.contextmanager

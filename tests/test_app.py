@@ -21,7 +21,7 @@ from minledits.cli import app as cli_app
 from minledits.cli import webapp
 from minledits.errors import MinleditsError
 from minledits.io import store
-from tests.app_server import running
+from tests.app_server import client_temporaries, running
 from tests.helpers import photo
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -35,11 +35,12 @@ STEPS = dict(steps=10, skip=3)  # 7 edit steps at random-tiny's 64 px: a fractio
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("app")
     photo().save(folder / "p.png")
-    with running(folder, "--model", "random-tiny") as server:
+    with running(folder, "--model", "random-tiny") as server, client_temporaries(folder / "client"):
         client = gradio_client.Client(server.url, verbose=False, download_files=str(folder / "downloads"))
         yield server, client, folder
     temporary = re.search(r"its files, in (\S+), are removed", server.log())[1]
     assert not Path(temporary).exists(), "the app's temporary folder is removed when it stops"
+    assert any((folder / "client").iterdir()), "gradio_client's leftover folders went to the test's folder"
 
 
 def edit(client, folder, name="p.png", **options):
