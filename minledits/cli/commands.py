@@ -287,7 +287,7 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
     if is_inversion_file(args.input):
         inv = store.load(args.input)
         check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
-                                                           if getattr(args, k) is not None})
+                                                    if getattr(args, k) is not None})
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         check_kind(args, sd, sampler_given=False)
         check_made_with(inv, sd, source=args.input)
@@ -777,7 +777,7 @@ def rf_inversion_of(args, cache: dict):
     if is_inversion_file(args.input):
         inv = store.load(args.input)
         check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in RF_INVERSION
-                                                           if getattr(args, k) is not None})
+                                                    if getattr(args, k) is not None})
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         check_rf_model(args, sd)
         inv.check_model(sd, args.input, rf=True)
