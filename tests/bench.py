@@ -42,7 +42,8 @@ with a source prompt and times, alternating (--repeat), three edits of that inve
 target prompt, p2p.edit (its defaults) and our LEDITS edit (target prompt and --concepts); per edit step the UNet
 calls, image-evaluations (batch rows) and seconds (see run_p2p).
 With --method evaluate: `minledits evaluate` on a synthetic PIE-Bench (tests/piebench_data.py, --images entries of
-the ten edit types) with random-tiny at --size (256) and --steps (50), every method; the metrics' networks at full size
+the ten edit types) with --editor (random-tiny; sd15: the SD 1.5 architecture, random weights) at --size (256) and
+--steps (50), every method; the metrics' networks at full size
 with random weights (CLIP ViT-L/14, DINO ViT-B/8, SqueezeNet 1.1; written once into the cache folder): per method the
 images per minute (its edit, decode and inversion, a shared inversion counted for each method that uses it; and with
 its metrics) and the share of the command's wall time spent in metrics (run_evaluate).
@@ -81,6 +82,8 @@ def parse(argv=None):
                    help="leditspp masks (default intersect; sdxl: cross_attention, see above)")
     p.add_argument("--method", default="ledits", choices=["ledits", "leditspp", "p2p", "evaluate"])
     p.add_argument("--images", type=int, default=10, help="evaluate: entries of the synthetic PIE-Bench")
+    p.add_argument("--editor", default="random-tiny",
+                   help="evaluate: the editing model, random-tiny or a tests/hub.py kind (sd15: its architecture)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=None, help="N (default 50; leditspp: 30, diffusers' inverted steps)")
     p.add_argument("--skip", type=float, default=None,
@@ -509,11 +512,12 @@ def run_evaluate(args):
     shutil.rmtree(data, ignore_errors=True)
     piebench_data.write(data, args.images)
     start = time.time()
-    rc = cli.main(["evaluate", str(data), "-o", str(out / "results"), "--model", "random-tiny", "--size",
+    editor = args.editor if args.editor == "random-tiny" else str(model_folder(args.editor))
+    rc = cli.main(["evaluate", str(data), "-o", str(out / "results"), "--model", editor, "--size",
                    str(args.size), "--steps", str(args.steps), "--device", args.device, "-q", *weights])
     wall = time.time() - start
     rows = [json.loads(p.read_text()) for p in sorted((out / "results" / "rows").rglob("*.json"))]
-    print(f"\nevaluate: {args.images} entries, random-tiny at {args.size} px, {args.steps} steps, full-size metric "
+    print(f"\nevaluate: {args.images} entries, {args.editor} at {args.size} px, {args.steps} steps, full-size metric "
           f"networks (random weights), {args.device}, {torch.get_num_threads()} threads; exit {rc}, {wall:.0f} s\n")
     print("| method | images | edit s/image | metrics s/image | images/min (edit) | images/min (with metrics) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
