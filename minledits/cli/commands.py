@@ -263,6 +263,11 @@ def read_image(path) -> Image.Image:
         raise MinleditsError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
+def options_given(args, names) -> dict:
+    """The options among `names` that the command line gave (not None), by name."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def check_made_with(inv: Inversion, sd=None, source="the inversion", **settings) -> None:
     """Refuse an inversion made with other settings than those given (e.g. size=512), or with another model than sd."""
     H, W = inv.image.shape[-2:]
@@ -286,8 +291,7 @@ def inversion_of(args, cache: dict, settings=None, check_model=lambda sd: None):
     (by default inversion_settings'), after check_model(model) (an edit's checks that need the model)."""
     if is_inversion_file(args.input):
         inv = store.load(args.input)
-        check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in store.SETTINGS
-                                                    if getattr(args, k) is not None})
+        check_made_with(inv, source=args.input, **options_given(args, store.SETTINGS))
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         check_kind(args, sd, sampler_given=False)
         check_made_with(inv, sd, source=args.input)
@@ -776,8 +780,7 @@ def rf_inversion_of(args, cache: dict):
     its own), or the image inverted by rfinversion.invert with a progress bar."""
     if is_inversion_file(args.input):
         inv = store.load(args.input)
-        check_made_with(inv, source=args.input, **{k: getattr(args, k) for k in RF_INVERSION
-                                                    if getattr(args, k) is not None})
+        check_made_with(inv, source=args.input, **options_given(args, RF_INVERSION))
         sd = model_of(args, cache, model_to_load(inv, args.model, args.input))
         check_rf_model(args, sd)
         inv.check_model(sd, args.input, rf=True)

@@ -42,6 +42,7 @@ from .commands import (
     made_with,
     model_of,
     one_line,
+    options_given,
     outputs,
     protect,
     read_image,
@@ -583,8 +584,8 @@ def compare_inputs(args):
     out = file_name(args, "output")
     if out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: the comparison is a .png file")
-    given = [k for k in P2P_OPTIONS if getattr(args, k) is not None]  # before concepts_of fills in the defaults
-    flow_given = {k: getattr(args, k) for k in FLOW_OPTIONS if getattr(args, k) is not None}
+    given = list(options_given(args, P2P_OPTIONS))  # before concepts_of fills in the defaults
+    flow_given = options_given(args, FLOW_OPTIONS)
     rf_given = rf_options(args)
     concepts = concepts_of(args)  # LEDITS' (--method is refused above: its default)
     pp_concepts = leditspp.check_options(args.concepts or [], args.mask, None, args.guidance_rescale, None, None)
@@ -599,7 +600,7 @@ def compare_inputs(args):
 def rf_options(args) -> dict:
     """The RF-Inversion panel's options given ({name: value}), checked as rfinversion checks them (the others its
     defaults, RF_DEFAULTS), before any work."""
-    given = {k: getattr(args, k) for k in RF_OPTIONS if getattr(args, k) is not None}
+    given = options_given(args, RF_OPTIONS)
     o = {**RF_DEFAULTS, **given}
     bounds = {"gamma": (0, 1), "eta": (0, 1), "start_timestep": (0, None), "guidance": (None, None),
               "stop_timestep": (o["start_timestep"], None)}
