@@ -46,7 +46,9 @@ the ten edit types) with --editor (random-tiny; sd15: the SD 1.5 architecture, r
 --steps (50), every method; the metrics' networks at full size
 with random weights (CLIP ViT-L/14, DINO ViT-B/8, SqueezeNet 1.1; written once into the cache folder): per method the
 images per minute (its edit, decode and inversion, a shared inversion counted for each method that uses it; and with
-its metrics) and the share of the command's wall time spent in metrics (run_evaluate).
+its metrics) and the share of the command's wall time spent in metrics (run_evaluate); then where one picture's
+metrics go: each network's seconds (fastest of 3), its FLOPs (torch.utils.flop_counter) and their rate beside a
+2048 x 2048 float32 matmul's on the same machine (metric_costs).
 Not a pytest test (pytest collects test_*.py only).
 """
 import argparse
@@ -529,7 +531,46 @@ def run_evaluate(args):
     print(f"\nmetrics: {scored:.0f} s of the {wall:.0f} s the command took ({100 * scored / wall:.0f}%; the rest: "
           "loading, inversions, edits, decoding, files)")
     shutil.rmtree(out, ignore_errors=True)
+    metric_costs(weights)
     return rc
+
+
+def metric_costs(weights: list[str]):
+    """Where one picture's metrics go (512 px, a mask of a quarter of the picture): seconds (fastest of 3), FLOPs
+    and GFLOP/s of each part, beside a float32 matmul's GFLOP/s: how near the networks run to what the machine does."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minledits.tools import scores
+    given = dict(zip(weights[0::2], weights[1::2]))
+    scorer = scores.load(given["--clip-model"], given["--dino-model"], given["--squeezenet"])
+    rng = np.random.default_rng(0)
+    a, b = (Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(2))
+    m = np.zeros((512, 512), bool)
+    m[128:384, 128:384] = True
+    x, y = scores.background(a, b, m)
+    big = torch.randn(2048, 2048)
+    parts = {"CLIP ViT-L/14, one picture (x2: whole, edited)": lambda: scorer.clip.images([b]),
+             "DINO ViT-B/8 keys (the edit; the photo's is kept)": lambda: scorer.similarity(b),
+             "LPIPS (SqueezeNet), background": lambda: scorer.lpips(x * 2 - 1, y * 2 - 1),
+             "SSIM, PSNR, MSE": lambda: (scores.ssim(x, y), scores.psnr(x, y), scores.mse(x, y)),
+             "all seven (Scorer.score)": lambda: scorer.score(a, b, m, "a photo of a cat"),
+             "matmul 2048 x 2048, float32": lambda: big @ big}
+    print("\n| part of one picture's metrics | seconds | GFLOP | GFLOP/s |\n| --- | ---: | ---: | ---: |")
+    for name, run in parts.items():
+        with torch.inference_mode():
+            run()  # a first call: the photo's DINO keys are kept from here on, as for every method's edit but one
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            run()
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                run()
+            seconds.append(time.perf_counter() - start)
+        flops = counter.get_total_flops() / 1e9
+        print(f"| {name} | {min(seconds):.3f} | {flops:.1f} | {flops / min(seconds):.0f} |")
 
 
 def run_p2p(args):
