@@ -88,7 +88,8 @@ INVERT = [
      "or ddim (deterministic DDIM inversion, not exact; with --method p2p the DDIM + P2P baseline); flow: a rectified "
      "flow's ODE run forward, Stable Diffusion 3's only sampler and its default",
      dict(choices=list(SAMPLERS))),
-    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call (faster than 1: docs/benchmarks.md)", INT)]
+    (("--batch-size",), BATCH_SIZE, "inversion timesteps per UNet call with ddpm and dpmsolver++ (faster than 1: "
+     "docs/benchmarks.md); ddim and flow take one step per call, each from the last", INT)]
 EDIT = [
     (("--method",), "ledits", "ledits (SEGA guidance), leditspp (LEDITS++: implicit masks; best on an inversion "
      "made with --sampler dpmsolver++; on SD3 and FLUX a flow inversion), p2p (Prompt-to-Prompt on the DDPM "
