@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,9 +199,32 @@ def test_without_gradio_one_line_says_how_to_install(monkeypatch, capsys):
     assert err == 'minledits: the app needs Gradio: pip install "minledits[app]"\n'
 
 
+def test_an_address_that_cannot_be_served_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    def load(*_):
+        raise AssertionError("the model loads only once the address is known to serve")
+    monkeypatch.setattr(cli_app.webapp, "App", load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["app", "--model", "random-tiny", "--port", str(port)]) == 1
+    assert capsys.readouterr().err == (f"minledits: error: cannot serve on --host '127.0.0.1' --port {port}: Address "
+                                       "already in use (another program listens there: choose another --port)\n")
+    assert cli.main(["app", "--model", "random-tiny", "-q", "--host", "192.0.2.1"]) == 1  # TEST-NET-1: no one's
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "minledits: error: cannot serve on --host '192.0.2.1' --port 7860: Cannot assign requested address (not an "
+        "address of this machine: choose another --host)")
+    for bad, why in [("70000", "must be 1 to 65535, got 70000"), ("0", "must be 1 to 65535, got 0"),
+                     ("x", "invalid port value: 'x'")]:
+        assert cli.main(["app", "--model", "random-tiny", "--port", bad]) == 2
+        err = capsys.readouterr().err
+        assert err == f"minledits app: error: argument --port: {why} (usage: minledits app --help)\n"
+
+
 def test_another_host_is_warned_of(monkeypatch, capsys):
-    served_on = []
+    served_on, checked = [], []
     monkeypatch.setattr(cli_app.webapp, "serve", lambda page, host, port: served_on.append((host, port)))
+    monkeypatch.setattr(cli_app, "check_address", lambda host, port: checked.append((host, port)))
     assert cli.main(["app", "--model", "random-tiny", "-q", "--host", "0.0.0.0", "--port", "7999"]) == 0
     assert served_on == [("0.0.0.0", 7999)]
     warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -208,6 +232,7 @@ def test_another_host_is_warned_of(monkeypatch, capsys):
                        "that reaches this one"]
     assert cli.main(["app", "--model", "random-tiny", "-q"]) == 0
     assert "warning" not in capsys.readouterr().err and served_on[-1] == ("127.0.0.1", 7860)
+    assert checked == served_on, "the address is checked before the model loads"
     assert "GRADIO_TEMP_DIR" not in os.environ and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "as it was"
 
 
