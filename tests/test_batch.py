@@ -120,6 +120,16 @@ def test_a_jobs_file_without_jobs_is_one_line(tmp_path, capsys, jobs):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("text, where", [("photo.jpg -o a.png -e glasses\n", "line 1, column 1"),
+                                         ("", "line 1, column 1"), ('[{"input": "a.jpg",}]', "line 1, column 20")])
+def test_a_jobs_file_that_is_not_json_is_one_line(tmp_path, capsys, text, where):
+    (tmp_path / "jobs.json").write_text(text, encoding="utf-8")
+    rc, printed, err = run(capsys, "batch", tmp_path / "jobs.json", "--outdir", tmp_path / "out", *TINY)
+    assert rc == 1 and printed == "" and err.count("\n") == 1, err
+    assert err.startswith(f"minledits: error: {tmp_path / 'jobs.json'} is not JSON (") and f"at {where}): " in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sweep_table_with_a_file_name_that_is_no_utf8(image, tmp_path, capsys):
     """The CSV holds the name's bytes as they are, the JSON the \\udcNN that stand for them."""
     out = tmp_path / os.fsdecode(b"g\xff.png")

@@ -175,6 +175,9 @@ def read_jobs(path) -> tuple[dict, list]:
     """(defaults, jobs) of a jobs file, or one line why it cannot serve."""
     try:
         jobs = json.loads(require_regular(path, "the jobs file").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:  # a list of edits in text, an empty file
+        raise MinleditsError(f"{path} is not JSON ({e.msg} at line {e.lineno}, column {e.colno}): a jobs file is "
+                             '[{"input": "a.jpg", "output": "a.png", ...}, ...] (minledits batch --help)') from None
     except (OSError, ValueError) as e:
         raise MinleditsError(f"cannot read {path}: {one_line(e)}") from e
     jobs = {"jobs": jobs} if isinstance(jobs, list) else jobs
