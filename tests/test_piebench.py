@@ -99,6 +99,10 @@ def test_bad_entries_are_named_and_the_others_read(tmp_path):
     assert "not a path inside" in bad[ids[4]] and all("\n" not in why for why in bad.values())
     with pytest.raises(piebench.MinleditsError, match="cannot read"):
         piebench.read(tmp_path / "nowhere")
+    path.write_text('{"000000000000": ')
+    with pytest.raises(piebench.MinleditsError, match=r"mapping_file.json is not JSON \(Expecting value at line 1, "
+                                                      r"column 18\)$"):
+        piebench.read(tmp_path)
 
 
 def test_a_picture_that_is_not_square_is_scored_on_its_bottom_right_block():

@@ -202,6 +202,7 @@ def test_an_interrupted_sweep_resumes(tiny_sd1, image, tmp_path, counts, capsys,
     (["mask=intersect,all"], "'all' is not one of intersect, cross_attention, noise"),
     (["skip=2,3", "skip=4"], "--vary skip is given twice"),
     (["trace=a,b"], "unknown option 'trace'"),
+    (["skip=[2,"], "--vary 'skip=[2,': the list is not JSON (Expecting value at column 9): e.g. skip=[1,2,3] or"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_work(tiny_sd1, image, tmp_path, counts, capsys, vary, message):
     rc, out, err = run(capsys, *sweep_args(tiny_sd1, image, tmp_path / "g.png", *vary))

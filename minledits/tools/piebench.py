@@ -142,6 +142,8 @@ def read(pie_dir, types=None, limit=None) -> tuple[list[Entry], dict[str, str]]:
     path = Path(pie_dir) / "mapping_file.json"
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MinleditsError(f"{path} is not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except (OSError, ValueError) as e:
         raise MinleditsError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(mapping, dict):

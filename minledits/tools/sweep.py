@@ -54,7 +54,11 @@ def parse_vary(texts: list[str], types: dict) -> list[tuple[str, list]]:
             raise ValueError(f"--vary {shorten(text)}: unknown option {shorten(key)} (KEY=v1,v2,...; keys: {known})")
         if key in (k for k, _ in vary):
             raise ValueError(f"--vary {key} is given twice: give its values once")
-        items = json.loads(values) if values.lstrip().startswith("[") else values.split(",")
+        try:
+            items = json.loads(values) if values.lstrip().startswith("[") else values.split(",")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--vary {shorten(text)}: the list is not JSON ({e.msg} at column {e.colno + len(key) + 1}"
+                             f"): e.g. {key}=[1,2,3] or {key}=1,2,3") from None
         if not items or any(str(v).strip() == "" for v in items):
             raise ValueError(f"--vary {shorten(text)}: give a list of values, e.g. {key}=1,2,3")
         convert = types.get(key, str)  # a concept option's values stay text: Concept.parse checks each cell's
