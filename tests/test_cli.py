@@ -154,6 +154,16 @@ def test_batch_resumes(tiny_sd1, photo, tmp_path, capsys, monkeypatch):
     assert text["concepts"][1].startswith("hat:scale=3.0")
 
 
+def test_an_unknown_option_is_the_command_s_error_with_its_nearest_option(capsys):
+    rc, out, err = run(capsys, "edit", "p.png", "-o", "x.png", "--stepz", "3", "--mask-image=m.png")
+    assert rc == 2 and out == "" and err == ("minledits edit: error: unrecognized arguments: --stepz 3 "
+                                             "--mask-image=m.png; did you mean --steps and --mask? (usage: minledits "
+                                             "edit --help)\n")
+    rc, out, err = run(capsys, "invert", "p.png", "-o", "i.safetensors", "--zzz", "extra")
+    assert rc == 2 and err == ("minledits invert: error: unrecognized arguments: --zzz extra (usage: minledits invert "
+                               "--help)\n")
+
+
 def test_batch_bad_job_is_reported_and_others_run(tmp_path, photo, capsys):
     jobs = [{"input": str(photo), "output": "ok.png"}, {"input": str(photo), "output": "bad.png", "stepz": 3},
             {"output": "no-input.png"}]
@@ -161,7 +171,7 @@ def test_batch_bad_job_is_reported_and_others_run(tmp_path, photo, capsys):
                                                                  "size": 64}, "jobs": jobs}))
     rc, out, err = run(capsys, "batch", tmp_path / "jobs.json", "--outdir", tmp_path, "-q")
     assert rc == 1 and "1 done, 0 skipped (output exists), 2 failed" in out
-    assert f"job 1 ({photo}) failed: unrecognized arguments: --stepz" in err
+    assert f"job 1 ({photo}) failed: unrecognized arguments: --stepz=3; did you mean --steps?" in err
     assert 'job 2 failed: a job is an object with at least an "input"' in err
     assert (tmp_path / "ok.png").exists() and not (tmp_path / "bad.png").exists()
 

@@ -5,6 +5,7 @@ In the tables argparse keeps None as the default, so that "not given" can be tol
 brings its own settings); resolve() then fills in the defaults shown in --help.
 """
 import argparse
+import difflib
 import inspect
 import os
 import re
@@ -197,10 +198,24 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
+    commands: dict = {}  # the top parser's: {command: its parser}
+
     def error(self, message):  # one line: argparse quotes user text whole ('...'), and lists unknown arguments
         message = re.sub(r"'[^']{60,}'", lambda m: shorten(m[0][1:-1]), message)
         message = message if len(message) < 300 else message[:300] + "…"
         raise UsageError(f"{self.prog}: error: {message} (usage: {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but unknown arguments are the command's error, with the nearest option of that command."""
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.commands.get(getattr(args, "cmd", None), self)
+            options = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+            near = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u.split("=")[0],
+                                                                                                  options, n=1)]
+            hint = f"; did you mean {' and '.join(dict.fromkeys(near))}?" if near else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return args
 
 
 def dest(flags, options) -> str:
@@ -273,6 +288,7 @@ def parser(more=None) -> Parser:
     p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion and FLUX.", epilog=EXAMPLES,
                formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p.commands = sub.choices
     inversion = ("inversion", INVERT)
     for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
                          ("reconstruct", [inversion]), ("batch", []), ("metrics", []),
