@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from minledits.errors import LoadError, MinleditsError
-from minledits.io.load import NETWORKS, WEIGHT_STEM, dtype_of, fill, load, weight_file
+from minledits.io.load import NETWORKS, WEIGHT_STEM, download, dtype_of, fill, load, weight_file
 from minledits.model import StableDiffusion
 from minledits.nets.tokenizer import Tokenizer
 from tests import hub
@@ -388,6 +388,19 @@ def test_hub_errors_are_one_line(monkeypatch, tmp_path, name, expected):
     assert_one_line(err, *expected)
 
 
+def test_download_offline_says_to_run_it_online(monkeypatch):
+    import huggingface_hub.utils as hf_utils
+
+    def raises(*args, **kwargs):
+        raise hub_error(hf_utils.LocalEntryNotFoundError, "offline")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", raises)
+    with pytest.raises(LoadError) as err:
+        download("owner/repo", command=True)
+    assert_one_line(err, "owner/repo is not in the Hugging Face cache", "go online and run this again",
+                    "weights/repo")
+    assert "minledits download" not in str(err.value), "not the command that just failed"
+
+
 def test_really_offline_with_an_empty_cache(tmp_path):
     """HF_HUB_OFFLINE=1 and nothing cached: the real snapshot_download fails, we print what to do."""
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -398,7 +411,8 @@ def test_really_offline_with_an_empty_cache(tmp_path):
                          timeout=120)
     assert out.stdout.startswith("LoadError: owner/not-cached is not in the Hugging Face cache and HF_HUB_OFFLINE "
                                  "is set"), out.stdout + out.stderr
-    assert "minledits download --model owner/not-cached" in out.stdout and out.stdout.count("\n") == 1
+    assert "unset HF_HUB_OFFLINE and run `minledits download --model owner/not-cached`" in out.stdout
+    assert out.stdout.count("\n") == 1
 
 
 # --------------------------------------------------------------------------------------------- single files

@@ -598,7 +598,7 @@ def cmd_download(args):
     if args.quiet:
         disable_progress_bars()
     try:
-        folder = download(args.model, args.variant, args.revision, args.local_dir, t5=not args.no_t5)
+        folder = download(args.model, args.variant, args.revision, args.local_dir, t5=not args.no_t5, command=True)
     finally:
         if args.quiet and bars_were_on:
             enable_progress_bars()

@@ -379,10 +379,11 @@ def locate(model: str, variant: str | None = None, revision: str | None = None,
 
 
 def download(repo_id: str, variant: str | None = None, revision: str | None = None, local_dir=None,
-             t5: bool = True) -> Path:
+             t5: bool = True, command: bool = False) -> Path:
     """Fetch only the files `load` reads (configs, tokenizers, each network's weight file or shards) into the HF
     cache, or into `local_dir`; the `variant` weights (e.g. "fp16") when the repo has them. t5=False leaves out
-    text_encoder_3/ and tokenizer_3/ (SD3's T5; FLUX's, text_encoder_2/, is always fetched). Returns the folder."""
+    text_encoder_3/ and tokenizer_3/ (SD3's T5; FLUX's, text_encoder_2/, is always fetched). Returns the folder.
+    command: `minledits download` itself calls (an offline failure then says to run it again online)."""
     from huggingface_hub import snapshot_download
     networks = [c for c in ALL_NETWORKS if t5 or c != "text_encoder_3"]
     files = [f for f in CONFIGS if t5 or not f.startswith("text_encoder_3/")] + \
@@ -390,7 +391,7 @@ def download(repo_id: str, variant: str | None = None, revision: str | None = No
         [FLUX_T5_TOKENIZER]
     weights = [w for c in networks for w in weight_patterns(c, variant)]
     plain_indexes = [weight_patterns(c, None)[1] for c in networks] if variant else []  # to know the fallback
-    fetch = partial(_hub, snapshot_download, repo_id, revision=revision, local_dir=local_dir)
+    fetch = partial(_hub, snapshot_download, repo_id, command, revision=revision, local_dir=local_dir)
     folder = Path(fetch(allow_patterns=files + weights + plain_indexes))
     absent = [c for c in networks if variant and (folder / c / "config.json").is_file()   # networks the repo has
               and not any((folder / w).is_file() for w in weight_patterns(c, variant)[:2])]
@@ -406,8 +407,9 @@ def weight_patterns(component: str, variant: str | None) -> list[str]:
     return [f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}-*-of-*.safetensors"]
 
 
-def _hub(fn, repo_id: str, **kwargs):
-    """Call a huggingface_hub function; its errors become one-line LoadErrors that say what to do."""
+def _hub(fn, repo_id: str, downloading: bool = False, **kwargs):
+    """Call a huggingface_hub function; its errors become one-line LoadErrors that say what to do (downloading:
+    for `minledits download` itself)."""
     from huggingface_hub import constants
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -430,8 +432,11 @@ def _hub(fn, repo_id: str, **kwargs):
         msg = f"{repo_id} has no revision {shorten(kwargs.get('revision'))} on the Hub: check the branch, tag or commit"
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        msg = (f"{repo_id} is not in the Hugging Face cache and {why}: go online and run "
-               f"`minledits download --model {repo_id}`, or put the model folder in {weights_dir() / name}")
+        online = "unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "go online"
+        then = f"{online} and run this again" if downloading else \
+            f"{online} and run `minledits download --model {repo_id}`"
+        msg = (f"{repo_id} is not in the Hugging Face cache and {why}: {then}, or put the model folder in "
+               f"{weights_dir() / name}")
     except HFValidationError:
         msg = f"{repo_id!r} is neither an existing folder or file nor a valid Hub repo id (owner/name)"
     except (HfHubHTTPError, OSError) as e:
