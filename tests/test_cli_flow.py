@@ -184,4 +184,4 @@ def test_download_without_t5(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli_commands, "download", lambda *a, **k: calls.append((a, k)) or tmp_path)
     repo = "stabilityai/stable-diffusion-3-medium-diffusers"
     assert run(capsys, "download", "--model", repo, "--no-t5", "-q")[0] == 0
-    assert calls == [((repo, None, None, None), {"t5": False})]
+    assert calls == [((repo, None, None, None), {"t5": False, "command": True})]
