@@ -126,11 +126,14 @@ def test_refusals(pie, tmp_path, capsys, monkeypatch):
     d, _ = pie
     for argv, words in [(["--method", "p2p"], "--method (give --methods)"),
                         (["-e", "hat"], "-e (each entry's bracketed words"),
-                        (["--methods", "ddpm,magic"], "magic is no method"),
-                        (["--types", "3,11"], "11 is no edit type"),
+                        (["--methods", "ddpm,magic"], "--methods 'ddpm,magic': 'magic' is no method"),
+                        (["--methods", " , "], "--methods ' , ': names no method; give some of ddim+p2p,"),
+                        (["--methods", "x" * 10_000], f"--methods '{'x' * 60}'…: '{'x' * 60}'… is no method"),
+                        (["--types", "3,11"], "--types '3,11': '11' is no edit type"),
+                        (["--types", "7" * 10_000], f"--types '{'7' * 60}'…: '{'7' * 60}'… is no edit type"),
                         (["--concept-options", "size=3"], "bad concept option")]:
         rc, out, err = run(capsys, "evaluate", d, "-o", tmp_path / "r", *TINY, *argv)
-        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1 and len(err) < 300, err
     assert not (tmp_path / "r").exists()
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "torchmetrics" else spec(name, *a))
     rc, out, err = run(capsys, "evaluate", d, "-o", tmp_path / "r", *TINY)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .. import ledits, leditspp, p2p
-from ..errors import MinleditsError
+from ..errors import MinleditsError, shorten
 from ..inversion import invert
 from ..io.image import open_rgb, to_pil, to_tensor
 from ..io.load import dtype_name
@@ -75,11 +75,11 @@ def check_arguments(args) -> tuple[list[str], set | None]:
             raise MinleditsError(f"evaluate takes no {what}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or (unknown := [m for m in methods if m not in piebench.METHODS]):
-        raise MinleditsError(f"--methods {args.methods}: {unknown[0] if methods else 'none given'} is no method; "
-                             f"give some of {', '.join(piebench.METHODS)}")
+        what = f"{shorten(unknown[0])} is no method" if methods else "names no method"
+        raise MinleditsError(f"--methods {shorten(args.methods)}: {what}; give some of {', '.join(piebench.METHODS)}")
     types = None if args.types is None else {t.strip() for t in args.types.split(",")}
     if types is not None and (bad := sorted(types - set(piebench.TYPES))):
-        raise MinleditsError(f"--types {args.types}: {bad[0]} is no edit type (0 to 9)")
+        raise MinleditsError(f"--types {shorten(args.types)}: {shorten(bad[0])} is no edit type (0 to 9)")
     if args.limit is not None and args.limit < 1:
         raise MinleditsError(f"--limit must be >= 1, got {args.limit}")
     if importlib.util.find_spec("torchmetrics") is None:
