@@ -201,4 +201,12 @@ def test_a_ddim_inversion_shows_ddim_and_ddim_p2p(tiny_sd1, image, tmp_path, cap
                      "ddim", "--steps", "6", "--size", "64", "--clip-model", "none", "-q")
     assert rc == 0 and sorted(json.loads((tmp_path / "n.json").read_text())["left_out"]) == [
         "ddim", "ddim+p2p", "ledits", "leditspp"]
-    assert "DDIM + P2P left out: it maps the source prompt's words" in err
+    assert ("DDIM + P2P left out: it maps the source prompt's words to the target's: give --target-prompt and an "
+            "inversion with a source prompt (--source-prompt when the photo is inverted)") in err
+    inv_file = tmp_path / "inv.safetensors"
+    assert run(capsys, "invert", image, "-o", inv_file, "--model", tiny_sd1.folder, "--steps", "6", "--size", "64",
+               "-q")[0] == 0
+    rc, _, err = run(capsys, "compare", inv_file, "-o", tmp_path / "f.png", "--model", tiny_sd1.folder,
+                     "--target-prompt", "a cat", "--clip-model", "none", "-q")
+    assert rc == 0 and ("DDPM + P2P left out: it maps the source prompt's words to the target's: give an inversion "
+                        "with a source prompt (--source-prompt when the photo is inverted)") in err
