@@ -407,9 +407,9 @@ def weight_patterns(component: str, variant: str | None) -> list[str]:
     return [f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}-*-of-*.safetensors"]
 
 
-def _hub(fn, repo_id: str, downloading: bool = False, **kwargs):
-    """Call a huggingface_hub function; its errors become one-line LoadErrors that say what to do (downloading:
-    for `minledits download` itself)."""
+def _hub(fn, repo_id: str, command: bool = False, **kwargs):
+    """Call a huggingface_hub function; its errors become one-line LoadErrors that say what to do (command: for
+    `minledits download` itself)."""
     from huggingface_hub import constants
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -433,7 +433,7 @@ def _hub(fn, repo_id: str, downloading: bool = False, **kwargs):
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         online = "unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "go online"
-        then = f"{online} and run this again" if downloading else \
+        then = f"{online} and run this again" if command else \
             f"{online} and run `minledits download --model {repo_id}`"
         msg = (f"{repo_id} is not in the Hugging Face cache and {why}: {then}, or put the model folder in "
                f"{weights_dir() / name}")

@@ -99,8 +99,9 @@ def method_edits(source_prompt: str, target_prompt: str, target_guidance: float,
     elif source_prompt and target_prompt:
         run[with_p2p] = lambda sd, inv: p2p.edit(sd, inv, target_prompt, target_guidance, **p2p_options)
     else:
-        need = [what for what, given in [("--target-prompt", target_prompt), ("an inversion with a source prompt "
-                                          "(--source-prompt when the photo is inverted)", source_prompt)] if not given]
+        need = [] if target_prompt else ["--target-prompt"]
+        need += [] if source_prompt else ["an inversion with a source prompt (--source-prompt when the photo is "
+                                          "inverted)"]
         left_out[with_p2p] = f"it maps the source prompt's words to the target's: give {' and '.join(need)}"
     if concepts:
         run["ledits"] = lambda sd, inv: ledits.edit(sd, inv, target_prompt=target_prompt,
