@@ -198,8 +198,6 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    commands: dict = {}  # the top parser's: {command: its parser}
-
     def error(self, message):  # one line: argparse quotes user text whole ('...'), and lists unknown arguments
         message = re.sub(r"'[^']{60,}'", lambda m: shorten(m[0][1:-1]), message)
         message = message if len(message) < 300 else message[:300] + "…"
@@ -209,7 +207,8 @@ class Parser(argparse.ArgumentParser):
         """As argparse's, but unknown arguments are the command's error, with the nearest option of that command."""
         args, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            command = self.commands.get(getattr(args, "cmd", None), self)
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            command = commands.get(getattr(args, "cmd", None), self)
             options = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
             near = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u.split("=")[0],
                                                                                                   options, n=1)]
@@ -288,7 +287,6 @@ def parser(more=None) -> Parser:
     p = Parser(prog="minledits", description="LEDITS image editing on Stable Diffusion and FLUX.", epilog=EXAMPLES,
                formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    p.commands = sub.choices
     inversion = ("inversion", INVERT)
     for name, tables in [("download", []), ("invert", [inversion]), ("edit", [inversion, ("edit", EDIT)]),
                          ("reconstruct", [inversion]), ("batch", []), ("metrics", []),
